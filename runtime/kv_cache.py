@@ -1,0 +1,66 @@
+"""Static KV cache: one preallocated [B, Hkv, C, D] tensor pair per attention layer.
+
+A model declares its cache layout (`CacheSpec` per tensor); the runtime allocates it once and the attention op
+reads and appends in place. Position p lives in slot ``p % C``. Full-attention layers get C = max_seq_len. A
+sliding-window layer of window W (query plus W - 1 keys) gets a ring of ``W - 1 + spec_rows`` slots: a verify step
+writes up to ``spec_rows`` speculative rows, and rolling back after a rejection must not have overwritten any key a
+later query still sees, so rollback is only moving the length back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from tilec.errors import ShapeError
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """One cache tensor: its graph input name, shape [B, Hkv, C, D] and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def capacity(self) -> int:
+        return self.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def ring_capacity(window: int, max_seq_len: int, spec_rows: int) -> int:
+    """Slots a layer needs: all positions for full attention (window 0), else the window's ring."""
+    if window == 0:
+        return max_seq_len
+    return min(max_seq_len, window - 1 + spec_rows)
+
+
+class KVCache:
+    """The allocated cache tensors of one model instance, in graph-input order, plus the filled length."""
+
+    def __init__(self, specs: list[CacheSpec], device: torch.device | str, max_seq_len: int):
+        self.specs = list(specs)
+        self.max_seq_len = max_seq_len
+        self.tensors = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in self.specs]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+    def check_room(self, start: int, rows: int) -> None:
+        """Raise a ShapeError when rows at positions start.. would run past the cache."""
+        if start + rows > self.max_seq_len:
+            raise ShapeError(
+                f"positions {start}..{start + rows - 1} do not fit a KV cache sized for {self.max_seq_len} tokens; "
+                f"pass a larger max_seq_len (or Options(max_seq_len=...))")
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [t.clone() for t in self.tensors]

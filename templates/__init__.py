@@ -1,0 +1,1 @@
+"""Jinja templates: the target syntax of generated kernels lives here and nowhere else."""

@@ -1,0 +1,23 @@
+"""The tilec op set. Importing this package registers every op under ``torch.ops.tilec``.
+
+Model code calls the ops through this module (``ops.linear(x, w, None)``); each name is the op's overload, which is
+also the target of its FX node.
+"""
+
+from tilec.ops.registry import OPS, OpDef, op_name  # noqa: F401
+from tilec.ops import core as _core, attention as _attention, moe as _moe  # noqa: F401  (registration)
+
+embedding = OPS["embedding"].overload
+rms_norm = OPS["rms_norm"].overload
+add_rms_norm = OPS["add_rms_norm"].overload
+add = OPS["add"].overload
+linear = OPS["linear"].overload
+rope = OPS["rope"].overload
+qkv_rope = OPS["qkv_rope"].overload
+silu_mul = OPS["silu_mul"].overload
+swiglu = OPS["swiglu"].overload
+attention = OPS["attention"].overload
+moe_router = OPS["moe_router"].overload
+moe_experts = OPS["moe_experts"].overload
+argmax = OPS["argmax"].overload
+sample = OPS["sample"].overload

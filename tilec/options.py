@@ -1,0 +1,58 @@
+"""Compile options, and the one place where tilec reads environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from tilec.errors import TilecError
+
+TARGETS = ("reference", "triton", "cuda", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Frozen options for one compilation.
+
+    dump_dir: write every stage, the report and the manifest here (also set by ``TILEC_DUMP=dir``).
+    verify: check the graph's invariants after every stage (cheap; on by default).
+    max_batch: batch size the decode graph is specialised for.
+    max_seq_len: longest sequence (prompt plus generated tokens) the KV cache is sized for by default.
+    spec_rows: most query rows one step verifies (DFlash block size); sizes the sliding-window cache rings.
+    report_contexts: context lengths at which the report counts bytes per decode step.
+    """
+
+    dump_dir: Path | None = None
+    verify: bool = True
+    max_batch: int = 1
+    max_seq_len: int = 4096
+    spec_rows: int = 8
+    report_contexts: tuple[int, ...] = (256, 4096)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_seq_len", "spec_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise TilecError(f"Options.{name} must be a positive int, got {value!r}")
+        if self.dump_dir is not None and not isinstance(self.dump_dir, Path):
+            object.__setattr__(self, "dump_dir", Path(self.dump_dir))
+
+    def replace(self, **changes) -> "Options":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Options":
+        """Options with environment settings applied, then ``overrides`` (which win)."""
+        env: dict = {}
+        if os.environ.get("TILEC_DUMP"):
+            env["dump_dir"] = Path(os.environ["TILEC_DUMP"])
+        if os.environ.get("TILEC_VERIFY") is not None:
+            env["verify"] = os.environ["TILEC_VERIFY"] not in ("0", "false", "no", "")
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**env)
+
+
+def triton_interpret_requested() -> bool:
+    """True when Triton kernels are to run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
