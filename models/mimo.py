@@ -166,6 +166,13 @@ class MiMoForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor, start_pos: Tensor, kv_caches: list[Tensor]) -> Tensor:
         return self.lm_head(self.model(input_ids, start_pos, kv_caches))
 
+    def describe(self) -> str:
+        cfg = self.config
+        counts = cfg.parameter_counts()
+        return (f"MiMo {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.n_routed_experts} experts "
+                f"top-{cfg.num_experts_per_tok}, {_count(counts['total'])} parameters "
+                f"({_count(counts['active'])} active), {str(self.dtype).removeprefix('torch.')}")
+
     def cache_layout(self, batch: int, max_seq_len: int, spec_rows: int = 8) -> list[CacheSpec]:
         """The KV cache tensors `forward` expects, in order: k then v for each layer."""
         cfg, specs = self.config, []
@@ -246,14 +253,5 @@ def build_model(preset: str = "tiny", *, dtype: torch.dtype | None = None, devic
     return model.init_weights(seed).eval()
 
 
-def count_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
-def describe(model: MiMoForCausalLM) -> str:
-    cfg = model.config
-    counts = cfg.parameter_counts()
-    return (f"MiMo {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.n_routed_experts} experts "
-            f"top-{cfg.num_experts_per_tok}, {counts['total'] / 1e9:.3g}B parameters "
-            f"({counts['active'] / 1e9:.3g}B active), {str(model.dtype).removeprefix('torch.')}")
-
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"

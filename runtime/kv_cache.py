@@ -64,3 +64,27 @@ class KVCache:
 
     def snapshot(self) -> list[torch.Tensor]:
         return [t.clone() for t in self.tensors]
+
+
+def layout_from_graph(gm, batch: int, max_seq_len: int, spec_rows: int) -> list[CacheSpec]:
+    """The cache a captured decoder graph needs for another batch size or sequence length.
+
+    Read off the graph itself: each attention node names its cache placeholders and its window, so the runtime
+    needs no model object to size a cache.
+    """
+    from tilec.ops import op_name
+
+    windows: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and op_name(node.target) == "attention":
+            window = node.args[10]
+            for cache in (node.args[3], node.args[4]):
+                windows[cache.target] = window
+    specs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or node.target not in windows:
+            continue
+        val = node.meta["val"]
+        cap = ring_capacity(windows[node.target], max_seq_len, spec_rows)
+        specs.append(CacheSpec(node.target, (batch, val.shape[1], cap, val.shape[3]), val.dtype))
+    return specs

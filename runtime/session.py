@@ -1,0 +1,42 @@
+"""A decode session: one batch of sequences, its KV cache, and how many tokens the cache holds.
+
+The session calls a step function ``step(input_ids [B, T], start_pos [B], *kv_caches) -> logits [B, T, V]`` (a
+graph of any target) and advances the length; `rollback` moves the length back, which is all a rejected speculative
+block needs because the caches are sized for it (see kv_cache).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from tilec.errors import ShapeError
+from tilec.runtime.kv_cache import CacheSpec, KVCache
+
+
+class DecodeSession:
+    def __init__(self, step: Callable, specs: list[CacheSpec], *, batch: int, max_seq_len: int,
+                 device: torch.device):
+        self._step = step
+        self.batch, self.device = batch, device
+        self.cache = KVCache(specs, device, max_seq_len)
+        self.length = 0
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run T new tokens per sequence through the model at positions length..length+T-1; returns logits."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != self.batch:
+            raise ShapeError(f"session expects input ids of shape [{self.batch}, T], got {tuple(input_ids.shape)}")
+        rows = input_ids.shape[1]
+        self.cache.check_room(self.length, rows)
+        start = torch.full((self.batch,), self.length, dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            logits = self._step(input_ids.to(self.device), start, *self.cache.tensors)
+        self.length += rows
+        return logits
+
+    def rollback(self, length: int) -> None:
+        """Forget every token at position >= length (their cache slots are overwritten by the next step)."""
+        if not 0 <= length <= self.length:
+            raise ShapeError(f"cannot roll back to length {length}: the session holds {self.length} tokens")
+        self.length = length

@@ -1,0 +1,190 @@
+"""``tilec.compile`` and the `CompiledModel` it returns."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from tilec import pipeline, report as report_mod
+from tilec.artifact import FORMAT, MANIFEST, write_atomic
+from tilec.capture import as_tilec_model, capture
+from tilec.errors import ShapeError, TargetError
+from tilec.graph import format_graph, info
+from tilec.options import TARGETS, Options
+from tilec.passmanager import PassContext, ProgressFn, StageRecord, run_pipeline
+from tilec.runtime.kv_cache import layout_from_graph
+from tilec.runtime.session import DecodeSession
+
+BUILT_TARGETS = ("reference",)
+
+
+def resolve_target(target: str) -> str:
+    """The target that will run: ``auto`` picks the best built one; unbuilt targets are an error, never a fallback."""
+    if target not in TARGETS:
+        raise TargetError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "auto":
+        return BUILT_TARGETS[-1]
+    if target not in BUILT_TARGETS:
+        raise TargetError(f"target {target!r} is not built yet; use target='reference' (built: "
+                          f"{', '.join(BUILT_TARGETS)})")
+    return target
+
+
+def compile(model, *, target: str = "reference", options: Options | None = None,  # noqa: A001 - the API's name
+            progress: ProgressFn | None = None) -> "CompiledModel":
+    """Compile a MiMo-family model: tilec's own module, a transformers ``MiMoV2FlashForCausalLM``, or a checkpoint
+    directory. Returns a `CompiledModel`; with ``options.dump_dir`` (or ``TILEC_DUMP``) every stage is written there.
+    """
+    options = options or Options.from_env()
+    resolved = resolve_target(target)
+    start = time.perf_counter()
+    if progress:
+        progress("capture", 0, 1)
+    model = as_tilec_model(model)
+    gm = capture(model, batch=options.max_batch, rows=1, max_seq_len=options.max_seq_len,
+                 spec_rows=options.spec_rows)
+    first = StageRecord("capture", gm, gm.meta["tilec_capture_stats"], time.perf_counter() - start,
+                        "trace the model, rewrite torch glue into tilec ops, propagate shapes")
+    records = run_pipeline(gm, pipeline.stages(options, resolved), PassContext(options, resolved), first=first,
+                           progress=progress)
+    rep = report_mod.build(records, target=resolved, options=options, seconds=time.perf_counter() - start)
+    compiled = CompiledModel(records, rep, resolved, options)
+    if options.dump_dir is not None:
+        compiled.save(options.dump_dir)
+    return compiled
+
+
+class CompiledModel:
+    """A compiled model: run it (``cm(ids)``, ``cm.generate``), read its stages and report, save it."""
+
+    def __init__(self, records: list[StageRecord], report: dict, target: str, options: Options):
+        self.records = records
+        self.report = report
+        self.target = target
+        self.options = options
+        self.graph: fx.GraphModule = records[-1].graph
+        self.info = info(self.graph)
+        self.device: torch.device = self.graph.meta.get("device", torch.device("cpu"))
+        self.saved_to: Path | None = None
+
+    # ------------------------------------------------------------------------------------------- inspection
+    @property
+    def stages(self) -> dict[str, fx.GraphModule]:
+        """Every stage's graph by name, in pipeline order (each one runnable)."""
+        return {r.name: r.graph for r in self.records}
+
+    def listing(self, stage: str | None = None) -> str:
+        """A readable listing of one stage's graph (the last by default)."""
+        record = self.records[-1] if stage is None else self._record(stage)
+        return format_graph(record.graph, f"stage: {record.name}")
+
+    def report_markdown(self) -> str:
+        return report_mod.render_markdown(self.report)
+
+    def _record(self, name: str) -> StageRecord:
+        for r in self.records:
+            if r.name == name:
+                return r
+        raise KeyError(f"no stage {name!r}; stages are {', '.join(r.name for r in self.records)}")
+
+    # ----------------------------------------------------------------------------------------------- running
+    @property
+    def vocab_size(self) -> int | None:
+        cfg = self.info.config
+        return getattr(cfg, "vocab_size", None)
+
+    def _ids(self, input_ids) -> torch.Tensor:
+        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype not in (torch.int32, torch.int64):
+            raise ShapeError(f"input ids must be integers of shape [batch, tokens] with at least one token, got "
+                             f"{ids.dtype} {tuple(ids.shape)}")
+        vocab = self.vocab_size
+        if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ShapeError(f"token ids must be in 0..{vocab - 1}; got min {int(ids.min())}, max {int(ids.max())}")
+        return ids.to(torch.int64).to(self.device)
+
+    def new_session(self, batch: int = 1, max_seq_len: int | None = None) -> DecodeSession:
+        """A fresh KV cache for ``batch`` sequences of up to ``max_seq_len`` tokens, ready to step."""
+        if self.info.kind != "decoder":
+            raise TargetError("this model has no KV cache (it was captured as a plain forward(input_ids))")
+        max_seq_len = max_seq_len or self.options.max_seq_len
+        specs = layout_from_graph(self.graph, batch, max_seq_len, self.options.spec_rows)
+        return DecodeSession(self.graph, specs, batch=batch, max_seq_len=max_seq_len, device=self.device)
+
+    def __call__(self, input_ids) -> torch.Tensor:
+        """Logits [B, T, V] of a full forward over ``input_ids`` (no state kept between calls)."""
+        ids = self._ids(input_ids)
+        if self.info.kind != "decoder":
+            with torch.inference_mode():
+                return self.graph(ids)
+        return self.new_session(ids.shape[0], ids.shape[1]).step(ids)
+
+    def generate(self, input_ids, max_new_tokens: int, *, eos_token_id: int | Sequence[int] | None = None,
+                 max_seq_len: int | None = None) -> torch.Tensor:
+        """Greedy decoding with the KV cache: returns ``[B, T + N]`` token ids (prompt included).
+
+        With ``eos_token_id``, a sequence that emitted it keeps emitting it, and decoding stops when all have.
+        """
+        ids = self._ids(input_ids)
+        if max_new_tokens < 0:
+            raise ShapeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
+            return ids
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                           dtype=torch.int64, device=ids.device)
+        batch, prompt = ids.shape
+        if self.info.kind != "decoder":
+            step = lambda seq: self(seq)[:, -1:]  # noqa: E731 - no cache: recompute the prefix
+        else:
+            session = self.new_session(batch, max_seq_len or prompt + max_new_tokens)
+            step = None
+        out, done = [ids], torch.zeros(batch, dtype=torch.bool, device=ids.device)
+        logits = session.step(ids) if step is None else step(ids)
+        for i in range(max_new_tokens):
+            nxt = torch.argmax(logits[:, -1], dim=-1)
+            if eos.numel():
+                nxt = torch.where(done, eos[0], nxt)
+                done |= torch.isin(nxt, eos)
+            out.append(nxt[:, None])
+            if i + 1 == max_new_tokens or (eos.numel() and bool(done.all())):
+                break
+            logits = session.step(nxt[:, None]) if step is None else step(torch.cat(out, dim=1))
+        return torch.cat(out, dim=1)
+
+    # --------------------------------------------------------------------------------------------------- saving
+    def artifact_files(self) -> dict[str, str]:
+        """The files of this model's artifact (relative path -> text)."""
+        files: dict[str, str] = {}
+        for i, r in enumerate(self.records):
+            stem = f"stages/{i:02d}_{r.name}"
+            files[f"{stem}.txt"] = format_graph(r.graph, f"stage {i}: {r.name}")
+            files[f"{stem}.py"] = r.graph.code
+        files["report.md"] = self.report_markdown()
+        files["report.json"] = json.dumps(self.report, indent=2, default=str)
+        manifest = {
+            "format": FORMAT, "tilec_version": _version(), "target": self.target, "model": self.info.description,
+            "stages": [r.name for r in self.records],
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "files": sorted(files),
+        }
+        files[MANIFEST] = json.dumps(manifest, indent=2)
+        return files
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the artifact (stages, report, manifest) to ``directory``, atomically."""
+        self.saved_to = write_atomic(directory, self.artifact_files())
+        return self.saved_to
+
+
+def _version() -> str:
+    from tilec import __version__
+
+    return __version__

@@ -1,0 +1,71 @@
+"""Writing and reading compile artifacts: a directory written whole or not at all.
+
+Layout of an artifact directory:
+  manifest.json        what was compiled, with which options and target, and the list of files
+  report.md            the human-readable report; report.json holds the same figures
+  stages/NN_name.txt   each stage's graph as a readable listing; stages/NN_name.py its FX Python code
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tilec.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+FORMAT = "tilec-artifact/1"
+
+
+def write_atomic(directory: str | Path, files: dict[str, str | bytes]) -> Path:
+    """Write ``files`` (relative path -> content) as ``directory``, replacing an earlier tilec artifact there.
+
+    Everything goes into a temporary sibling first and is renamed into place at the end, so a reader never sees a
+    half-written artifact, and a failure leaves the old one untouched. A non-empty directory that is not a tilec
+    artifact is never replaced.
+    """
+    target = Path(directory).resolve()
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).exists())):
+        raise ArtifactError(f"{target} exists and is not a tilec artifact; choose an empty or new directory")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise ArtifactError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    try:
+        for rel, content in files.items():
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest of an artifact directory; ArtifactError when it is not one."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is not a tilec artifact (no {MANIFEST}); make one with "
+                            f"`tilec compile FILE.py -o {directory}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is unreadable: {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} has format {manifest.get('format')!r}; this tilec reads {FORMAT!r}")
+    return manifest

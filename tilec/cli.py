@@ -1,0 +1,174 @@
+"""The ``tilec`` command line: ``tilec compile FILE.py``, ``tilec inspect DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+
+from tilec.errors import TilecError, UnsupportedError
+
+
+def load_model_file(path: str | Path, preset: str | None = None):
+    """The model a Python file defines: ``build_model(preset)`` / ``build_model()``, or a module-level ``model``."""
+    file = Path(path)
+    if not file.is_file() or file.suffix != ".py":
+        raise TilecError(f"{path}: not a Python file; pass FILE.py that defines build_model() or a module-level "
+                         f"`model`")
+    module = _import_file(file.resolve())
+    build = getattr(module, "build_model", None)
+    if callable(build):
+        if preset is None:
+            return build()
+        if "preset" not in inspect.signature(build).parameters and not _takes_positional(build):
+            raise TilecError(f"{file}: build_model() takes no preset; drop --preset or add a `preset` parameter")
+        return build(preset)
+    if hasattr(module, "model"):
+        if preset is not None:
+            raise TilecError(f"{file}: --preset needs build_model(preset); this file only defines `model`")
+        return module.model
+    raise UnsupportedError(f"{file} defines neither build_model() nor a module-level `model`; add one of them "
+                           f"(for example `def build_model(preset='tiny'): ...`)")
+
+
+def _takes_positional(fn) -> bool:
+    params = list(inspect.signature(fn).parameters.values())
+    return bool(params) and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD,
+                                               params[0].VAR_POSITIONAL)
+
+
+def _import_file(file: Path):
+    # A file inside the installed tilec package (models/mimo.py) is imported under its package name, so its classes
+    # are the same objects tilec itself uses.
+    import tilec.models
+
+    pkg_dir = Path(tilec.models.__file__).resolve().parent
+    if file.parent == pkg_dir:
+        return importlib.import_module(f"tilec.models.{file.stem}")
+    name = f"tilec_user_{file.stem}_{hashlib.sha1(str(file).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except TilecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's file failed: say where
+        import traceback
+
+        tb = [fr for fr in traceback.extract_tb(exc.__traceback__) if fr.filename == str(file)]
+        where = f" (line {tb[-1].lineno}: {tb[-1].line})" if tb else ""
+        raise TilecError(f"{file} failed to import{where}: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _cmd_compile(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    import tilec
+    from tilec.options import Options
+
+    console = Console(stderr=True)
+    options = Options.from_env(dump_dir=args.output, max_seq_len=args.max_seq_len, max_batch=args.batch,
+                               verify=False if args.no_verify else None)
+    start = time.perf_counter()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task(f"loading {args.file}" + (f" (preset {args.preset})" if args.preset else ""))
+        model = load_model_file(args.file, args.preset)
+        bar.update(task, description="capturing")
+
+        def progress(stage: str, i: int, n: int) -> None:
+            bar.update(task, description=f"stage {stage} ({i}/{n})" if stage != "capture" else "capturing")
+
+        compiled = tilec.compile(model, target=args.target, options=options, progress=progress)
+    _print_summary(compiled.report, compiled.saved_to, time.perf_counter() - start)
+    return 0
+
+
+def _print_summary(rep: dict, saved_to, seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console()
+    out.print(f"[bold]tilec[/bold] compiled {rep['model']} for target [bold]{rep['target']}[/bold] "
+              f"in {seconds:.1f} s")
+    table = Table("#", "stage", "nodes", "what it did", "ops")
+    for i, s in enumerate(rep["stages"]):
+        did = ", ".join(f"{k} {v}" for k, v in s["stats"].items() if v) or "-"
+        ops = ", ".join(f"{k.removeprefix('tilec.')} {v}" for k, v in sorted(s["ops"].items()))
+        table.add_row(str(i), s["name"], str(s["nodes"]), did, ops)
+    out.print(table)
+    out.print(f"parameters {rep['parameters']:,}; weights {rep['weight_bytes_total'] / 1e6:,.1f} MB; "
+              f"KV cache {rep['kv_cache_bytes'] / 1e6:,.1f} MB")
+    for d in rep["decode_step_bytes"]:
+        out.print(f"decode step at context {d['context']}: {d['total'] / 1e6:,.2f} MB to read "
+                  f"(HBM floor on H100 {d['floor_ms_h100']:.3f} ms)")
+    if saved_to:
+        out.print(f"wrote {saved_to}")
+
+
+def _cmd_inspect(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tilec.artifact import read_manifest
+
+    directory = Path(args.dir)
+    manifest = read_manifest(directory)
+    out = Console()
+    if args.stage:
+        names = manifest["stages"]
+        if args.stage not in names:
+            raise TilecError(f"{directory} has no stage {args.stage!r}; stages: {', '.join(names)}")
+        out.print((directory / "stages" / f"{names.index(args.stage):02d}_{args.stage}.txt").read_text(),
+                  markup=False, highlight=False)
+        return 0
+    rep = json.loads((directory / "report.json").read_text())
+    out.print(f"[bold]{directory}[/bold]: {manifest['model']}, target {manifest['target']}, tilec "
+              f"{manifest['tilec_version']}, created {manifest['created']}")
+    table = Table("#", "stage", "nodes", "what it did")
+    for i, s in enumerate(rep["stages"]):
+        table.add_row(str(i), s["name"], str(s["nodes"]), ", ".join(f"{k} {v}" for k, v in s["stats"].items()
+                                                                        if v) or "-")
+    out.print(table)
+    out.print(f"parameters {rep['parameters']:,}; weights {rep['weight_bytes_total'] / 1e6:,.1f} MB")
+    out.print("files: " + ", ".join(manifest["files"]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tilec.options import TARGETS
+
+    parser = argparse.ArgumentParser(prog="tilec", description="Compile MiMo-family MoE models for fast decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="compile a model defined in FILE.py")
+    c.add_argument("file", help="a Python file defining build_model() or a module-level `model`")
+    c.add_argument("--preset", help="passed to build_model(preset), e.g. tiny, mini, v2-flash, v2.5-pro")
+    c.add_argument("--target", default="reference", choices=TARGETS)
+    c.add_argument("-o", "--output", help="write the artifact (stages, report) to this directory")
+    c.add_argument("--max-seq-len", type=int, help="KV cache length to plan for (default 4096)")
+    c.add_argument("--batch", type=int, help="batch size to specialise for (default 1)")
+    c.add_argument("--no-verify", action="store_true", help="skip the graph checks after each stage")
+    c.set_defaults(func=_cmd_compile)
+    i = sub.add_parser("inspect", help="summarise a compile artifact")
+    i.add_argument("dir", help="a directory written by `tilec compile -o`")
+    i.add_argument("--stage", help="print this stage's graph")
+    i.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TilecError as exc:
+        print(f"tilec: error: {exc}", file=sys.stderr)
+        return 2
