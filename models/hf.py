@@ -62,14 +62,12 @@ class _Tensors:
         return self._open[path]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        if key in self._memory:
-            return tuple(self._memory[key].shape)
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        t = self._memory.get(key)
+        return tuple(t.shape) if t is not None else tuple(self._handle(key).get_slice(key).get_shape())
 
     def dtype(self, key: str) -> torch.dtype | None:
-        if key in self._memory:
-            return self._memory[key].dtype
-        return _ST_DTYPES.get(self._handle(key).get_slice(key).get_dtype())
+        t = self._memory.get(key)
+        return t.dtype if t is not None else _ST_DTYPES.get(self._handle(key).get_slice(key).get_dtype())
 
     def get(self, key: str) -> Tensor:
         return self._memory[key] if key in self._memory else self._handle(key).get_tensor(key)
@@ -213,16 +211,15 @@ def _recipe(name: str, shape: tuple[int, ...], tensors: _Tensors) -> _Recipe:
         for key, key_shape in row:
             if key not in tensors:
                 raise CheckpointError(f"expert {e} of {prefix} is missing: no tensor {key!r} (expected shape "
-                                      f"{key_shape}); the checkpoint has tensors for experts {_ranges(present)} "
-                                      f"of the {shape[0]} the config asks for")
+                                      f"{key_shape}); the checkpoint has tensors for {len(present)} of the "
+                                      f"{shape[0]} experts the config asks for")
     return _Recipe(rows, stacked=True)
 
 
 def _check(key: str, shape: tuple[int, ...], tensors: _Tensors, block: tuple[int, int], name: str) -> set[str]:
     """The checkpoint keys that make ``key`` (itself, and its scale if FP8), after checking they exist and fit."""
     if key not in tensors:
-        alt = f" (or {key.removesuffix(_SINK_HUB_NAME) + 'sinks'!r})" if key.endswith(_SINK_HUB_NAME) else ""
-        alt = f" (or {key.removesuffix('sinks') + _SINK_HUB_NAME!r})" if key.endswith(".sinks") else alt
+        alt = f" (or {key.removesuffix('sinks') + _SINK_HUB_NAME!r})" if key.endswith(".sinks") else ""
         raise CheckpointError(f"checkpoint has no tensor {key!r}{alt}; expected shape {shape} for {name}")
     found = tensors.shape(key)
     if found != shape:
@@ -230,10 +227,10 @@ def _check(key: str, shape: tuple[int, ...], tensors: _Tensors, block: tuple[int
                               f"match the weights?")
     if tensors.dtype(key) not in _FP8:
         return {key}
-    scale_key = _scale_key(key)
-    want = (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1])) if len(shape) >= 2 else None
-    if want is None:
+    if len(shape) not in (2, 3):
         raise CheckpointError(f"FP8 tensor {key!r} has shape {shape}; only 2-D and 3-D weights can be block-scaled")
+    scale_key = _scale_key(key)
+    want = (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
     if scale_key not in tensors:
         raise CheckpointError(f"FP8 weight {key!r} has no scale tensor {scale_key!r} (expected shape {want} for "
                               f"{block[0]}x{block[1]} blocks)")
@@ -244,12 +241,8 @@ def _check(key: str, shape: tuple[int, ...], tensors: _Tensors, block: tuple[int
 
 
 def _scale_key(key: str) -> str:
-    # The naming HF's fine-grained FP8 integration uses: x.weight -> x.weight_scale_inv, x.gate_up_proj -> ..._scale_inv.
+    # HF's fine-grained FP8 naming: x.weight -> x.weight_scale_inv, x.gate_up_proj -> x.gate_up_proj_scale_inv.
     return key.removesuffix(".weight") + ".weight_scale_inv" if key.endswith(".weight") else key + "_scale_inv"
-
-
-def _ranges(numbers: list[int]) -> str:
-    return ", ".join(str(n) for n in numbers[:8]) + (", ..." if len(numbers) > 8 else "")
 
 
 def _build(recipe: _Recipe, shape: tuple[int, ...], tensors: _Tensors, dtype: torch.dtype, device: torch.device,
@@ -317,7 +310,7 @@ def save_checkpoint(model: MiMoForCausalLM, directory: str | Path, *, expert_lay
         raise CheckpointError("the model has tensors on the meta device (shapes only); load weights before saving")
     shards = _shard(tensors, max_shard_bytes)
     config = {**model.config.to_dict(), "model_type": "mimo_v2_flash", "architectures": ["MiMoV2FlashForCausalLM"],
-              "dtype": str(model.dtype).removeprefix("torch.")}
+              "dtype": str(model.dtype).removeprefix("torch.")}  # the fields are HF's (see MiMoConfig)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:

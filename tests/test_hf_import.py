@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
@@ -102,7 +101,8 @@ def dequantize_fp8(q: torch.Tensor, s: torch.Tensor, block) -> torch.Tensor:
     out = torch.empty(n, k)
     for i in range(s.shape[0]):
         for j in range(s.shape[1]):
-            out[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk] = q[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk].float() * s[i, j]
+            rows, cols = slice(i * bn, (i + 1) * bn), slice(j * bk, (j + 1) * bk)
+            out[rows, cols] = q[rows, cols].float() * s[i, j]
     return out
 
 
@@ -216,6 +216,17 @@ def test_mtp_rotary_and_activation_scale_keys_are_ignored(hf_model, hub_dir, tmp
     assert_same_tensors(from_hf(tmp_path / "mtp"), hf_model.state_dict())
 
 
+def test_tied_embeddings(tmp_path, ids):
+    hf = random_hf_model(tiny(tie_word_embeddings=True), seed=5)
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    hf.save_pretrained(tmp_path / "tied")
+    assert "lm_head.weight" not in read_dir(tmp_path / "tied")[1]
+    for src in (hf, tmp_path / "tied"):
+        model = from_hf(src)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert rel_err(tilec_logits(model, ids), hf_logits(hf, ids)) < 1e-4
+
+
 # ------------------------------------------------------------------------------------------------------ FP8
 @pytest.mark.parametrize("block", [(128, 128), (64, 48)])
 def test_fp8_block_scaled_weights_dequantize_exactly(fp8_source, tmp_path, block):
@@ -243,7 +254,8 @@ def test_fp8_block_scaled_weights_dequantize_exactly(fp8_source, tmp_path, block
 def test_fp8_default_dtype_is_bf16_and_logits_match_hf(fp8_source, tmp_path, ids):
     dequantized = write_fp8_checkpoint(fp8_source, tmp_path / "fp8", (128, 128), with_block_size=False)
     model = from_hf(tmp_path / "fp8")
-    assert model.dtype == torch.bfloat16 and model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    assert model.dtype == torch.bfloat16
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     key = "model.layers.2.self_attn.o_proj.weight"
     assert torch.equal(model.state_dict()[key], dequantized[key].to(torch.bfloat16))
     # An HF model holding the test's own dequantised weights, loaded by transformers itself.
@@ -251,6 +263,23 @@ def test_fp8_default_dtype_is_bf16_and_logits_match_hf(fp8_source, tmp_path, ids
     write_dir(tmp_path / "deq", config, {**tensors, **dequantized})
     reference = transformers.MiMoV2FlashForCausalLM.from_pretrained(tmp_path / "deq").eval()
     assert rel_err(tilec_logits(from_hf(tmp_path / "fp8", dtype=torch.float32), ids), hf_logits(reference, ids)) < 1e-4
+
+
+def test_fp8_packed_experts_dequantize_per_expert(fp8_source, tmp_path):
+    packed = save_checkpoint(from_hf(fp8_source), tmp_path / "packed", expert_layout="packed")
+    config, tensors = read_dir(packed)
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    expected = {}
+    for key in [k for k in tensors if k.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
+        pairs = [quantize_fp8(w, (128, 128)) for w in tensors[key]]
+        tensors[key] = torch.stack([q for q, _ in pairs])
+        tensors[key + "_scale_inv"] = torch.stack([s for _, s in pairs])
+        expected[key] = torch.stack([dequantize_fp8(q, s, (128, 128)) for q, s in pairs])
+    write_dir(tmp_path / "fp8", config, tensors)
+    state = from_hf(tmp_path / "fp8", dtype=torch.float32).state_dict()
+    assert len(expected) == 6
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -317,7 +346,8 @@ def test_error_missing_expert(hub_dir, tmp_path):
 
 
 def test_error_unexpected_keys(hub_dir, tmp_path):
-    extra = {"model.layers.7.mlp.gate.weight": torch.randn(8, 64), "model.layers.1.mlp.shared_experts.w": torch.randn(2)}
+    extra = {"model.layers.7.mlp.gate.weight": torch.randn(8, 64),
+             "model.layers.1.mlp.shared_experts.w": torch.randn(2)}
     raises(edited_copy(hub_dir, tmp_path / "x", lambda t: t.update(extra)), *extra, "2 tensor(s)")
 
 
