@@ -23,6 +23,9 @@ def load_model_file(path: str | Path, preset: str | None = None):
                          f"`model`")
     module = _import_file(file.resolve())
     build = getattr(module, "build_model", None)
+    # A build_model defined in the file wins; a module-level `model` beats one merely imported into the file.
+    if callable(build) and getattr(build, "__module__", None) != module.__name__ and hasattr(module, "model"):
+        build = None
     if callable(build):
         if preset is None:
             return build()
@@ -128,8 +131,8 @@ def _cmd_inspect(args) -> int:
         names = manifest["stages"]
         if args.stage not in names:
             raise TilecError(f"{directory} has no stage {args.stage!r}; stages: {', '.join(names)}")
-        out.print((directory / "stages" / f"{names.index(args.stage):02d}_{args.stage}.txt").read_text(),
-                  markup=False, highlight=False)
+        # Plain text, unwrapped: the listing is meant to be read or piped as the stage file is.
+        sys.stdout.write((directory / "stages" / f"{names.index(args.stage):02d}_{args.stage}.txt").read_text())
         return 0
     rep = json.loads((directory / "report.json").read_text())
     out.print(f"[bold]{directory}[/bold]: {manifest['model']}, target {manifest['target']}, tilec "

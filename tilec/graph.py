@@ -86,11 +86,17 @@ def op_counts(gm: fx.GraphModule) -> collections.Counter:
 
 
 class _MetaInterpreter(fx.Interpreter):
-    """Runs a graph on the meta device: weights become meta tensors of the same shape and dtype."""
+    """Runs a graph on the meta device: weights become meta tensors of the same shape and dtype.
 
-    def __init__(self, gm: fx.GraphModule):
+    With ``overwrite`` every node's ``meta["val"]`` is replaced by what it computes; without, only nodes that have
+    none get one (so recorded values can be checked against the computed ones, see verify).
+    """
+
+    def __init__(self, gm: fx.GraphModule, overwrite: bool = True):
         super().__init__(gm)
         self._attrs: dict[str, torch.Tensor] = {}
+        self._overwrite = overwrite
+        self.computed: dict[fx.Node, object] = {}
 
     def get_attr(self, target, args, kwargs):
         if target not in self._attrs:
@@ -100,15 +106,20 @@ class _MetaInterpreter(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
-        n.meta["val"] = result
+        self.computed[n] = result
+        if self._overwrite or "val" not in n.meta:
+            n.meta["val"] = result
         return result
 
 
-def propagate_meta(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> None:
-    """Annotate every node with ``meta["val"]`` by running the graph on the meta device."""
+def propagate_meta(gm: fx.GraphModule, example_inputs: list[torch.Tensor], *, overwrite: bool = True) -> dict:
+    """Annotate nodes with ``meta["val"]`` by running the graph on the meta device (all of them, or with
+    ``overwrite=False`` only those without one). Returns what every node computed."""
     inputs = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    interp = _MetaInterpreter(gm, overwrite)
     with torch.no_grad():
-        _MetaInterpreter(gm).run(*inputs)
+        interp.run(*inputs)
+    return interp.computed
 
 
 def example_meta_inputs(gm: fx.GraphModule) -> list[torch.Tensor]:
@@ -160,13 +171,13 @@ def module_path(node: fx.Node) -> str:
 
 
 def source_location(node: fx.Node) -> str:
-    """``file:line`` of the user code that created the node, from FX's recorded stack trace."""
+    """``file, line N, in f: code`` of the user code that created the node, from FX's recorded stack trace."""
     trace = node.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    # The trace ends with the innermost frame: 'File "x.py", line N, in f' followed by the code line.
+    # Frames are 'File "x.py", line N, in f' each followed by its code line, innermost last; skip torch's own.
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            code = lines[i + 1] if i + 1 < len(lines) else ""
+        if lines[i].startswith("File ") and "/torch/" not in lines[i].replace("\\", "/"):
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
             where = lines[i].replace("File ", "").replace('"', "")
             return f"{where}: {code}" if code else where
     return ""

@@ -65,13 +65,17 @@ def run_pipeline(gm: fx.GraphModule, passes: list[Pass], ctx: PassContext, *, fi
         new = copy_graph_module(records[-1].graph)
         try:
             stats = p.run(new, ctx) or {}
-        except TilecError:
-            raise
+        except TilecError as exc:  # a pass refusing the user's model (e.g. a shape it cannot quantise)
+            raise type(exc)(f"pass '{p.name}': {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - a crash inside a pass is a tilec bug: say which pass
             raise VerifyError(f"pass '{p.name}' failed: {type(exc).__name__}: {exc}") from exc
-        new.graph.lint()
-        new.recompile()
-        propagate_meta(new, example_meta_inputs(records[-1].graph))
+        try:
+            new.graph.lint()
+            new.recompile()
+            # New nodes get their shapes; nodes a pass kept or annotated keep theirs, and verify compares the two.
+            propagate_meta(new, example_meta_inputs(records[-1].graph), overwrite=False)
+        except Exception as exc:  # noqa: BLE001 - the pass left a graph that is malformed or does not fit together
+            raise VerifyError(f"pass '{p.name}' left a broken graph: {type(exc).__name__}: {exc}") from exc
         if ctx.options.verify:
             verify(new, p.name)
         records.append(StageRecord(p.name, new, dict(stats), time.perf_counter() - start, p.doc))

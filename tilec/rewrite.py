@@ -72,7 +72,9 @@ def apply_rules(gm: fx.GraphModule, rules: Iterable[Rule]) -> collections.Counte
                 continue
             counts[r.name] += 1
             if new is not node:
-                for key in ("nn_module_stack", "stack_trace"):
+                # A replacement computes the same value, so it has the same shape and dtype; later rules in this
+                # run read that (verify re-checks it against the op's fake implementation).
+                for key in ("val", "nn_module_stack", "stack_trace"):
                     if key in node.meta and key not in new.meta:
                         new.meta[key] = node.meta[key]
                 node.replace_all_uses_with(new)

@@ -35,7 +35,6 @@ def verify(gm: fx.GraphModule, stage: str) -> None:
         gm.graph.lint()
     except Exception as exc:  # noqa: BLE001
         raise VerifyError(f"after stage '{stage}': malformed graph: {exc}") from exc
-    recorded = {}
     for n in gm.graph.nodes:
         if n.op == "call_function" and op_name(n.target) is None and n.target is not operator.getitem:
             fail(n, "is not a tilec op")
@@ -46,14 +45,16 @@ def verify(gm: fx.GraphModule, stage: str) -> None:
                 _fetch(gm, n.target)
             except AttributeError:
                 fail(n, f"names a missing attribute {n.target!r}")
-        if n.op != "output":
-            if "val" not in n.meta:
-                fail(n, "has no shape/dtype (meta['val'])")
-            recorded[n] = n.meta["val"]
-    propagate_meta(gm, example_meta_inputs(gm))
-    for n, before in recorded.items():
-        if not _same(before, n.meta["val"]):
-            fail(n, f"recorded {fmt_val(before)} but computes {fmt_val(n.meta['val'])}")
+        if n.op != "output" and "val" not in n.meta:
+            fail(n, "has no shape/dtype (meta['val'])")
+    try:
+        computed = propagate_meta(gm, example_meta_inputs(gm), overwrite=False)
+    except Exception as exc:  # noqa: BLE001 - the graph no longer runs on the meta device: say so with the stage
+        raise VerifyError(f"after stage '{stage}': the graph does not run on the meta device: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    for n, value in computed.items():
+        if not _same(n.meta["val"], value):
+            fail(n, f"recorded {fmt_val(n.meta['val'])} but computes {fmt_val(value)}")
 
 
 def _fetch(gm: fx.GraphModule, target: str):
