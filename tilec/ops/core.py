@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tilec.errors import ShapeError
+from tilec.errors import ShapeError, TilecError
 from tilec.ops.registry import define
 
 
@@ -102,16 +102,18 @@ def add(a: Tensor, b: Tensor) -> Tensor:
 
 
 # -------------------------------------------------------------------------------------------------------- linear
-def _linear_check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+def _linear_check(x: Tensor, weight: Tensor, bias: Optional[Tensor], op: str = "linear",
+                  wname: str = "weight") -> None:
     if weight.dim() != 2:
-        _fail("linear", f"weight must be [out, in], got shape {tuple(weight.shape)}")
-    _check_last_dim("linear", x, "input", weight.shape[1], f"weight {tuple(weight.shape)}")
+        _fail(op, f"{wname} must be [out, in], got shape {tuple(weight.shape)}")
+    _check_last_dim(op, x, "input", weight.shape[1], f"{wname} {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        _fail("linear", f"bias shape {tuple(bias.shape)} does not match weight rows {weight.shape[0]}")
+        _fail(op, f"bias of {wname}: shape {tuple(bias.shape)} does not match its {weight.shape[0]} rows")
 
 
-def _linear_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    _linear_check(x, weight, bias)
+def _linear_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], op: str = "linear",
+                 wname: str = "weight") -> Tensor:
+    _linear_check(x, weight, bias, op, wname)
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.result_type(x, weight))
 
 
@@ -136,15 +138,16 @@ def rope_cos_sin(start_pos: Tensor, rows: int, rotary_dim: int, theta: float, dt
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _rope_check(x: Tensor, start_pos: Tensor, head_dim: int, rotary_dim: int) -> None:
+def _rope_check(x: Tensor, start_pos: Tensor, head_dim: int, rotary_dim: int, op: str = "rope",
+                what: str = "input") -> None:
     if x.dim() != 3:
-        _fail("rope", f"input must be [batch, rows, heads*head_dim], got shape {tuple(x.shape)}")
+        _fail(op, f"{what} must be [batch, rows, heads*head_dim], got shape {tuple(x.shape)}")
     if head_dim <= 0 or x.shape[-1] % head_dim:
-        _fail("rope", f"last dim {x.shape[-1]} is not a multiple of head_dim {head_dim}")
+        _fail(op, f"{what} last dim {x.shape[-1]} (shape {tuple(x.shape)}) is not a multiple of head_dim {head_dim}")
     if rotary_dim % 2 or not 0 <= rotary_dim <= head_dim:
-        _fail("rope", f"rotary_dim {rotary_dim} must be even and within head_dim {head_dim}")
+        _fail(op, f"rotary_dim {rotary_dim} must be even and within head_dim {head_dim}")
     if start_pos.dim() != 1 or start_pos.shape[0] != x.shape[0]:
-        _fail("rope", f"start_pos must be [batch={x.shape[0]}], got shape {tuple(start_pos.shape)}")
+        _fail(op, f"start_pos must be [batch={x.shape[0]}], got shape {tuple(start_pos.shape)}")
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, head_dim: int) -> Tensor:
@@ -175,9 +178,10 @@ def rope(x: Tensor, start_pos: Tensor, head_dim: int, rotary_dim: int, theta: fl
 
 
 def _qkv_rope_fake(x, wq, wk, wv, bq, bk, bv, start_pos, head_dim, rotary_dim, theta):
-    q, k, v = (_linear_fake(x, w, b) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
-    _rope_check(q, start_pos, head_dim, rotary_dim)
-    _rope_check(k, start_pos, head_dim, rotary_dim)
+    q, k, v = (_linear_fake(x, w, b, "qkv_rope", name) for w, b, name in ((wq, bq, "wq"), (wk, bk, "wk"),
+                                                                             (wv, bv, "wv")))
+    _rope_check(q, start_pos, head_dim, rotary_dim, "qkv_rope", "q (x @ wq.T)")
+    _rope_check(k, start_pos, head_dim, rotary_dim, "qkv_rope", "k (x @ wk.T)")
     return q, k, v
 
 
@@ -208,9 +212,11 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 
 
 def _swiglu_fake(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
-    gate = _linear_fake(x, w_gate, None)
-    _silu_mul_fake(gate, _linear_fake(x, w_up, None))
-    return _linear_fake(gate, w_down, None)
+    gate = _linear_fake(x, w_gate, None, "swiglu", "w_gate")
+    up = _linear_fake(x, w_up, None, "swiglu", "w_up")
+    if gate.shape != up.shape:
+        _fail("swiglu", f"w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} differ in shape")
+    return _linear_fake(gate, w_down, None, "swiglu", "w_down")
 
 
 @define("swiglu", fake=_swiglu_fake)
@@ -222,18 +228,25 @@ def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------------------------- argmax and sample
 def _argmax_fake(logits: Tensor) -> Tensor:
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        _fail("argmax", f"needs a non-empty last dim to choose from, got shape {tuple(logits.shape)}")
     return logits.new_empty(logits.shape[:-1], dtype=torch.int64)
 
 
 @define("argmax", fake=_argmax_fake)
 def argmax(logits: Tensor) -> Tensor:
     """Greedy choice over the last dim (the first maximum on ties)."""
+    _argmax_fake(logits)
     return torch.argmax(logits, dim=-1)
 
 
 def _sample_fake(logits: Tensor, uniform: Tensor, temperature: float, top_p: float) -> Tensor:
+    _argmax_fake(logits)
     if uniform.shape != logits.shape[:-1]:
         _fail("sample", f"uniform must have shape {tuple(logits.shape[:-1])}, got {tuple(uniform.shape)}")
+    if not temperature > 0 or not 0 < top_p <= 1:
+        raise TilecError(f"tilec.sample: needs temperature > 0 and 0 < top_p <= 1, got temperature={temperature}, "
+                         f"top_p={top_p} (use argmax for greedy decoding)")
     return logits.new_empty(logits.shape[:-1], dtype=torch.int64)
 
 
@@ -254,6 +267,9 @@ def sampling_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
 def sample(logits: Tensor, uniform: Tensor, temperature: float, top_p: float) -> Tensor:
     """Draw a token per row by inverse CDF with the given uniform numbers in [0, 1) (deterministic, capturable)."""
     _sample_fake(logits, uniform, temperature, top_p)
-    cdf = sampling_probs(logits, temperature, top_p).cumsum(-1)
+    probs = sampling_probs(logits, temperature, top_p)
+    cdf = probs.cumsum(-1)
     index = torch.searchsorted(cdf, (uniform.to(torch.float32) * cdf[..., -1])[..., None].contiguous(), right=True)
-    return index.squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+    # A uniform that rounds to 1.0 lands past the end: give it the last token that has any probability.
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)
+    return torch.minimum(index.squeeze(-1), last)
