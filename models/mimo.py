@@ -145,26 +145,45 @@ class MiMoModel(nn.Module):
         self.layers = nn.ModuleList(MiMoDecoderLayer(cfg, i, dtype) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, input_ids: Tensor, start_pos: Tensor, kv_caches: list[Tensor]) -> Tensor:
+    def forward(self, input_ids: Tensor, start_pos: Tensor, kv_caches: list[Tensor],
+                hidden_layers: tuple[int, ...] = ()) -> tuple[Tensor, list[Tensor]]:
         x = self.embed_tokens(input_ids)
+        hidden = []
         for i, layer in enumerate(self.layers):
             x = layer(x, start_pos, kv_caches[2 * i], kv_caches[2 * i + 1])
-        return self.norm(x)
+            if i in hidden_layers:
+                hidden.append(x)
+        return self.norm(x), hidden
 
 
 class MiMoForCausalLM(nn.Module):
-    """The MiMo-V2 causal LM. ``forward(input_ids [B, T], start_pos [B], kv_caches) -> logits [B, T, V]``."""
+    """The MiMo-V2 causal LM. ``forward(input_ids [B, T], start_pos [B], kv_caches) -> logits [B, T, V]``.
+
+    With ``output_hidden_layers`` set (to layer indices) it returns ``(logits, hidden)``, hidden [B, T, K*H] being
+    the residual stream after each of those K layers, concatenated in the given order (what a DFlash draft reads).
+    """
 
     def __init__(self, config: MiMoConfig, dtype: torch.dtype | None = None):
         super().__init__()
         dtype = dtype or config.torch_dtype or torch.float32
         self.config, self.dtype = config, dtype
+        self.output_hidden_layers: tuple[int, ...] = ()
         self.model = MiMoModel(config, dtype)
         tied = self.model.embed_tokens.weight if config.tie_word_embeddings else None
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype, tied=tied)
 
-    def forward(self, input_ids: Tensor, start_pos: Tensor, kv_caches: list[Tensor]) -> Tensor:
-        return self.lm_head(self.model(input_ids, start_pos, kv_caches))
+    def forward(self, input_ids: Tensor, start_pos: Tensor, kv_caches: list[Tensor]):
+        layers = self.output_hidden_layers
+        bad = [i for i in layers if not 0 <= i < self.config.num_hidden_layers]
+        if bad:
+            raise ConfigError(f"output_hidden_layers {bad} out of range: the model has "
+                              f"{self.config.num_hidden_layers} layers")
+        x, hidden = self.model(input_ids, start_pos, kv_caches, layers)
+        logits = self.lm_head(x)
+        if not layers:
+            return logits
+        by_layer = dict(zip(sorted(set(layers)), hidden))
+        return logits, ops.cat([by_layer[i] for i in layers], -1)
 
     def describe(self) -> str:
         cfg = self.config

@@ -60,6 +60,14 @@ def silu_mul(node: fx.Node):
     return None
 
 
+@rule(torch.cat)
+def cat(node: fx.Node):
+    tensors, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not all(_is_tensor(t) for t in tensors) or not isinstance(dim, int):
+        return None
+    return node.graph.call_function(ops.cat, (list(tensors), dim))
+
+
 @rule(torch.argmax)
 def argmax(node: fx.Node):
     x, dim = _arg(node, 0, "input"), _arg(node, 1, "dim")
@@ -69,7 +77,7 @@ def argmax(node: fx.Node):
     return node.graph.call_function(ops.argmax, (x,))
 
 
-RULES: list[Rule] = [add, linear, embedding, silu_mul, argmax]
+RULES: list[Rule] = [add, linear, embedding, silu_mul, cat, argmax]
 
 
 def run(gm: fx.GraphModule, ctx=None) -> dict[str, int]:

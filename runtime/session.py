@@ -1,7 +1,8 @@
 """A decode session: one batch of sequences, its KV cache, and how many tokens the cache holds.
 
-The session calls a step function ``step(input_ids [B, T], start_pos [B], *kv_caches) -> logits [B, T, V]`` (a
-graph of any target) and advances the length; `rollback` moves the length back, which is all a rejected speculative
+The session calls a step function ``step(input_ids [B, T], start_pos [B], *kv_caches)`` (a graph of any target)
+returning logits [B, T, V], or ``(logits, hidden)`` when the graph also returns hidden states (kept in
+``session.hidden``), and advances the length; `rollback` moves the length back, which is all a rejected speculative
 block needs because the caches are sized for it (see kv_cache).
 """
 
@@ -22,6 +23,7 @@ class DecodeSession:
         self.batch, self.device = batch, device
         self.cache = KVCache(specs, device, max_seq_len)
         self.length = 0
+        self.hidden: torch.Tensor | None = None
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run T new tokens per sequence through the model at positions length..length+T-1; returns logits."""
@@ -31,12 +33,46 @@ class DecodeSession:
         self.cache.check_room(self.length, rows)
         start = torch.full((self.batch,), self.length, dtype=torch.int64, device=self.device)
         with torch.inference_mode():
-            logits = self._step(input_ids.to(self.device), start, *self.cache.tensors)
+            out = self._step(input_ids.to(self.device), start, *self.cache.tensors)
         self.length += rows
-        return logits
+        if isinstance(out, tuple):
+            out, self.hidden = out
+        return out
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cache.max_seq_len
 
     def rollback(self, length: int) -> None:
         """Forget every token at position >= length (their cache slots are overwritten by the next step)."""
         if not 0 <= length <= self.length:
             raise ShapeError(f"cannot roll back to length {length}: the session holds {self.length} tokens")
         self.length = length
+
+
+class RecomputeSession:
+    """The session of a model without a KV cache: each step runs the whole sequence again (slow, but the same)."""
+
+    def __init__(self, forward: Callable, batch: int, max_seq_len: int):
+        self._forward, self.batch, self.max_seq_len = forward, batch, max_seq_len
+        self._tokens: torch.Tensor | None = None
+        self.hidden = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self._tokens is None else self._tokens.shape[1]
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._tokens = input_ids if self._tokens is None else torch.cat([self._tokens, input_ids], dim=1)
+        if self._tokens.shape[1] > self.max_seq_len:
+            raise ShapeError(f"{self._tokens.shape[1]} tokens exceed max_seq_len {self.max_seq_len}")
+        with torch.inference_mode():
+            out = self._forward(self._tokens)
+        if isinstance(out, tuple):
+            out, self.hidden = out[0], out[1][:, -input_ids.shape[1]:]
+        return out[:, -input_ids.shape[1]:]
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ShapeError(f"cannot roll back to length {length}: the session holds {self.length} tokens")
+        self._tokens = self._tokens[:, :length]

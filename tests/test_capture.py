@@ -173,7 +173,7 @@ def test_user_module_with_embedding_and_linear_is_captured():
     model = EmbedLinearLM().eval()
     gm = tilec.capture(model, batch=2, rows=6)
     assert gm.meta["tilec"].kind == "plain"
-    assert gm.meta["tilec_capture_stats"] == {"add": 0, "linear": 2, "embedding": 1, "silu_mul": 0, "argmax": 0}
+    assert gm.meta["tilec_capture_stats"] == {"add": 0, "linear": 2, "embedding": 1, "silu_mul": 0, "cat": 0, "argmax": 0}
     assert op_counts(gm) == {"tilec.linear": 2, "tilec.embedding": 1}
     ids = random_ids(2, 6, 40, seed=4)
     with torch.no_grad():
@@ -184,7 +184,7 @@ def test_user_module_glue_is_rewritten_into_tilec_ops():
     torch.manual_seed(0)
     model = GatedLM().eval()
     gm = tilec.capture(model, batch=2, rows=6)
-    assert gm.meta["tilec_capture_stats"] == {"add": 2, "linear": 5, "embedding": 1, "silu_mul": 1, "argmax": 1}
+    assert gm.meta["tilec_capture_stats"] == {"add": 2, "linear": 5, "embedding": 1, "silu_mul": 1, "cat": 0, "argmax": 1}
     assert op_counts(gm) == {"tilec.linear": 5, "tilec.embedding": 1, "tilec.add": 2, "tilec.silu_mul": 1,
                              "tilec.argmax": 1}
     ids = random_ids(2, 6, 40, seed=5)

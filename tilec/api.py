@@ -19,7 +19,8 @@ from tilec.graph import format_graph, info
 from tilec.options import TARGETS, Options
 from tilec.passmanager import PassContext, ProgressFn, StageRecord, run_pipeline
 from tilec.runtime.kv_cache import layout_from_graph
-from tilec.runtime.session import DecodeSession
+from tilec.runtime.generation import GenerationStats, generate_plain
+from tilec.runtime.session import DecodeSession, RecomputeSession
 
 BUILT_TARGETS = ("reference",)
 
@@ -48,13 +49,13 @@ def compile(model, *, target: str = "reference", options: Options | None = None,
         progress("capture", 0, 1)
     model = as_tilec_model(model)
     gm = capture(model, batch=options.max_batch, rows=1, max_seq_len=options.max_seq_len,
-                 spec_rows=options.spec_rows)
+                 spec_rows=options.spec_rows, hidden_layers=options.hidden_layers)
     first = StageRecord("capture", gm, gm.meta["tilec_capture_stats"], time.perf_counter() - start,
                         "trace the model, rewrite torch glue into tilec ops, propagate shapes")
     records = run_pipeline(gm, pipeline.stages(options, resolved), PassContext(options, resolved), first=first,
                            progress=progress)
     rep = report_mod.build(records, target=resolved, options=options, seconds=time.perf_counter() - start)
-    compiled = CompiledModel(records, rep, resolved, options)
+    compiled = CompiledModel(records, rep, resolved, options, source=model)
     if options.dump_dir is not None:
         compiled.save(options.dump_dir)
     return compiled
@@ -63,11 +64,14 @@ def compile(model, *, target: str = "reference", options: Options | None = None,
 class CompiledModel:
     """A compiled model: run it (``cm(ids)``, ``cm.generate``), read its stages and report, save it."""
 
-    def __init__(self, records: list[StageRecord], report: dict, target: str, options: Options):
+    def __init__(self, records: list[StageRecord], report: dict, target: str, options: Options,
+                 source: torch.nn.Module | None = None):
         self.records = records
         self.report = report
         self.target = target
         self.options = options
+        self.source = source  # the tilec model compiled (weights shared), to recompile with other outputs
+        self._variants: dict[tuple, CompiledModel] = {}
         self.graph: fx.GraphModule = records[-1].graph
         self.info = info(self.graph)
         self.device: torch.device = self.graph.meta.get("device", torch.device("cpu"))
@@ -111,53 +115,67 @@ class CompiledModel:
             raise ShapeError(f"token ids must be in 0..{vocab - 1}; got min {int(ids.min())}, max {int(ids.max())}")
         return ids.to(torch.int64).to(self.device)
 
-    def new_session(self, batch: int = 1, max_seq_len: int | None = None) -> DecodeSession:
+    def new_session(self, batch: int = 1, max_seq_len: int | None = None) -> DecodeSession | RecomputeSession:
         """A fresh KV cache for ``batch`` sequences of up to ``max_seq_len`` tokens, ready to step."""
-        if self.info.kind != "decoder":
-            raise TargetError("this model has no KV cache (it was captured as a plain forward(input_ids))")
         max_seq_len = max_seq_len or self.options.max_seq_len
+        if self.info.kind != "decoder":
+            return RecomputeSession(self.graph, batch, max_seq_len)
         specs = layout_from_graph(self.graph, batch, max_seq_len, self.options.spec_rows)
         return DecodeSession(self.graph, specs, batch=batch, max_seq_len=max_seq_len, device=self.device)
+
+    def with_hidden_layers(self, layers: Sequence[int]) -> "CompiledModel":
+        """This model compiled again to also return the hidden states after ``layers`` (cached; weights shared)."""
+        layers = tuple(layers)
+        if layers == self.options.hidden_layers:
+            return self
+        if self.source is None:
+            raise TargetError("this CompiledModel keeps no source model, so it cannot be recompiled with hidden "
+                              "outputs; compile with Options(hidden_layers=...)")
+        key = ("hidden", layers)
+        if key not in self._variants:
+            self._variants[key] = compile(self.source, target=self.target,
+                                          options=self.options.replace(hidden_layers=layers, dump_dir=None))
+        return self._variants[key]
 
     def __call__(self, input_ids) -> torch.Tensor:
         """Logits [B, T, V] of a full forward over ``input_ids`` (no state kept between calls)."""
         ids = self._ids(input_ids)
-        if self.info.kind != "decoder":
-            with torch.inference_mode():
-                return self.graph(ids)
         return self.new_session(ids.shape[0], ids.shape[1]).step(ids)
 
-    def generate(self, input_ids, max_new_tokens: int, *, eos_token_id: int | Sequence[int] | None = None,
-                 max_seq_len: int | None = None) -> torch.Tensor:
-        """Greedy decoding with the KV cache: returns ``[B, T + N]`` token ids (prompt included).
+    def generate(self, input_ids, max_new_tokens: int, *, draft=None, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+                 max_seq_len: int | None = None, return_stats: bool = False):
+        """Decode ``max_new_tokens`` after ``input_ids``; returns ``[B, T + N]`` token ids (prompt included).
 
-        With ``eos_token_id``, a sequence that emitted it keeps emitting it, and decoding stops when all have.
+        Greedy when ``temperature`` is 0, else sampling from the top-p nucleus of softmax(logits / temperature),
+        seeded by ``seed``. With a DFlash ``draft`` (see tilec.models.dflash) each round drafts a block and verifies
+        it in one target step; the output is exactly what the target alone gives (greedy) or has exactly its
+        distribution (sampling). With ``eos_token_id``, a sequence that emitted it keeps emitting it and decoding
+        stops when all have. ``return_stats=True`` also returns a `GenerationStats`.
         """
         ids = self._ids(input_ids)
         if max_new_tokens < 0:
             raise ShapeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if max_new_tokens == 0:
-            return ids
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ShapeError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                            dtype=torch.int64, device=ids.device)
-        batch, prompt = ids.shape
-        if self.info.kind != "decoder":
-            step = lambda seq: self(seq)[:, -1:]  # noqa: E731 - no cache: recompute the prefix
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=ids.device)
+            generator.manual_seed(0 if seed is None else seed)
+        if max_new_tokens == 0:
+            tokens, stats = ids, GenerationStats()
+        elif draft is not None:
+            from tilec.runtime.dflash import dflash_generate
+
+            tokens, stats = dflash_generate(self, draft, ids, max_new_tokens, temperature=temperature, top_p=top_p,
+                                            generator=generator, eos=eos, max_seq_len=max_seq_len)
         else:
-            session = self.new_session(batch, max_seq_len or prompt + max_new_tokens)
-            step = None
-        out, done = [ids], torch.zeros(batch, dtype=torch.bool, device=ids.device)
-        logits = session.step(ids) if step is None else step(ids)
-        for i in range(max_new_tokens):
-            nxt = torch.argmax(logits[:, -1], dim=-1)
-            if eos.numel():
-                nxt = torch.where(done, eos[0], nxt)
-                done |= torch.isin(nxt, eos)
-            out.append(nxt[:, None])
-            if i + 1 == max_new_tokens or (eos.numel() and bool(done.all())):
-                break
-            logits = session.step(nxt[:, None]) if step is None else step(torch.cat(out, dim=1))
-        return torch.cat(out, dim=1)
+            session = self.new_session(ids.shape[0], max_seq_len or ids.shape[1] + max_new_tokens)
+            tokens, stats = generate_plain(session, ids, max_new_tokens, temperature=temperature, top_p=top_p,
+                                           generator=generator, eos=eos)
+        return (tokens, stats) if return_stats else tokens
 
     # --------------------------------------------------------------------------------------------------- saving
     def artifact_files(self) -> dict[str, str]:

@@ -8,6 +8,7 @@ and whatever is left that is not a tilec op is reported as unsupported with the 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import operator
@@ -22,7 +23,7 @@ from tilec.graph import GraphInfo, module_path, propagate_meta, source_location,
 from tilec.ops import op_name
 from tilec.passes import normalize
 
-SUPPORTED_GLUE = "F.linear, F.embedding, a + b, F.silu(a) * b, torch.argmax(x, dim=-1)"
+SUPPORTED_GLUE = "F.linear, F.embedding, a + b, F.silu(a) * b, torch.cat, torch.argmax(x, dim=-1)"
 
 
 class _Tracer(fx.Tracer):
@@ -62,31 +63,41 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def capture(model, *, batch: int = 1, rows: int = 1, max_seq_len: int = 4096, spec_rows: int = 8) -> fx.GraphModule:
+def capture(model, *, batch: int = 1, rows: int = 1, max_seq_len: int = 4096, spec_rows: int = 8,
+            hidden_layers: tuple[int, ...] = ()) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule of tilec ops, annotated for ``batch`` x ``rows`` input ids.
 
     The graph runs anywhere the weights are and returns what the model returns; ``gm.meta["tilec"]`` says how to
-    call it (see `GraphInfo`).
+    call it (see `GraphInfo`). With ``hidden_layers`` (models with ``output_hidden_layers``, like MiMo) the graph
+    returns ``(logits, hidden)``: the residual stream after those layers, concatenated (what a DFlash draft reads).
+    A decoder may take extra tensor inputs after its caches, declared by ``extra_inputs(batch, rows)``.
     """
     model = as_tilec_model(model)
     is_decoder = hasattr(model, "cache_layout")
     device = _device_of(model)
     specs = model.cache_layout(batch, max_seq_len, spec_rows) if is_decoder else []
+    extras = model.extra_inputs(batch, rows) if hasattr(model, "extra_inputs") else {}
     if is_decoder:
         params = list(inspect.signature(model.forward).parameters)
-        if len(params) != 3:
-            raise UnsupportedError(f"{type(model).__name__}.forward must be forward(input_ids, start_pos, kv_caches) "
-                                   f"to go with cache_layout(); it takes ({', '.join(params)})")
+        if len(params) != 3 + len(extras):
+            raise UnsupportedError(
+                f"{type(model).__name__}.forward must be forward(input_ids, start_pos, kv_caches"
+                + "".join(f", {name}" for name in extras) + f") to go with cache_layout(); it takes "
+                f"({', '.join(params)})")
         concrete = {params[2]: [PH] * len(specs)}
     else:
         concrete = None
-    gm = _trace(model, concrete)
+    if hidden_layers and not hasattr(model, "output_hidden_layers"):
+        raise UnsupportedError(f"{type(model).__name__} cannot return hidden states (no output_hidden_layers)")
+    with _hidden_outputs(model, tuple(hidden_layers)):
+        gm = _trace(model, concrete)
     if is_decoder:
-        _flatten_inputs(gm, ["input_ids", "start_pos"] + [s.name for s in specs])
+        _flatten_inputs(gm, ["input_ids", "start_pos"] + [s.name for s in specs] + list(extras))
     examples = [torch.zeros((batch, rows), dtype=torch.int64, device="meta")]
     if is_decoder:
         examples.append(torch.zeros((batch,), dtype=torch.int64, device="meta"))
         examples += [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in specs]
+        examples += [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in extras.values()]
     _propagate(gm, examples, "traced")
     stats = normalize.run(gm)
     _check_supported(gm)
@@ -97,10 +108,24 @@ def capture(model, *, batch: int = 1, rows: int = 1, max_seq_len: int = 4096, sp
     gm.meta["tilec"] = GraphInfo(
         kind="decoder" if is_decoder else "plain", cache_specs=specs, config=config, batch=batch, rows=rows,
         max_seq_len=max_seq_len, spec_rows=spec_rows, description=describe() if callable(describe) else
-        type(model).__name__)
+        type(model).__name__, hidden_layers=tuple(hidden_layers), extra_inputs=list(extras))
     gm.meta["tilec_capture_stats"] = stats
     gm.meta["device"] = device
     return gm
+
+
+@contextlib.contextmanager
+def _hidden_outputs(model, layers: tuple[int, ...]):
+    """Ask the model for its hidden states while tracing, and leave it as it was afterwards."""
+    if not layers:
+        yield
+        return
+    before = model.output_hidden_layers
+    model.output_hidden_layers = layers
+    try:
+        yield
+    finally:
+        model.output_hidden_layers = before
 
 
 def _trace(model: torch.nn.Module, concrete) -> fx.GraphModule:
@@ -140,8 +165,8 @@ def _flatten_inputs(gm: fx.GraphModule, names: list[str]) -> None:
         node.name = name
     out = next(n for n in gm.graph.nodes if n.op == "output")
     value = out.args[0]
-    if isinstance(value, (list, tuple)) and len(value) == 1:
-        out.args = (value[0],)
+    if isinstance(value, (list, tuple)):
+        out.args = (value[0],) if len(value) == 1 else (tuple(value),)
     gm.recompile()
 
 

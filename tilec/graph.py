@@ -34,6 +34,8 @@ class GraphInfo:
     max_seq_len: int = 0
     spec_rows: int = 8
     description: str = ""
+    hidden_layers: tuple = ()  # the graph returns (logits, hidden states after these layers, concatenated)
+    extra_inputs: list = dataclasses.field(default_factory=list)  # names of extra tensor inputs after the caches
 
 
 def info(gm: fx.GraphModule) -> GraphInfo:

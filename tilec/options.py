@@ -21,6 +21,7 @@ class Options:
     max_seq_len: longest sequence (prompt plus generated tokens) the KV cache is sized for by default.
     spec_rows: most query rows one step verifies (DFlash block size); sizes the sliding-window cache rings.
     report_contexts: context lengths at which the report counts bytes per decode step.
+    hidden_layers: the graph also returns the hidden states after these layers (what a DFlash draft reads).
     """
 
     dump_dir: Path | None = None
@@ -29,6 +30,7 @@ class Options:
     max_seq_len: int = 4096
     spec_rows: int = 8
     report_contexts: tuple[int, ...] = (256, 4096)
+    hidden_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_seq_len", "spec_rows"):

@@ -101,6 +101,23 @@ def add(a: Tensor, b: Tensor) -> Tensor:
     return a + b
 
 
+# ----------------------------------------------------------------------------------------------------------- cat
+def _cat_fake(tensors: list[Tensor], dim: int) -> Tensor:
+    if not tensors:
+        _fail("cat", "needs at least one tensor")
+    try:
+        return torch.cat([t.new_empty(t.shape) for t in tensors], dim=dim)
+    except RuntimeError as exc:
+        _fail("cat", f"shapes {[tuple(t.shape) for t in tensors]} do not join on dim {dim}: {exc}")
+
+
+@define("cat", fake=_cat_fake)
+def cat(tensors: list[Tensor], dim: int) -> Tensor:
+    """Concatenate tensors along ``dim`` (e.g. the hidden states a DFlash draft reads from several layers)."""
+    _cat_fake(tensors, dim)
+    return torch.cat(tensors, dim=dim)
+
+
 # -------------------------------------------------------------------------------------------------------- linear
 def _linear_check(x: Tensor, weight: Tensor, bias: Optional[Tensor], op: str = "linear",
                   wname: str = "weight") -> None:
