@@ -25,16 +25,20 @@ class DecodeSession:
         self.length = 0
         self.hidden: torch.Tensor | None = None
 
-    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run T new tokens per sequence through the model at positions length..length+T-1; returns logits."""
+    def step(self, input_ids: torch.Tensor, *extra: torch.Tensor, start: int | None = None,
+             advance: int | None = None) -> torch.Tensor:
+        """Run T new tokens per sequence through the model at positions start..start+T-1 (start defaults to the
+        length); ``extra`` are the graph's extra inputs (after the caches). The length then grows by ``advance``
+        (default: to the end of these rows). Returns logits."""
         if input_ids.dim() != 2 or input_ids.shape[0] != self.batch:
             raise ShapeError(f"session expects input ids of shape [{self.batch}, T], got {tuple(input_ids.shape)}")
         rows = input_ids.shape[1]
-        self.cache.check_room(self.length, rows)
-        start = torch.full((self.batch,), self.length, dtype=torch.int64, device=self.device)
+        first = self.length if start is None else start
+        self.cache.check_room(first, rows)
+        pos = torch.full((self.batch,), first, dtype=torch.int64, device=self.device)
         with torch.inference_mode():
-            out = self._step(input_ids.to(self.device), start, *self.cache.tensors)
-        self.length += rows
+            out = self._step(input_ids.to(self.device), pos, *self.cache.tensors, *extra)
+        self.length = first + rows if advance is None else self.length + advance
         if isinstance(out, tuple):
             out, self.hidden = out
         return out
