@@ -8,6 +8,10 @@ checkpoint may mix them):
 - Hub names, as ``save_pretrained`` and the released checkpoints write them: per-expert
   ``mlp.experts.N.{gate,up,down}_proj.weight`` and ``self_attn.attention_sink_bias``.
 - FP8 (e4m3) weights with block scales in ``<prefix>.weight_scale_inv`` (DeepSeek / MiMo format), dequantised.
+- MXFP4 experts in the gpt-oss / HF layout: ``mlp.experts.{gate_up,down}_proj_blocks`` uint8 [E, N, K/32, 16] and
+  ``..._scales`` uint8 [E, N, K/32] (N output rows, K input features; gate rows then up rows). A layer holding them
+  gets an `MXFP4Experts` module and keeps them as they are, never re-quantised; `save_checkpoint` writes them back
+  bit for bit.
 
 Ignored: MTP layers (``model.mtp.*``), RoPE ``inv_freq`` buffers, FP8 activation scales. The loader first plans
 which checkpoint tensors make each model tensor and checks names, shapes and scales from metadata alone, so every
@@ -33,10 +37,12 @@ from torch import Tensor, nn
 
 from tilec.errors import CheckpointError
 from tilec.models.config import MiMoConfig
+from tilec import mxfp4
 from tilec.models.mimo import MiMoForCausalLM
+from tilec.models.mxfp4_experts import KEYS as _MXFP4_KEYS, MXFP4Experts, use_checkpoint_experts
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _IGNORED_SUFFIXES = ("inv_freq", ".activation_scale", ".input_scale")
 _PACKED = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
@@ -95,19 +101,24 @@ def from_hf(src, *, dtype: torch.dtype | None = None, device: str | torch.device
         config, tensors = _open_source(src, stack)
         cfg = MiMoConfig.from_dict(config)
         qc = config.get("quantization_config") or {}
-        if qc.get("quant_method", "fp8") != "fp8":
+        if qc.get("quant_method", "fp8") not in ("fp8", "mxfp4"):
             raise CheckpointError(f"quantization method {qc['quant_method']!r} is not supported; tilec reads float "
-                                  f"checkpoints and FP8 checkpoints with block scales (quant_method 'fp8')")
+                                  f"checkpoints, FP8 checkpoints with block scales (quant_method 'fp8') and MXFP4 "
+                                  f"experts (quant_method 'mxfp4')")
         block = tuple(qc.get("weight_block_size") or (128, 128))
         target = dtype or cfg.torch_dtype or _tensor_dtype(tensors)
         cfg = dataclasses.replace(cfg, dtype=str(target).removeprefix("torch."))
         with torch.device("meta"):
             model = MiMoForCausalLM(cfg, target)
+        use_checkpoint_experts(model, tensors.__contains__)
         shapes = {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
-        recipes = _plan(shapes, cfg, tensors, block)
+        stored = {n: _stored_shape(n, s) for n, s in shapes.items()}
+        recipes = _plan(stored, cfg, tensors, block)
         for name, recipe in recipes.items():
-            want = torch.float32 if name.endswith("e_score_correction_bias") else target
-            _assign(model, name, _build(recipe, shapes[name], tensors, want, torch.device(device), block))
+            want = torch.float32 if name.endswith("e_score_correction_bias") else \
+                torch.uint8 if name.endswith(_MXFP4_KEYS) else target
+            built = _build(recipe, stored[name], tensors, want, torch.device(device), block)
+            _assign(model, name, built.reshape(shapes[name]))  # MXFP4 blocks: [..., K/32, 16] -> [..., K/2]
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
@@ -216,6 +227,13 @@ def _recipe(name: str, shape: tuple[int, ...], tensors: _Tensors) -> _Recipe:
     return _Recipe(rows, stacked=True)
 
 
+def _stored_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a model tensor has in a checkpoint: MXFP4 blocks are [..., K/32, 16] there, [..., K/2] in memory."""
+    if name.endswith((".gate_up_proj_blocks", ".down_proj_blocks")):
+        return (*shape[:-1], shape[-1] // (mxfp4.BLOCK // 2), mxfp4.BLOCK // 2)
+    return shape
+
+
 def _check(key: str, shape: tuple[int, ...], tensors: _Tensors, block: tuple[int, int], name: str) -> set[str]:
     """The checkpoint keys that make ``key`` (itself, and its scale if FP8), after checking they exist and fit."""
     if key not in tensors:
@@ -225,6 +243,9 @@ def _check(key: str, shape: tuple[int, ...], tensors: _Tensors, block: tuple[int
     if found != shape:
         raise CheckpointError(f"tensor {key!r} has shape {found}, expected {shape} for {name}; does config.json "
                               f"match the weights?")
+    if name.endswith(_MXFP4_KEYS) and tensors.dtype(key) != torch.uint8:
+        raise CheckpointError(f"MXFP4 tensor {key!r} has dtype {tensors.dtype(key)}, expected uint8 (packed E2M1 "
+                              f"codes in *_blocks, E8M0 exponents in *_scales)")
     if tensors.dtype(key) not in _FP8:
         return {key}
     if len(shape) not in (2, 3):
@@ -297,7 +318,10 @@ def save_checkpoint(model: MiMoForCausalLM, directory: str | Path, *, expert_lay
     ``per_expert`` writes hub names (``mlp.experts.N.{gate,up,down}_proj.weight``), which
     ``transformers.MiMoV2FlashForCausalLM.from_pretrained`` and `from_hf` both load; ``packed`` keeps the packed
     expert tensors, which `from_hf` loads. Sinks are written under their hub name ``attention_sink_bias``.
-    ``max_shard_bytes=None`` writes one file. The directory is written whole or not at all: everything goes to a
+    Experts held in MXFP4 (`MXFP4Experts`, e.g. from `tilec.mxfp4.quantize_model_experts`) are written in the gpt-oss
+    layout, ``{gate_up,down}_proj_blocks`` [E, N, K/32, 16] and ``..._scales`` [E, N, K/32], bit for bit, with
+    ``quantization_config`` {"quant_method": "mxfp4", ...} in config.json (transformers cannot load those; `from_hf`
+    can). ``max_shard_bytes=None`` writes one file. The directory is written whole or not at all: everything goes to a
     temporary sibling that is renamed into place; an existing non-empty directory is refused, not overwritten.
     """
     if expert_layout not in ("per_expert", "packed"):
@@ -311,6 +335,11 @@ def save_checkpoint(model: MiMoForCausalLM, directory: str | Path, *, expert_lay
     shards = _shard(tensors, max_shard_bytes)
     config = {**model.config.to_dict(), "model_type": "mimo_v2_flash", "architectures": ["MiMoV2FlashForCausalLM"],
               "dtype": str(model.dtype).removeprefix("torch.")}  # the fields are HF's (see MiMoConfig)
+    if any(isinstance(m, MXFP4Experts) for m in model.modules()):
+        # As gpt-oss writes it: everything outside the experts stays in the model's dtype.
+        dense = [f"model.layers.{i}.mlp" for i in range(model.config.num_hidden_layers) if not model.config.is_moe(i)]
+        config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.embed_tokens", "model.layers.*.self_attn", "model.layers.*.mlp.gate", *dense, "lm_head"]}
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -341,6 +370,8 @@ def _hub_tensors(model: MiMoForCausalLM, expert_layout: str) -> dict[str, Tensor
             continue
         if name.endswith(".self_attn.sinks"):
             out[name.removesuffix("sinks") + _SINK_HUB_NAME] = tensor
+        elif name.endswith((".gate_up_proj_blocks", ".down_proj_blocks")):
+            out[name] = mxfp4.blocks_to_checkpoint(tensor)
         elif expert_layout == "per_expert" and name.endswith(".mlp.experts.gate_up_proj"):
             prefix, half = name.removesuffix(".gate_up_proj"), tensor.shape[1] // 2
             for e in range(tensor.shape[0]):

@@ -51,11 +51,12 @@ def choose(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 
 
 def generate_plain(session, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-                   generator: torch.Generator | None = None, eos: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, GenerationStats]:
+                   generator: torch.Generator | None = None, eos: torch.Tensor | None = None,
+                   on_tokens=None) -> tuple[torch.Tensor, GenerationStats]:
     """Prefill ``ids`` [B, T] then decode one token per step; returns [B, T + N] and the stats.
 
-    A sequence that emitted an eos id keeps emitting it; decoding stops when all have.
+    A sequence that emitted an eos id keeps emitting it; decoding stops when all have. ``on_tokens`` is called with
+    each step's new tokens [B, 1] (for streaming).
     """
     stats = GenerationStats()
     batch = ids.shape[0]
@@ -70,6 +71,8 @@ def generate_plain(session, ids: torch.Tensor, max_new_tokens: int, *, temperatu
             done |= torch.isin(nxt, eos)
         out.append(nxt[:, None])
         stats.new_tokens += 1
+        if on_tokens is not None:
+            on_tokens(nxt[:, None])
         if i + 1 == max_new_tokens or (eos is not None and eos.numel() and bool(done.all())):
             break
         logits = session.step(nxt[:, None])

@@ -363,8 +363,8 @@ def test_error_fp8_scale_missing_or_misshapen(fp8_source, tmp_path):
 
 def test_error_unsupported_quantization(hub_dir, tmp_path):
     path = edited_copy(hub_dir, tmp_path / "x", edit_config=lambda c: c.update(quantization_config={
-        "quant_method": "mxfp4"}))
-    raises(path, "'mxfp4'")
+        "quant_method": "awq"}))
+    raises(path, "'awq'")
 
 
 # ------------------------------------------------------------------------------------------------------ writing

@@ -13,24 +13,28 @@ import torch.fx as fx
 
 from tilec import pipeline, report as report_mod
 from tilec.artifact import FORMAT, MANIFEST, write_atomic
-from tilec.capture import as_tilec_model, capture
+from tilec.capture import as_tilec_model, capture, device_of
 from tilec.errors import ShapeError, TargetError
 from tilec.graph import format_graph, info
 from tilec.options import TARGETS, Options
 from tilec.passmanager import PassContext, ProgressFn, StageRecord, run_pipeline
 from tilec.runtime.kv_cache import layout_from_graph
+from tilec.codegen.triton import lower as lower_triton
+from tilec.runtime.cuda_graph import GraphedStep
 from tilec.runtime.generation import GenerationStats, generate_plain
 from tilec.runtime.session import DecodeSession, RecomputeSession
 
-BUILT_TARGETS = ("reference",)
+BUILT_TARGETS = ("reference", "triton")
 
 
-def resolve_target(target: str) -> str:
-    """The target that will run: ``auto`` picks the best built one; unbuilt targets are an error, never a fallback."""
+def resolve_target(target: str, device: torch.device | None = None) -> str:
+    """The target that will run. ``auto`` picks the fastest built one for the model's device (the Triton kernels on
+    a GPU, the reference ops on a CPU, where Triton would only run in its slow interpreter). Unbuilt targets are an
+    error, never a fallback."""
     if target not in TARGETS:
         raise TargetError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if target == "auto":
-        return BUILT_TARGETS[-1]
+        return "triton" if device is not None and device.type == "cuda" else "reference"
     if target not in BUILT_TARGETS:
         raise TargetError(f"target {target!r} is not built yet; use target='reference' (built: "
                           f"{', '.join(BUILT_TARGETS)})")
@@ -43,19 +47,29 @@ def compile(model, *, target: str = "reference", options: Options | None = None,
     directory. Returns a `CompiledModel`; with ``options.dump_dir`` (or ``TILEC_DUMP``) every stage is written there.
     """
     options = options or Options.from_env()
-    resolved = resolve_target(target)
+    resolve_target(target)  # refuse unknown and unbuilt targets before any work
     start = time.perf_counter()
     if progress:
         progress("capture", 0, 1)
     model = as_tilec_model(model)
+    resolved = resolve_target(target, device_of(model))
     gm = capture(model, batch=options.max_batch, rows=1, max_seq_len=options.max_seq_len,
                  spec_rows=options.spec_rows, hidden_layers=options.hidden_layers)
     first = StageRecord("capture", gm, gm.meta["tilec_capture_stats"], time.perf_counter() - start,
                         "trace the model, rewrite torch glue into tilec ops, propagate shapes")
     records = run_pipeline(gm, pipeline.stages(options, resolved), PassContext(options, resolved), first=first,
                            progress=progress)
+    program = None
+    if resolved == "triton":
+        if progress:
+            progress("codegen", len(records), len(records))
+        program = lower_triton(records[-1].graph, records[-1].graph.meta.get("device", torch.device("cpu")),
+                               records[-1].name)
     rep = report_mod.build(records, target=resolved, options=options, seconds=time.perf_counter() - start)
-    compiled = CompiledModel(records, rep, resolved, options, source=model)
+    if program is not None:
+        rep["kernels"] = [{"file": k.filename, "template": k.plan.template, "nodes": len(k.nodes)}
+                          for k in program.kernels]
+    compiled = CompiledModel(records, rep, resolved, options, source=model, program=program)
     if options.dump_dir is not None:
         compiled.save(options.dump_dir)
     return compiled
@@ -65,7 +79,7 @@ class CompiledModel:
     """A compiled model: run it (``cm(ids)``, ``cm.generate``), read its stages and report, save it."""
 
     def __init__(self, records: list[StageRecord], report: dict, target: str, options: Options,
-                 source: torch.nn.Module | None = None):
+                 source: torch.nn.Module | None = None, program=None):
         self.records = records
         self.report = report
         self.target = target
@@ -76,6 +90,10 @@ class CompiledModel:
         self.info = info(self.graph)
         self.device: torch.device = self.graph.meta.get("device", torch.device("cpu"))
         self.saved_to: Path | None = None
+        # What runs a step: the graph itself (reference), or its generated kernels, replayed as CUDA graphs.
+        self.program = program
+        self._executor = self.graph if program is None else (
+            GraphedStep(program, max_rows=options.spec_rows) if self.device.type == "cuda" else program)
 
     # ------------------------------------------------------------------------------------------- inspection
     @property
@@ -119,9 +137,9 @@ class CompiledModel:
         """A fresh KV cache for ``batch`` sequences of up to ``max_seq_len`` tokens, ready to step."""
         max_seq_len = max_seq_len or self.options.max_seq_len
         if self.info.kind != "decoder":
-            return RecomputeSession(self.graph, batch, max_seq_len)
+            return RecomputeSession(self._executor, batch, max_seq_len)
         specs = layout_from_graph(self.graph, batch, max_seq_len, self.options.spec_rows)
-        return DecodeSession(self.graph, specs, batch=batch, max_seq_len=max_seq_len, device=self.device)
+        return DecodeSession(self._executor, specs, batch=batch, max_seq_len=max_seq_len, device=self.device)
 
     def with_hidden_layers(self, layers: Sequence[int]) -> "CompiledModel":
         """This model compiled again to also return the hidden states after ``layers`` (cached; weights shared)."""
@@ -144,14 +162,15 @@ class CompiledModel:
 
     def generate(self, input_ids, max_new_tokens: int, *, draft=None, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 max_seq_len: int | None = None, return_stats: bool = False):
+                 max_seq_len: int | None = None, return_stats: bool = False, on_tokens=None):
         """Decode ``max_new_tokens`` after ``input_ids``; returns ``[B, T + N]`` token ids (prompt included).
 
         Greedy when ``temperature`` is 0, else sampling from the top-p nucleus of softmax(logits / temperature),
         seeded by ``seed``. With a DFlash ``draft`` (see tilec.models.dflash) each round drafts a block and verifies
         it in one target step; the output is exactly what the target alone gives (greedy) or has exactly its
         distribution (sampling). With ``eos_token_id``, a sequence that emitted it keeps emitting it and decoding
-        stops when all have. ``return_stats=True`` also returns a `GenerationStats`.
+        stops when all have. ``return_stats=True`` also returns a `GenerationStats`. ``on_tokens`` (for streaming) is
+        called with each step's or round's new tokens, a [B, n] tensor.
         """
         ids = self._ids(input_ids)
         if max_new_tokens < 0:
@@ -170,11 +189,12 @@ class CompiledModel:
             from tilec.runtime.dflash import dflash_generate
 
             tokens, stats = dflash_generate(self, draft, ids, max_new_tokens, temperature=temperature, top_p=top_p,
-                                            generator=generator, eos=eos, max_seq_len=max_seq_len)
+                                            generator=generator, eos=eos, max_seq_len=max_seq_len,
+                                            on_tokens=on_tokens)
         else:
             session = self.new_session(ids.shape[0], max_seq_len or ids.shape[1] + max_new_tokens)
             tokens, stats = generate_plain(session, ids, max_new_tokens, temperature=temperature, top_p=top_p,
-                                           generator=generator, eos=eos)
+                                           generator=generator, eos=eos, on_tokens=on_tokens)
         return (tokens, stats) if return_stats else tokens
 
     # --------------------------------------------------------------------------------------------------- saving
@@ -185,6 +205,8 @@ class CompiledModel:
             stem = f"stages/{i:02d}_{r.name}"
             files[f"{stem}.txt"] = format_graph(r.graph, f"stage {i}: {r.name}")
             files[f"{stem}.py"] = r.graph.code
+        if self.program is not None:
+            files.update(self.program.sources)
         files["report.md"] = self.report_markdown()
         files["report.json"] = json.dumps(self.report, indent=2, default=str)
         manifest = {

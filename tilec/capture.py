@@ -57,7 +57,8 @@ def as_tilec_model(model):
     return model
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where a module's weights live (the CPU for a module without any)."""
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return torch.device("cpu")
@@ -74,7 +75,7 @@ def capture(model, *, batch: int = 1, rows: int = 1, max_seq_len: int = 4096, sp
     """
     model = as_tilec_model(model)
     is_decoder = hasattr(model, "cache_layout")
-    device = _device_of(model)
+    device = device_of(model)
     specs = model.cache_layout(batch, max_seq_len, spec_rows) if is_decoder else []
     extras = model.extra_inputs(batch, rows) if hasattr(model, "extra_inputs") else {}
     if is_decoder:

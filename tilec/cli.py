@@ -1,4 +1,4 @@
-"""The ``tilec`` command line: ``tilec compile FILE.py``, ``tilec inspect DIR``."""
+"""The ``tilec`` command line: ``tilec compile FILE.py``, ``tilec inspect DIR``, ``tilec generate FILE.py``."""
 
 from __future__ import annotations
 
@@ -79,8 +79,11 @@ def _cmd_compile(args) -> int:
     from tilec.options import Options
 
     console = Console(stderr=True)
+    if args.mxfp4_scale_rule and not args.mxfp4:
+        raise TilecError("--mxfp4-scale-rule needs --mxfp4 (it chooses how the MXFP4 experts are quantised)")
     options = Options.from_env(dump_dir=args.output, max_seq_len=args.max_seq_len, max_batch=args.batch,
-                               verify=False if args.no_verify else None)
+                               verify=False if args.no_verify else None, mxfp4=True if args.mxfp4 else None,
+                               mxfp4_scale_rule=args.mxfp4_scale_rule)
     start = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
@@ -105,7 +108,7 @@ def _print_summary(rep: dict, saved_to, seconds: float) -> None:
               f"in {seconds:.1f} s")
     table = Table("#", "stage", "nodes", "what it did", "ops")
     for i, s in enumerate(rep["stages"]):
-        did = ", ".join(f"{k} {v}" for k, v in s["stats"].items() if v) or "-"
+        did = _stats_line(s["stats"])
         ops = ", ".join(f"{k.removeprefix('tilec.')} {v}" for k, v in sorted(s["ops"].items()))
         table.add_row(str(i), s["name"], str(s["nodes"]), did, ops)
     out.print(table)
@@ -114,8 +117,19 @@ def _print_summary(rep: dict, saved_to, seconds: float) -> None:
     for d in rep["decode_step_bytes"]:
         out.print(f"decode step at context {d['context']}: {d['total'] / 1e6:,.2f} MB to read "
                   f"(HBM floor on H100 {d['floor_ms_h100']:.3f} ms)")
+    mx = next((s["stats"] for s in rep["stages"] if s["name"] == "mxfp4_experts"), None)
+    if mx is not None:
+        err = "-" if mx["max_rel_err"] is None else f"{mx['max_rel_err']:.4f}"
+        out.print(f"MXFP4 experts ({mx['scale_rule']}): {mx['quantized']} layer(s) quantised, {mx['kept']} kept; "
+                  f"expert weights {mx['bytes_before'] / 1e6:,.2f} MB -> {mx['bytes_after'] / 1e6:,.2f} MB; largest "
+                  f"relative weight error {err}")
     if saved_to:
         out.print(f"wrote {saved_to}")
+
+
+def _stats_line(stats: dict) -> str:
+    """A stage's stats in one table cell: the non-zero scalars (lists and dicts are details for the report)."""
+    return ", ".join(f"{k} {v}" for k, v in stats.items() if v and not isinstance(v, (list, dict))) or "-"
 
 
 def _cmd_inspect(args) -> int:
@@ -139,8 +153,7 @@ def _cmd_inspect(args) -> int:
               f"{manifest['tilec_version']}, created {manifest['created']}")
     table = Table("#", "stage", "nodes", "what it did")
     for i, s in enumerate(rep["stages"]):
-        table.add_row(str(i), s["name"], str(s["nodes"]), ", ".join(f"{k} {v}" for k, v in s["stats"].items()
-                                                                        if v) or "-")
+        table.add_row(str(i), s["name"], str(s["nodes"]), _stats_line(s["stats"]))
     out.print(table)
     out.print(f"parameters {rep['parameters']:,}; weights {rep['weight_bytes_total'] / 1e6:,.1f} MB")
     out.print("files: " + ", ".join(manifest["files"]))
@@ -160,11 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-seq-len", type=int, help="KV cache length to plan for (default 4096)")
     c.add_argument("--batch", type=int, help="batch size to specialise for (default 1)")
     c.add_argument("--no-verify", action="store_true", help="skip the graph checks after each stage")
+    c.add_argument("--mxfp4", action="store_true", help="hold the MoE experts' weights in MXFP4 (the rest keeps its "
+                                                         "precision)")
+    c.add_argument("--mxfp4-scale-rule", choices=("floor", "ceil"), help="MXFP4 scale rule: floor (OCP, default) or "
+                                                                          "ceil (never clips)")
     c.set_defaults(func=_cmd_compile)
     i = sub.add_parser("inspect", help="summarise a compile artifact")
     i.add_argument("dir", help="a directory written by `tilec compile -o`")
     i.add_argument("--stage", help="print this stage's graph")
     i.set_defaults(func=_cmd_inspect)
+    from tilec import cli_generate
+
+    cli_generate.add_parser(sub)
     return parser
 
 

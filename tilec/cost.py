@@ -34,6 +34,19 @@ def weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return found
 
 
+def parameters(gm: fx.GraphModule) -> int:
+    """Parameters the graph's weights hold: their elements, except that MXFP4 expert blocks hold two per byte and
+    their scales none."""
+    packed, scales = set(), set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and op_name(n.target) == "mxfp4_moe_experts":
+            for i, a in enumerate(n.args[3:7]):
+                if isinstance(a, fx.Node) and a.op == "get_attr":
+                    (scales if i % 2 else packed).add(a.target)
+    return sum(2 * t.numel() if name in packed else 0 if name in scales else t.numel()
+               for name, t in weights(gm).items())
+
+
 def weight_bytes(gm: fx.GraphModule) -> dict[str, int]:
     """Total bytes of weights by dtype name."""
     out: dict[str, int] = {}
@@ -55,7 +68,7 @@ def node_step_bytes(node: fx.Node, context: int) -> tuple[int, int]:
     if name == "embedding":
         ids, table = node.args[0].meta["val"], node.args[1].meta["val"]
         return ids.numel() * table.shape[1] * table.element_size(), 0
-    if name == "moe_experts":
+    if name in ("moe_experts", "mxfp4_moe_experts"):  # only the experts a step can touch (MXFP4: with scales)
         ids = node.args[2].meta["val"]
         experts = node.args[3].meta["val"].shape[0]
         touched = min(experts, ids.numel())

@@ -20,6 +20,10 @@ class ShapeError(TilecError):
     """A tensor whose shape or dtype does not fit the op or the model."""
 
 
+class QuantizationError(TilecError):
+    """A tensor that cannot be quantised as asked (NaN or Inf values, an unknown scale rule or dtype)."""
+
+
 class CheckpointError(TilecError):
     """A checkpoint that is missing tensors, has misshapen ones, or is not a MiMo checkpoint."""
 

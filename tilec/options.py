@@ -22,6 +22,10 @@ class Options:
     spec_rows: most query rows one step verifies (DFlash block size); sizes the sliding-window cache rings.
     report_contexts: context lengths at which the report counts bytes per decode step.
     hidden_layers: the graph also returns the hidden states after these layers (what a DFlash draft reads).
+    fuse: run the fusion passes (add + RMSNorm, Q/K/V + RoPE, dense SwiGLU).
+    greedy: the graph returns argmax token ids instead of logits (lm_head + argmax fused).
+    mxfp4: hold the MoE experts' weights in MXFP4 (the ``mxfp4_experts`` pass); everything else keeps its precision.
+    mxfp4_scale_rule: ``floor`` (the OCP rule; may clip values in (6, 8) x scale) or ``ceil`` (never clips).
     """
 
     dump_dir: Path | None = None
@@ -31,12 +35,20 @@ class Options:
     spec_rows: int = 8
     report_contexts: tuple[int, ...] = (256, 4096)
     hidden_layers: tuple[int, ...] = ()
+    fuse: bool = True
+    greedy: bool = False
+    mxfp4: bool = False
+    mxfp4_scale_rule: str = "floor"
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_seq_len", "spec_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise TilecError(f"Options.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.mxfp4, bool):
+            raise TilecError(f"Options.mxfp4 must be True or False, got {self.mxfp4!r}")
+        if self.mxfp4_scale_rule not in ("floor", "ceil"):
+            raise TilecError(f"Options.mxfp4_scale_rule must be 'floor' or 'ceil', got {self.mxfp4_scale_rule!r}")
         if self.dump_dir is not None and not isinstance(self.dump_dir, Path):
             object.__setattr__(self, "dump_dir", Path(self.dump_dir))
 

@@ -18,7 +18,7 @@ def build(records: list[StageRecord], *, target: str, options, seconds: float) -
     final = records[-1].graph
     gi = info(final)
     weights = cost.weights(final)
-    params = sum(t.numel() for t in weights.values())
+    params = cost.parameters(final)  # MXFP4 blocks hold two parameters per byte
     by_dtype = cost.weight_bytes(final)
     decode = []
     for ctx in options.report_contexts:
@@ -71,9 +71,12 @@ def render_markdown(rep: dict) -> str:
     for d in rep["decode_step_bytes"]:
         lines.append(f"| {d['context']} | {_fmt_bytes(d['weights'])} | {_fmt_bytes(d['kv'])} | "
                      f"{_fmt_bytes(d['total'])} | {d['floor_ms_h100']:.3f} ms |")
+    mx = next((s["stats"] for s in rep["stages"] if s["name"] == "mxfp4_experts"), None)
+    if mx is not None:
+        lines += ["", *_mxfp4_section(mx)]
     lines += ["", "## Stages", "", "| # | stage | nodes | what it did | seconds |", "|---:|---|---:|---|---:|"]
     for i, s in enumerate(rep["stages"]):
-        did = ", ".join(f"{k}: {v}" for k, v in s["stats"].items()) or "-"
+        did = ", ".join(f"{k}: {v}" for k, v in s["stats"].items() if not isinstance(v, (list, dict))) or "-"
         lines.append(f"| {i} | {s['name']} | {s['nodes']} | {did} | {s['seconds']} |")
     ops = sorted({op for s in rep["stages"] for op in s["ops"]})
     lines += ["", "## Ops per stage", "", "| op | " + " | ".join(s["name"] for s in rep["stages"]) + " |",
@@ -81,3 +84,22 @@ def render_markdown(rep: dict) -> str:
     for op in ops:
         lines.append(f"| {op} | " + " | ".join(str(s["ops"].get(op, 0)) for s in rep["stages"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mxfp4_section(mx: dict) -> list[str]:
+    """The MXFP4 experts section: bytes before and after, and each layer's relative weight error."""
+    fmt_err = lambda e: "-" if e is None else f"{e:.4f}"  # noqa: E731
+    ratio = f" ({mx['bytes_after'] / mx['bytes_before']:.3f}x)" if mx["bytes_before"] else ""
+    lines = ["## MXFP4 experts", "",
+             f"Expert weights held in MXFP4 (blocks of 32 E2M1 values sharing an E8M0 scale: 4.25 bits per weight), "
+             f"scale rule `{mx['scale_rule']}`: {mx['quantized']} layer(s) quantised, {mx['kept']} kept as loaded. "
+             f"Expert bytes {_fmt_bytes(mx['bytes_before'])} -> {_fmt_bytes(mx['bytes_after'])}{ratio}; largest "
+             f"relative weight error ||W - dq(q(W))|| / ||W|| {fmt_err(mx['max_rel_err'])}. Attention, dense MLP, "
+             f"router, embeddings and lm_head keep their precision.", "",
+             "| experts | status | from | bytes before | bytes after | error | error gate_up | error down |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for d in mx["layers"]:
+        lines.append(f"| {d['module']} | {d['status']} | {d['dtype']} | {_fmt_bytes(d['bytes_before'])} | "
+                     f"{_fmt_bytes(d['bytes_after'])} | {fmt_err(d['rel_err'])} | {fmt_err(d['rel_err_gate_up'])} | "
+                     f"{fmt_err(d['rel_err_down'])} |")
+    return lines

@@ -257,6 +257,18 @@ def argmax(logits: Tensor) -> Tensor:
     return torch.argmax(logits, dim=-1)
 
 
+def _lm_head_argmax_fake(x: Tensor, weight: Tensor) -> Tensor:
+    _linear_check(x, weight, None, "lm_head_argmax")
+    return x.new_empty(x.shape[:-1], dtype=torch.int64)
+
+
+@define("lm_head_argmax", fake=_lm_head_argmax_fake)
+def lm_head_argmax(x: Tensor, weight: Tensor) -> Tensor:
+    """``argmax(x @ weight.T)`` over the vocabulary without materialising the logits (greedy decoding)."""
+    _lm_head_argmax_fake(x, weight)
+    return torch.argmax(F.linear(x, weight), dim=-1)
+
+
 def _sample_fake(logits: Tensor, uniform: Tensor, temperature: float, top_p: float) -> Tensor:
     _argmax_fake(logits)
     if uniform.shape != logits.shape[:-1]:

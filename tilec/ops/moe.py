@@ -74,13 +74,18 @@ def _experts_check(x, weights, indices, gate_up, down) -> None:
     if two_i % 2 or tuple(down.shape) != (experts, hidden, two_i // 2):
         _fail("moe_experts", f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not pair: expected "
                              f"down ({experts}, {hidden}, {two_i // 2})")
+    routing_check("moe_experts", x, weights, indices, hidden)
+
+
+def routing_check(op: str, x, weights, indices, hidden: int) -> None:
+    """The checks every experts op makes on its input rows and the router's choice."""
     if x.shape[-1] != hidden:
-        _fail("moe_experts", f"input {tuple(x.shape)} does not match expert hidden size {hidden}")
+        _fail(op, f"input {tuple(x.shape)} does not match expert hidden size {hidden}")
     if weights.shape != indices.shape or weights.shape[:-1] != x.shape[:-1]:
-        _fail("moe_experts", f"router weights {tuple(weights.shape)} / ids {tuple(indices.shape)} do not fit input "
-                             f"{tuple(x.shape)}")
+        _fail(op, f"router weights {tuple(weights.shape)} / ids {tuple(indices.shape)} do not fit input "
+                  f"{tuple(x.shape)}")
     if indices.dtype not in (torch.int32, torch.int64):
-        _fail("moe_experts", f"expert ids must be int32 or int64, got {indices.dtype}")
+        _fail(op, f"expert ids must be int32 or int64, got {indices.dtype}")
 
 
 def _experts_fake(x, weights, indices, gate_up, down):

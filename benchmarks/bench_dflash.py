@@ -1,0 +1,153 @@
+"""DFlash decoding speed and acceptance beside plain greedy decoding, on random weights.
+
+    python3 benchmarks/bench_dflash.py --out out/bench            # GPU: bf16 `mini`; no GPU: fp32 `tiny` on the CPU
+    python3 benchmarks/bench_dflash.py --out out/bench --preset tiny --tokens 65
+
+Three runs of the same greedy generation (batch 1, random prompt):
+- ``plain``: one target step per token;
+- ``oracle``: an `OracleDraft` proposing the target's own continuation, so every proposal is accepted: the ceiling
+  of the system at block 8 (what a perfect draft would give; the draft itself costs nothing here);
+- ``random_draft``: a randomly initialised DFlash draft (almost nothing accepted): the floor, paying for the draft and
+  for verifying 8 rows per token.
+
+The oracle's continuation is the target's own greedy output. In bf16 the verify step (8 rows) may round differently
+from plain decoding (1 row) and flip a near-tie; then the run continues from the verify step's choice and the oracle
+is re-derived from that output until it is a fixed point (at most a few passes, reported as ``oracle_passes``).
+
+Writes ``DIR/bench_dflash.json`` and prints a short table. Timings exclude compilation; each run is done once untimed
+first (warm-up) and then timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from a source checkout
+
+import tilec  # noqa: E402
+from tilec.models import build_model  # noqa: E402
+from tilec.models.dflash import build_draft  # noqa: E402
+from tilec.runtime.dflash import OracleDraft  # noqa: E402
+
+BLOCK = 8
+
+
+def random_model(preset: str, device: str, seed: int):
+    """A MiMo preset with random weights on ``device``. On a GPU the numbers are drawn there, with the rules of
+    ``MiMoForCausalLM.init_weights`` (drawing 7B numbers on the CPU takes minutes)."""
+    if device == "cpu":
+        return build_model(preset, seed=seed)
+    model = build_model(preset, device="meta")
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            noise = torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                noise = 1.0 + 0.1 * noise
+            elif name.endswith("e_score_correction_bias"):
+                noise = 0.05 * noise
+            elif not name.endswith("sinks"):
+                noise = std * noise
+            t.copy_(noise.to(t.dtype))
+            del noise
+    return model.eval()
+
+
+def run(cm, prompt, tokens, draft=None):
+    """(output, stats) of a warm-up run and then a timed one."""
+    cm.generate(prompt, tokens, draft=draft)
+    return cm.generate(prompt, tokens, draft=draft, return_stats=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory for bench_dflash.json")
+    parser.add_argument("--preset", help="MiMo preset (default: mini on a GPU, tiny on the CPU)")
+    parser.add_argument("--target", default="auto", choices=("reference", "triton", "cuda", "auto"))
+    parser.add_argument("--tokens", type=int, default=129, help="new tokens per run (1 + a multiple of 8 lets every "
+                                                                "oracle round be a full block)")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--draft-layers", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    preset = args.preset or ("mini" if gpu else "tiny")
+    if not gpu:
+        torch.set_num_threads(1)  # small models: more threads only add synchronisation
+    t0 = time.perf_counter()
+    model = random_model(preset, device, args.seed)
+    built_s = time.perf_counter() - t0
+    max_len = args.prompt_len + args.tokens + BLOCK
+    options = tilec.Options(max_seq_len=max_len, spec_rows=BLOCK)
+    t0 = time.perf_counter()
+    cm = tilec.compile(model, target=args.target, options=options)
+    draft = build_draft(model, num_hidden_layers=args.draft_layers, block_size=BLOCK, seed=args.seed + 1)
+    draft_cm = tilec.compile(draft, target=cm.target, options=options)
+    cm.with_hidden_layers(draft.config.target_layer_ids)  # compiled here, not inside a timed run
+    compile_s = time.perf_counter() - t0
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len),
+                           generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+    results = {}
+    plain, stats = run(cm, prompt, args.tokens)
+    results["plain"] = stats.as_dict()
+
+    continuation, passes = plain, 0
+    for passes in range(1, 6):
+        out, stats = run(cm, prompt, args.tokens, OracleDraft(continuation, BLOCK))
+        if torch.equal(out, continuation):
+            break
+        continuation = out
+    results["oracle"] = {**stats.as_dict(), "oracle_passes": passes,
+                         "same_tokens_as_plain": _same_prefix(out, plain, args.prompt_len)}
+
+    out, stats = run(cm, prompt, args.tokens, draft_cm)
+    results["random_draft"] = {**stats.as_dict(), "same_tokens_as_plain": _same_prefix(out, plain, args.prompt_len)}
+
+    base = results["plain"]["tokens_per_s"]
+    for r in results.values():
+        r["speedup_vs_plain"] = round(r["tokens_per_s"] / base, 3) if base else None
+    report = {
+        "benchmark": "dflash", "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()}, "
+                                                          f"{torch.get_num_threads()} thread(s))",
+        "note": None if gpu else "no GPU: CPU run of a small preset; tokens/s say nothing about the GPU system",
+        "preset": preset, "model": cm.info.description, "draft": draft_cm.info.description, "target": cm.target,
+        "block_size": BLOCK, "prompt_len": args.prompt_len, "new_tokens": args.tokens, "batch": 1,
+        "build_seconds": round(built_s, 2), "compile_seconds": round(compile_s, 2), "runs": results,
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_dflash.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"{report['model']} on {report['device']}, target {cm.target}, block {BLOCK}, {args.tokens} new tokens")
+    print(f"{'run':<14}{'tokens/s':>10}{'ms/token':>10}{'speedup':>9}{'mean acc':>10}{'rounds':>8}  same as plain")
+    for name, r in results.items():
+        ms = 1e3 / r["tokens_per_s"] if r["tokens_per_s"] else float("nan")
+        same = r.get("same_tokens_as_plain", args.tokens)
+        print(f"{name:<14}{r['tokens_per_s']:>10.1f}{ms:>10.2f}{r['speedup_vs_plain']:>9.2f}"
+              f"{r['mean_acceptance']:>10.2f}{r['rounds']:>8}  {same}/{args.tokens}")
+    print(f"wrote {out_dir / 'bench_dflash.json'}")
+    return 0
+
+
+def _same_prefix(a: torch.Tensor, b: torch.Tensor, skip: int) -> int:
+    """How many new tokens of a and b agree before the first difference."""
+    diff = (a[0, skip:] != b[0, skip:]).nonzero()
+    return int(diff[0]) if len(diff) else a.shape[1] - skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Code generation: Jinja templates rendered into Triton kernels (and, later, the CUDA megakernel)."""

@@ -1,0 +1,122 @@
+"""Planners for the dense ops: which template, which sizes and block sizes, for each node.
+
+The MoE ops have theirs in plans_moe.py. Every planner reads shapes from the node's ``meta["val"]`` (and its
+arguments'), so a plan is a pure function of the graph and the device.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from tilec.codegen.plan import KernelPlan, planner, val
+from tilec.codegen.tuning import DeviceInfo, clamp, gemv_blocks, matmul_context, pow2_ceil
+
+
+def _warps(width: int) -> int:
+    return 4 if width <= 2048 else 8
+
+
+@planner("embedding")
+def _embedding(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    hidden = val(node.args[1]).shape[1]
+    return KernelPlan.make("triton/embedding.py.j2", doc="gather token rows of the embedding table", H=hidden,
+                           BLOCK=clamp(pow2_ceil(hidden), 16, 1024))
+
+
+@planner("rms_norm", "add_rms_norm")
+def _rms_norm(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    hidden = val(node.args[0]).shape[-1]
+    return KernelPlan.make("triton/rms_norm.py.j2", doc="RMSNorm of a row (residual add fused when asked)",
+                           H=hidden, BLOCK=pow2_ceil(hidden), num_warps=_warps(hidden))
+
+
+@planner("add", "silu_mul")
+def _elementwise(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    op = node.target._opname
+    expr = "a + b" if op == "add" else "silu(a) * b"
+    return KernelPlan.make("triton/elementwise.py.j2", doc=f"elementwise {expr}", op=op, expr=expr, BLOCK=1024)
+
+
+@planner("linear")
+def _linear(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    n, k = val(node.args[1]).shape
+    return KernelPlan.make("triton/linear.py.j2", doc="x @ W.T (+ b)", N=n, K=k, **matmul_context(n, k, dev))
+
+
+@planner("swiglu")
+def _swiglu(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    inter, hidden = val(node.args[1]).shape
+    gate_up = gemv_blocks(inter, hidden, dev)
+    return KernelPlan.make("triton/swiglu.py.j2", doc="dense SwiGLU MLP: gate/up + SiLU*mul, then down",
+                           H=hidden, I=inter, gate_up=gate_up, **matmul_context(hidden, inter, dev))
+
+
+@planner("qkv_rope")
+def _qkv_rope(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    nq, k = val(node.args[1]).shape
+    nk, nv = val(node.args[2]).shape[0], val(node.args[3]).shape[0]
+    head_dim, rotary_dim = node.args[8], node.args[9]
+    kv_heads = nk // head_dim
+    pairs = (nq + nk + nv) // 2
+    blocks = gemv_blocks(pairs, k, dev)
+    return KernelPlan.make("triton/qkv_rope.py.j2", doc="Q/K/V projections with partial RoPE on Q and K", K=k,
+                           NQ=nq, NK=nk, NV=nv, D=head_dim, DV=nv // kv_heads, RD=rotary_dim,
+                           BLOCK_P=clamp(blocks["BLOCK_N"], 2, 64), BLOCK_K=blocks["BLOCK_K"],
+                           num_warps=blocks["num_warps"])
+
+
+@planner("rope")
+def _rope(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    n = val(node.args[0]).shape[-1]
+    return KernelPlan.make("triton/rope.py.j2", doc="rotate-half RoPE", N=n, D=node.args[2], RD=node.args[3],
+                           BLOCK_P=clamp(pow2_ceil(n // 2), 16, 256))
+
+
+@planner("attention")
+def _attention(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    kc = val(node.args[3])
+    heads, head_dim, v_head_dim, window, scale, value_scale = node.args[7:13]
+    causal = node.args[13] if len(node.args) > 13 else node.kwargs.get("causal", True)
+    return KernelPlan.make(
+        "triton/attention.py.j2", doc="GQA over the KV cache (flash-decoding chunks), then append the new rows",
+        HQ=heads, HKV=kc.shape[1], G=heads // kc.shape[1], D=head_dim, DV=v_head_dim, WINDOW=window,
+        CAUSAL=bool(causal), scale=scale, value_scale=value_scale,
+        BLOCK_S=16 if dev.interpret else 64, CHUNK=64 if dev.interpret else 256, MAX_SPLIT=4 if dev.interpret
+        else 64, BLOCK_Q_MAX=64, num_warps=4, dot_dtype_q="tl.float32", dot_dtype_v="tl.float32")
+
+
+@planner("kv_append")
+def _kv_append(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    kc, vc = val(node.args[2]), val(node.args[3])
+    return KernelPlan.make("triton/kv_append.py.j2", doc="store context keys and values in the cache",
+                           HKV=kc.shape[1], D=kc.shape[3], DV=vc.shape[3])
+
+
+@planner("lm_head_argmax")
+def _lm_head_argmax(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    n, k = val(node.args[1]).shape
+    blocks = gemv_blocks(n, k, dev)
+    return KernelPlan.make("triton/argmax.py.j2", doc="lm_head GEMV reduced to the argmax (logits never stored)",
+                           fused=True, N=n, K=k, BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
+                           num_warps=blocks["num_warps"], BLOCK_R=clamp(pow2_ceil(n // blocks["BLOCK_N"]), 16, 1024))
+
+
+@planner("argmax")
+def _argmax(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    n = val(node.args[0]).shape[-1]
+    return KernelPlan.make("triton/argmax.py.j2", doc="argmax over the last dim", fused=False, N=n, K=0,
+                           BLOCK_R=clamp(pow2_ceil(n), 16, 4096))
+
+
+@planner("cat")
+def _cat(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    parts = [val(t) for t in node.args[0]]
+    dim = node.args[1]
+    if dim not in (-1, parts[0].dim() - 1):
+        from tilec.errors import TargetError
+
+        raise TargetError(f"target 'triton': tilec.cat of node %{node.name} joins dim {dim}; only the last dim has "
+                          f"a kernel")
+    widths = [p.shape[-1] for p in parts]
+    return KernelPlan.make("triton/cat.py.j2", doc="concatenate along the last dim", widths=widths,
+                           total=sum(widths), BLOCK=clamp(pow2_ceil(max(widths)), 16, 1024))

@@ -1,0 +1,142 @@
+"""Lowering a graph to Triton: a kernel per op node, and a step function that calls them in graph order.
+
+`lower` plans every node (tilec/codegen/plans*.py), renders one kernel module per distinct plan and the step
+function (templates/triton/step.py.j2), and returns a `TritonProgram` holding the sources. Loading (Triton JIT, on
+the GPU or in the CPU interpreter) happens on the first call, so `tilec compile --target triton` writes kernels on a
+machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from types import ModuleType
+
+import torch
+import torch.fx as fx
+
+from tilec.codegen import plans as _plans  # noqa: F401  (registers the dense planners)
+from tilec.codegen.plan import PLANNERS, KernelPlan
+from tilec.codegen.render import load_source, render, source_hash
+from tilec.codegen.tuning import DeviceInfo, device_info
+from tilec.errors import TargetError
+from tilec.graph import info, module_path
+from tilec.ops import op_name
+from tilec.options import triton_interpret_requested
+
+try:  # the MoE planners live beside the dense ones
+    from tilec.codegen import plans_moe as _plans_moe  # noqa: F401
+except ImportError:  # pragma: no cover - during development only
+    _plans_moe = None
+
+# Rendering for a GPU on a machine without one: the H100 this project measures on.
+H100 = DeviceInfo(interpret=False, sms=132)
+
+
+@dataclasses.dataclass
+class Kernel:
+    alias: str  # the name the step function calls it by
+    plan: KernelPlan
+    nodes: list[str]
+    source: str
+
+    @property
+    def filename(self) -> str:
+        return f"kernels/{self.alias}.py"
+
+
+def target_device_info(device: torch.device) -> DeviceInfo:
+    if device.type == "cuda" and not triton_interpret_requested():
+        return device_info(device)
+    return DeviceInfo(interpret=True, sms=1) if triton_interpret_requested() else H100
+
+
+def lower(gm: fx.GraphModule, device: torch.device, stage: str) -> "TritonProgram":
+    """Plan and render ``gm`` for ``device``; raises TargetError naming any op without a kernel."""
+    dev = target_device_info(device)
+    by_plan: dict[KernelPlan, Kernel] = {}
+    node_kernel: dict[fx.Node, Kernel] = {}
+    for node in gm.graph.nodes:
+        name = op_name(node.target) if node.op == "call_function" else None
+        if name is None:
+            continue
+        if name not in PLANNERS:
+            raise TargetError(f"target 'triton' has no kernel for tilec.{name} (node %{node.name}); "
+                              f"ops with kernels: {', '.join(sorted(PLANNERS))}")
+        plan = PLANNERS[name](node, dev)
+        if plan not in by_plan:
+            by_plan[plan] = Kernel(f"k{len(by_plan):02d}_{name}", plan, [], "")
+        by_plan[plan].nodes.append(node.name)
+        node_kernel[node] = by_plan[plan]
+    for kernel in by_plan.values():
+        kernel.source = render(kernel.plan.template, ctx=kernel.plan.ctx(kernel.nodes))
+    step = render("triton/step.py.j2", **_step_context(gm, node_kernel, stage))
+    return TritonProgram(gm, list(by_plan.values()), step, device, dev)
+
+
+def _arg(a) -> tuple:
+    if isinstance(a, fx.Node):
+        return ("weight", a.target) if a.op == "get_attr" else ("node", a.name)
+    if isinstance(a, (list, tuple)) and all(isinstance(x, fx.Node) for x in a):
+        return ("list", [x.name for x in a])
+    return ("const", a)
+
+
+def _step_context(gm: fx.GraphModule, node_kernel: dict, stage: str) -> dict:
+    params, statements, result = [], [], []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            params.append(node.name)
+        elif node.op == "call_function" and node.target is operator.getitem:
+            statements.append({"kind": "getitem", "out": node.name, "src": node.args[0].name,
+                               "index": node.args[1]})
+        elif node in node_kernel:
+            kernel = node_kernel[node]
+            statements.append({"kind": "call", "node": node.name, "op": op_name(node.target),
+                               "where": module_path(node), "kernel": kernel.alias,
+                               "out": node.name if node.users else "", "args": [_arg(a) for a in node.args]})
+        elif node.op == "output":
+            value = node.args[0]
+            result = [_arg(v) for v in value] if isinstance(value, (tuple, list)) else [_arg(value)]
+    return {"params": params, "statements": statements, "result": result, "stage": stage,
+            "description": info(gm).description}
+
+
+class TritonProgram:
+    """A graph's Triton kernels and step function: call it like the graph. Kernels load on the first call."""
+
+    def __init__(self, gm: fx.GraphModule, kernels: list[Kernel], step_source: str, device: torch.device,
+                 dev: DeviceInfo):
+        self.kernels, self.step_source, self.device, self.dev = kernels, step_source, device, dev
+        self.weights = {n.target: _fetch(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+        self._step = None
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Every generated file, by its path in an artifact (``step.py``, ``kernels/k03_linear.py``, ...)."""
+        return {"step.py": self.step_source, **{k.filename: k.source for k in self.kernels}}
+
+    def load(self) -> None:
+        if self._step is not None:
+            return
+        if self.device.type != "cuda" and not self.dev.interpret:
+            raise TargetError("these Triton kernels were rendered for a GPU; run on a CUDA device, or set "
+                              "TRITON_INTERPRET=1 before compiling to run them on the CPU interpreter")
+        if self.device.type == "cuda" and self.dev.interpret:
+            raise TargetError("TRITON_INTERPRET=1 is set but the model is on a CUDA device; unset it to run the "
+                              "kernels on the GPU, or move the model to the CPU")
+        modules: dict[str, ModuleType] = {k.alias: load_source(k.source, k.alias) for k in self.kernels}
+        step_module = load_source(self.step_source, f"step_{source_hash(self.step_source)}")
+        step_module.__dict__.update(modules)
+        self._step = step_module.step
+
+    def __call__(self, *inputs):
+        self.load()
+        return self._step(*inputs, W=self.weights)
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,64 @@
+"""Block sizes and warp counts for the generated kernels: the decisions, in Python, that templates only spell.
+
+Decode is memory-bound: what matters is keeping every SM streaming weights. A GEMV over N output rows gets enough
+programs for a few per SM (small BLOCK_N) and long contiguous reads along K (large BLOCK_K). Under the CPU
+interpreter the opposite holds: every program costs Python time, so blocks are as large as the shapes allow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from tilec.options import triton_interpret_requested
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    interpret: bool
+    sms: int
+
+    @property
+    def dot_dtype(self) -> str:
+        # The interpreter computes tl.dot on bf16 wrongly; fp32 operands are exact there.
+        return "tl.float32" if self.interpret else "w.dtype"
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    if device.type == "cuda" and not triton_interpret_requested():
+        return DeviceInfo(False, torch.cuda.get_device_properties(device).multi_processor_count)
+    return DeviceInfo(True, 1)
+
+
+def pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, v))
+
+
+def gemv_blocks(n: int, k: int, dev: DeviceInfo) -> dict:
+    """One input row: BLOCK_N output rows per program, BLOCK_K along the reduction."""
+    if dev.interpret:
+        return {"BLOCK_N": clamp(pow2_ceil(n), 2, 64), "BLOCK_K": clamp(pow2_ceil(k), 16, 256), "num_warps": 4}
+    return {"BLOCK_N": clamp(pow2_floor(n // (2 * dev.sms)), 2, 64), "BLOCK_K": clamp(pow2_ceil(k), 16, 512),
+            "num_warps": 4}
+
+
+def gemm_blocks(n: int, k: int, dev: DeviceInfo) -> dict:
+    """Several input rows on the tensor cores (tl.dot needs 16 or more in every dimension)."""
+    if dev.interpret:
+        return {"BLOCK_N": clamp(pow2_ceil(n), 16, 64), "BLOCK_K": clamp(pow2_ceil(k), 16, 128), "num_warps": 4}
+    return {"BLOCK_N": clamp(pow2_floor(n // (2 * dev.sms)), 16, 64), "BLOCK_K": clamp(pow2_ceil(k), 16, 128),
+            "num_warps": 4}
+
+
+def matmul_context(n: int, k: int, dev: DeviceInfo) -> dict:
+    return {"gemv": gemv_blocks(n, k, dev), "gemm": gemm_blocks(n, k, dev), "dot_dtype": dev.dot_dtype,
+            "num_stages": 1 if dev.interpret else 3}
