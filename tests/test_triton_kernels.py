@@ -11,6 +11,8 @@ from tilec import ops
 from tilec.codegen.triton import lower
 from tilec.graph import GraphInfo, propagate_meta
 
+# The same checks run on the GPU when there is one (compiled kernels, fp32 with exact fp32 dots).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -31,8 +33,10 @@ def single_op_graph(fn, args) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]
     return gm, inputs
 
 
-def _run_single_op(fn, *args, device="cpu"):
+def _run_single_op(fn, *args, device=DEVICE):
     """Lower a one-op graph to Triton; run kernel and reference on separate copies of the same inputs."""
+    args = [a.to(device) if isinstance(a, torch.Tensor) else [x.to(device) for x in a] if isinstance(a, list) else a
+            for a in args]
     gm, inputs = single_op_graph(fn, args)
     program = lower(gm, torch.device(device), "test")
     mine, theirs = [t.clone() for t in inputs], [t.clone() for t in inputs]

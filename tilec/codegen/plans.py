@@ -6,6 +6,7 @@ arguments'), so a plan is a pure function of the graph and the device.
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from tilec.codegen.plan import KernelPlan, planner, val
@@ -82,7 +83,10 @@ def _attention(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
         HQ=heads, HKV=kc.shape[1], G=heads // kc.shape[1], D=head_dim, DV=v_head_dim, WINDOW=window,
         CAUSAL=bool(causal), scale=scale, value_scale=value_scale,
         BLOCK_S=16 if dev.interpret else 64, CHUNK=64 if dev.interpret else 256, MAX_SPLIT=4 if dev.interpret
-        else 64, BLOCK_Q_MAX=64, num_warps=4, dot_dtype_q="tl.float32", dot_dtype_v="tl.float32")
+        else 64, BLOCK_Q_MAX=64, num_warps=4,
+        # bf16 caches: bf16 products on the tensor cores, fp32 accumulation (HF casts probabilities to bf16 too);
+        # fp32 (and the interpreter): exact fp32 dots.
+        dot_dtype="tl.bfloat16" if kc.dtype == torch.bfloat16 and not dev.interpret else "tl.float32")
 
 
 @planner("kv_append")
