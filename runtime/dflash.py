@@ -143,8 +143,8 @@ class DFlashDrafter:
             raise TilecError(f"{draft_cm.info.description} is not a DFlash draft (its config has no target_layer_ids "
                              f"and mask_token_id)")
         if draft_cm.options.spec_rows < cfg.block_size:
-            raise TilecError(f"the draft was compiled with spec_rows={draft_cm.options.spec_rows}, fewer than its block "
-                             f"of {cfg.block_size}; compile it with Options(spec_rows={cfg.block_size})")
+            raise TilecError(f"the draft was compiled with spec_rows={draft_cm.options.spec_rows}, fewer than its "
+                             f"block of {cfg.block_size}; compile it with Options(spec_rows={cfg.block_size})")
         self.cm, self.config = draft_cm, cfg
         self.block_size = cfg.block_size
         self.target_layer_ids = tuple(cfg.target_layer_ids)

@@ -3,7 +3,6 @@ the tokens (ids, or text when the checkpoint ships a ``tokenizer.json``) and the
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
