@@ -35,15 +35,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from tilec import mxfp4
 from tilec.errors import CheckpointError
 from tilec.models.config import MiMoConfig
-from tilec import mxfp4
 from tilec.models.mimo import MiMoForCausalLM
 from tilec.models.mxfp4_experts import KEYS as _MXFP4_KEYS, MXFP4Experts, use_checkpoint_experts
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
-              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U8": torch.uint8}
 _IGNORED_SUFFIXES = ("inv_freq", ".activation_scale", ".input_scale")
 _PACKED = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
 _SINK_HUB_NAME = "attention_sink_bias"

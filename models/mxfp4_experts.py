@@ -101,7 +101,8 @@ def use_checkpoint_experts(model: nn.Module, has_key: Callable[[str], bool]) -> 
         missing = [f"{name}.{k}" for k in KEYS if k not in present]
         if missing:
             raise CheckpointError(f"{name} has MXFP4 expert tensors ({', '.join(present)}) but not "
-                                  f"{', '.join(repr(m) for m in missing)}; an MXFP4 layer needs all of {', '.join(KEYS)}")
+                                  f"{', '.join(repr(m) for m in missing)}; an MXFP4 layer needs all of "
+                                  f"{', '.join(KEYS)}")
         experts, two_i, hidden = module.gate_up_proj.shape
         try:
             _replace(model, name, MXFP4Experts(experts, hidden, two_i // 2, device="meta"))

@@ -52,16 +52,19 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _layer(module: str, status: str, dtype: str, before: int, after: int, errors: list | None) -> dict:
     """One experts layer's line of the stats; ``errors`` is [(squared error, squared norm)] for gate_up and down."""
-    rel = [None if e is None or not e[1] else (e[0] / e[1]) ** 0.5 for e in errors] if errors else [None, None]
-    total = None
-    if errors and all(e is not None for e in errors) and sum(e[1] for e in errors):
-        total = (sum(e[0] for e in errors) / sum(e[1] for e in errors)) ** 0.5
+    def rel(diff: float, norm: float) -> float:
+        return (diff / norm) ** 0.5 if norm else 0.0  # an all-zero weight quantises exactly
+
+    known = bool(errors) and all(e is not None for e in errors)  # None on the meta device
+    per_tensor = [rel(*e) for e in errors] if known else [None, None]
+    total = rel(sum(e[0] for e in errors), sum(e[1] for e in errors)) if known else None
     return {"module": module, "status": status, "dtype": dtype, "bytes_before": before, "bytes_after": after,
-            "rel_err": _sig(total), "rel_err_gate_up": _sig(rel[0]), "rel_err_down": _sig(rel[1])}
+            "rel_err": _sig(total), "rel_err_gate_up": _sig(per_tensor[0]), "rel_err_down": _sig(per_tensor[1])}
 
 
-def run(gm: fx.GraphModule, ctx) -> dict:
-    scale_rule = ctx.options.mxfp4_scale_rule
+def run(gm: fx.GraphModule, ctx=None) -> dict:
+    """Lower the graph's experts in place (scale rule from ``ctx.options``, ``floor`` without a context)."""
+    scale_rule = ctx.options.mxfp4_scale_rule if ctx is not None else "floor"
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     layers: list[tuple[int, dict]] = []
     quantized: dict[int, tuple] = {}  # id of an original tensor -> (MXFP4Tensor, squared errors): quantised once

@@ -173,7 +173,8 @@ def test_ceil_keeps_the_floor_scale_when_amax_is_exactly_six_times_it():
         assert mxfp4.quantize(x, "ceil").scales.tolist() == mxfp4.quantize(x, "floor").scales.tolist()
         assert_matches_reference(x, "ceil")
     x = block_of([torch.nextafter(torch.tensor(6.0), torch.tensor(7.0)).item()])
-    assert mxfp4.quantize(x, "ceil").scales.tolist() == [[128]] and mxfp4.quantize(x, "floor").scales.tolist() == [[127]]
+    assert mxfp4.quantize(x, "ceil").scales.tolist() == [[128]]
+    assert mxfp4.quantize(x, "floor").scales.tolist() == [[127]]
 
 
 def test_negative_values_keep_their_sign_bit_even_when_they_round_to_zero():
@@ -214,7 +215,8 @@ def test_scale_clamps_at_the_top_for_float64_and_overflows_documentedly_in_float
     # float32's largest value: floor stays at 2^125 and decodes finitely; ceil takes 2^126, where 4 overflows.
     big = block_of([torch.finfo(torch.float32).max, 2.0 ** 127])
     floor, ceil = assert_matches_reference(big, "floor"), assert_matches_reference(big, "ceil")
-    assert floor.scales.tolist() == [[252]] and mxfp4.dequantize(floor)[0, :2].tolist() == [1.5 * 2.0 ** 127, 2.0 ** 127]
+    assert floor.scales.tolist() == [[252]]
+    assert mxfp4.dequantize(floor)[0, :2].tolist() == [1.5 * 2.0 ** 127, 2.0 ** 127]
     assert ceil.scales.tolist() == [[253]]
     assert mxfp4.dequantize(ceil)[0, 0].item() == math.inf
     assert mxfp4.dequantize(ceil, torch.float64)[0, 0].item() == 2.0 ** 128

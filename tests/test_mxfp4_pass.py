@@ -258,6 +258,10 @@ def test_cli_mxfp4_writes_the_report_section(tmp_path, capsys, wide_console, rul
     mx = next(s for s in rep["stages"] if s["name"] == "mxfp4_experts")["stats"]
     assert mx["bytes_after"] == 78336 and len(mx["layers"]) == 3
     assert "mxfp4_experts" in json.loads((out / "manifest.json").read_text())["stages"]
+    assert main(["inspect", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert f"quantized 3, scale_rule {rule or 'floor'}, bytes_before 589824, bytes_after 78336" in summary
+    assert "model.layers.1.mlp.experts" not in summary  # per-layer details are for the report, not the table
 
 
 def test_cli_without_mxfp4_has_no_section_and_the_rule_needs_the_flag(tmp_path, capsys, wide_console):

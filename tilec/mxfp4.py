@@ -21,10 +21,11 @@ Rules, for every case (each one tested in tests/test_mxfp4.py):
   -0 is code 8. Generally the sign bit is always kept: a negative value that rounds to zero becomes -0 (code 8), as
   IEEE rounding does; dequantisation gives -0.0 back.
 - Subnormal inputs are ordinary values: float32 subnormals (below 2^-126) are scaled exactly. The E8M0 range clamps
-  at the bottom: a block whose amax is below 2^-125 gets scale code 0 (2^-127) however small it is, so its elements
-  are those of ``x * 2^127`` rounded (values under 2^-129 in magnitude become +-0).
+  at the bottom: every block with amax below 2^-124 (``floor``; ``ceil``: at most 6 * 2^-127) gets scale code 0
+  (2^-127), however small its values, so its elements are those of ``x * 2^127`` rounded (magnitudes up to 2^-129
+  become +-0).
 - Clamping at the top happens only for float64 inputs (float32 amax < 2^128 gives e <= 126): a block with amax at or
-  above 2^130 gets code 254 (2^127) and its elements saturate at +-6.
+  above 2^130 (``floor``) or above 6 * 2^127 (``ceil``) gets code 254 (2^127), and its elements saturate at +-6.
 - NaN or +-Inf anywhere in the input raise `QuantizationError` naming the first such element's index: no E2M1 value
   is right for them (an E8M0 NaN scale would poison the whole block).
 - ``K % 32 != 0`` raises ShapeError saying which K would work (the next multiple of 32, zero padded) or to keep
@@ -33,10 +34,11 @@ Rules, for every case (each one tested in tests/test_mxfp4.py):
   float64. Meta tensors give meta blocks and scales of the right shapes (byte counts without data).
 - Dequantisation is ``value(code) * 2^(s - 127)``, exact in float32, bfloat16 and float64 with one exception: the
   product overflows to +-inf when it is at least 2^128, which needs scale code 254 (2^127) with an element >= 2, or
-  code 253 (2^126) with an element >= 4 (``ceil`` can pick 253 for float32 inputs above 1.75 * 2^127; the floor rule
-  never goes above 252 for float32 inputs). float16 output rounds (its range is far smaller). Scale code 255 (the
-  E8M0 NaN, found only in foreign checkpoints) dequantises its whole block to NaN. Code 0 (2^-127) relies on IEEE
-  subnormal arithmetic, PyTorch's default (``torch.set_flush_denormal(True)`` would flush those blocks to zero).
+  code 253 (2^126) with an element >= 4 (``ceil`` picks 253 for float32 blocks with amax above 1.5 * 2^127, and their
+  values from 1.75 * 2^127 up round to 4; the floor rule never goes above 252 for float32 inputs). float16 output
+  rounds (its range is far smaller). Scale code 255 (the E8M0 NaN, found only in foreign checkpoints) dequantises its
+  whole block to NaN. Code 0 (2^-127) relies on IEEE subnormal arithmetic, PyTorch's default
+  (``torch.set_flush_denormal(True)`` would flush those blocks to zero).
 
 Work is vectorised torch, in chunks of rows so that a large expert tensor never needs more than a few hundred MB of
 temporaries, on whatever device the tensor is.

@@ -108,7 +108,8 @@ class TritonProgram:
     def __init__(self, gm: fx.GraphModule, kernels: list[Kernel], step_source: str, device: torch.device,
                  dev: DeviceInfo):
         self.kernels, self.step_source, self.device, self.dev = kernels, step_source, device, dev
-        self.weights = {n.target: _fetch(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+        # Kernels index tensors as dense row-major arrays.
+        self.weights = {n.target: _fetch(gm, n.target).contiguous() for n in gm.graph.nodes if n.op == "get_attr"}
         self._step = None
 
     @property
@@ -132,7 +133,15 @@ class TritonProgram:
 
     def __call__(self, *inputs):
         self.load()
-        return self._step(*inputs, W=self.weights)
+        # Inputs may be views (a slice of a prompt); caches are written in place, so they must be dense already.
+        dense = []
+        for t in inputs:
+            if isinstance(t, torch.Tensor) and not t.is_contiguous():
+                if t.dim() == 4:
+                    raise TargetError(f"a KV cache tensor of shape {tuple(t.shape)} is not contiguous")
+                t = t.contiguous()
+            dense.append(t)
+        return self._step(*dense, W=self.weights)
 
 
 def _fetch(gm: fx.GraphModule, target: str):
