@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-MODEL_OVERRIDES: dict = {"mlp_layer_types": ["dense"] * 4}  # TEMP until MoE kernels land
+MODEL_OVERRIDES: dict = {}
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int64: "*i64",
         torch.int32: "*i32", torch.uint8: "*u8", torch.bool: "*i1", torch.int8: "*i8"}
 
@@ -63,7 +63,7 @@ def _ttir_for(fn, args, kwargs, built):
     built.add(key)
 
 
-def build_all(greedy: bool, rows_list: tuple[int, ...]) -> int:
+def build_all(variant: str, rows_list: tuple[int, ...]) -> int:
     """Lower `tiny` (bf16) for an H100 and build every kernel's TTIR; returns how many distinct builds ran."""
     from triton.runtime.jit import JITFunction
 
@@ -71,7 +71,8 @@ def build_all(greedy: bool, rows_list: tuple[int, ...]) -> int:
 
     built: set = set()
     JITFunction.run = lambda self, *args, grid, warmup, **kwargs: _ttir_for(self, args, kwargs, built)
-    options = tilec.Options(greedy=True, hidden_layers=(1, 3)) if greedy else tilec.Options()
+    options = {"logits": tilec.Options(), "greedy+hidden": tilec.Options(greedy=True, hidden_layers=(1, 3)),
+               "mxfp4": tilec.Options(mxfp4=True)}[variant]
     cm = tilec.compile(build_model("tiny", dtype=torch.bfloat16, **MODEL_OVERRIDES), target="triton",
                        options=options)
     program = cm.program
@@ -86,11 +87,11 @@ def build_all(greedy: bool, rows_list: tuple[int, ...]) -> int:
     return len(built)
 
 
-@pytest.mark.parametrize("greedy", [False, True], ids=["logits", "greedy+hidden"])
-def test_every_kernel_builds_for_sm90(greedy):
+@pytest.mark.parametrize("variant", ["logits", "greedy+hidden", "mxfp4"])
+def test_every_kernel_builds_for_sm90(variant):
     # A fresh process without TRITON_INTERPRET: Triton decides interpreted vs compiled once per process.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import test_triton_ttir as t; print('built', t.build_all({greedy}, (1, 8, 13)))"
+    code = f"import test_triton_ttir as t; print('built', t.build_all({variant!r}, (1, 8, 13)))"
     done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]

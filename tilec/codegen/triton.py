@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 import torch.fx as fx
 
-from tilec.codegen import plans as _plans  # noqa: F401  (registers the dense planners)
+from tilec.codegen import plans as _plans, plans_moe as _plans_moe  # noqa: F401  (register the planners)
 from tilec.codegen.plan import PLANNERS, KernelPlan
 from tilec.codegen.render import load_source, render, source_hash
 from tilec.codegen.tuning import DeviceInfo, device_info
@@ -23,11 +23,6 @@ from tilec.errors import TargetError
 from tilec.graph import info, module_path
 from tilec.ops import op_name
 from tilec.options import triton_interpret_requested
-
-try:  # the MoE planners live beside the dense ones
-    from tilec.codegen import plans_moe as _plans_moe  # noqa: F401
-except ImportError:  # pragma: no cover - during development only
-    _plans_moe = None
 
 # Rendering for a GPU on a machine without one: the H100 this project measures on.
 H100 = DeviceInfo(interpret=False, sms=132)

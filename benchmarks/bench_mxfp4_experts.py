@@ -1,0 +1,305 @@
+"""The MXFP4 experts kernel's bandwidth beside the bf16 kernel and the PyTorch reference, at `mini` expert shapes.
+
+    python3 benchmarks/bench_mxfp4_experts.py --out out/bench            # GPU: E=128, H=2048, I=768, top-8, bf16
+    python3 benchmarks/bench_mxfp4_experts.py --out out/bench --sweep    # also time the kernel variants
+    python3 benchmarks/bench_mxfp4_experts.py --out out/bench --smoke    # CPU interpreter, tiny shapes (it runs)
+
+For 1, 2, 4 and 8 rows: tilec's Triton experts kernels (MXFP4 and bf16 weights, templates/triton/moe_experts.py.j2
+as the planner configures them) and the reference ops (`tilec.ops.mxfp4_moe_experts`, `moe_experts`). Each is first
+checked against the reference (relative error, fp64 norms) and then timed over calls that rotate through LAYERS
+layers' worth of weights, so no call finds its experts in the 50 MB L2. Kernels are timed as CUDA-graph replays of
+one call per layer (launch gaps as a decode step has them), with CUDA events, median over replays; the reference
+eagerly with events. Bytes are the weights read: MXFP4 blocks + scales (bf16 weights) of the distinct experts the
+call touches. The copy bandwidth is measured here (device-to-device copy of 1 GiB, read + write bytes).
+
+Routing regimes: ``same`` (every row picks the same top-8: the kernel's row amortisation, 8 rows should cost at most
+1.3x one row) and ``random`` (independent rows: bytes grow with the distinct experts; compare time per byte).
+Writes DIR/bench_mxfp4_experts.json and prints a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if "--smoke" in sys.argv or not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything loads a Triton kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from a source checkout
+
+from tilec import ops  # noqa: E402
+from tilec.codegen.plans_moe import experts_context  # noqa: E402
+from tilec.codegen.render import load_source, render  # noqa: E402
+from tilec.codegen.tuning import DeviceInfo  # noqa: E402
+
+MINI = {"E": 128, "H": 2048, "I": 768, "k": 8, "layers": 12, "rows": [1, 2, 4, 8]}
+SMOKE = {"E": 8, "H": 64, "I": 32, "k": 2, "layers": 2, "rows": [1, 2]}
+
+
+def kernel_module(fmt: str, shape: dict, dev: DeviceInfo, **overrides):
+    ctx = experts_context(fmt, shape["H"], shape["I"], shape["E"], dev, **overrides)
+    return load_source(render("triton/moe_experts.py.j2", ctx={**ctx, "nodes": ["bench"]}), "moe_experts")
+
+
+def expert_bytes(fmt: str, shape: dict) -> int:
+    """Bytes of one expert's weights: gate_up [2I, H] and down [H, I]."""
+    n = 3 * shape["I"] * shape["H"]
+    return n // 2 + n // 32 if fmt == "mxfp4" else 2 * n
+
+
+def make_layers(fmt: str, shape: dict, device, gen) -> list[tuple]:
+    e, h, i = shape["E"], shape["H"], shape["I"]
+    layers = []
+    for _ in range(shape["layers"]):
+        if fmt == "mxfp4":  # random codes are valid MXFP4; scales near 2^-6 as trained weights have
+            codes = dict(dtype=torch.uint8, device=device, generator=gen)
+            layers.append((torch.randint(0, 256, (e, 2 * i, h // 2), **codes),
+                           torch.randint(118, 125, (e, 2 * i, h // 32), **codes),
+                           torch.randint(0, 256, (e, h, i // 2), **codes),
+                           torch.randint(118, 125, (e, h, i // 32), **codes)))
+        else:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            layers.append(((0.02 * torch.randn(e, 2 * i, h, device=device, generator=gen)).to(dtype),
+                           (0.02 * torch.randn(e, h, i, device=device, generator=gen)).to(dtype)))
+    return layers
+
+
+def routing(rows: int, regime: str, shape: dict, device, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights fp32 [1, rows, k], ids int64 [1, rows, k])."""
+    e, k = shape["E"], shape["k"]
+    if regime == "same":
+        ids = torch.randperm(e, generator=gen)[:k].repeat(rows, 1)
+    else:
+        ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(rows)])
+    w = torch.rand(rows, k, generator=gen) + 0.1
+    return (w / w.sum(-1, keepdim=True)).view(1, rows, k).to(device), ids.view(1, rows, k).to(device)
+
+
+def reference(fmt: str):
+    return ops.mxfp4_moe_experts if fmt == "mxfp4" else ops.moe_experts
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------------------- timing
+def time_calls(calls, reps: int, graph: bool) -> float:
+    """Median microseconds per call of ``calls`` (each a no-argument function), run back to back."""
+    if not torch.cuda.is_available():  # smoke mode: wall clock, a couple of rounds
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for call in calls:
+                call()
+        return (time.perf_counter() - t0) / (reps * len(calls)) * 1e6
+    for call in calls:  # compile and warm up
+        call()
+    torch.cuda.synchronize()
+    run = None
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for call in calls:
+                    call()
+            g.replay()
+            torch.cuda.synchronize()
+            run = g.replay
+        except Exception as exc:  # noqa: BLE001 - report and fall back to eager launches
+            print(f"  (CUDA graph capture failed: {type(exc).__name__}: {exc}; timing eager launches)")
+    if run is None:
+        def run():
+            for call in calls:
+                call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written per second."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    return 2 * n / statistics.median(times)
+
+
+# -------------------------------------------------------------------------------------------------------- measuring
+def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, device, gen, reps: int, graph: bool,
+            check_fn=None) -> dict:
+    """Check ``fn`` against the reference on layer 0, then time it over all layers."""
+    routes = [routing(rows, regime, shape, device, gen) for _ in layers]
+    x = torch.randn(1, rows, shape["H"], generator=gen).to(device)
+    x = x.to(torch.bfloat16) if device.type == "cuda" else x
+    err = None
+    if check_fn is not None:
+        w, ids = routes[0]
+        got, ref = fn(x, w, ids, *layers[0]), check_fn(x, w, ids, *layers[0])
+        err = rel_err(got, ref)
+        if not torch.isfinite(got).all():
+            err = float("nan")
+    calls = [lambda w=w, ids=ids, lw=lw: fn(x, w, ids, *lw) for (w, ids), lw in zip(routes, layers)]
+    us = time_calls(calls, reps, graph)
+    distinct = statistics.mean(len(torch.unique(ids)) for _, ids in routes)
+    nbytes = distinct * expert_bytes(fmt, shape)
+    return {"kernel": name, "format": fmt, "rows": rows, "regime": regime, "us": us, "bytes": nbytes,
+            "distinct_experts": distinct, "GBps": nbytes / us / 1e3, "rel_err_vs_reference": err}
+
+
+def sweep_variants(shape: dict, dev: DeviceInfo) -> list[tuple[str, str, dict]]:
+    """(name, format, context overrides) of the variants --sweep times around the planner's choice: dequantisation,
+    one-row path, PDL, L2 prefetch, split-K, blocks, pipeline depth."""
+    base = experts_context("mxfp4", shape["H"], shape["I"], shape["E"], dev)
+
+    def blocks(kernel, path="gemm", **kv):
+        section = json.loads(json.dumps(base[kernel]))
+        section[path].update(kv)
+        return {kernel: section}
+
+    out = [("mx planner", "mxfp4", {})]
+    out += [(f"mx dequant={dq}", "mxfp4", {"dequant": dq}) for dq in ("tl", "dot_scaled")]
+    out.append(("mx one-row CUDA cores", "mxfp4", {k: {**base[k], "one_row_gemv": True} for k in ("gate_up", "down")}))
+    out.append(("mx pdl=False", "mxfp4", {"pdl": False}))
+    out.append(("mx prefetch", "mxfp4", {"prefetch": True}))
+    out += [(f"mx gate_up one-row SPLIT_K={v}", "mxfp4", blocks("gate_up", SPLIT_K_ONE_ROW=v)) for v in (1, 4)]
+    out.append(("mx gate_up SPLIT_K=2", "mxfp4", blocks("gate_up", SPLIT_K=2)))
+    for kernel in ("gate_up", "down"):
+        cur = base[kernel]["gemm"]
+        out.append((f"mx {kernel} BLOCK_N={cur['BLOCK_N'] // 2} warps/2", "mxfp4",
+                    blocks(kernel, BLOCK_N=cur["BLOCK_N"] // 2, num_warps=max(1, cur["num_warps"] // 2))))
+        out.append((f"mx {kernel} BLOCK_K={cur['BLOCK_K'] * 2}", "mxfp4", blocks(kernel, BLOCK_K=cur["BLOCK_K"] * 2)))
+        out.append((f"mx {kernel} num_stages=2", "mxfp4", blocks(kernel, num_stages=2)))
+    out.append(("mx down_groups=4", "mxfp4", {"down_groups": 4}))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="directory for bench_mxfp4_experts.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes in the CPU interpreter")
+    parser.add_argument("--sweep", action="store_true", help="also time the kernel variants (GPU)")
+    parser.add_argument("--reps", type=int, default=50, help="timed graph replays per measurement")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    shape = MINI if cuda else SMOKE
+    reps = args.reps if cuda else 1
+    dev = DeviceInfo(False, torch.cuda.get_device_properties(0).multi_processor_count) if cuda else DeviceInfo(True, 1)
+    gen = torch.Generator(device=device).manual_seed(0)
+    cpu_gen = torch.Generator().manual_seed(0)
+    t_start = time.time()
+
+    copy_bw = copy_bandwidth() if cuda else None
+    if copy_bw:
+        print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    results, sweep = [], []
+    for fmt in ("mxfp4", "dense"):
+        layers = make_layers(fmt, shape, device, gen)
+        module = kernel_module(fmt, shape, dev)
+        name = "tilec mxfp4" if fmt == "mxfp4" else "tilec bf16"
+        for rows in shape["rows"]:
+            for regime in (["same", "random"] if rows > 1 else ["same"]):
+                r = measure(name, module.launch, fmt, layers, shape, rows, regime, device, cpu_gen, reps, True,
+                            reference(fmt))
+                results.append(r)
+                print(f"  {r['kernel']:12s} rows={rows} {regime:6s} {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s  "
+                      f"err {r['rel_err_vs_reference']:.1e}", flush=True)
+        for rows in shape["rows"]:
+            ref_reps = max(1, reps // 10)
+            r = measure("reference", reference(fmt), fmt, layers, shape, rows, "same", device, cpu_gen, ref_reps,
+                        False)
+            results.append(r)
+            print(f"  {r['kernel']:12s} rows={rows} same   {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s", flush=True)
+        if args.sweep and cuda and fmt == "mxfp4":
+            for vname, vfmt, overrides in sweep_variants(shape, dev):
+                try:
+                    mod = kernel_module(vfmt, shape, dev, **overrides)
+                    row = {"variant": vname, "overrides": overrides}
+                    for rows in (1, 8):
+                        r = measure(vname, mod.launch, vfmt, layers, shape, rows, "same", device, cpu_gen, reps, True,
+                                    reference(vfmt))
+                        row[f"us_{rows}"], row[f"err_{rows}"] = r["us"], r["rel_err_vs_reference"]
+                        row[f"GBps_{rows}"] = r["GBps"]
+                except Exception as exc:  # noqa: BLE001 - a variant that fails to compile is reported, not fatal
+                    row = {"variant": vname, "overrides": overrides, "error": f"{type(exc).__name__}: {exc}"[:500]}
+                sweep.append(row)
+                print("  sweep", json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
+        del layers
+        if cuda:
+            torch.cuda.empty_cache()
+
+    for r in results:
+        r["fraction_of_copy_bw"] = r["GBps"] * 1e9 / copy_bw if copy_bw else None
+    one = {(r["kernel"], r["format"]): r["us"] for r in results if r["rows"] == 1}
+    for r in results:
+        base = one.get((r["kernel"], r["format"]))
+        r["time_vs_1_row"] = r["us"] / base if base else None
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "bench_mxfp4_experts", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu interpreter ({platform.machine()})",
+        "torch": torch.__version__, "triton": __import__("triton").__version__, "shape": shape,
+        "copy_bandwidth_Bps": copy_bw, "timing": "CUDA-graph replay over LAYERS layers (kernels), eager (reference); "
+        "median us per call", "results": results, "sweep": sweep, "seconds": time.time() - t_start,
+    }
+    (out_dir / "bench_mxfp4_experts.json").write_text(json.dumps(report, indent=1))
+    print_table(results, sweep)
+    print(f"wrote {out_dir / 'bench_mxfp4_experts.json'} ({time.time() - t_start:.0f} s)")
+
+
+def print_table(results: list[dict], sweep: list[dict]) -> None:
+    """The short table: time, bytes, bandwidth and its fraction of the copy bandwidth, cost against one row."""
+    print(f"\n{'kernel':12s} {'format':6s} {'rows':>4s} {'regime':6s} {'us':>7s} {'MB read':>7s} {'us/MB':>6s} "
+          f"{'GB/s':>5s} {'of copy':>7s} {'vs 1 row':>8s} {'rel err':>8s}")
+    for r in results:
+        frac = f"{100 * r['fraction_of_copy_bw']:6.1f}%" if r["fraction_of_copy_bw"] else "     -"
+        err = f"{r['rel_err_vs_reference']:.1e}" if r["rel_err_vs_reference"] is not None else "-"
+        ratio = f"{r['time_vs_1_row']:.2f}x" if r["time_vs_1_row"] else "-"
+        mb = r["bytes"] / 1e6
+        print(f"{r['kernel']:12s} {r['format']:6s} {r['rows']:4d} {r['regime']:6s} {r['us']:7.1f} {mb:7.2f} "
+              f"{r['us'] / mb:6.2f} {r['GBps']:5.0f} {frac:>7s} {ratio:>8s} {err:>8s}")
+    mx = {(r["rows"], r["regime"]): r for r in results if r["kernel"] == "tilec mxfp4"}
+    if (1, "same") in mx and (8, "same") in mx and mx[(1, "same")]["fraction_of_copy_bw"]:
+        print(f"goals: MXFP4 1 row at {100 * mx[(1, 'same')]['fraction_of_copy_bw']:.0f}% of copy bandwidth "
+              f"(goal >= 70%); 8 rows (same experts) {mx[(8, 'same')]['time_vs_1_row']:.2f}x one row (goal <= 1.3x)")
+    if sweep:
+        print(f"\n{'sweep variant':38s} {'us 1 row':>8s} {'us 8 rows':>9s} {'err':>8s}")
+        for row in sweep:
+            if "error" in row:
+                print(f"{row['variant']:38s} failed: {row['error'][:70]}")
+            else:
+                print(f"{row['variant']:38s} {row['us_1']:8.1f} {row['us_8']:9.1f} "
+                      f"{max(row['err_1'] or 0, row['err_8'] or 0):8.1e}")
+
+
+if __name__ == "__main__":
+    main()

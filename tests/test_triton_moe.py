@@ -1,0 +1,342 @@
+"""The MoE Triton kernels (templates/triton/moe_router.py.j2, moe_experts.py.j2) against the reference ops.
+
+CPU: the kernels run in Triton's interpreter, fp32, small drawn shapes. `gpu`: bf16 on CUDA at `mini` expert shapes
+(E=128, H=2048, I=768, top-8), every GPU-only variant (inline-PTX dequantisation, tl.dot_scaled, programmatic
+dependent launch) included.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is loaded
+
+import pytest  # noqa: E402
+import triton  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+import tilec  # noqa: E402
+from tilec import mxfp4, ops  # noqa: E402
+from tilec.codegen.plans_moe import experts_context, router_context  # noqa: E402
+from tilec.codegen.render import load_source, render  # noqa: E402
+from tilec.codegen.tuning import DeviceInfo  # noqa: E402
+
+FAST = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+CPU = DeviceInfo(interpret=True, sms=1)
+MINI = {"E": 128, "H": 2048, "I": 768, "k": 8}
+
+
+def load(template: str, ctx: dict, interpret: bool):
+    """Render and import a kernel module; Triton picks interpreter or compiler when the module is imported."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        return load_source(render(template, ctx={**ctx, "nodes": ["test"]}), template.split("/")[-1].split(".")[0])
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+def experts_module(fmt: str, h: int, i: int, e: int, dev: DeviceInfo = CPU, split_k: int = 1, **overrides):
+    """The experts kernels for weights in ``fmt``; ``split_k`` > 1 splits gate_up's reduction over H (32-wide steps)."""
+    ctx = experts_context(fmt, h, i, e, dev, **overrides)
+    if split_k > 1:
+        ctx["gate_up"] = {**ctx["gate_up"], **{path: {**ctx["gate_up"][path], "SPLIT_K": split_k,
+                                                      "SPLIT_K_ONE_ROW": split_k, "BLOCK_K": 32}
+                                               for path in ("gemv", "gemm")}}
+    return load("triton/moe_experts.py.j2", ctx, dev.interpret)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def routing(rows: int, k: int, experts: int, same: bool, g: torch.Generator):
+    """(weights [1, rows, k], ids [1, rows, k]): distinct ids per row; with `same` every row picks the same."""
+    first = torch.randperm(experts, generator=g)[:k]
+    ids = torch.stack([first if same else torch.randperm(experts, generator=g)[:k] for _ in range(rows)])
+    w = torch.rand(rows, k, generator=g) + 0.05
+    return (w / w.sum(-1, keepdim=True)).view(1, rows, k), ids.view(1, rows, k)
+
+
+def run_experts(fmt, mod, x, w, ids, gate_up, down):
+    """(kernel output, reference output) for dense weights, quantising them first for MXFP4."""
+    if fmt == "dense":
+        return mod.launch(x, w, ids, gate_up, down), ops.moe_experts(x, w, ids, gate_up, down)
+    q1, q2 = mxfp4.quantize(gate_up), mxfp4.quantize(down)
+    args = (q1.blocks, q1.scales, q2.blocks, q2.scales)
+    return mod.launch(x, w, ids, *args), ops.mxfp4_moe_experts(x, w, ids, *args)
+
+
+# ---------------------------------------------------------------------------------------------------------- router
+@FAST
+@given(rows=st.integers(1, 5), group_size=st.sampled_from([2, 4, 8]), n_group=st.sampled_from([1, 2, 4]),
+       data=st.data(), bias=st.booleans(), norm=st.booleans(), seed=st.integers(0, 999))
+def test_router(rows, group_size, n_group, data, bias, norm, seed):
+    g = torch.Generator().manual_seed(seed)
+    experts, hidden = group_size * n_group, 24
+    topk_group = data.draw(st.integers(1, n_group))
+    top_k = data.draw(st.integers(1, topk_group * group_size if n_group > 1 else min(experts, 8)))
+    x, weight = torch.randn(1, rows, hidden, generator=g), torch.randn(experts, hidden, generator=g)
+    correction = 0.1 * torch.randn(experts, generator=g) if bias else None
+    mod = load("triton/moe_router.py.j2", router_context(experts, hidden, CPU), True)
+    args = (correction, top_k, n_group, topk_group, norm, 2.5)
+    (gw, gi), (rw, ri) = mod.launch(x, weight, *args), ops.moe_router(x, weight, *args)
+    assert gi.dtype == torch.int64 and gw.dtype == torch.float32 and gi.shape == ri.shape
+    assert torch.equal(gi, ri)
+    assert torch.allclose(gw, rw, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------- experts
+@FAST
+@given(fmt=st.sampled_from(["dense", "mxfp4"]), rows=st.sampled_from([1, 2, 8]), k=st.integers(1, 8),
+       extra=st.integers(0, 6), same=st.booleans(), hidden=st.sampled_from([32, 64, 96]),
+       inter=st.sampled_from([32, 64]), split=st.sampled_from([1, 2]), seed=st.integers(0, 999))
+def test_experts_decode(fmt, rows, k, extra, same, hidden, inter, split, seed):
+    """Decode sizes (rows * k <= 64): one slot per distinct expert; few experts, so rows share them. ``split``
+    splits gate_up's reduction (where H allows)."""
+    g = torch.Generator().manual_seed(seed)
+    experts = k + extra
+    w, ids = routing(rows, k, experts, same, g)
+    x = torch.randn(1, rows, hidden, generator=g)
+    gate_up, down = 0.2 * torch.randn(experts, 2 * inter, hidden, generator=g), \
+        0.2 * torch.randn(experts, hidden, inter, generator=g)
+    split = split if hidden % 64 == 0 else 1
+    got, ref = run_experts(fmt, experts_module(fmt, hidden, inter, experts, split_k=split), x, w, ids, gate_up, down)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["dense", "mxfp4"])
+def test_experts_prefill(fmt):
+    """rows * k > 64: one slot per expert, rows in chunks (a chunk size of 16 here, so three chunks)."""
+    g = torch.Generator().manual_seed(1)
+    rows, k, experts, hidden, inter = 40, 2, 5, 32, 32
+    w, ids = routing(rows, k, experts, False, g)
+    ids[0, 3] = ids[0, 0]  # rows that repeat another row's choice
+    x = torch.randn(2, rows // 2, hidden, generator=g)
+    gate_up, down = torch.randn(experts, 2 * inter, hidden, generator=g), torch.randn(experts, hidden, inter, generator=g)
+    mod = experts_module(fmt, hidden, inter, experts, prefill_rows=16)
+    got, ref = run_experts(fmt, mod, x, w.view(2, rows // 2, k), ids.view(2, rows // 2, k), gate_up, down)
+    assert got.shape == x.shape
+    assert rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("fmt,split", [("dense", 1), ("mxfp4", 1), ("dense", 2), ("mxfp4", 4)])
+def test_experts_repeated_choices(fmt, split):
+    """Rows sharing experts, a row choosing one expert twice, and a zero router weight: each expert's weights are
+    applied once per (row, choice), as the reference does; also with gate_up's reduction split in slices."""
+    g = torch.Generator().manual_seed(2)
+    hidden, inter, experts = 128, 32, 5
+    ids = torch.tensor([[[3, 1, 3], [1, 4, 0], [0, 3, 1]]])
+    w = torch.tensor([[[0.5, 0.25, 0.125], [1.0, 0.0, 2.0], [0.75, 1.5, 0.5]]])
+    x = torch.randn(1, 3, hidden, generator=g)
+    gate_up, down = torch.randn(experts, 2 * inter, hidden, generator=g), torch.randn(experts, hidden, inter, generator=g)
+    mod = experts_module(fmt, hidden, inter, experts, split_k=split)
+    got, ref = run_experts(fmt, mod, x, w, ids, gate_up, down)
+    assert rel(got, ref) < 1e-5
+    got2, _ = run_experts(fmt, mod, x, w, ids, gate_up, down)  # the split's counters were left ready
+    assert torch.equal(got, got2)
+
+
+# --------------------------------------------------------------------------------------- MXFP4 dequantisation, exact
+# A kernel calling the experts kernel's own `x_tile` and `step`: with X the identity, the product is W itself. It lives
+# in a generated file beside the kernel module (Triton compiles only functions it can read from a file).
+PROBE = """
+import triton
+import triton.language as tl
+from {module} import step, x_tile
+
+
+@triton.jit
+def probe_kernel(w_ptr, s_ptr, x_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQUANT: tl.constexpr, PRECISION: tl.constexpr):
+    n = tl.arange(0, BLOCK_N)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        xa, xb = x_tile(x_ptr, m, m < K, k0, K, BLOCK_K, DEQUANT == "dot_scaled")
+        acc = step(acc, w_ptr, s_ptr, n, n < N, xa, xb, k0, K, BLOCK_M, BLOCK_N, BLOCK_K, DEQUANT, PRECISION)
+    tl.store(out_ptr + n[:, None] * K + m[None, :], acc, mask=(n < N)[:, None] & (m < K)[None, :])
+"""
+
+
+def probe(dev: DeviceInfo, dequant: str):
+    """The probe kernel over an MXFP4 experts module rendered for ``dev``."""
+    mod = experts_module("mxfp4", 64, 32, 2, dev, dequant=dequant)
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if dev.interpret else "0"
+    try:
+        return load_source(PROBE.format(module=mod.__name__), "moe_probe").probe_kernel
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+def mismatches(got: torch.Tensor, want: torch.Tensor, q: mxfp4.MXFP4Tensor) -> str:
+    """The first few elements that differ, with their E2M1 code and scale code."""
+    bad = (got != want).nonzero().tolist()
+    out = []
+    for n, k in bad[:8]:
+        byte = int(q.blocks[n, k // 2])
+        code = byte & 15 if k % 2 == 0 else byte >> 4
+        out.append(f"[{n},{k}] got {got[n, k].item()!r} want {want[n, k].item()!r} (code {code}, "
+                   f"scale {int(q.scales[n, k // 32])})")
+    return f"{len(bad)} elements differ: " + "; ".join(out)
+
+
+def exactness_case(device) -> tuple[mxfp4.MXFP4Tensor, torch.Tensor]:
+    """Every E2M1 code in every byte position, under scale codes from the bottom (0: 2^-127, a subnormal) to the
+    top (252; 253/254 overflow fp32 for the larger elements, 255 is NaN)."""
+    n, k = 8, 64
+    codes = torch.arange(n * k // 2) * 7 % 256
+    scales = torch.tensor([0, 1, 2, 100, 127, 128, 200, 252, 120, 110, 130, 140, 90, 60, 30, 3])
+    q = mxfp4.MXFP4Tensor(codes.to(torch.uint8).view(n, k // 2).to(device),
+                          scales.to(torch.uint8).view(n, k // 32).to(device), (n, k))
+    return q, mxfp4.dequantize(q, torch.float32)
+
+
+@pytest.mark.parametrize("block_m", [1, 16])
+def test_mxfp4_dequant_exact(block_m):
+    """The pure-tl dequantisation equals tilec.mxfp4.dequantize bit for bit (one-row and tensor-core paths)."""
+    probe_kernel = probe(CPU, "tl")
+    q, want = exactness_case("cpu")
+    x = torch.eye(64)
+    out = torch.full((8, 64), float("nan"))
+    probe_kernel[(triton.cdiv(64, block_m),)](q.blocks, q.scales, x, out, N=8, K=64, BLOCK_M=block_m, BLOCK_N=16,
+                                              BLOCK_K=64, DEQUANT="tl", PRECISION="ieee")
+    assert torch.equal(out, want)
+
+
+# ------------------------------------------------------------------------------------------ through the lowering
+def test_lowered_router_and_experts():
+    """The planners (tilec/codegen/plans_moe.py) and the kernels' launch signatures, through tilec's Triton lowering
+    of a captured graph (x comes from the graph's input, so capture cannot fold the MoE ops into a constant)."""
+    from tilec.codegen.triton import lower
+
+    g = torch.Generator().manual_seed(3)
+    hidden, inter, experts, k = 32, 32, 6, 3
+    q1 = mxfp4.quantize(torch.randn(experts, 2 * inter, hidden, generator=g))
+    q2 = mxfp4.quantize(torch.randn(experts, hidden, inter, generator=g))
+
+    class Moe(torch.nn.Module):
+        def forward(self, input_ids):
+            x = ops.embedding(input_ids, self.table)
+            w, ids = ops.moe_router(x, self.router, self.bias, k, 2, 1, True, 1.5)
+            return ops.mxfp4_moe_experts(x, w, ids, self.gub, self.gus, self.db, self.ds)
+
+    mod = Moe()
+    for name, t in (("table", torch.randn(10, hidden, generator=g)),
+                    ("router", torch.randn(experts, hidden, generator=g)),
+                    ("bias", 0.1 * torch.randn(experts, generator=g)), ("gub", q1.blocks), ("gus", q1.scales),
+                    ("db", q2.blocks), ("ds", q2.scales)):
+        mod.register_buffer(name, t)
+    gm = tilec.capture(mod)
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        program = lower(gm, torch.device("cpu"), "test")
+        ids = torch.tensor([[1, 7, 7]])
+        got, ref = program(ids), gm(ids)
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+    assert {k.plan.template for k in program.kernels} >= {"triton/moe_router.py.j2", "triton/moe_experts.py.j2"}
+    assert rel(got, ref) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------------- GPU
+def gpu_device() -> DeviceInfo:
+    return DeviceInfo(interpret=False, sms=torch.cuda.get_device_properties(0).multi_processor_count)
+
+
+GPU_VARIANTS = [{}, {"dequant": "asm"}, {"dequant": "dot_scaled"}, {"dequant": "asm", "pdl": True},
+                {"dequant": "asm", "one_row": "gemv"}, {"one_row": "gemv"}]
+
+
+def gpu_overrides(fmt: str, variant: dict) -> dict:
+    """Context overrides for a GPU variant; "one_row" picks the CUDA-core ("gemv") or tensor-core ("dot") path for
+    a single row."""
+    base = experts_context(fmt, MINI["H"], MINI["I"], MINI["E"], gpu_device())
+    out = {key: v for key, v in variant.items() if key != "one_row"}
+    if "one_row" in variant:
+        for kernel in ("gate_up", "down"):
+            out[kernel] = {**base[kernel], "one_row_gemv": variant["one_row"] == "gemv"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def mini_weights():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    e, h, i = MINI["E"], MINI["H"], MINI["I"]
+    dense = ((0.02 * torch.randn(e, 2 * i, h, device="cuda", generator=g)).bfloat16(),
+             (0.02 * torch.randn(e, h, i, device="cuda", generator=g)).bfloat16())
+    mx = (torch.randint(0, 256, (e, 2 * i, h // 2), dtype=torch.uint8, device="cuda", generator=g),
+          torch.randint(118, 125, (e, 2 * i, h // 32), dtype=torch.uint8, device="cuda", generator=g),
+          torch.randint(0, 256, (e, h, i // 2), dtype=torch.uint8, device="cuda", generator=g),
+          torch.randint(118, 125, (e, h, i // 32), dtype=torch.uint8, device="cuda", generator=g))
+    return {"dense": dense, "mxfp4": mx}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,variant", [("dense", {}), ("dense", {"one_row": "dot"}), ("dense", {"pdl": True})]
+                         + [("mxfp4", v) for v in GPU_VARIANTS])
+def test_gpu_experts_mini(fmt, variant, mini_weights):
+    """bf16 activations at mini expert shapes, 1 to 8 rows (same and random routing) and a prefill, against the
+    reference op: within bf16 rounding (each side rounds gate, up, act and every expert's output to bf16)."""
+    mod = experts_module(fmt, MINI["H"], MINI["I"], MINI["E"], gpu_device(), **gpu_overrides(fmt, variant))
+    ref_op = ops.mxfp4_moe_experts if fmt == "mxfp4" else ops.moe_experts
+    g = torch.Generator().manual_seed(0)
+    for rows, same in ((1, True), (2, False), (4, True), (8, True), (8, False), (24, False)):
+        w, ids = routing(rows, MINI["k"], MINI["E"], same, g)
+        x = torch.randn(1, rows, MINI["H"], generator=g).bfloat16().cuda()
+        w, ids = w.cuda(), ids.cuda()
+        out = torch.full_like(x, float("nan"))
+        out.copy_(mod.launch(x, w, ids, *mini_weights[fmt]))
+        ref = ref_op(x, w, ids, *mini_weights[fmt])
+        assert torch.isfinite(out).all()
+        assert rel(out, ref) < 1e-2, (rows, same, rel(out, ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dequant,block_m", [("tl", 1), ("tl", 16), ("asm", 1), ("asm", 16), ("dot_scaled", 16)])
+def test_gpu_mxfp4_dequant_exact(dequant, block_m):
+    """Every dequantisation path on the GPU equals tilec.mxfp4.dequantize exactly (bf16 one-hot X, fp32 sums)."""
+    probe_kernel = probe(gpu_device(), dequant)
+    q, want = exactness_case("cuda")
+    x = torch.eye(64, device="cuda", dtype=torch.bfloat16)
+    out = torch.full((8, 64), float("nan"), device="cuda")
+    probe_kernel[(triton.cdiv(64, block_m),)](q.blocks, q.scales, x, out, N=8, K=64, BLOCK_M=block_m, BLOCK_N=16,
+                                              BLOCK_K=64, DEQUANT=dequant, PRECISION="tf32")
+    out, want = out.cpu(), want.cpu()
+    if dequant == "dot_scaled":
+        # Triton's dot_scaled flushes blocks with scale code 0 (2^-127, values below 1e-37) to zero: documented in
+        # the planner; every other block is exact.
+        tiny = q.scales.cpu().repeat_interleave(32, dim=1) == 0
+        assert not out[tiny].any()
+        out, want = out[~tiny], want[~tiny]
+    # bf16 holds every MXFP4 value whose fp32 value is a normal or subnormal above 2^-133: all of these.
+    assert torch.equal(out, want), mismatches(out, want, q) if out.dim() == 2 else "mismatch"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (8, 4)])
+def test_gpu_router_mini(n_group, topk_group):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, MINI["H"], generator=g).bfloat16().cuda()
+    weight = (0.02 * torch.randn(MINI["E"], MINI["H"], generator=g)).cuda()
+    bias = (0.01 * torch.randn(MINI["E"], generator=g)).cuda()
+    mod = load("triton/moe_router.py.j2", router_context(MINI["E"], MINI["H"], gpu_device()), False)
+    args = (bias, MINI["k"], n_group, topk_group, True, 2.5)
+    (gw, gi), (rw, ri) = mod.launch(x, weight, *args), ops.moe_router(x, weight, *args)
+    assert torch.equal(gi, ri)
+    assert torch.allclose(gw, rw, rtol=1e-5, atol=1e-6)

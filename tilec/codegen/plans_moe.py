@@ -1,0 +1,112 @@
+"""Planners for the MoE ops: the router (scores GEMV + per-row top-k) and the experts (dense or MXFP4 weights).
+
+Decode sizes are what matter here (1 to 8 rows, top-8 of 128..384 experts): the experts kernels read each chosen
+expert's weights once for all rows, so their blocks are picked for one row. The context names every choice the
+template makes, including the GPU-only variants timed by benchmarks/bench_mxfp4_experts.py --sweep: ``dequant``
+("tl": pure Triton, runs in the interpreter; "asm": inline-PTX nibble->bf16 conversion; "dot_scaled": Triton's MXFP4
+matmul; it flushes blocks with scale code 0, 2^-127, to zero), ``pdl`` (programmatic dependent launch of the down
+projection) and ``prefetch`` (L2 prefetch of each slot's weights). The GPU variants apply to bf16 activations; others
+fall back to "tl".
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from tilec.codegen.plan import KernelPlan, planner, val
+from tilec.codegen.tuning import DeviceInfo, clamp, pow2_ceil, pow2_floor
+from tilec.ops.moe import GATHER_LIMIT
+
+# Rows per prefill chunk: bounds the experts' activation buffer at E * PREFILL_ROWS * I elements.
+PREFILL_ROWS = 256
+
+
+@planner("moe_router")
+def _moe_router(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    experts, hidden = val(node.args[1]).shape
+    return KernelPlan.make("triton/moe_router.py.j2", **router_context(experts, hidden, dev))
+
+
+def router_context(experts: int, hidden: int, dev: DeviceInfo) -> dict:
+    if dev.interpret:
+        block_e, block_k = clamp(pow2_ceil(experts), 16, 64), clamp(pow2_ceil(hidden), 16, 256)
+    else:  # a few programs per SM over the experts, long contiguous reads along H
+        block_e, block_k = clamp(pow2_floor(experts // 32), 2, 16), clamp(pow2_ceil(hidden), 16, 512)
+    return {"doc": "MoE router: fp32 sigmoid scores GEMV, then per-row (grouped) top-k and renormalisation",
+            "E": experts, "H": hidden, "BLOCK_E": block_e, "BLOCK_K": block_k, "BLOCK_ALL": pow2_ceil(experts),
+            "num_warps": 4}
+
+
+@planner("moe_experts")
+def _moe_experts(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    experts, two_i, hidden = val(node.args[3]).shape
+    return KernelPlan.make("triton/moe_experts.py.j2", **experts_context("dense", hidden, two_i // 2, experts, dev))
+
+
+@planner("mxfp4_moe_experts")
+def _mxfp4_moe_experts(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    experts, two_i, half_h = val(node.args[3]).shape
+    return KernelPlan.make("triton/moe_experts.py.j2",
+                           **experts_context("mxfp4", 2 * half_h, two_i // 2, experts, dev))
+
+
+def split_k(k: int, block_k: int, want: int) -> int:
+    """The largest split of K up to ``want`` into slices of whole BLOCK_K steps."""
+    steps = max(1, k // block_k)
+    return max(d for d in range(1, want + 1) if steps % d == 0 and k % block_k == 0) if k % block_k == 0 else 1
+
+
+def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: DeviceInfo, **overrides) -> dict:
+    """The experts template's context for weights in ``fmt`` ("dense" or "mxfp4"); ``overrides`` replace keys
+    (the benchmark uses them to time variants)."""
+    mx = fmt == "mxfp4"
+    min_k = 32 if mx else 16  # an MXFP4 step covers whole 32-element scale blocks
+    dequant, pdl = "tl", False
+    if dev.interpret:  # every program costs Python time: few, large blocks
+        def blocks(n, k, split=1):
+            return {"one_row_gemv": True,
+                    "gemv": {"BLOCK_N": clamp(pow2_ceil(n), 2, 128), "BLOCK_K": clamp(pow2_ceil(k), min_k, 256),
+                             "SPLIT_K": split, "num_warps": 4, "num_stages": 1},
+                    "gemm": {"BLOCK_N": clamp(pow2_ceil(n), 16, 128), "BLOCK_K": clamp(pow2_ceil(k), min_k, 256),
+                             "SPLIT_K": split, "SPLIT_K_ONE_ROW": split, "BLOCK_M": 8, "BLOCK_M_PREFILL": 32,
+                             "num_warps": 4, "num_stages": 1}}
+        # gate_up splits H in two whenever that leaves whole blocks, so the tests cover the split-K reduction.
+        split = 2 if hidden % (2 * clamp(pow2_ceil(hidden), min_k, 256)) == 0 else 1
+        gate_up, down, groups, down_groups = blocks(inter, hidden, split), blocks(hidden, inter), 1, 2
+    elif mx:
+        # Measured on the H100 (benchmarks/bench_mxfp4_experts.py --sweep): tensor cores for every row count, 16
+        # weight rows per warp (gate_up tiles hold BLOCK_N gate and BLOCK_N up rows); the inline-PTX conversion
+        # ("asm") beat pure tl by ~1.8x and tl.dot_scaled by ~1.3x; one row splits gate_up's H in two (more warps);
+        # PDL saves ~0.7 us; L2 prefetch and deeper pipelines measured slower.
+        gate_up = {"one_row_gemv": False,
+                   "gemv": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+                   "gemm": {"BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1,
+                            "SPLIT_K_ONE_ROW": split_k(hidden, 256, 2),
+                            "BLOCK_M_PREFILL": 64, "num_warps": 4, "num_stages": 3}}
+        down = {"one_row_gemv": False,
+                "gemv": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+                "gemm": {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "BLOCK_M_PREFILL": 64, "num_warps": 4,
+                         "num_stages": 3}}
+        groups, down_groups = 8, 8
+        dequant, pdl = "asm", True
+    else:
+        gate_up = {"one_row_gemv": True,
+                   "gemv": {"BLOCK_N": 16, "BLOCK_K": clamp(pow2_ceil(hidden), min_k, 512), "num_warps": 4,
+                            "num_stages": 3},
+                   "gemm": {"BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "BLOCK_M_PREFILL": 64, "num_warps": 4,
+                            "num_stages": 3}}
+        down = {"one_row_gemv": True,
+                "gemv": {"BLOCK_N": 16, "BLOCK_K": clamp(pow2_ceil(inter), min_k, 256), "num_warps": 4,
+                         "num_stages": 3},
+                "gemm": {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_M_PREFILL": 64, "num_warps": 4,
+                         "num_stages": 3}}
+        groups, down_groups = 8, 8
+    ctx = {"doc": f"MoE SwiGLU experts ({'MXFP4' if mx else 'dense'} weights): gate/up + SiLU*mul, then down "
+                  f"weighted by the router",
+           "format": fmt, "H": hidden, "I": inter, "E": experts, "decode_pairs": GATHER_LIMIT,
+           "prefill_rows": PREFILL_ROWS, "groups": groups, "down_groups": down_groups, "gate_up": gate_up,
+           "down": down, "dequant": dequant, "pdl": pdl, "prefetch": False,
+           # the tensor cores' operand type: the activations' own (xa is the x tile), fp32 in the interpreter
+           "dot_dtype": "tl.float32" if dev.interpret else "xa.dtype"}
+    ctx.update(overrides)
+    return ctx
