@@ -82,8 +82,11 @@ def _attention(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
         "triton/attention.py.j2", doc="GQA over the KV cache (flash-decoding chunks), then append the new rows",
         HQ=heads, HKV=kc.shape[1], G=heads // kc.shape[1], D=head_dim, DV=v_head_dim, WINDOW=window,
         CAUSAL=bool(causal), scale=scale, value_scale=value_scale,
-        BLOCK_S=16 if dev.interpret else 64, CHUNK=64 if dev.interpret else 256, MAX_SPLIT=4 if dev.interpret
-        else 64, BLOCK_Q_MAX=64, num_warps=4,
+        # Tiles of q [BLOCK_Q, D] and k [BLOCK_S, D] (D padded to a power of two, 256 for MiMo's 192) must fit
+        # shared memory with the pipeline's buffers: halve the key block for wide heads.
+        BLOCK_S=16 if dev.interpret else (32 if head_dim > 128 else 64), CHUNK=64 if dev.interpret else 256,
+        MAX_SPLIT=4 if dev.interpret else 64, BLOCK_Q_MAX=64 if head_dim <= 128 else 32, num_warps=4,
+        num_stages=1 if dev.interpret else 2,
         # bf16 caches: bf16 products on the tensor cores, fp32 accumulation (HF casts probabilities to bf16 too);
         # fp32 (and the interpreter): exact fp32 dots.
         dot_dtype="tl.bfloat16" if kc.dtype == torch.bfloat16 and not dev.interpret else "tl.float32")
