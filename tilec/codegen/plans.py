@@ -73,6 +73,12 @@ def _rope(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
                            BLOCK_P=clamp(pow2_ceil(n // 2), 16, 256))
 
 
+def _spec_rows(node: fx.Node) -> int:
+    """Most rows a decode or verify step has (tiles are fixed up to it, see the attention template)."""
+    gi = node.graph.owning_module.meta.get("tilec") if node.graph.owning_module is not None else None
+    return getattr(gi, "spec_rows", 8) or 8
+
+
 @planner("attention")
 def _attention(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     kc = val(node.args[3])
@@ -81,6 +87,7 @@ def _attention(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     return KernelPlan.make(
         "triton/attention.py.j2", doc="GQA over the KV cache (flash-decoding chunks), then append the new rows",
         HQ=heads, HKV=kc.shape[1], G=heads // kc.shape[1], D=head_dim, DV=v_head_dim, WINDOW=window,
+        SPEC_ROWS=_spec_rows(node),
         CAUSAL=bool(causal), scale=scale, value_scale=value_scale,
         # Tiles of q [BLOCK_Q, D] and k [BLOCK_S, D] (D padded to a power of two, 256 for MiMo's 192) must fit
         # shared memory with the pipeline's buffers: halve the key block for wide heads.
