@@ -330,15 +330,12 @@ def load_draft(directory: str | Path, target) -> DFlashDraft:
     for a draft that does not fit the target or a checkpoint with missing, misshapen or unexpected tensors."""
     from safetensors import safe_open
 
+    from tilec.models.hf import read_config_json
+
     root = Path(directory)
     cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{root} has no config.json; a DFlash draft directory holds config.json and "
-                              f"model.safetensors (see tilec.models.dflash.save_draft)")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
+    raw = read_config_json(root, "a DFlash draft directory holds config.json and model.safetensors (see "
+                                 "tilec.models.dflash.save_draft)")
     if "dflash_config" not in raw and raw.get("model_type") != "dflash":
         raise CheckpointError(f"{cfg_path} is not a DFlash draft config (no dflash_config)")
     target_cfg, embed, head = _target_parts(target)

@@ -49,6 +49,18 @@ _PACKED = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
 _SINK_HUB_NAME = "attention_sink_bias"
 
 
+def read_config_json(root: Path, what: str) -> dict:
+    """``root/config.json`` parsed; a CheckpointError saying ``what`` a directory should hold when it is missing or
+    not JSON."""
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{root} has no config.json; {what}")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
+
+
 class _Tensors:
     """Checkpoint tensors by name, read on demand from safetensors shards or from an in-memory state dict."""
 
@@ -135,14 +147,8 @@ def _open_source(src, stack: contextlib.ExitStack) -> tuple[dict, _Tensors]:
         config.pop("dtype", None)  # the tensors say what the model holds now, the config what it was made with
         return config, _Tensors({}, dict(src.state_dict()), stack)
     root = Path(src)
+    config = read_config_json(root, "a MiMo checkpoint directory holds config.json and model*.safetensors")
     cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{root} has no config.json; a MiMo checkpoint directory holds config.json and "
-                              f"model*.safetensors")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
     if config.get("model_type") not in ("mimo_v2_flash", "mimo_v2"):
         raise CheckpointError(f"{cfg_path} has model_type {config.get('model_type')!r}; tilec.models.from_hf loads "
                               f"MiMo-V2 checkpoints (model_type 'mimo_v2_flash')")
