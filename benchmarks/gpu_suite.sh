@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind the numbers in the README and closing notes, in the order they were made:
 #   benchmarks/gpu_suite.sh tests   -> the gpu-marked tests (log under $OUT); `kernels`: every kernel test on CUDA
+#   benchmarks/gpu_suite.sh invariance -> the first kernel breaking batch invariance, if any (check_batch_invariance.py)
 #   benchmarks/gpu_suite.sh experts -> MXFP4/bf16 expert kernel bandwidth (bench_mxfp4_experts.json)
 #   benchmarks/gpu_suite.sh decode  -> mini decode vs HF eager / reference / torch.compile / floor (bench_decode.json)
 #   benchmarks/gpu_suite.sh dflash  -> DFlash oracle / random draft vs plain decoding (bench_dflash.json)
@@ -14,7 +15,15 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.lo
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 for stage in "$@"; do
   case "$stage" in
-    tests) timeout 300 python3 -m pytest -q -m gpu -rs 2>&1 | tail -30 | tee "$OUT/gpu_tests.log" ;;
+    # the gpu-marked tests, and the batch-invariance test that is bitwise only on a GPU (full logs under $OUT)
+    tests) per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 180")  # names a hung test
+           timeout 300 python3 -m pytest -v -rs --durations=15 $per_test -m gpu tests > "$OUT/gpu_tests.log" 2>&1
+           CUDA_LAUNCH_BLOCKING=1 timeout 60 python3 -m pytest -q \
+             tests/test_triton_backend.py::test_verify_step_rows_equal_decode_steps > "$OUT/gpu_invariance_test.log" 2>&1
+           grep -E "(PASSED|FAILED|ERROR|SKIPPED|Timeout)|passed|failed|s call" "$OUT/gpu_tests.log" "$OUT/gpu_invariance_test.log" ;;
+    # op by op: the first kernel whose rows differ between an 8-row step and 1-row steps (bf16 and MXFP4 mini)
+    invariance) timeout 120 python3 benchmarks/check_batch_invariance.py --out "$OUT/inv_bf16" 2>&1 | tail -14
+                timeout 120 python3 benchmarks/check_batch_invariance.py --mxfp4 --out "$OUT/inv_mxfp4" 2>&1 | tail -14 ;;
     kernels) timeout 420 python3 -m pytest -q tests/test_triton_kernels.py 2>&1 | tail -20 | tee "$OUT/kernels.log" ;;
     experts) timeout 240 python3 benchmarks/bench_mxfp4_experts.py --out "$OUT" 2>&1 | tail -40 ;;
     decode) timeout 560 python3 benchmarks/bench_decode.py --out "$OUT" 2>&1 | tail -60 ;;

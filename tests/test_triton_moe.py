@@ -144,6 +144,92 @@ def test_experts_repeated_choices(fmt, split):
     assert torch.equal(got, got2)
 
 
+# ------------------------------------------------------------------------------------------------ batch invariance
+# DFlash verifies drafted tokens in one multi-row target step and takes the result for what 1-row decode steps would
+# give: each row's output must be the same bits whatever other rows share the step, and however many (1 to 8).
+def invariance_routing(k: int, experts: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [8, k], ids [8, k]) for 8 rows with what makes a kernel's sums depend on the step's other rows: rows
+    sharing experts in different router orders, two rows with the same choice, a row choosing one expert twice, a row
+    choosing an expert no other row chooses, and a zero router weight."""
+    pool = torch.randperm(experts, generator=g)
+    shared, own, others = pool[:k], pool[k], pool[k + 1:]
+    ids = torch.empty(8, k, dtype=torch.int64)
+    ids[0] = ids[2] = shared
+    ids[1] = shared.flip(0)
+    ids[3] = shared[torch.randperm(k, generator=g)]
+    ids[3, -1] = ids[3, 0]
+    ids[4] = shared
+    ids[4, k // 2] = own
+    ids[5] = torch.cat([others[torch.randperm(len(others), generator=g)[:k - k // 2]], shared[k // 2:]])
+    for r in (6, 7):
+        mixed = torch.cat([shared, others])
+        ids[r] = mixed[torch.randperm(len(mixed), generator=g)[:k]]
+    w = torch.rand(8, k, generator=g) + 0.05
+    w[6, 1] = 0.0
+    return w, ids
+
+
+def invariance_calls(g: torch.Generator) -> list[list[int]]:
+    """Rows of the steps to compare: all 8, and for M = 2..7 windows of a shuffled order (every row in a step of
+    each size, at varying positions)."""
+    calls = [list(range(8))]
+    for m in range(2, 8):
+        order = torch.randperm(8, generator=g).tolist()
+        order += order[:-len(order) % m]
+        calls += [order[i:i + m] for i in range(0, len(order), m)]
+    return calls
+
+
+def assert_batch_invariant(call, g: torch.Generator) -> None:
+    """``call(rows)`` runs one step on those of the 8 rows and returns its outputs, each [len(rows), ...]: every row's
+    outputs must equal, bit for bit, those of the step holding that row alone."""
+    alone = [call([r]) for r in range(8)]
+    for rows in invariance_calls(g):
+        for got, want in zip(call(rows), zip(*alone)):
+            for pos, r in enumerate(rows):
+                assert torch.equal(got[pos], want[r][0]), f"row {r} at position {pos} of a {len(rows)}-row step {rows}"
+
+
+def experts_step(fmt: str, mod, x, w, ids, weights):
+    """A `call` for assert_batch_invariant: the experts kernels on rows of (x, w, ids) with weights (as launch takes
+    them); also returns the reference of the full 8-row step."""
+    def call(rows):
+        return (mod.launch(x[rows][None], w[rows][None], ids[rows][None], *weights)[0],)
+    ref = (ops.mxfp4_moe_experts if fmt == "mxfp4" else ops.moe_experts)(x[None], w[None], ids[None], *weights)[0]
+    return call, ref
+
+
+@pytest.mark.parametrize("fmt,split", [("dense", 2), ("mxfp4", 1)])
+def test_experts_batch_invariant(fmt, split):
+    """fp32 in the interpreter: a row's output is the same bits in steps of 1 to 8 rows, at any position."""
+    g = torch.Generator().manual_seed(4)
+    k, experts, hidden, inter = 4, 10, 64, 32
+    w, ids = invariance_routing(k, experts, g)
+    x = torch.randn(8, hidden, generator=g)
+    gate_up, down = 0.2 * torch.randn(experts, 2 * inter, hidden, generator=g), \
+        0.2 * torch.randn(experts, hidden, inter, generator=g)
+    if fmt == "mxfp4":
+        q1, q2 = mxfp4.quantize(gate_up), mxfp4.quantize(down)
+        weights = (q1.blocks, q1.scales, q2.blocks, q2.scales)
+    else:
+        weights = (gate_up, down)
+    call, ref = experts_step(fmt, experts_module(fmt, hidden, inter, experts, split_k=split), x, w, ids, weights)
+    assert rel(call(list(range(8)))[0], ref) < 1e-5
+    assert_batch_invariant(call, g)
+
+
+@pytest.mark.parametrize("n_group,topk_group,bias", [(1, 1, False), (4, 2, True)])
+def test_router_batch_invariant(n_group, topk_group, bias):
+    g = torch.Generator().manual_seed(5)
+    experts, hidden, top_k = 16, 48, 4
+    x, weight = torch.randn(8, hidden, generator=g), torch.randn(experts, hidden, generator=g)
+    correction = 0.1 * torch.randn(experts, generator=g) if bias else None
+    mod = load("triton/moe_router.py.j2", router_context(experts, hidden, CPU), True)
+    args = (correction, top_k, n_group, topk_group, True, 2.5)
+    assert torch.equal(mod.launch(x, weight, *args)[1], ops.moe_router(x, weight, *args)[1])
+    assert_batch_invariant(lambda rows: mod.launch(x[rows], weight, *args), g)
+
+
 # --------------------------------------------------------------------------------------- MXFP4 dequantisation, exact
 # A kernel calling the experts kernel's own `x_tile` and `step`: with X the identity, the product is W itself. It lives
 # in a generated file beside the kernel module (Triton compiles only functions it can read from a file).
@@ -264,8 +350,8 @@ GPU_VARIANTS = [{}, {"dequant": "asm"}, {"dequant": "dot_scaled"}, {"dequant": "
 
 
 def gpu_overrides(fmt: str, variant: dict) -> dict:
-    """Context overrides for a GPU variant; "one_row" picks the CUDA-core ("gemv") or tensor-core ("dot") path for
-    a single row."""
+    """Context overrides for a GPU variant; "one_row" picks the CUDA-core ("gemv": a timing variant, not
+    batch-invariant) or tensor-core ("dot") path for a single row."""
     base = experts_context(fmt, MINI["H"], MINI["I"], MINI["E"], gpu_device())
     out = {key: v for key, v in variant.items() if key != "one_row"}
     if "one_row" in variant:
@@ -288,7 +374,7 @@ def mini_weights():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt,variant", [("dense", {}), ("dense", {"one_row": "dot"}), ("dense", {"pdl": True})]
+@pytest.mark.parametrize("fmt,variant", [("dense", {}), ("dense", {"one_row": "gemv"}), ("dense", {"pdl": True})]
                          + [("mxfp4", v) for v in GPU_VARIANTS])
 def test_gpu_experts_mini(fmt, variant, mini_weights):
     """bf16 activations at mini expert shapes, 1 to 8 rows (same and random routing) and a prefill, against the
@@ -340,3 +426,30 @@ def test_gpu_router_mini(n_group, topk_group):
     (gw, gi), (rw, ri) = mod.launch(x, weight, *args), ops.moe_router(x, weight, *args)
     assert torch.equal(gi, ri)
     assert torch.allclose(gw, rw, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,variant", [("dense", {}), ("dense", {"pdl": True}), ("mxfp4", {}),
+                                         ("mxfp4", {"dequant": "tl"}), ("mxfp4", {"dequant": "dot_scaled"})])
+def test_gpu_experts_batch_invariant(fmt, variant, mini_weights):
+    """bf16 at mini expert shapes, the planner's kernels (and other dequantisations): a row's output is the same bits
+    in steps of 1 to 8 rows, at any position (what DFlash's verify step needs to equal decoding)."""
+    g = torch.Generator().manual_seed(6)
+    w, ids = invariance_routing(MINI["k"], MINI["E"], g)
+    x = torch.randn(8, MINI["H"], generator=g).bfloat16().cuda()
+    mod = experts_module(fmt, MINI["H"], MINI["I"], MINI["E"], gpu_device(), **variant)
+    call, ref = experts_step(fmt, mod, x, w.cuda(), ids.cuda(), mini_weights[fmt])
+    assert rel(call(list(range(8)))[0], ref) < 1e-2
+    assert_batch_invariant(call, g)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (8, 4)])
+def test_gpu_router_batch_invariant(n_group, topk_group):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(8, MINI["H"], generator=g).bfloat16().cuda()
+    weight = (0.02 * torch.randn(MINI["E"], MINI["H"], generator=g)).cuda()
+    bias = (0.01 * torch.randn(MINI["E"], generator=g)).cuda()
+    mod = load("triton/moe_router.py.j2", router_context(MINI["E"], MINI["H"], gpu_device()), False)
+    args = (bias, MINI["k"], n_group, topk_group, True, 2.5)
+    assert_batch_invariant(lambda rows: mod.launch(x[rows], weight, *args), g)

@@ -7,6 +7,11 @@ template makes, including the GPU-only variants timed by benchmarks/bench_mxfp4_
 matmul; it flushes blocks with scale code 0, 2^-127, to zero), ``pdl`` (programmatic dependent launch of the down
 projection) and ``prefetch`` (L2 prefetch of each slot's weights). The GPU variants apply to bf16 activations; others
 fall back to "tl".
+
+Batch invariance: a decode row's output is the same bits in a step of 1 to BLOCK_M (8) rows (DFlash verifies drafted
+tokens in one multi-row step and compares it with 1-row decode steps), so every such step gets one configuration: the
+tensor cores with the same tiles and one split-K for every row count. Two keys are timing variants that give one row a
+path of its own and so break it: ``one_row_gemv`` (one row on the CUDA cores) and the gemm's ``SPLIT_K_ONE_ROW``.
 """
 
 from __future__ import annotations
@@ -50,12 +55,6 @@ def _mxfp4_moe_experts(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
                            **experts_context("mxfp4", 2 * half_h, two_i // 2, experts, dev))
 
 
-def split_k(k: int, block_k: int, want: int) -> int:
-    """The largest split of K up to ``want`` into slices of whole BLOCK_K steps."""
-    steps = max(1, k // block_k)
-    return max(d for d in range(1, want + 1) if steps % d == 0 and k % block_k == 0) if k % block_k == 0 else 1
-
-
 def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: DeviceInfo, **overrides) -> dict:
     """The experts template's context for weights in ``fmt`` ("dense" or "mxfp4"); ``overrides`` replace keys
     (the benchmark uses them to time variants)."""
@@ -64,11 +63,11 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
     dequant, pdl = "tl", False
     if dev.interpret:  # every program costs Python time: few, large blocks
         def blocks(n, k, split=1):
-            return {"one_row_gemv": True,
+            return {"one_row_gemv": False,
                     "gemv": {"BLOCK_N": clamp(pow2_ceil(n), 2, 128), "BLOCK_K": clamp(pow2_ceil(k), min_k, 256),
                              "SPLIT_K": split, "num_warps": 4, "num_stages": 1},
                     "gemm": {"BLOCK_N": clamp(pow2_ceil(n), 16, 128), "BLOCK_K": clamp(pow2_ceil(k), min_k, 256),
-                             "SPLIT_K": split, "SPLIT_K_ONE_ROW": split, "BLOCK_M": 8, "BLOCK_M_PREFILL": 32,
+                             "SPLIT_K": split, "BLOCK_M": 8, "BLOCK_M_PREFILL": 32,
                              "num_warps": 4, "num_stages": 1}}
         # gate_up splits H in two whenever that leaves whole blocks, so the tests cover the split-K reduction.
         split = 2 if hidden % (2 * clamp(pow2_ceil(hidden), min_k, 256)) == 0 else 1
@@ -76,13 +75,13 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
     elif mx:
         # Measured on the H100 (benchmarks/bench_mxfp4_experts.py --sweep): tensor cores for every row count, 16
         # weight rows per warp (gate_up tiles hold BLOCK_N gate and BLOCK_N up rows); the inline-PTX conversion
-        # ("asm") beat pure tl by ~1.8x and tl.dot_scaled by ~1.3x; one row splits gate_up's H in two (more warps);
-        # PDL saves ~0.7 us; L2 prefetch and deeper pipelines measured slower.
+        # ("asm") beat pure tl by ~1.8x and tl.dot_scaled by ~1.3x; PDL saves ~0.7 us; L2 prefetch and deeper
+        # pipelines measured slower. One split of gate_up's H for every row count (batch invariance): unsplit, one
+        # row took 19.2 us against 18.4 split in two, and 8 rows 25.6 against 30.8.
         gate_up = {"one_row_gemv": False,
                    "gemv": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
-                   "gemm": {"BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1,
-                            "SPLIT_K_ONE_ROW": split_k(hidden, 256, 2),
-                            "BLOCK_M_PREFILL": 64, "num_warps": 4, "num_stages": 3}}
+                   "gemm": {"BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1, "BLOCK_M_PREFILL": 64,
+                            "num_warps": 4, "num_stages": 3}}
         down = {"one_row_gemv": False,
                 "gemv": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
                 "gemm": {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "BLOCK_M_PREFILL": 64, "num_warps": 4,
@@ -90,12 +89,14 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
         groups, down_groups = 8, 8
         dequant, pdl = "asm", True
     else:
-        gate_up = {"one_row_gemv": True,
+        # Tensor cores for one row too (batch invariance): the CUDA-core path (one_row_gemv) took 32.3 us for one
+        # row, the tensor cores 33.6 us for two.
+        gate_up = {"one_row_gemv": False,
                    "gemv": {"BLOCK_N": 16, "BLOCK_K": clamp(pow2_ceil(hidden), min_k, 512), "num_warps": 4,
                             "num_stages": 3},
                    "gemm": {"BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "BLOCK_M_PREFILL": 64, "num_warps": 4,
                             "num_stages": 3}}
-        down = {"one_row_gemv": True,
+        down = {"one_row_gemv": False,
                 "gemv": {"BLOCK_N": 16, "BLOCK_K": clamp(pow2_ceil(inter), min_k, 256), "num_warps": 4,
                          "num_stages": 3},
                 "gemm": {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_M_PREFILL": 64, "num_warps": 4,
