@@ -4,6 +4,7 @@
 #   benchmarks/gpu_suite.sh invariance -> the first kernel breaking batch invariance, if any (check_batch_invariance.py)
 #   benchmarks/gpu_suite.sh experts -> MXFP4/bf16 expert kernel bandwidth (bench_mxfp4_experts.json)
 #   benchmarks/gpu_suite.sh decode  -> mini decode vs HF eager / reference / torch.compile / floor (bench_decode.json)
+#   benchmarks/gpu_suite.sh profile -> GPU time per kernel inside the decode step's CUDA graph (profile_step.json)
 #   benchmarks/gpu_suite.sh dflash  -> DFlash oracle / random draft vs plain decoding (bench_dflash.json)
 # Each stage writes JSON and a log under ${OUT:-out}/ and prints a short table last.
 set -uo pipefail
@@ -27,6 +28,7 @@ for stage in "$@"; do
     kernels) timeout 420 python3 -m pytest -q tests/test_triton_kernels.py 2>&1 | tail -20 | tee "$OUT/kernels.log" ;;
     experts) timeout 240 python3 benchmarks/bench_mxfp4_experts.py --out "$OUT" 2>&1 | tail -40 ;;
     decode) timeout 560 python3 benchmarks/bench_decode.py --out "$OUT" 2>&1 | tail -60 ;;
+    profile) timeout 150 python3 benchmarks/profile_step.py --out "$OUT" 2>&1 | grep -v -i warn | tail -40 ;;
     dflash) timeout 300 python3 benchmarks/bench_dflash.py --out "$OUT" 2>&1 | tail -30 ;;
     *) echo "unknown stage $stage" ;;
   esac

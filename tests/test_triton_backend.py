@@ -89,6 +89,10 @@ def test_mini_bf16_on_gpu_matches_reference():
         ref_err = float((bf16 - exact).norm() / exact.norm())
         tri_err = float((mine - exact).norm() / exact.norm())
         assert tri_err < 2 * ref_err + 1e-3, (chunk.shape, tri_err, ref_err)
+        if chunk is ids:  # the prefill: close to the bf16 reference itself, not only as far from fp32 as it is
+            # benchmarks/bench_decode.py measured 1.2e-2 on the H100 for these kernels (prefills of 256 and 4096
+            # tokens); an attention change that made it 6.4e-2 still passed the line above.
+            assert float((mine - bf16).norm() / bf16.norm()) < 3e-2, (tri_err, ref_err)
     assert tri._executor.replays >= 2
     assert torch.equal(tri.generate(ids, 4)[:, :65], ref.generate(ids, 4)[:, :65])
 
