@@ -83,9 +83,8 @@ def main(argv=None) -> int:
     program = cm.program
     program.load()
     log: list = []
-    step_globals = program._step.__globals__
     for kernel in program.kernels:
-        step_globals[kernel.alias] = Recorder(kernel.alias, step_globals[kernel.alias], log)
+        program.bind(kernel.alias, Recorder(kernel.alias, program.kernel_module(kernel.alias), log))
     ops = {k.alias: k.alias.split("_", 1)[1] for k in program.kernels}
 
     def session() -> DecodeSession:

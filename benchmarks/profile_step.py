@@ -6,8 +6,9 @@
 The step runs as decoding runs it, a CUDA graph replay; torch.profiler (CUPTI) records each kernel's GPU time inside
 the graph, grouped by kernel function (with the generated modules defining it). The graph's wall time minus the
 kernels' summed time is what launches and the gaps between kernels cost: the share a persistent kernel would win
-back (with programmatic dependent launch a kernel starts early and waits inside, so that share can read negative). A second table gives each kernel module's launches per step and the weight bytes they read (stacked experts:
-only the experts routed to), with the HBM floor of those bytes at the measured copy bandwidth.
+back (with programmatic dependent launch a kernel starts early and waits inside, so that share can read negative).
+A second table gives each kernel module's launches per step and the weight bytes they read (stacked experts: only
+the experts routed to), with the HBM floor of those bytes at the measured copy bandwidth.
 
 Writes ``DIR/profile_step.json`` and prints both tables. Needs a GPU.
 """
@@ -67,7 +68,6 @@ def main(argv=None) -> int:
     cm = tilec.compile(model, target="triton", options=tilec.Options(mxfp4=args.mxfp4, max_seq_len=length))
     program = cm.program
     program.load()
-    step_globals = program._step.__globals__
     specs = layout_from_graph(cm.graph, 1, length, cm.options.spec_rows)
     bandwidth = common.measure_bandwidth(device, 2 << 30)["copy"]["bytes_per_s"]
 
@@ -88,11 +88,12 @@ def main(argv=None) -> int:
     session = DecodeSession(program, specs, batch=1, max_seq_len=length, device=device)
     ids = torch.randint(0, cm.vocab_size, (1, args.context), device=device)
     token = session.step(ids)[:, -1:].argmax(-1)
-    modules = {k.alias: step_globals[k.alias] for k in program.kernels}
+    modules = {k.alias: program.kernel_module(k.alias) for k in program.kernels}
     for alias, module in modules.items():
-        step_globals[alias] = Counting(alias, module)
+        program.bind(alias, Counting(alias, module))
     token = session.step(token)[:, -1:].argmax(-1)
-    step_globals.update(modules)  # the plain modules again: nothing may synchronise inside a graph capture
+    for alias, module in modules.items():  # the plain modules again: nothing may synchronise in a graph capture
+        program.bind(alias, module)
 
     # Decode steps as CUDA graph replays (as decoding runs them): wall time, then GPU time per kernel function.
     graphed = DecodeSession(GraphedStep(program, max_rows=8), specs, batch=1, max_seq_len=length, device=device)
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     common.write_json(args.out / "profile_step.json", result)
     print(f"{args.preset} {'mxfp4' if args.mxfp4 else 'bf16'} ctx {args.context}: a CUDA-graph step takes "
-          f"{graph_us:.1f} us; its kernels run {total_gpu:.1f} us of it, launches and gaps {graph_us - total_gpu:.1f} us; "
+          f"{graph_us:.1f} us; its kernels run {total_gpu:.1f} us of it, launches and gaps "
+          f"{graph_us - total_gpu:.1f} us; "
           f"weight floor {result['floor_us']:.1f} us")
     print(common.format_table(["kernel", "modules", "per_step", "gpu_us", "share"],
                               [[r["kernel"][:40], ",".join(r["modules"])[:40], r["per_step"], r["gpu_us_per_step"],

@@ -49,7 +49,7 @@ def record_launches(cm, monkeypatch) -> list:
     program.load()
     log: list = []
     for kernel in program.kernels:
-        module = program._step.__globals__[kernel.alias]
+        module = program.kernel_module(kernel.alias)
         for name, obj in list(vars(module).items()):
             # Launched kernels are named *_kernel; other @triton.jit functions are helpers the kernels call.
             if name.endswith("_kernel") and hasattr(obj, "fn"):
@@ -95,7 +95,7 @@ def test_the_check_sees_a_row_dependent_configuration(monkeypatch):
     cm = tilec.compile(build_model("tiny", seed=2), target="triton")
     log = record_launches(cm, monkeypatch)
     program = cm.program
-    attention = next(program._step.__globals__[k.alias] for k in program.kernels if k.alias.endswith("attention"))
+    attention = next(program.kernel_module(k.alias) for k in program.kernels if k.alias.endswith("attention"))
     real = attention.launch
 
     def row_dependent(q, *args, **kwargs):  # one key chunk more per extra row: a configuration that follows T
@@ -114,3 +114,9 @@ def test_the_check_sees_a_row_dependent_configuration(monkeypatch):
     b.step(ids[:, 12:13])
     with pytest.raises(AssertionError, match="attend_kernel grid"):
         compare(block, list(log), "row 0")
+
+
+def test_bind_names_the_kernel_modules_it_has():
+    cm = tilec.compile(build_model("tiny"), target="triton")
+    with pytest.raises(tilec.TilecError, match="no kernel module 'k99_nothing'; this program has k00_"):
+        cm.program.bind("k99_nothing", object())

@@ -126,6 +126,21 @@ class TritonProgram:
         step_module.__dict__.update(modules)
         self._step = step_module.step
 
+    def kernel_module(self, alias: str):
+        """What the step function calls as ``alias`` (``k03_attention``, ...): the loaded kernel module, or what
+        `bind` put there."""
+        self.load()
+        return self._step.__globals__[alias]
+
+    def bind(self, alias: str, module) -> None:
+        """Make the step function call ``module.launch`` for ``alias``: diagnostics wrap kernel modules this way
+        (recording each launch, timing it) without touching the generated sources."""
+        self.load()
+        if alias not in {k.alias for k in self.kernels}:
+            raise TargetError(f"no kernel module {alias!r}; this program has "
+                              f"{', '.join(k.alias for k in self.kernels)}")
+        self._step.__globals__[alias] = module
+
     def __call__(self, *inputs):
         self.load()
         # Inputs may be views (a slice of a prompt); caches are written in place, so they must be dense already.
