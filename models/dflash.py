@@ -27,8 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from tilec import ops
+from tilec.artifact import staged_directory
 from tilec.errors import CheckpointError, ConfigError
 from tilec.models.mimo import Linear, RMSNorm
 from tilec.runtime.kv_cache import CacheSpec, ring_capacity
@@ -309,18 +308,10 @@ def save_draft(draft: DFlashDraft, directory: str | Path) -> Path:
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise CheckpointError(f"{directory} already exists and is not an empty directory; choose a new one")
     config = {**draft.config.to_dict(), "dtype": str(draft.dtype).removeprefix("torch.")}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_directory(directory, CheckpointError) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tensors = {k: v.detach().cpu().contiguous() for k, v in draft.own_state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if directory.exists():
-            directory.rmdir()
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -25,8 +25,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from tilec import mxfp4
+from tilec.artifact import staged_directory
 from tilec.errors import CheckpointError
 from tilec.models.config import MiMoConfig
 from tilec.models.mimo import MiMoForCausalLM
@@ -346,9 +345,7 @@ def save_checkpoint(model: MiMoForCausalLM, directory: str | Path, *, expert_lay
         dense = [f"model.layers.{i}.mlp" for i in range(model.config.num_hidden_layers) if not model.config.is_moe(i)]
         config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
             "model.embed_tokens", "model.layers.*.self_attn", "model.layers.*.mlp.gate", *dense, "lm_head"]}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_directory(directory, CheckpointError) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         names = ["model.safetensors"] if len(shards) == 1 else \
             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -359,12 +356,6 @@ def save_checkpoint(model: MiMoForCausalLM, directory: str | Path, *, expert_lay
             index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
                      "weight_map": {k: file for file, keys in zip(names, shards) for k in keys}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if directory.exists():
-            directory.rmdir()
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
