@@ -31,22 +31,12 @@ from tilec.runtime.kv_cache import layout_from_graph  # noqa: E402
 from tilec.runtime.session import DecodeSession  # noqa: E402
 
 
-class Recorder:
-    """Stands in for a kernel module in the step function's globals: records what each launch returns."""
-
-    def __init__(self, alias: str, module, log: list):
-        self.alias, self.module, self.log = alias, module, log
-
-    def launch(self, *args):
-        out = self.module.launch(*args)
-        self.log.append((self.alias, out))
-        return out
-
-
-def record_step(session: DecodeSession, ids: torch.Tensor, log: list) -> list:
-    log.clear()
-    session.step(ids)
-    return [(alias, _tensors(out)) for alias, out in log]
+def record_step(program, session: DecodeSession, ids: torch.Tensor) -> list:
+    """(kernel alias, its output tensors) of every launch of one step, in order."""
+    log: list = []
+    with program.observing(lambda alias, args, out: log.append((alias, _tensors(out)))):
+        session.step(ids)
+    return log
 
 
 def _tensors(out) -> list[torch.Tensor]:
@@ -82,9 +72,6 @@ def main(argv=None) -> int:
     cm = tilec.compile(model, target="triton", options=tilec.Options(mxfp4=args.mxfp4, max_seq_len=length))
     program = cm.program
     program.load()
-    log: list = []
-    for kernel in program.kernels:
-        program.bind(kernel.alias, Recorder(kernel.alias, program.kernel_module(kernel.alias), log))
     ops = {k.alias: k.alias.split("_", 1)[1] for k in program.kernels}
 
     def session() -> DecodeSession:
@@ -97,8 +84,8 @@ def main(argv=None) -> int:
     block_s, single_s = session(), session()
     block_s.step(ids[:, :args.prompt])
     single_s.step(ids[:, :args.prompt])
-    block = record_step(block_s, ids[:, args.prompt:], log)
-    singles = [record_step(single_s, ids[:, args.prompt + j:args.prompt + j + 1], log) for j in range(args.rows)]
+    block = record_step(program, block_s, ids[:, args.prompt:])
+    singles = [record_step(program, single_s, ids[:, args.prompt + j:args.prompt + j + 1]) for j in range(args.rows)]
 
     launches, first = [], None
     for i, (alias, outs) in enumerate(block):

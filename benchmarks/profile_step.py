@@ -75,25 +75,16 @@ def main(argv=None) -> int:
     reads: dict[str, int] = defaultdict(int)
     launches: dict[str, int] = defaultdict(int)
 
-    class Counting:
-        def __init__(self, alias, module):
-            self.alias, self.module = alias, module
-
-        def launch(self, *a):
-            if not self.alias.endswith("_embedding"):  # a gather: one row of the table per token
-                reads[self.alias] += weight_bytes(a)
-            launches[self.alias] += 1
-            return self.module.launch(*a)
+    def count(alias: str, args: tuple, _out) -> None:
+        if not alias.endswith("_embedding"):  # a gather: one row of the table per token
+            reads[alias] += weight_bytes(args)
+        launches[alias] += 1
 
     session = DecodeSession(program, specs, batch=1, max_seq_len=length, device=device)
     ids = torch.randint(0, cm.vocab_size, (1, args.context), device=device)
     token = session.step(ids)[:, -1:].argmax(-1)
-    modules = {k.alias: program.kernel_module(k.alias) for k in program.kernels}
-    for alias, module in modules.items():
-        program.bind(alias, Counting(alias, module))
-    token = session.step(token)[:, -1:].argmax(-1)
-    for alias, module in modules.items():  # the plain modules again: nothing may synchronise in a graph capture
-        program.bind(alias, module)
+    with program.observing(count):  # weight_bytes synchronises: an eager step, never inside a graph capture
+        token = session.step(token)[:, -1:].argmax(-1)
 
     # Decode steps as CUDA graph replays (as decoding runs them): wall time, then GPU time per kernel function.
     graphed = DecodeSession(GraphedStep(program, max_rows=8), specs, batch=1, max_seq_len=length, device=device)
@@ -118,8 +109,8 @@ def main(argv=None) -> int:
                         "gpu_us_per_step": evt.device_time_total / args.steps})
     kernels.sort(key=lambda r: -r["gpu_us_per_step"])
     total_gpu = sum(r["gpu_us_per_step"] for r in kernels)
-    modules_rows = [{"module": alias, "launches": launches[alias], "weight_MB": reads[alias] / 1e6,
-                     "floor_us": reads[alias] / bandwidth * 1e6} for alias in sorted(modules)]
+    modules_rows = [{"module": k.alias, "launches": launches[k.alias], "weight_MB": reads[k.alias] / 1e6,
+                     "floor_us": reads[k.alias] / bandwidth * 1e6} for k in program.kernels]
     result = {"benchmark": "profile_step", "created": common.now_iso(), "environment": common.environment(device),
               "preset": args.preset, "mxfp4": args.mxfp4, "context": args.context, "copy_Bps": bandwidth,
               "graph_step_us": graph_us, "kernels_gpu_us_per_step": total_gpu,

@@ -69,24 +69,32 @@ def compare(block: list, single: list, what: str) -> None:
             assert grid8[dim] == grid1[dim], f"{what}: {name} grid {grid8} against {grid1}"
 
 
+def launches_of_steps(cm, log: list, prompt: int, seed: int, singles: int = ROWS) -> tuple[list, list[list]]:
+    """From the same cache after a prompt: the launches of one ROWS-row step, and of the 1-row steps at its first
+    ``singles`` positions."""
+    ids = torch.randint(0, 512, (1, prompt + ROWS), generator=torch.Generator().manual_seed(seed))
+    a, b = cm.new_session(1, 40), cm.new_session(1, 40)
+    a.step(ids[:, :prompt])
+    b.step(ids[:, :prompt])
+    log.clear()
+    a.step(ids[:, prompt:])
+    block, steps = list(log), []
+    for t in range(singles):
+        log.clear()
+        b.step(ids[:, prompt + t:prompt + t + 1])
+        steps.append(list(log))
+    return block, steps
+
+
 @pytest.mark.parametrize("mxfp4", [False, True])
 def test_verify_and_decode_steps_launch_the_same_tiles(mxfp4, monkeypatch):
     """An 8-row step and 1-row steps at each of its positions, past the sliding window (tiny: window 9) so ring
     slots have been reused: the same kernels with the same constexprs, scalars and fixed grid dimensions."""
     cm = tilec.compile(build_model("tiny", seed=2), target="triton", options=tilec.Options(mxfp4=mxfp4))
-    log = record_launches(cm, monkeypatch)
-    ids = torch.randint(0, 512, (1, 14 + ROWS), generator=torch.Generator().manual_seed(3))
-    a, b = cm.new_session(1, 40), cm.new_session(1, 40)
-    a.step(ids[:, :14])
-    b.step(ids[:, :14])
-    log.clear()
-    a.step(ids[:, 14:])
-    block = list(log)
+    block, singles = launches_of_steps(cm, record_launches(cm, monkeypatch), prompt=14, seed=3)
     assert {c[0] for c in block} >= {"attend_kernel", "gate_up_kernel", "down_kernel", "linear_kernel"}
-    for t in range(ROWS):
-        log.clear()
-        b.step(ids[:, 14 + t:15 + t])
-        compare(block, list(log), f"row {t}")
+    for t, single in enumerate(singles):
+        compare(block, single, f"row {t}")
 
 
 def test_the_check_sees_a_row_dependent_configuration(monkeypatch):
@@ -103,20 +111,21 @@ def test_the_check_sees_a_row_dependent_configuration(monkeypatch):
         return real(q, *args, **kwargs)
 
     monkeypatch.setattr(attention, "launch", row_dependent)
-    ids = torch.randint(0, 512, (1, 12 + ROWS), generator=torch.Generator().manual_seed(4))
-    a, b = cm.new_session(1, 40), cm.new_session(1, 40)
-    a.step(ids[:, :12])
-    b.step(ids[:, :12])
-    log.clear()
-    a.step(ids[:, 12:])
-    block = list(log)
-    log.clear()
-    b.step(ids[:, 12:13])
+    block, (single,) = launches_of_steps(cm, log, prompt=12, seed=4, singles=1)
     with pytest.raises(AssertionError, match="attend_kernel grid"):
-        compare(block, list(log), "row 0")
+        compare(block, single, "row 0")
 
 
-def test_bind_names_the_kernel_modules_it_has():
+def test_observing_sees_every_launch_and_then_lets_go():
     cm = tilec.compile(build_model("tiny"), target="triton")
-    with pytest.raises(tilec.TilecError, match="no kernel module 'k99_nothing'; this program has k00_"):
-        cm.program.bind("k99_nothing", object())
+    program, seen = cm.program, []
+    plain = {k.alias: program.kernel_module(k.alias) for k in program.kernels}
+    with program.observing(lambda alias, args, out: seen.append((alias, out))):
+        logits = cm(torch.tensor([[5, 7, 9]]))
+    calls = [line for line in program.step_source.splitlines() if ".launch(" in line]
+    assert [alias for alias, _ in seen] == [line.split("= ")[-1].split(".launch")[0].strip() for line in calls]
+    assert torch.equal(seen[-1][1], logits)  # the lm_head's output is what the call returned
+    assert {k.alias: program.kernel_module(k.alias) for k in program.kernels} == plain
+    seen.clear()
+    cm(torch.tensor([[5, 7, 9]]))
+    assert not seen

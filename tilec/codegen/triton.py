@@ -8,9 +8,11 @@ machine without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 from types import ModuleType
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -127,19 +129,23 @@ class TritonProgram:
         self._step = step_module.step
 
     def kernel_module(self, alias: str):
-        """What the step function calls as ``alias`` (``k03_attention``, ...): the loaded kernel module, or what
-        `bind` put there."""
+        """The loaded kernel module the step function calls as ``alias`` (``k03_attention``, ...)."""
         self.load()
         return self._step.__globals__[alias]
 
-    def bind(self, alias: str, module) -> None:
-        """Make the step function call ``module.launch`` for ``alias``: diagnostics wrap kernel modules this way
-        (recording each launch, timing it) without touching the generated sources."""
+    @contextlib.contextmanager
+    def observing(self, hook: Callable[[str, tuple, object], None]):
+        """Within the block, each kernel module launch calls ``hook(alias, args, output)`` after it returns:
+        diagnostics record outputs or count bytes this way without touching the generated sources. The hook must
+        not synchronise if a CUDA graph is captured meanwhile."""
         self.load()
-        if alias not in {k.alias for k in self.kernels}:
-            raise TargetError(f"no kernel module {alias!r}; this program has "
-                              f"{', '.join(k.alias for k in self.kernels)}")
-        self._step.__globals__[alias] = module
+        names = self._step.__globals__
+        plain = {k.alias: names[k.alias] for k in self.kernels}
+        names.update({alias: _Observed(alias, module, hook) for alias, module in plain.items()})
+        try:
+            yield self
+        finally:
+            names.update(plain)
 
     def __call__(self, *inputs):
         self.load()
@@ -152,6 +158,18 @@ class TritonProgram:
                 t = t.contiguous()
             dense.append(t)
         return self._step(*dense, W=self.weights)
+
+
+class _Observed:
+    """A kernel module seen through `TritonProgram.observing`."""
+
+    def __init__(self, alias: str, module: ModuleType, hook: Callable[[str, tuple, object], None]):
+        self.alias, self.module, self.hook = alias, module, hook
+
+    def launch(self, *args):
+        out = self.module.launch(*args)
+        self.hook(self.alias, args, out)
+        return out
 
 
 def _fetch(gm: fx.GraphModule, target: str):
