@@ -37,7 +37,7 @@ if "--smoke" in sys.argv or not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from a source checkout
 
 from tilec import ops  # noqa: E402
-from tilec.codegen.plans_moe import experts_context  # noqa: E402
+from tilec.codegen.plans_moe import FOLD_LIMIT, experts_context  # noqa: E402
 from tilec.codegen.render import load_source, render  # noqa: E402
 from tilec.codegen.tuning import DeviceInfo  # noqa: E402
 
@@ -94,8 +94,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
-def time_calls(calls, reps: int, graph: bool) -> float:
-    """Median microseconds per call of ``calls`` (each a no-argument function), run back to back."""
+def time_calls(calls, reps: int, graph: bool, per_kernel: dict | None = None) -> float:
+    """Median microseconds per call of ``calls`` (each a no-argument function), run back to back; ``per_kernel``, if
+    given, receives each kernel's GPU time per call."""
     if not torch.cuda.is_available():  # smoke mode: wall clock, a couple of rounds
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -129,7 +130,25 @@ def time_calls(calls, reps: int, graph: bool) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    if per_kernel is not None:
+        per_kernel.update(kernel_times(run, len(calls)))
     return statistics.median(times)
+
+
+def kernel_times(run, calls: int, reps: int = 10) -> dict:
+    """GPU microseconds per call of each kernel that ``run`` launches (torch.profiler/CUPTI, inside the graph). With
+    programmatic dependent launch a kernel's time includes its wait for the one before."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    out = {}
+    for event in prof.key_averages():
+        if event.device_type.name == "CUDA" and "kernel" in event.key:
+            total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+            out[event.key] = total / (reps * calls)
+    return out
 
 
 def copy_bandwidth() -> float:
@@ -154,7 +173,7 @@ def copy_bandwidth() -> float:
 
 # -------------------------------------------------------------------------------------------------------- measuring
 def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, device, gen, reps: int, graph: bool,
-            check_fn=None) -> dict:
+            check_fn=None, per_kernel: bool = False) -> dict:
     """Check ``fn`` against the reference on layer 0, then time it over all layers."""
     routes = [routing(rows, regime, shape, device, gen) for _ in layers]
     x = torch.randn(1, rows, shape["H"], generator=gen).to(device)
@@ -167,38 +186,59 @@ def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, devi
         if not torch.isfinite(got).all():
             err = float("nan")
     calls = [lambda w=w, ids=ids, lw=lw: fn(x, w, ids, *lw) for (w, ids), lw in zip(routes, layers)]
-    us = time_calls(calls, reps, graph)
+    kernels = {} if per_kernel and device.type == "cuda" else None
+    us = time_calls(calls, reps, graph, kernels)
     distinct = statistics.mean(len(torch.unique(ids)) for _, ids in routes)
     nbytes = distinct * expert_bytes(fmt, shape)
     return {"kernel": name, "format": fmt, "rows": rows, "regime": regime, "us": us, "bytes": nbytes,
-            "distinct_experts": distinct, "GBps": nbytes / us / 1e3, "rel_err_vs_reference": err}
+            "distinct_experts": distinct, "GBps": nbytes / us / 1e3, "rel_err_vs_reference": err,
+            "kernel_us": kernels}
 
 
-def sweep_variants(shape: dict, dev: DeviceInfo) -> list[tuple[str, str, dict]]:
-    """(name, format, context overrides) of the variants --sweep times around the planner's choice: dequantisation,
-    one-row path, PDL, L2 prefetch, split-K, blocks, pipeline depth."""
-    base = experts_context("mxfp4", shape["H"], shape["I"], shape["E"], dev)
+def planned(fmt: str, layers) -> dict:
+    """What the planner decides from the weights themselves (plans_moe._mxfp4_moe_experts): ``scale_fold`` when
+    every scale code allows it."""
+    if fmt != "mxfp4":
+        return {}
+    top = max(int(t.max()) for layer in layers for t in (layer[1], layer[3]))
+    return {"scale_fold": top <= FOLD_LIMIT}
 
-    def blocks(kernel, path="gemm", **kv):
-        section = json.loads(json.dumps(base[kernel]))
+
+def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, str, dict]]:
+    """(name, format, context overrides) of the variants --sweep times around the planner's choice (``plan``, what it
+    took from the weights): dequantisation, scale folding, one-row path, PDL, L2 prefetch, x's even/odd split,
+    split-K, blocks, pipeline depth, and a few combinations."""
+    base = experts_context("mxfp4", shape["H"], shape["I"], shape["E"], dev, **plan)
+
+    def blocks(kernel, path="gemm", start=None, **kv):
+        section = json.loads(json.dumps((start or base)[kernel]))
         section[path].update(kv)
         return {kernel: section}
 
     out = [("mx planner", "mxfp4", {})]
     out += [(f"mx dequant={dq}", "mxfp4", {"dequant": dq}) for dq in ("tl", "dot_scaled")]
+    out.append((f"mx scale_fold={not base['scale_fold']}", "mxfp4", {"scale_fold": not base["scale_fold"]}))
     out.append(("mx one-row CUDA cores", "mxfp4", {k: {**base[k], "one_row_gemv": True} for k in ("gate_up", "down")}))
     out.append(("mx pdl=False", "mxfp4", {"pdl": False}))
-    out.append(("mx prefetch", "mxfp4", {"prefetch": True}))
-    out += [(f"mx gate_up one-row SPLIT_K={v}", "mxfp4", blocks("gate_up", SPLIT_K_ONE_ROW=v)) for v in (1, 4)]
+    out.append((f"mx prefetch={not base['prefetch']}", "mxfp4", {"prefetch": not base["prefetch"]}))
+    other_split = "registers" if base["x_split"] == "strided" else "strided"
+    out.append((f"mx x_split={other_split}", "mxfp4", {"x_split": other_split}))
     out.append(("mx gate_up SPLIT_K=2", "mxfp4", blocks("gate_up", SPLIT_K=2)))
     for kernel in ("gate_up", "down"):
         cur = base[kernel]["gemm"]
         out.append((f"mx {kernel} BLOCK_N={cur['BLOCK_N'] // 2} warps/2", "mxfp4",
                     blocks(kernel, BLOCK_N=cur["BLOCK_N"] // 2, num_warps=max(1, cur["num_warps"] // 2))))
+        out.append((f"mx {kernel} BLOCK_N={cur['BLOCK_N'] * 2} warps*2", "mxfp4",
+                    blocks(kernel, BLOCK_N=cur["BLOCK_N"] * 2, num_warps=cur["num_warps"] * 2)))
         out.append((f"mx {kernel} BLOCK_K={cur['BLOCK_K'] * 2}", "mxfp4", blocks(kernel, BLOCK_K=cur["BLOCK_K"] * 2)))
-        out.append((f"mx {kernel} num_stages=2", "mxfp4", blocks(kernel, num_stages=2)))
-    out.append(("mx down_groups=4", "mxfp4", {"down_groups": 4}))
-    return out
+        for stages in (2, 4, 6):
+            if stages != cur["num_stages"]:
+                out.append((f"mx {kernel} num_stages={stages}", "mxfp4", blocks(kernel, num_stages=stages)))
+    other_groups = 8 if base["groups"] != 8 else 16
+    out.append((f"mx groups={other_groups}", "mxfp4", {"groups": other_groups, "down_groups": other_groups}))
+    out.append((f"mx down_preload={not base['down_preload']}", "mxfp4", {"down_preload": not base["down_preload"]}))
+    out.append(("mx down_preload, pdl=False", "mxfp4", {"down_preload": True, "pdl": False}))
+    return [(name, fmt, {**plan, **overrides}) for name, fmt, overrides in out]
 
 
 def main() -> None:
@@ -220,10 +260,11 @@ def main() -> None:
     copy_bw = copy_bandwidth() if cuda else None
     if copy_bw:
         print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
-    results, sweep = [], []
+    results, sweep, plans = [], [], {}
     for fmt in ("mxfp4", "dense"):
         layers = make_layers(fmt, shape, device, gen)
-        module = kernel_module(fmt, shape, dev)
+        plan = plans[fmt] = planned(fmt, layers)
+        module = kernel_module(fmt, shape, dev, **plan)
         name = "tilec mxfp4" if fmt == "mxfp4" else "tilec bf16"
         for rows in shape["rows"]:
             for regime in (["same", "random"] if rows > 1 else ["same"]):
@@ -239,15 +280,16 @@ def main() -> None:
             results.append(r)
             print(f"  {r['kernel']:12s} rows={rows} same   {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s", flush=True)
         if args.sweep and cuda and fmt == "mxfp4":
-            for vname, vfmt, overrides in sweep_variants(shape, dev):
+            for vname, vfmt, overrides in sweep_variants(shape, dev, plan):
                 try:
                     mod = kernel_module(vfmt, shape, dev, **overrides)
                     row = {"variant": vname, "overrides": overrides}
-                    for rows in (1, 8):
-                        r = measure(vname, mod.launch, vfmt, layers, shape, rows, "same", device, cpu_gen, reps, True,
-                                    reference(vfmt))
-                        row[f"us_{rows}"], row[f"err_{rows}"] = r["us"], r["rel_err_vs_reference"]
-                        row[f"GBps_{rows}"] = r["GBps"]
+                    for rows, regime in ((1, "same"), (8, "same"), (8, "random")):
+                        r = measure(vname, mod.launch, vfmt, layers, shape, rows, regime, device, cpu_gen, reps, True,
+                                    reference(vfmt), per_kernel=True)
+                        tag = f"{rows}" if regime == "same" else f"{rows}r"
+                        row[f"us_{tag}"], row[f"err_{tag}"] = r["us"], r["rel_err_vs_reference"]
+                        row[f"GBps_{tag}"], row[f"kernel_us_{tag}"] = r["GBps"], r["kernel_us"]
                 except Exception as exc:  # noqa: BLE001 - a variant that fails to compile is reported, not fatal
                     row = {"variant": vname, "overrides": overrides, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 sweep.append(row)
@@ -269,7 +311,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu interpreter ({platform.machine()})",
         "torch": torch.__version__, "triton": __import__("triton").__version__, "shape": shape,
         "copy_bandwidth_Bps": copy_bw, "timing": "CUDA-graph replay over LAYERS layers (kernels), eager (reference); "
-        "median us per call", "results": results, "sweep": sweep, "seconds": time.time() - t_start,
+        "median us per call", "planned_from_weights": plans, "results": results, "sweep": sweep,
+        "seconds": time.time() - t_start,
     }
     (out_dir / "bench_mxfp4_experts.json").write_text(json.dumps(report, indent=1))
     print_table(results, sweep)
@@ -292,13 +335,18 @@ def print_table(results: list[dict], sweep: list[dict]) -> None:
         print(f"goals: MXFP4 1 row at {100 * mx[(1, 'same')]['fraction_of_copy_bw']:.0f}% of copy bandwidth "
               f"(goal >= 70%); 8 rows (same experts) {mx[(8, 'same')]['time_vs_1_row']:.2f}x one row (goal <= 1.3x)")
     if sweep:
-        print(f"\n{'sweep variant':38s} {'us 1 row':>8s} {'us 8 rows':>9s} {'err':>8s}")
+        print(f"\n{'sweep variant':34s} {'us 1 row':>8s} {'(gate_up':>8s} {'down)':>6s} {'8 rows':>7s} "
+              f"{'8 random':>8s} {'GB/s':>5s} {'err':>8s}")
         for row in sweep:
             if "error" in row:
-                print(f"{row['variant']:38s} failed: {row['error'][:70]}")
+                print(f"{row['variant']:34s} failed: {row['error'][:70]}")
             else:
-                print(f"{row['variant']:38s} {row['us_1']:8.1f} {row['us_8']:9.1f} "
-                      f"{max(row['err_1'] or 0, row['err_8'] or 0):8.1e}")
+                k1 = row.get("kernel_us_1") or {}
+                gu = sum(v for n, v in k1.items() if "gate_up" in n)
+                dn = sum(v for n, v in k1.items() if "down" in n)
+                err = max(row[f"err_{t}"] or 0 for t in ("1", "8", "8r"))
+                print(f"{row['variant']:34s} {row['us_1']:8.1f} {gu:8.1f} {dn:6.1f} {row['us_8']:7.1f} "
+                      f"{row['us_8r']:8.1f} {row['GBps_8r']:5.0f} {err:8.1e}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 import tilec  # noqa: E402
 from tilec import mxfp4, ops  # noqa: E402
-from tilec.codegen.plans_moe import experts_context, router_context  # noqa: E402
+from tilec.codegen.plans_moe import FOLD_LIMIT, experts_context, router_context  # noqa: E402
 from tilec.codegen.render import load_source, render  # noqa: E402
 from tilec.codegen.tuning import DeviceInfo  # noqa: E402
 
@@ -42,9 +42,14 @@ def load(template: str, ctx: dict, interpret: bool):
             os.environ["TRITON_INTERPRET"] = before
 
 
-def experts_module(fmt: str, h: int, i: int, e: int, dev: DeviceInfo = CPU, split_k: int = 1, **overrides):
-    """The experts kernels for weights in ``fmt``; ``split_k`` > 1 splits gate_up's reduction over H (32-wide steps)."""
+def experts_module(fmt: str, h: int, i: int, e: int, dev: DeviceInfo = CPU, split_k: int = 1,
+                   down_block_k: int | None = None, **overrides):
+    """The experts kernels for weights in ``fmt``; ``split_k`` > 1 splits gate_up's reduction over H (32-wide steps);
+    ``down_block_k`` sets the down projection's step along I."""
     ctx = experts_context(fmt, h, i, e, dev, **overrides)
+    if down_block_k:
+        ctx["down"] = {**ctx["down"], **{path: {**ctx["down"][path], "BLOCK_K": down_block_k}
+                                         for path in ("gemv", "gemm")}}
     if split_k > 1:
         ctx["gate_up"] = {**ctx["gate_up"], **{path: {**ctx["gate_up"][path], "SPLIT_K": split_k,
                                                       "SPLIT_K_ONE_ROW": split_k, "BLOCK_K": 32}
@@ -96,10 +101,13 @@ def test_router(rows, group_size, n_group, data, bias, norm, seed):
 @FAST
 @given(fmt=st.sampled_from(["dense", "mxfp4"]), rows=st.sampled_from([1, 2, 8]), k=st.integers(1, 8),
        extra=st.integers(0, 6), same=st.booleans(), hidden=st.sampled_from([32, 64, 96]),
-       inter=st.sampled_from([32, 64]), split=st.sampled_from([1, 2]), seed=st.integers(0, 999))
-def test_experts_decode(fmt, rows, k, extra, same, hidden, inter, split, seed):
+       inter=st.sampled_from([32, 64]), split=st.sampled_from([1, 2]), x_split=st.sampled_from(["strided", "registers"]),
+       preload=st.booleans(), seed=st.integers(0, 999))
+def test_experts_decode(fmt, rows, k, extra, same, hidden, inter, split, x_split, preload, seed):
     """Decode sizes (rows * k <= 64): one slot per distinct expert; few experts, so rows share them. ``split``
-    splits gate_up's reduction (where H allows)."""
+    splits gate_up's reduction (where H allows); ``x_split`` is how MXFP4 steps split x into even and odd columns;
+    ``preload`` has the down projection load its first slot's weights whole before the slot loop (in 32-wide
+    steps, so several)."""
     g = torch.Generator().manual_seed(seed)
     experts = k + extra
     w, ids = routing(rows, k, experts, same, g)
@@ -107,7 +115,9 @@ def test_experts_decode(fmt, rows, k, extra, same, hidden, inter, split, seed):
     gate_up, down = 0.2 * torch.randn(experts, 2 * inter, hidden, generator=g), \
         0.2 * torch.randn(experts, hidden, inter, generator=g)
     split = split if hidden % 64 == 0 else 1
-    got, ref = run_experts(fmt, experts_module(fmt, hidden, inter, experts, split_k=split), x, w, ids, gate_up, down)
+    mod = experts_module(fmt, hidden, inter, experts, split_k=split, x_split=x_split, down_preload=preload,
+                         down_block_k=32 if preload else None)
+    got, ref = run_experts(fmt, mod, x, w, ids, gate_up, down)
     assert got.shape == ref.shape and got.dtype == ref.dtype
     assert rel(got, ref) < 1e-5
 
@@ -252,9 +262,9 @@ def probe_kernel(w_ptr, s_ptr, x_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
 """
 
 
-def probe(dev: DeviceInfo, dequant: str):
+def probe(dev: DeviceInfo, dequant: str, **overrides):
     """The probe kernel over an MXFP4 experts module rendered for ``dev``."""
-    mod = experts_module("mxfp4", 64, 32, 2, dev, dequant=dequant)
+    mod = experts_module("mxfp4", 64, 32, 2, dev, dequant=dequant, **overrides)
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if dev.interpret else "0"
     try:
@@ -278,12 +288,14 @@ def mismatches(got: torch.Tensor, want: torch.Tensor, q: mxfp4.MXFP4Tensor) -> s
     return f"{len(bad)} elements differ: " + "; ".join(out)
 
 
-def exactness_case(device) -> tuple[mxfp4.MXFP4Tensor, torch.Tensor]:
+def exactness_case(device, max_scale: int = 255) -> tuple[mxfp4.MXFP4Tensor, torch.Tensor]:
     """Every E2M1 code in every byte position, under scale codes from the bottom (0: 2^-127, a subnormal) to the
-    top (252; 253/254 overflow fp32 for the larger elements, 255 is NaN)."""
+    top (252; 253/254 overflow fp32 for the larger elements, 255 is NaN), or to ``max_scale`` (larger codes are
+    replaced by codes from max_scale down)."""
     n, k = 8, 64
     codes = torch.arange(n * k // 2) * 7 % 256
     scales = torch.tensor([0, 1, 2, 100, 127, 128, 200, 252, 120, 110, 130, 140, 90, 60, 30, 3])
+    scales = torch.where(scales > max_scale, max_scale - scales % 7, scales)
     q = mxfp4.MXFP4Tensor(codes.to(torch.uint8).view(n, k // 2).to(device),
                           scales.to(torch.uint8).view(n, k // 32).to(device), (n, k))
     return q, mxfp4.dequantize(q, torch.float32)
@@ -340,13 +352,54 @@ def test_lowered_router_and_experts():
     assert rel(got, ref) < 1e-5
 
 
+def test_scale_fold_planned_from_the_weights():
+    """The GPU plan folds the dequantisation's 2^126 into the block scale only when every scale code of the layer's
+    weights is at most FOLD_LIMIT (2^(code - 1) a bf16); one larger code, or weights not at hand (meta), and it
+    keeps the two multiplies."""
+    import json
+
+    from tilec.codegen.plan import PLANNERS
+
+    g = torch.Generator().manual_seed(4)
+    q1 = mxfp4.quantize(torch.randn(4, 64, 64, generator=g))
+    q2 = mxfp4.quantize(torch.randn(4, 64, 32, generator=g))
+
+    class Experts(torch.nn.Module):
+        def forward(self, input_ids):
+            x = ops.embedding(input_ids, self.table)
+            w, ids = ops.moe_router(x, self.router, None, 2, 1, 1, True, 1.0)
+            return ops.mxfp4_moe_experts(x, w, ids, self.gub, self.gus, self.db, self.ds)
+
+    def planned(gus, ds) -> bool:
+        mod = Experts()
+        for name, t in (("table", torch.randn(10, 64, generator=g)), ("router", torch.randn(4, 64, generator=g)),
+                        ("gub", q1.blocks), ("gus", gus), ("db", q2.blocks), ("ds", ds)):
+            mod.register_buffer(name, t)
+        gm = tilec.capture(mod)
+        node = next(n for n in gm.graph.nodes if n.op == "call_function" and "mxfp4_moe_experts" in str(n.target))
+        ctx = json.loads(PLANNERS["mxfp4_moe_experts"](node, DeviceInfo(interpret=False, sms=132)).context)
+        assert ctx["dequant"] == "asm"
+        return ctx["scale_fold"]
+
+    assert int(q1.scales.max()) <= FOLD_LIMIT and int(q2.scales.max()) <= FOLD_LIMIT
+    assert planned(q1.scales, q2.scales)
+    big = q2.scales.clone()
+    big[3, 7, 0] = FOLD_LIMIT + 1
+    assert not planned(q1.scales, big)
+    assert not planned(q1.scales.to("meta"), q2.scales.to("meta"))
+    # the interpreter's pure-tl dequantisation has no such variant
+    assert not experts_context("mxfp4", 64, 32, 4, CPU)["scale_fold"]
+
+
 # ------------------------------------------------------------------------------------------------------------- GPU
 def gpu_device() -> DeviceInfo:
     return DeviceInfo(interpret=False, sms=torch.cuda.get_device_properties(0).multi_processor_count)
 
 
 GPU_VARIANTS = [{}, {"dequant": "asm"}, {"dequant": "dot_scaled"}, {"dequant": "asm", "pdl": True},
-                {"dequant": "asm", "one_row": "gemv"}, {"one_row": "gemv"}]
+                {"dequant": "asm", "one_row": "gemv"}, {"one_row": "gemv"}, {"prefetch": True, "pdl": True},
+                {"prefetch": False, "x_split": "strided"}, {"x_split": "registers"}, {"down_preload": True},
+                {"down_preload": True, "scale_fold": True}]
 
 
 def gpu_overrides(fmt: str, variant: dict) -> dict:
@@ -374,7 +427,8 @@ def mini_weights():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt,variant", [("dense", {}), ("dense", {"one_row": "gemv"}), ("dense", {"pdl": True})]
+@pytest.mark.parametrize("fmt,variant", [("dense", {}), ("dense", {"one_row": "gemv"}), ("dense", {"pdl": True}),
+                                         ("dense", {"prefetch": True, "pdl": True})]
                          + [("mxfp4", v) for v in GPU_VARIANTS])
 def test_gpu_experts_mini(fmt, variant, mini_weights):
     """bf16 activations at mini expert shapes, 1 to 8 rows (same and random routing) and a prefill, against the
@@ -394,11 +448,15 @@ def test_gpu_experts_mini(fmt, variant, mini_weights):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dequant,block_m", [("tl", 1), ("tl", 16), ("asm", 1), ("asm", 16), ("dot_scaled", 16)])
+@pytest.mark.parametrize("dequant,block_m", [("tl", 1), ("tl", 16), ("asm", 1), ("asm", 16), ("dot_scaled", 16),
+                                             ("asm_fold", 16)])
 def test_gpu_mxfp4_dequant_exact(dequant, block_m):
-    """Every dequantisation path on the GPU equals tilec.mxfp4.dequantize exactly (bf16 one-hot X, fp32 sums)."""
-    probe_kernel = probe(gpu_device(), dequant)
-    q, want = exactness_case("cuda")
+    """Every dequantisation path on the GPU equals tilec.mxfp4.dequantize exactly (bf16 one-hot X, fp32 sums);
+    "asm_fold" (the asm path with 2^126 folded into the scale) on the scale codes it is planned for (<= 128)."""
+    fold = dequant == "asm_fold"
+    dequant = "asm" if fold else dequant
+    probe_kernel = probe(gpu_device(), dequant, scale_fold=fold)
+    q, want = exactness_case("cuda", max_scale=FOLD_LIMIT if fold else 255)
     x = torch.eye(64, device="cuda", dtype=torch.bfloat16)
     out = torch.full((8, 64), float("nan"), device="cuda")
     probe_kernel[(triton.cdiv(64, block_m),)](q.blocks, q.scales, x, out, N=8, K=64, BLOCK_M=block_m, BLOCK_N=16,
@@ -430,7 +488,9 @@ def test_gpu_router_mini(n_group, topk_group):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt,variant", [("dense", {}), ("dense", {"pdl": True}), ("mxfp4", {}),
-                                         ("mxfp4", {"dequant": "tl"}), ("mxfp4", {"dequant": "dot_scaled"})])
+                                         ("mxfp4", {"dequant": "tl"}), ("mxfp4", {"dequant": "dot_scaled"}),
+                                         ("mxfp4", {"prefetch": True, "x_split": "registers"}),
+                                         ("mxfp4", {"down_preload": True, "pdl": True})])
 def test_gpu_experts_batch_invariant(fmt, variant, mini_weights):
     """bf16 at mini expert shapes, the planner's kernels (and other dequantisations): a row's output is the same bits
     in steps of 1 to 8 rows, at any position (what DFlash's verify step needs to equal decoding)."""

@@ -6,7 +6,9 @@ template makes, including the GPU-only variants timed by benchmarks/bench_mxfp4_
 ("tl": pure Triton, runs in the interpreter; "asm": inline-PTX nibble->bf16 conversion; "dot_scaled": Triton's MXFP4
 matmul; it flushes blocks with scale code 0, 2^-127, to zero), ``pdl`` (programmatic dependent launch of the down
 projection) and ``prefetch`` (L2 prefetch of each slot's weights). The GPU variants apply to bf16 activations; others
-fall back to "tl".
+fall back to "tl". ``scale_fold`` (asm only) multiplies each element once, by 2^126 times its block scale, instead
+of twice: the planner sets it when the weights' scale codes allow it (`scale_codes_at_most`). ``down_preload`` (with
+PDL) has each down program load its first slot's weights before waiting for gate_up, so the two kernels' reads overlap.
 
 Batch invariance: a decode row's output is the same bits in a step of 1 to BLOCK_M (8) rows (DFlash verifies drafted
 tokens in one multi-row step and compares it with 1-row decode steps), so every such step gets one configuration: the
@@ -16,6 +18,7 @@ path of its own and so break it: ``one_row_gemv`` (one row on the CUDA cores) an
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from tilec.codegen.plan import KernelPlan, planner, val
@@ -51,8 +54,33 @@ def _moe_experts(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
 @planner("mxfp4_moe_experts")
 def _mxfp4_moe_experts(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     experts, two_i, half_h = val(node.args[3]).shape
-    return KernelPlan.make("triton/moe_experts.py.j2",
-                           **experts_context("mxfp4", 2 * half_h, two_i // 2, experts, dev))
+    ctx = experts_context("mxfp4", 2 * half_h, two_i // 2, experts, dev)
+    if ctx["dequant"] == "asm":
+        ctx["scale_fold"] = scale_codes_at_most(node, (node.args[4], node.args[6]), FOLD_LIMIT)
+    return KernelPlan.make("triton/moe_experts.py.j2", **ctx)
+
+
+# The largest E8M0 scale code (scale 2^(code - 127)) for which the asm dequantisation folds its 2^126 into the scale:
+# 2^(code - 1) must be a bf16 (at most 2^127). Trained expert weights have block scales far below 2 (code 128).
+FOLD_LIMIT = 128
+
+
+def scale_codes_at_most(node: fx.Node, scales: tuple, limit: int) -> bool:
+    """Whether every scale code in the ``scales`` arguments (weights of the graph) is at most ``limit``: False when
+    one is not a weight or its values are not at hand (a meta tensor). The kernel is compiled for the weights it is
+    given; TritonProgram keeps exactly those."""
+    gm = node.graph.owning_module
+    for arg in scales:
+        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+            return False
+        tensor = gm
+        for part in arg.target.split("."):
+            tensor = getattr(tensor, part)
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return False
+        if tensor.numel() and int(tensor.max()) > limit:
+            return False
+    return True
 
 
 def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: DeviceInfo, **overrides) -> dict:
@@ -60,7 +88,7 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
     (the benchmark uses them to time variants)."""
     mx = fmt == "mxfp4"
     min_k = 32 if mx else 16  # an MXFP4 step covers whole 32-element scale blocks
-    dequant, pdl = "tl", False
+    dequant, pdl, x_split, preload = "tl", False, "strided", False
     if dev.interpret:  # every program costs Python time: few, large blocks
         def blocks(n, k, split=1):
             return {"one_row_gemv": False,
@@ -86,8 +114,15 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
                 "gemv": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
                 "gemm": {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "BLOCK_M_PREFILL": 64, "num_warps": 4,
                          "num_stages": 3}}
-        groups, down_groups = 8, 8
+        # x's even/odd split in registers from one contiguous load, and 16 slot groups (more programs when the rows
+        # route to many experts): 8 rows on independent routes 86.5 us against 107.6, 8 rows on the same experts
+        # 22.7 against 25.1, one row unchanged (18.4 against 18.1; H100, 2026-11-23, with scale_fold).
+        groups, down_groups, x_split = 16, 16, "registers"
         dequant, pdl = "asm", True
+        # The down projection's first slot loads its weights into registers before waiting for gate_up (PDL), when
+        # they fit: at most 256 bytes per thread.
+        tile = down["gemm"]["BLOCK_N"] * (inter // 2 + inter // 32)
+        preload = tile <= 256 * 32 * down["gemm"]["num_warps"]
     else:
         # Tensor cores for one row too (batch invariance): the CUDA-core path (one_row_gemv) took 32.3 us for one
         # row, the tensor cores 33.6 us for two.
@@ -106,7 +141,7 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
                   f"weighted by the router",
            "format": fmt, "H": hidden, "I": inter, "E": experts, "decode_pairs": GATHER_LIMIT,
            "prefill_rows": PREFILL_ROWS, "groups": groups, "down_groups": down_groups, "gate_up": gate_up,
-           "down": down, "dequant": dequant, "pdl": pdl, "prefetch": False,
+           "down": down, "dequant": dequant, "pdl": pdl, "prefetch": False, "x_split": x_split, "scale_fold": False, "down_preload": preload,
            # the tensor cores' operand type: the activations' own (xa is the x tile), fp32 in the interpreter
            "dot_dtype": "tl.float32" if dev.interpret else "xa.dtype"}
     ctx.update(overrides)
