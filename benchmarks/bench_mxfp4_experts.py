@@ -241,12 +241,46 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
     return [(name, fmt, {**plan, **overrides}) for name, fmt, overrides in out]
 
 
+def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: DeviceInfo) -> list[dict]:
+    """Time each variant at 1 row, 8 rows on the same experts and 8 rows on independent routes, ``args.repeats``
+    times round-robin (so drifts of the GPU spread over all variants alike); each row holds the median times, and
+    the errors and per-kernel times of the first round."""
+    variants = [v for v in variants if not args.only or any(o in v[0] for o in args.only)]
+    rows_out, modules = {}, {}
+    for round_ in range(args.repeats):
+        for vname, vfmt, overrides in variants:
+            row = rows_out.setdefault(vname, {"variant": vname, "overrides": overrides, "samples": {}})
+            if "error" in row:
+                continue
+            try:
+                if vname not in modules:
+                    modules[vname] = kernel_module(vfmt, shape, dev, **overrides)
+                for rows, regime in ((1, "same"), (8, "same"), (8, "random")):
+                    r = measure(vname, modules[vname].launch, vfmt, layers, shape, rows, regime, device, gen, reps,
+                                True, reference(vfmt), per_kernel=round_ == 0)
+                    tag = f"{rows}" if regime == "same" else f"{rows}r"
+                    row["samples"].setdefault(tag, []).append(r["us"])
+                    if round_ == 0:
+                        row[f"err_{tag}"], row[f"kernel_us_{tag}"], row[f"bytes_{tag}"] = \
+                            r["rel_err_vs_reference"], r["kernel_us"], r["bytes"]
+            except Exception as exc:  # noqa: BLE001 - a variant that fails to compile is reported, not fatal
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            if round_ == args.repeats - 1 and "error" not in row:
+                for tag, times in row["samples"].items():
+                    row[f"us_{tag}"] = statistics.median(times)
+                    row[f"GBps_{tag}"] = row[f"bytes_{tag}"] / row[f"us_{tag}"] / 1e3
+            print("  sweep", json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
+    return list(rows_out.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for bench_mxfp4_experts.json")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in the CPU interpreter")
     parser.add_argument("--sweep", action="store_true", help="also time the kernel variants (GPU)")
     parser.add_argument("--reps", type=int, default=50, help="timed graph replays per measurement")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the sweep's variants (median kept)")
+    parser.add_argument("--only", nargs="*", default=[], help="sweep only variants whose name contains one of these")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -280,20 +314,7 @@ def main() -> None:
             results.append(r)
             print(f"  {r['kernel']:12s} rows={rows} same   {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s", flush=True)
         if args.sweep and cuda and fmt == "mxfp4":
-            for vname, vfmt, overrides in sweep_variants(shape, dev, plan):
-                try:
-                    mod = kernel_module(vfmt, shape, dev, **overrides)
-                    row = {"variant": vname, "overrides": overrides}
-                    for rows, regime in ((1, "same"), (8, "same"), (8, "random")):
-                        r = measure(vname, mod.launch, vfmt, layers, shape, rows, regime, device, cpu_gen, reps, True,
-                                    reference(vfmt), per_kernel=True)
-                        tag = f"{rows}" if regime == "same" else f"{rows}r"
-                        row[f"us_{tag}"], row[f"err_{tag}"] = r["us"], r["rel_err_vs_reference"]
-                        row[f"GBps_{tag}"], row[f"kernel_us_{tag}"] = r["GBps"], r["kernel_us"]
-                except Exception as exc:  # noqa: BLE001 - a variant that fails to compile is reported, not fatal
-                    row = {"variant": vname, "overrides": overrides, "error": f"{type(exc).__name__}: {exc}"[:500]}
-                sweep.append(row)
-                print("  sweep", json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
+            sweep += run_sweep(sweep_variants(shape, dev, plan), args, layers, shape, device, cpu_gen, reps, dev)
         del layers
         if cuda:
             torch.cuda.empty_cache()
@@ -335,7 +356,7 @@ def print_table(results: list[dict], sweep: list[dict]) -> None:
         print(f"goals: MXFP4 1 row at {100 * mx[(1, 'same')]['fraction_of_copy_bw']:.0f}% of copy bandwidth "
               f"(goal >= 70%); 8 rows (same experts) {mx[(8, 'same')]['time_vs_1_row']:.2f}x one row (goal <= 1.3x)")
     if sweep:
-        print(f"\n{'sweep variant':34s} {'us 1 row':>8s} {'(gate_up':>8s} {'down)':>6s} {'8 rows':>7s} "
+        print(f"\n{'sweep variant':34s} {'us 1 row':>8s} {'(gate_up':>8s} {'down)':>6s} {'8 rows':>7s} {'8/1':>5s} "
               f"{'8 random':>8s} {'GB/s':>5s} {'err':>8s}")
         for row in sweep:
             if "error" in row:
@@ -346,7 +367,7 @@ def print_table(results: list[dict], sweep: list[dict]) -> None:
                 dn = sum(v for n, v in k1.items() if "down" in n)
                 err = max(row[f"err_{t}"] or 0 for t in ("1", "8", "8r"))
                 print(f"{row['variant']:34s} {row['us_1']:8.1f} {gu:8.1f} {dn:6.1f} {row['us_8']:7.1f} "
-                      f"{row['us_8r']:8.1f} {row['GBps_8r']:5.0f} {err:8.1e}")
+                      f"{row['us_8'] / row['us_1']:5.2f} {row['us_8r']:8.1f} {row['GBps_8r']:5.0f} {err:8.1e}")
 
 
 if __name__ == "__main__":
