@@ -67,8 +67,8 @@ FOLD_LIMIT = 128
 
 def scale_codes_at_most(node: fx.Node, scales: tuple, limit: int) -> bool:
     """Whether every scale code in the ``scales`` arguments (weights of the graph) is at most ``limit``: False when
-    one is not a weight or its values are not at hand (a meta tensor). The kernel is compiled for the weights it is
-    given; TritonProgram keeps exactly those."""
+    one is not a weight or its values are not at hand (a meta tensor). The plan holds for the weights as they are
+    when compiled: weights edited in place afterwards (scale codes above the limit) need a new compile."""
     gm = node.graph.owning_module
     for arg in scales:
         if not isinstance(arg, fx.Node) or arg.op != "get_attr":
