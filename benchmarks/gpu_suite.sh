@@ -6,6 +6,7 @@
 #   benchmarks/gpu_suite.sh decode  -> mini decode vs HF eager / reference / torch.compile / floor (bench_decode.json)
 #   benchmarks/gpu_suite.sh profile -> GPU time per kernel inside the decode step's CUDA graph (profile_step.json)
 #   benchmarks/gpu_suite.sh dflash  -> DFlash oracle / random draft vs plain decoding (bench_dflash.json)
+#   benchmarks/gpu_suite.sh logits  -> triton and the bf16 reference, each against fp32 truth (logits_error.json)
 # Each stage writes JSON and a log under ${OUT:-out}/ and prints a short table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,7 @@ for stage in "$@"; do
     decode) timeout 560 python3 benchmarks/bench_decode.py --out "$OUT" 2>&1 | tail -60 ;;
     profile) timeout 150 python3 benchmarks/profile_step.py --out "$OUT" 2>&1 | grep -v -i warn | tail -40 ;;
     dflash) timeout 300 python3 benchmarks/bench_dflash.py --out "$OUT" 2>&1 | tail -30 ;;
+    logits) timeout 200 python3 benchmarks/logits_error.py --out "$OUT" 2>&1 | tail -12 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
