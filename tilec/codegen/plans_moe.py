@@ -122,7 +122,7 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
         # The down projection's first slot loads its weights into registers before waiting for gate_up (PDL), when
         # they fit: at most 256 bytes per thread.
         tile = down["gemm"]["BLOCK_N"] * (inter // 2 + inter // 32)
-        preload = tile <= 256 * 32 * down["gemm"]["num_warps"]
+        preload = tile <= 256 * 32 * down["gemm"]["num_warps"] and down["gemv"]["BLOCK_K"] == down["gemm"]["BLOCK_K"]
     else:
         # Tensor cores for one row too (batch invariance): the CUDA-core path (one_row_gemv) took 32.3 us for one
         # row, the tensor cores 33.6 us for two.
