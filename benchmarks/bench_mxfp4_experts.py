@@ -35,9 +35,12 @@ if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before anything loads a Triton kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from a source checkout
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 from tilec import ops  # noqa: E402
-from tilec.codegen.plans_moe import FOLD_LIMIT, experts_context  # noqa: E402
+from tilec.codegen.plans_moe import experts_context, scale_fold_exact  # noqa: E402
 from tilec.codegen.render import load_source, render  # noqa: E402
 from tilec.codegen.tuning import DeviceInfo  # noqa: E402
 
@@ -131,44 +134,8 @@ def time_calls(calls, reps: int, graph: bool, per_kernel: dict | None = None) ->
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / len(calls))
     if per_kernel is not None:
-        per_kernel.update(kernel_times(run, len(calls)))
+        per_kernel.update({name: us / len(calls) for name, (_, us) in common.kernel_gpu_times(run, 10).items()})
     return statistics.median(times)
-
-
-def kernel_times(run, calls: int, reps: int = 10) -> dict:
-    """GPU microseconds per call of each kernel that ``run`` launches (torch.profiler/CUPTI, inside the graph). With
-    programmatic dependent launch a kernel's time includes its wait for the one before."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            run()
-        torch.cuda.synchronize()
-    out = {}
-    for event in prof.key_averages():
-        if event.device_type.name == "CUDA" and "kernel" in event.key:
-            total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
-            out[event.key] = total / (reps * calls)
-    return out
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy of 1 GiB, bytes read + written per second."""
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        b.copy_(a)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del a, b
-    return 2 * n / statistics.median(times)
 
 
 # -------------------------------------------------------------------------------------------------------- measuring
@@ -196,22 +163,20 @@ def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, devi
 
 
 def planned(fmt: str, layers) -> dict:
-    """What the planner decides from the weights themselves (plans_moe._mxfp4_moe_experts): ``scale_fold`` when
-    every scale code allows it."""
+    """What the planner decides from the weights themselves (plans_moe._mxfp4_moe_experts): ``scale_fold``."""
     if fmt != "mxfp4":
         return {}
-    top = max(int(t.max()) for layer in layers for t in (layer[1], layer[3]))
-    return {"scale_fold": top <= FOLD_LIMIT}
+    return {"scale_fold": scale_fold_exact([t for layer in layers for t in (layer[1], layer[3])])}
 
 
 def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, str, dict]]:
     """(name, format, context overrides) of the variants --sweep times around the planner's choice (``plan``, what it
-    took from the weights): dequantisation, scale folding, one-row path, PDL, L2 prefetch, x's even/odd split,
-    split-K, blocks, pipeline depth, and a few combinations."""
+    took from the weights): dequantisation, scale folding, one-row path, PDL, split-K, blocks, pipeline depth, slot
+    groups and the down projection's preload."""
     base = experts_context("mxfp4", shape["H"], shape["I"], shape["E"], dev, **plan)
 
-    def blocks(kernel, path="gemm", start=None, **kv):
-        section = json.loads(json.dumps((start or base)[kernel]))
+    def blocks(kernel, path="gemm", **kv):
+        section = json.loads(json.dumps(base[kernel]))
         section[path].update(kv)
         return {kernel: section}
 
@@ -220,9 +185,6 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
     out.append((f"mx scale_fold={not base['scale_fold']}", "mxfp4", {"scale_fold": not base["scale_fold"]}))
     out.append(("mx one-row CUDA cores", "mxfp4", {k: {**base[k], "one_row_gemv": True} for k in ("gate_up", "down")}))
     out.append(("mx pdl=False", "mxfp4", {"pdl": False}))
-    out.append((f"mx prefetch={not base['prefetch']}", "mxfp4", {"prefetch": not base["prefetch"]}))
-    other_split = "registers" if base["x_split"] == "strided" else "strided"
-    out.append((f"mx x_split={other_split}", "mxfp4", {"x_split": other_split}))
     out.append(("mx gate_up SPLIT_K=2", "mxfp4", blocks("gate_up", SPLIT_K=2)))
     for kernel in ("gate_up", "down"):
         cur = base[kernel]["gemm"]
@@ -291,7 +253,8 @@ def main() -> None:
     cpu_gen = torch.Generator().manual_seed(0)
     t_start = time.time()
 
-    copy_bw = copy_bandwidth() if cuda else None
+    # device-to-device copy of 1 GiB, bytes read + written per second
+    copy_bw = common.measure_bandwidth(device, 1 << 30)["copy"]["bytes_per_s"] if cuda else None
     if copy_bw:
         print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
     results, sweep, plans = [], [], {}

@@ -124,6 +124,18 @@ def measure_bandwidth(device: torch.device, nbytes: int, repeats: int = 10, warm
     return out
 
 
+def kernel_gpu_times(run, reps: int) -> dict[str, tuple[float, float]]:
+    """GPU kernel name -> (launches per ``run()``, GPU microseconds per ``run()``), from torch.profiler (CUPTI) over
+    ``reps`` calls; it sees kernels inside CUDA-graph replays too. With programmatic dependent launch a kernel's time
+    includes its wait for the one before."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    return {evt.key: (evt.count / reps, evt.device_time_total / reps) for evt in prof.key_averages()
+            if evt.device_time_total > 0 and evt.count > 0}
+
+
 def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__

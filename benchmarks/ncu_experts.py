@@ -1,7 +1,7 @@
 """Launch the MXFP4 experts kernels at `mini` shapes eagerly, for Nsight Compute to profile (no timing here).
 
     ncu --kernel-name regex:"gate_up|down" --launch-skip 8 --launch-count 2 --set full \
-        python3 benchmarks/ncu_experts.py --rows 1 [--override '{"x_split": "registers"}']
+        python3 benchmarks/ncu_experts.py --rows 1 [--override '{"scale_fold": false}']
 """
 
 from __future__ import annotations

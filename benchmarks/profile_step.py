@@ -92,21 +92,13 @@ def main(argv=None) -> int:
     tok = token.clone()
     samples = common.time_calls(lambda: graphed.step(tok), device, repeats=args.steps, warmup=5)
     graph_us = common.summarize(samples)["median"] * 1e3
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            graphed.step(tok)
-        torch.cuda.synchronize()
+    times = common.kernel_gpu_times(lambda: graphed.step(tok), args.steps)
     owners = defaultdict(list)  # kernel function -> the modules defining it
     for k in program.kernels:
         for name in re.findall(r"^def (\w+)\(", k.source, flags=re.M):
             owners[name].append(k.alias)
-    kernels = []
-    for evt in prof.key_averages():
-        name = evt.key
-        if evt.device_time_total <= 0 or evt.count == 0:
-            continue
-        kernels.append({"kernel": name, "modules": owners.get(name, []), "per_step": evt.count / args.steps,
-                        "gpu_us_per_step": evt.device_time_total / args.steps})
+    kernels = [{"kernel": name, "modules": owners.get(name, []), "per_step": launches, "gpu_us_per_step": us}
+               for name, (launches, us) in times.items()]
     kernels.sort(key=lambda r: -r["gpu_us_per_step"])
     total_gpu = sum(r["gpu_us_per_step"] for r in kernels)
     modules_rows = [{"module": k.alias, "launches": launches[k.alias], "weight_MB": reads[k.alias] / 1e6,

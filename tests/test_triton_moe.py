@@ -101,12 +101,10 @@ def test_router(rows, group_size, n_group, data, bias, norm, seed):
 @FAST
 @given(fmt=st.sampled_from(["dense", "mxfp4"]), rows=st.sampled_from([1, 2, 8]), k=st.integers(1, 8),
        extra=st.integers(0, 6), same=st.booleans(), hidden=st.sampled_from([32, 64, 96]),
-       inter=st.sampled_from([32, 64]), split=st.sampled_from([1, 2]), x_split=st.sampled_from(["strided", "registers"]),
-       preload=st.booleans(), seed=st.integers(0, 999))
-def test_experts_decode(fmt, rows, k, extra, same, hidden, inter, split, x_split, preload, seed):
+       inter=st.sampled_from([32, 64]), split=st.sampled_from([1, 2]), preload=st.booleans(), seed=st.integers(0, 999))
+def test_experts_decode(fmt, rows, k, extra, same, hidden, inter, split, preload, seed):
     """Decode sizes (rows * k <= 64): one slot per distinct expert; few experts, so rows share them. ``split``
-    splits gate_up's reduction (where H allows); ``x_split`` is how MXFP4 steps split x into even and odd columns;
-    ``preload`` has the down projection load its first slot's weights whole before the slot loop (in 32-wide
+    splits gate_up's reduction (where H allows); ``preload`` has the down projection load its first slot's weights whole before the slot loop (in 32-wide
     steps, so several)."""
     g = torch.Generator().manual_seed(seed)
     experts = k + extra
@@ -115,7 +113,7 @@ def test_experts_decode(fmt, rows, k, extra, same, hidden, inter, split, x_split
     gate_up, down = 0.2 * torch.randn(experts, 2 * inter, hidden, generator=g), \
         0.2 * torch.randn(experts, hidden, inter, generator=g)
     split = split if hidden % 64 == 0 else 1
-    mod = experts_module(fmt, hidden, inter, experts, split_k=split, x_split=x_split, down_preload=preload,
+    mod = experts_module(fmt, hidden, inter, experts, split_k=split, down_preload=preload,
                          down_block_k=32 if preload else None)
     got, ref = run_experts(fmt, mod, x, w, ids, gate_up, down)
     assert got.shape == ref.shape and got.dtype == ref.dtype
@@ -397,8 +395,7 @@ def gpu_device() -> DeviceInfo:
 
 
 GPU_VARIANTS = [{}, {"dequant": "asm"}, {"dequant": "dot_scaled"}, {"dequant": "asm", "pdl": True},
-                {"dequant": "asm", "one_row": "gemv"}, {"one_row": "gemv"}, {"prefetch": True, "pdl": True},
-                {"prefetch": False, "x_split": "strided"}, {"x_split": "registers"}, {"down_preload": True},
+                {"dequant": "asm", "one_row": "gemv"}, {"one_row": "gemv"}, {"down_preload": True},
                 {"down_preload": True, "scale_fold": True}]
 
 
@@ -427,8 +424,7 @@ def mini_weights():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt,variant", [("dense", {}), ("dense", {"one_row": "gemv"}), ("dense", {"pdl": True}),
-                                         ("dense", {"prefetch": True, "pdl": True})]
+@pytest.mark.parametrize("fmt,variant", [("dense", {}), ("dense", {"one_row": "gemv"}), ("dense", {"pdl": True})]
                          + [("mxfp4", v) for v in GPU_VARIANTS])
 def test_gpu_experts_mini(fmt, variant, mini_weights):
     """bf16 activations at mini expert shapes, 1 to 8 rows (same and random routing) and a prefill, against the
@@ -489,7 +485,6 @@ def test_gpu_router_mini(n_group, topk_group):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt,variant", [("dense", {}), ("dense", {"pdl": True}), ("mxfp4", {}),
                                          ("mxfp4", {"dequant": "tl"}), ("mxfp4", {"dequant": "dot_scaled"}),
-                                         ("mxfp4", {"prefetch": True, "x_split": "registers"}),
                                          ("mxfp4", {"down_preload": True, "pdl": True})])
 def test_gpu_experts_batch_invariant(fmt, variant, mini_weights):
     """bf16 at mini expert shapes, the planner's kernels (and other dequantisations): a row's output is the same bits

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from tilec.graph import attr
 from tilec.ops import op_name
 
 # Measured on the lent H100 (80 GB HBM3) on 2026-11-22: device-to-device copy, read + write bytes.
@@ -25,9 +26,7 @@ def weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     found, seen = {}, set()
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            t = gm
-            for part in n.target.split("."):
-                t = getattr(t, part)
+            t = attr(gm, n.target)
             if isinstance(t, torch.Tensor) and id(t) not in seen:
                 seen.add(id(t))
                 found[n.target] = t

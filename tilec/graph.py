@@ -129,6 +129,14 @@ def example_meta_inputs(gm: fx.GraphModule) -> list[torch.Tensor]:
     return [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
 
 
+def attr(gm: fx.GraphModule, target: str):
+    """What a get_attr node's ``target`` ("model.layers.0.w", ...) names in ``gm``."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def weight_name(node: fx.Node) -> str:
     return node.target if node.op == "get_attr" else f"%{node.name}"
 

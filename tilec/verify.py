@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from tilec.errors import VerifyError
-from tilec.graph import example_meta_inputs, fmt_val, propagate_meta, target_name
+from tilec.graph import attr, example_meta_inputs, fmt_val, propagate_meta, target_name
 from tilec.ops import op_name
 
 
@@ -42,7 +42,7 @@ def verify(gm: fx.GraphModule, stage: str) -> None:
             fail(n, "is not a tilec op")
         if n.op == "get_attr":
             try:
-                _fetch(gm, n.target)
+                attr(gm, n.target)
             except AttributeError:
                 fail(n, f"names a missing attribute {n.target!r}")
         if n.op != "output" and "val" not in n.meta:
@@ -55,10 +55,3 @@ def verify(gm: fx.GraphModule, stage: str) -> None:
     for n, value in computed.items():
         if not _same(n.meta["val"], value):
             fail(n, f"recorded {fmt_val(n.meta['val'])} but computes {fmt_val(value)}")
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

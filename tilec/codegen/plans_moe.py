@@ -4,11 +4,11 @@ Decode sizes are what matter here (1 to 8 rows, top-8 of 128..384 experts): the 
 expert's weights once for all rows, so their blocks are picked for one row. The context names every choice the
 template makes, including the GPU-only variants timed by benchmarks/bench_mxfp4_experts.py --sweep: ``dequant``
 ("tl": pure Triton, runs in the interpreter; "asm": inline-PTX nibble->bf16 conversion; "dot_scaled": Triton's MXFP4
-matmul; it flushes blocks with scale code 0, 2^-127, to zero), ``pdl`` (programmatic dependent launch of the down
-projection) and ``prefetch`` (L2 prefetch of each slot's weights). The GPU variants apply to bf16 activations; others
-fall back to "tl". ``scale_fold`` (asm only) multiplies each element once, by 2^126 times its block scale, instead
-of twice: the planner sets it when the weights' scale codes allow it (`scale_codes_at_most`). ``down_preload`` (with
-PDL) has each down program load its first slot's weights before waiting for gate_up, so the two kernels' reads overlap.
+matmul; it flushes blocks with scale code 0, 2^-127, to zero) and ``pdl`` (programmatic dependent launch of the down
+projection). The GPU variants apply to bf16 activations; others fall back to "tl". ``scale_fold`` (asm only)
+multiplies each element once, by 2^126 times its block scale, instead of twice: the planner sets it when the
+weights' scale codes allow it (`scale_fold_exact`). ``down_preload`` (with PDL) has each down program load its first
+slot's weights before waiting for gate_up, so the two kernels' reads overlap.
 
 Batch invariance: a decode row's output is the same bits in a step of 1 to BLOCK_M (8) rows (DFlash verifies drafted
 tokens in one multi-row step and compares it with 1-row decode steps), so every such step gets one configuration: the
@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from tilec.codegen.plan import KernelPlan, planner, val
 from tilec.codegen.tuning import DeviceInfo, clamp, pow2_ceil, pow2_floor
+from tilec.graph import attr
 from tilec.ops.moe import GATHER_LIMIT
 
 # Rows per prefill chunk: bounds the experts' activation buffer at E * PREFILL_ROWS * I elements.
@@ -56,7 +57,9 @@ def _mxfp4_moe_experts(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     experts, two_i, half_h = val(node.args[3]).shape
     ctx = experts_context("mxfp4", 2 * half_h, two_i // 2, experts, dev)
     if ctx["dequant"] == "asm":
-        ctx["scale_fold"] = scale_codes_at_most(node, (node.args[4], node.args[6]), FOLD_LIMIT)
+        scales = [attr(node.graph.owning_module, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else None
+                  for a in (node.args[4], node.args[6])]
+        ctx["scale_fold"] = scale_fold_exact(scales)
     return KernelPlan.make("triton/moe_experts.py.j2", **ctx)
 
 
@@ -65,20 +68,14 @@ def _mxfp4_moe_experts(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
 FOLD_LIMIT = 128
 
 
-def scale_codes_at_most(node: fx.Node, scales: tuple, limit: int) -> bool:
-    """Whether every scale code in the ``scales`` arguments (weights of the graph) is at most ``limit``: False when
-    one is not a weight or its values are not at hand (a meta tensor). The plan holds for the weights as they are
+def scale_fold_exact(scales) -> bool:
+    """Whether ``scale_fold`` is exact for these E8M0 scale tensors: every code at most FOLD_LIMIT. False when one is
+    not a tensor at hand (not a weight of the graph, or a meta tensor). The plan holds for the weights as they are
     when compiled: weights edited in place afterwards (scale codes above the limit) need a new compile."""
-    gm = node.graph.owning_module
-    for arg in scales:
-        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+    for t in scales:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return False
-        tensor = gm
-        for part in arg.target.split("."):
-            tensor = getattr(tensor, part)
-        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-            return False
-        if tensor.numel() and int(tensor.max()) > limit:
+        if t.numel() and int(t.max()) > FOLD_LIMIT:
             return False
     return True
 
@@ -88,7 +85,7 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
     (the benchmark uses them to time variants)."""
     mx = fmt == "mxfp4"
     min_k = 32 if mx else 16  # an MXFP4 step covers whole 32-element scale blocks
-    dequant, pdl, x_split, preload = "tl", False, "strided", False
+    dequant, pdl, preload = "tl", False, False
     if dev.interpret:  # every program costs Python time: few, large blocks
         def blocks(n, k, split=1):
             return {"one_row_gemv": False,
@@ -103,9 +100,10 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
     elif mx:
         # Measured on the H100 (benchmarks/bench_mxfp4_experts.py --sweep): tensor cores for every row count, 16
         # weight rows per warp (gate_up tiles hold BLOCK_N gate and BLOCK_N up rows); the inline-PTX conversion
-        # ("asm") beat pure tl by ~1.8x and tl.dot_scaled by ~1.3x; PDL saves ~0.7 us; L2 prefetch and deeper
-        # pipelines measured slower. One split of gate_up's H for every row count (batch invariance): unsplit, one
-        # row took 19.2 us against 18.4 split in two, and 8 rows 25.6 against 30.8.
+        # ("asm") beat pure tl by ~1.8x and tl.dot_scaled by ~1.3x; PDL saves ~0.7 us; L2 prefetch (per line, then
+        # bulk cp.async.bulk.prefetch: 20.9 us against 17.3 on 2026-11-23; both removed) and deeper pipelines
+        # measured slower. One split of gate_up's H for every row count (batch invariance): unsplit, one row took
+        # 19.2 us against 18.4 split in two, and 8 rows 25.6 against 30.8.
         gate_up = {"one_row_gemv": False,
                    "gemv": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
                    "gemm": {"BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1, "BLOCK_M_PREFILL": 64,
@@ -114,15 +112,17 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
                 "gemv": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
                 "gemm": {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "BLOCK_M_PREFILL": 64, "num_warps": 4,
                          "num_stages": 3}}
-        # x's even/odd split in registers from one contiguous load, and 16 slot groups (more programs when the rows
-        # route to many experts): 8 rows on independent routes 86.5 us against 107.6, 8 rows on the same experts
-        # 22.7 against 25.1, one row unchanged (18.4 against 18.1; H100, 2026-11-23, with scale_fold).
-        groups, down_groups, x_split = 16, 16, "registers"
+        # 16 slot groups (more programs when the rows route to many experts), with x split into even and odd columns
+        # in registers (`x_tile`): 8 rows on independent routes 86.5 us against 107.6 (8 groups, strided x loads),
+        # 8 rows on the same experts 22.7 against 25.1, one row unchanged (18.4 against 18.1; H100, 2026-11-23).
+        groups, down_groups = 16, 16
         dequant, pdl = "asm", True
-        # The down projection's first slot loads its weights into registers before waiting for gate_up (PDL), when
-        # they fit: at most 256 bytes per thread.
+        # The down projection's first slot loads its weights into registers before waiting for gate_up (PDL), where
+        # they fit in 256 bytes per thread and the one-row path steps through I as the gemm does (the preload's
+        # steps are rendered for the gemm's BLOCK_K).
         tile = down["gemm"]["BLOCK_N"] * (inter // 2 + inter // 32)
-        preload = tile <= 256 * 32 * down["gemm"]["num_warps"] and down["gemv"]["BLOCK_K"] == down["gemm"]["BLOCK_K"]
+        preload = (tile <= 256 * 32 * down["gemm"]["num_warps"]
+                   and down["gemv"]["BLOCK_K"] == down["gemm"]["BLOCK_K"])
     else:
         # Tensor cores for one row too (batch invariance): the CUDA-core path (one_row_gemv) took 32.3 us for one
         # row, the tensor cores 33.6 us for two.
@@ -141,7 +141,7 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
                   f"weighted by the router",
            "format": fmt, "H": hidden, "I": inter, "E": experts, "decode_pairs": GATHER_LIMIT,
            "prefill_rows": PREFILL_ROWS, "groups": groups, "down_groups": down_groups, "gate_up": gate_up,
-           "down": down, "dequant": dequant, "pdl": pdl, "prefetch": False, "x_split": x_split, "scale_fold": False, "down_preload": preload,
+           "down": down, "dequant": dequant, "pdl": pdl, "scale_fold": False, "down_preload": preload,
            # the tensor cores' operand type: the activations' own (xa is the x tile), fp32 in the interpreter
            "dot_dtype": "tl.float32" if dev.interpret else "xa.dtype"}
     ctx.update(overrides)

@@ -22,7 +22,7 @@ from tilec.codegen.plan import PLANNERS, KernelPlan
 from tilec.codegen.render import load_source, render, source_hash
 from tilec.codegen.tuning import DeviceInfo, device_info
 from tilec.errors import TargetError
-from tilec.graph import info, module_path
+from tilec.graph import attr, info, module_path
 from tilec.ops import op_name
 from tilec.options import triton_interpret_requested
 
@@ -106,7 +106,7 @@ class TritonProgram:
                  dev: DeviceInfo):
         self.kernels, self.step_source, self.device, self.dev = kernels, step_source, device, dev
         # Kernels index tensors as dense row-major arrays.
-        self.weights = {n.target: _fetch(gm, n.target).contiguous() for n in gm.graph.nodes if n.op == "get_attr"}
+        self.weights = {n.target: attr(gm, n.target).contiguous() for n in gm.graph.nodes if n.op == "get_attr"}
         self._step = None
 
     @property
@@ -170,10 +170,3 @@ class _Observed:
         out = self.module.launch(*args)
         self.hook(self.alias, args, out)
         return out
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
