@@ -1,0 +1,116 @@
+"""Building and launching generated CUDA C++ (templates/cuda/*.cu.j2).
+
+`compile_cubin` turns a source into machine code for one GPU architecture: through NVRTC (``cuda.core.Program``)
+where its library is installed, else through ``nvcc``. Cubins are cached under the render cache by content hash, so a
+kernel compiles once per machine. `CudaModule` loads a cubin on the current device and launches its kernels on
+PyTorch's current stream (so they order with the Triton kernels and are captured by CUDA graphs), optionally with
+programmatic dependent launch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tilec.codegen.render import cache_dir, source_hash
+from tilec.errors import TargetError, TilecError
+
+
+def arch_of(device: torch.device | None = None) -> str:
+    """``sm_90a`` for Hopper (the arch-specific target: griddepcontrol, and bf16 multiplies need sm_90), else sm_XY."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}a" if major == 9 else f"sm_{major}{minor}"
+
+
+def _nvrtc(source: str, name: str, arch: str) -> bytes | None:
+    """The cubin through NVRTC, or None where cuda.core or the NVRTC library is missing."""
+    try:
+        from cuda.core import Program, ProgramOptions
+    except ImportError:
+        return None
+    try:
+        program = Program(source, "c++", ProgramOptions(name=name, arch=arch, std="c++17"))
+    except Exception as exc:  # noqa: BLE001 - cuda.core raises its own types when libnvrtc is not found
+        if "nvrtc" in str(exc).lower() and ("not found" in str(exc).lower() or "failure finding" in str(exc).lower()):
+            return None
+        raise
+    try:
+        return bytes(program.compile("cubin").code)
+    except Exception as exc:  # noqa: BLE001 - the compiler's log names the error
+        raise TilecError(f"NVRTC could not compile the generated CUDA source {name} for {arch}:\n{exc}") from exc
+
+
+def _nvcc(source: str, name: str, arch: str) -> bytes:
+    nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+                                    if os.environ.get("CUDA_HOME") else None)
+    if not nvcc or not os.path.exists(nvcc):
+        raise TargetError(f"compiling the generated CUDA source {name} needs NVRTC (pip install cuda-core "
+                          f"nvidia-cuda-nvrtc) or nvcc on PATH; neither was found")
+    code = arch.replace("sm_", "compute_")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / f"{name}.cu", Path(tmp) / f"{name}.cubin"
+        src.write_text(source)
+        proc = subprocess.run([nvcc, "-cubin", "-O3", "-std=c++17", f"-gencode=arch={code},code={arch}", "-o",
+                               str(out), str(src)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise TilecError(f"nvcc could not compile the generated CUDA source {name} for {arch}:\n"
+                             f"{proc.stderr[-4000:]}")
+        return out.read_bytes()
+
+
+def compile_cubin(source: str, name: str, arch: str) -> bytes:
+    """Machine code of ``source`` for ``arch`` (e.g. ``sm_90a``), from the cache when compiled before."""
+    path = cache_dir() / f"{name}_{arch}_{source_hash(source)}.cubin"
+    if path.exists():
+        return path.read_bytes()
+    cubin = _nvrtc(source, name, arch)
+    if cubin is None:
+        cubin = _nvcc(source, name, arch)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(cubin)
+    os.replace(tmp, path)  # whole or not at all
+    return cubin
+
+
+def pointer(t: torch.Tensor) -> ctypes.c_uint64:
+    """A tensor's device address as a kernel argument (cuda.core takes ctypes integers, not c_void_p)."""
+    return ctypes.c_uint64(t.data_ptr())
+
+
+class CudaModule:
+    """The kernels of one generated source, loaded on first launch."""
+
+    def __init__(self, source: str, name: str):
+        self.source, self.name = source, name
+        self._kernels: dict[tuple[int, str], object] = {}
+        self._code: dict[int, object] = {}
+
+    def kernel(self, fn: str, device: torch.device):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, fn)
+        if key not in self._kernels:
+            from cuda.core import Device, ObjectCode
+
+            Device(index).set_current()
+            if index not in self._code:
+                cubin = compile_cubin(self.source, self.name, arch_of(device))
+                self._code[index] = ObjectCode.from_cubin(cubin, name=self.name)
+            self._kernels[key] = self._code[index].get_kernel(fn)
+        return self._kernels[key]
+
+    def launch(self, fn: str, grid: tuple, block: int, args: list, device: torch.device, pdl: bool = False) -> None:
+        """Launch ``fn`` on PyTorch's current stream; ``args`` as ctypes values (`pointer`, ctypes.c_int32, ...).
+        ``pdl``: programmatic dependent launch (the kernel may start before the previous one ends; it must wait with
+        griddepcontrol.wait before reading that kernel's output)."""
+        from cuda.core import LaunchConfig, Stream, launch
+
+        kernel = self.kernel(fn, device)
+        stream = Stream.from_handle(torch.cuda.current_stream(device).cuda_stream)
+        config = LaunchConfig(grid=grid, block=block, programmatic_stream_serialization=pdl)
+        launch(stream, config, kernel, *args)
