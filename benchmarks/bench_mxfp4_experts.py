@@ -4,8 +4,10 @@
     python3 benchmarks/bench_mxfp4_experts.py --out out/bench --sweep    # also time the kernel variants
     python3 benchmarks/bench_mxfp4_experts.py --out out/bench --smoke    # CPU interpreter, tiny shapes (it runs)
 
-For 1, 2, 4 and 8 rows: tilec's Triton experts kernels (MXFP4 and bf16 weights, templates/triton/moe_experts.py.j2
-as the planner configures them) and the reference ops (`tilec.ops.mxfp4_moe_experts`, `moe_experts`). Each is first
+For 1, 2, 4 and 8 rows: tilec's experts kernels (MXFP4 and bf16 weights, templates/triton/moe_experts.py.j2 as the
+planner configures them: for MXFP4 decode on Hopper, the CUDA kernels of templates/cuda/moe_experts_mxfp4.cu.j2 on
+weights re-laid as a program does when it loads; "tilec mxfp4 triton" is the same plan with Triton decode kernels)
+and the reference ops (`tilec.ops.mxfp4_moe_experts`, `moe_experts`). Each is first
 checked against the reference (relative error, fp64 norms) and then timed over calls that rotate through LAYERS
 layers' worth of weights, so no call finds its experts in the 50 MB L2. Kernels are timed as CUDA-graph replays of
 one call per layer (launch gaps as a decode step has them), with CUDA events, median over replays; the reference
@@ -40,6 +42,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from tilec import ops  # noqa: E402
+from tilec.codegen import mma_layout  # noqa: E402
 from tilec.codegen.plans_moe import experts_context, scale_fold_exact  # noqa: E402
 from tilec.codegen.render import load_source, render  # noqa: E402
 from tilec.codegen.tuning import DeviceInfo  # noqa: E402
@@ -51,6 +54,25 @@ SMOKE = {"E": 8, "H": 64, "I": 32, "k": 2, "layers": 2, "rows": [1, 2]}
 def kernel_module(fmt: str, shape: dict, dev: DeviceInfo, **overrides):
     ctx = experts_context(fmt, shape["H"], shape["I"], shape["E"], dev, **overrides)
     return load_source(render("triton/moe_experts.py.j2", ctx={**ctx, "nodes": ["bench"]}), "moe_experts")
+
+
+def fragments_for(fmt: str, layers) -> dict:
+    """The weights re-laid for the CUDA decode kernels (tilec/codegen/mma_layout.py), per layer (by its first
+    tensor), as a compiled program derives them when it loads."""
+    if fmt != "mxfp4" or not torch.cuda.is_available():
+        return {}
+    return {id(gu): (mma_layout.fragment_words(gu, True), mma_layout.fragment_scales(gus, True),
+                     mma_layout.fragment_words(d), mma_layout.fragment_scales(ds)) for gu, gus, d, ds in layers}
+
+
+def launcher(module, fragments: dict):
+    """module.launch with each layer's re-laid weights appended where the module has the CUDA decode kernels."""
+    if not hasattr(module, "CUDA_SOURCE"):
+        return module.launch
+
+    def launch(x, w, ids, *layer):
+        return module.launch(x, w, ids, *layer, *fragments[id(layer[0])])
+    return launch
 
 
 def expert_bytes(fmt: str, shape: dict) -> int:
@@ -200,10 +222,18 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
     out.append((f"mx groups={other_groups}", "mxfp4", {"groups": other_groups, "down_groups": other_groups}))
     out.append((f"mx down_preload={not base['down_preload']}", "mxfp4", {"down_preload": not base["down_preload"]}))
     out.append(("mx down_preload, pdl=False", "mxfp4", {"down_preload": True, "pdl": False}))
+    cu = base["cuda"]
+    if cu:  # the CUDA decode kernels (templates/cuda/moe_experts_mxfp4.cu.j2) and their knobs
+        out.append(("mx cuda=None (Triton decode)", "mxfp4", {"cuda": None}))
+        out.append(("mx cuda gu_pdl", "mxfp4", {"cuda": {**cu, "gu_pdl": True}}))
+        out.append(("mx cuda groups=8", "mxfp4", {"cuda": {**cu, "groups": 8}}))
+        out.append(("mx cuda gu_depth=2", "mxfp4", {"cuda": {**cu, "gu_depth": 2}}))
+        if cu["d_split"] == 2:
+            out.append(("mx cuda d_split=1 d_warps=8", "mxfp4", {"cuda": {**cu, "d_split": 1, "d_warps": 8}}))
     return [(name, fmt, {**plan, **overrides}) for name, fmt, overrides in out]
 
 
-def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: DeviceInfo) -> list[dict]:
+def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: DeviceInfo, fragments: dict) -> list[dict]:
     """Time each variant at 1 row, 8 rows on the same experts and 8 rows on independent routes, ``args.repeats``
     times round-robin (so drifts of the GPU spread over all variants alike); each row holds the median times, and
     the errors and per-kernel times of the first round."""
@@ -216,9 +246,9 @@ def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: Device
                 continue
             try:
                 if vname not in modules:
-                    modules[vname] = kernel_module(vfmt, shape, dev, **overrides)
+                    modules[vname] = launcher(kernel_module(vfmt, shape, dev, **overrides), fragments)
                 for rows, regime in ((1, "same"), (8, "same"), (8, "random")):
-                    r = measure(vname, modules[vname].launch, vfmt, layers, shape, rows, regime, device, gen, reps,
+                    r = measure(vname, modules[vname], vfmt, layers, shape, rows, regime, device, gen, reps,
                                 True, reference(vfmt), per_kernel=round_ == 0)
                     tag = f"{rows}" if regime == "same" else f"{rows}r"
                     row["samples"].setdefault(tag, []).append(r["us"])
@@ -261,15 +291,18 @@ def main() -> None:
     for fmt in ("mxfp4", "dense"):
         layers = make_layers(fmt, shape, device, gen)
         plan = plans[fmt] = planned(fmt, layers)
-        module = kernel_module(fmt, shape, dev, **plan)
-        name = "tilec mxfp4" if fmt == "mxfp4" else "tilec bf16"
-        for rows in shape["rows"]:
-            for regime in (["same", "random"] if rows > 1 else ["same"]):
-                r = measure(name, module.launch, fmt, layers, shape, rows, regime, device, cpu_gen, reps, True,
-                            reference(fmt))
-                results.append(r)
-                print(f"  {r['kernel']:12s} rows={rows} {regime:6s} {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s  "
-                      f"err {r['rel_err_vs_reference']:.1e}", flush=True)
+        fragments = fragments_for(fmt, layers)
+        kernels = [("tilec mxfp4" if fmt == "mxfp4" else "tilec bf16", kernel_module(fmt, shape, dev, **plan))]
+        if fmt == "mxfp4" and hasattr(kernels[0][1], "CUDA_SOURCE"):  # the planner's CUDA decode, and without it
+            kernels.append(("tilec mxfp4 triton", kernel_module(fmt, shape, dev, **plan, cuda=None)))
+        for name, module in kernels:
+            for rows in shape["rows"]:
+                for regime in (["same", "random"] if rows > 1 else ["same"]):
+                    r = measure(name, launcher(module, fragments), fmt, layers, shape, rows, regime, device, cpu_gen,
+                                reps, True, reference(fmt), per_kernel=cuda)
+                    results.append(r)
+                    print(f"  {r['kernel']:18s} rows={rows} {regime:6s} {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s  "
+                          f"err {r['rel_err_vs_reference']:.1e}", flush=True)
         for rows in shape["rows"]:
             ref_reps = max(1, reps // 10)
             r = measure("reference", reference(fmt), fmt, layers, shape, rows, "same", device, cpu_gen, ref_reps,
@@ -277,8 +310,9 @@ def main() -> None:
             results.append(r)
             print(f"  {r['kernel']:12s} rows={rows} same   {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s", flush=True)
         if args.sweep and cuda and fmt == "mxfp4":
-            sweep += run_sweep(sweep_variants(shape, dev, plan), args, layers, shape, device, cpu_gen, reps, dev)
-        del layers
+            sweep += run_sweep(sweep_variants(shape, dev, plan), args, layers, shape, device, cpu_gen, reps, dev,
+                               fragments)
+        del layers, fragments
         if cuda:
             torch.cuda.empty_cache()
 
@@ -305,14 +339,14 @@ def main() -> None:
 
 def print_table(results: list[dict], sweep: list[dict]) -> None:
     """The short table: time, bytes, bandwidth and its fraction of the copy bandwidth, cost against one row."""
-    print(f"\n{'kernel':12s} {'format':6s} {'rows':>4s} {'regime':6s} {'us':>7s} {'MB read':>7s} {'us/MB':>6s} "
+    print(f"\n{'kernel':18s} {'format':6s} {'rows':>4s} {'regime':6s} {'us':>7s} {'MB read':>7s} {'us/MB':>6s} "
           f"{'GB/s':>5s} {'of copy':>7s} {'vs 1 row':>8s} {'rel err':>8s}")
     for r in results:
         frac = f"{100 * r['fraction_of_copy_bw']:6.1f}%" if r["fraction_of_copy_bw"] else "     -"
         err = f"{r['rel_err_vs_reference']:.1e}" if r["rel_err_vs_reference"] is not None else "-"
         ratio = f"{r['time_vs_1_row']:.2f}x" if r["time_vs_1_row"] else "-"
         mb = r["bytes"] / 1e6
-        print(f"{r['kernel']:12s} {r['format']:6s} {r['rows']:4d} {r['regime']:6s} {r['us']:7.1f} {mb:7.2f} "
+        print(f"{r['kernel']:18s} {r['format']:6s} {r['rows']:4d} {r['regime']:6s} {r['us']:7.1f} {mb:7.2f} "
               f"{r['us'] / mb:6.2f} {r['GBps']:5.0f} {frac:>7s} {ratio:>8s} {err:>8s}")
     mx = {(r["rows"], r["regime"]): r for r in results if r["kernel"] == "tilec mxfp4"}
     if (1, "same") in mx and (8, "same") in mx and mx[(1, "same")]["fraction_of_copy_bw"]:

@@ -94,6 +94,7 @@ def build_all(variant: str, rows_list: tuple[int, ...]) -> int:
                if name.endswith("_kernel")), "kernels loaded for the interpreter"
     step = render.load_source(program.step_source, "step")
     step.__dict__.update(modules)
+    program.derive_weights()  # re-laid weights for the CUDA decode kernels (meta here: those kernels do not run)
     caches = [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in
               layout_from_graph(cm.graph, 1, 4096, cm.options.spec_rows)]
     for rows in rows_list:  # a decode step, a verify step, a prefill: each launch only compiles

@@ -10,6 +10,7 @@ programmatic dependent launch.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import subprocess
@@ -62,6 +63,22 @@ def _nvcc(source: str, name: str, arch: str) -> bytes:
             raise TilecError(f"nvcc could not compile the generated CUDA source {name} for {arch}:\n"
                              f"{proc.stderr[-4000:]}")
         return out.read_bytes()
+
+
+@functools.lru_cache(maxsize=1)
+def compiler_available() -> bool:
+    """Whether `compile_cubin` can work here: NVRTC through cuda.core, or nvcc."""
+    if shutil.which("nvcc") or os.environ.get("CUDA_HOME") and os.path.exists(
+            os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")):
+        return True
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+
+        load_nvidia_dynamic_lib("nvrtc")
+        import cuda.core  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not usable here
+        return False
 
 
 def compile_cubin(source: str, name: str, arch: str) -> bytes:

@@ -28,6 +28,8 @@ Gate and up. The gate_up matrix [2I, H] (gate rows, then up rows) is re-laid wit
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -105,3 +107,13 @@ def unpack_fragment_words(words: Tensor, gate_up: bool = False) -> Tensor:
     if gate_up:  # undo the pairing: tile rows (T, h, g) -> h * I + 8T + g
         codes = codes.reshape(e, nt, 2, 8, -1).transpose(1, 2).reshape(codes.shape)
     return codes
+
+
+# Weights derived from a graph's own by name (``<weight>@<layout>``): what plans ask for in ``derived_weights`` and
+# a program computes once when it loads (tilec/codegen/triton.py).
+DERIVED = {
+    "mma_words_gate_up": functools.partial(fragment_words, gate_up=True),
+    "mma_scales_gate_up": functools.partial(fragment_scales, gate_up=True),
+    "mma_words": fragment_words,
+    "mma_scales": fragment_scales,
+}

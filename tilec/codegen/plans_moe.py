@@ -60,6 +60,13 @@ def _mxfp4_moe_experts(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
         scales = [attr(node.graph.owning_module, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else None
                   for a in (node.args[4], node.args[6])]
         ctx["scale_fold"] = scale_fold_exact(scales)
+    weights = node.args[3:7]
+    if ctx["cuda"] and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in weights):
+        # the CUDA decode kernels read the weights re-laid (mma_layout), derived once when the program loads
+        ctx["derived_weights"] = [[3, "mma_words_gate_up"], [4, "mma_scales_gate_up"], [5, "mma_words"],
+                                  [6, "mma_scales"]]
+    else:
+        ctx["cuda"] = None
     return KernelPlan.make("triton/moe_experts.py.j2", **ctx)
 
 
@@ -78,6 +85,25 @@ def scale_fold_exact(scales) -> bool:
         if t.numel() and int(t.max()) > FOLD_LIMIT:
             return False
     return True
+
+
+def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None:
+    """The CUDA decode kernels' configuration (templates/cuda/moe_experts_mxfp4.cu.j2), or None where they do not
+    apply: the interpreter, a GPU older than Hopper, no CUDA compiler (NVRTC or nvcc) here, or H or I not a multiple
+    of 64 (the fragment layout's chunks). Measured on the H100 (2026-11-23, .scratch prototype, mini shapes): gate_up
+    with 4 warps splitting H and 4 loads in flight per lane; down with each slot's I split between 2 warps, 16 warps
+    per block, 6 loads in flight: one row 14.4 us against the Triton kernels' 17.4. gate_up launched with PDL (to
+    wait in place for the router) measured slower (15.4 us)."""
+    from tilec.codegen.cuda_build import compiler_available
+
+    if dev.interpret or dev.capability < (9, 0) or hidden % 64 or inter % 64 or not compiler_available():
+        return None
+    chunks, d_chunks = hidden // 64, inter // 64
+    gu_warps = next(w for w in (4, 2, 1) if chunks % w == 0)
+    d_split = 2 if d_chunks % 2 == 0 else 1
+    return {"gu_warps": gu_warps, "gu_depth": max(d for d in (1, 2, 4) if (chunks // gu_warps) % d == 0),
+            "d_split": d_split, "d_warps": 8 * d_split,
+            "d_depth": max(d for d in range(1, 7) if (d_chunks // d_split) % d == 0), "groups": 16, "gu_pdl": False}
 
 
 def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: DeviceInfo, **overrides) -> dict:
@@ -142,6 +168,7 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
            "format": fmt, "H": hidden, "I": inter, "E": experts, "decode_pairs": GATHER_LIMIT,
            "prefill_rows": PREFILL_ROWS, "groups": groups, "down_groups": down_groups, "gate_up": gate_up,
            "down": down, "dequant": dequant, "pdl": pdl, "scale_fold": False, "down_preload": preload,
+           "cuda": cuda_decode_context(hidden, inter, dev) if mx and dequant == "asm" else None,
            # the tensor cores' operand type: the activations' own (xa is the x tile), fp32 in the interpreter
            "dot_dtype": "tl.float32" if dev.interpret else "xa.dtype"}
     ctx.update(overrides)

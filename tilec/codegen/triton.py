@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import operator
 from types import ModuleType
 from typing import Callable
@@ -17,7 +18,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from tilec.codegen import plans as _plans, plans_moe as _plans_moe  # noqa: F401  (register the planners)
+from tilec.codegen import mma_layout, plans as _plans, plans_moe as _plans_moe  # noqa: F401  (register planners)
 from tilec.codegen.plan import PLANNERS, KernelPlan
 from tilec.codegen.render import load_source, render, source_hash
 from tilec.codegen.tuning import DeviceInfo, device_info
@@ -68,7 +69,18 @@ def lower(gm: fx.GraphModule, device: torch.device, stage: str) -> "TritonProgra
     for kernel in by_plan.values():
         kernel.source = render(kernel.plan.template, ctx=kernel.plan.ctx(kernel.nodes))
     step = render("triton/step.py.j2", **_step_context(gm, node_kernel, stage))
-    return TritonProgram(gm, list(by_plan.values()), step, device, dev)
+    derived = {name: spec for node, kernel in node_kernel.items() for name, spec in _derived(node, kernel)}
+    return TritonProgram(gm, list(by_plan.values()), step, device, dev, derived)
+
+
+def _derived(node: fx.Node, kernel: Kernel) -> list[tuple[str, tuple[str, str]]]:
+    """The weights a node's kernel reads re-laid (its plan's ``derived_weights``: [argument index, layout] pairs, the
+    argument a weight): [(``<weight>@<layout>``, (weight, layout))], passed after the node's own arguments."""
+    out = []
+    for index, layout in json.loads(kernel.plan.context).get("derived_weights", []):
+        target = node.args[index].target
+        out.append((f"{target}@{layout}", (target, layout)))
+    return out
 
 
 def _arg(a) -> tuple:
@@ -89,9 +101,10 @@ def _step_context(gm: fx.GraphModule, node_kernel: dict, stage: str) -> dict:
                                "index": node.args[1]})
         elif node in node_kernel:
             kernel = node_kernel[node]
+            args = [_arg(a) for a in node.args] + [("weight", name) for name, _ in _derived(node, kernel)]
             statements.append({"kind": "call", "node": node.name, "op": op_name(node.target),
                                "where": module_path(node), "kernel": kernel.alias,
-                               "out": node.name if node.users else "", "args": [_arg(a) for a in node.args]})
+                               "out": node.name if node.users else "", "args": args})
         elif node.op == "output":
             value = node.args[0]
             result = [_arg(v) for v in value] if isinstance(value, (tuple, list)) else [_arg(value)]
@@ -103,10 +116,14 @@ class TritonProgram:
     """A graph's Triton kernels and step function: call it like the graph. Kernels load on the first call."""
 
     def __init__(self, gm: fx.GraphModule, kernels: list[Kernel], step_source: str, device: torch.device,
-                 dev: DeviceInfo):
+                 dev: DeviceInfo, derived: dict[str, tuple[str, str]] | None = None):
         self.kernels, self.step_source, self.device, self.dev = kernels, step_source, device, dev
         # Kernels index tensors as dense row-major arrays.
         self.weights = {n.target: attr(gm, n.target).contiguous() for n in gm.graph.nodes if n.op == "get_attr"}
+        # Weights some kernels read re-laid (name -> (weight, layout in mma_layout.DERIVED)), computed on load: they
+        # hold the same values as their source weight, so a program keeps both (the prefill kernels read the
+        # original); a weight changed in place afterwards needs a new compile, as for any derived copy.
+        self.derived = dict(derived or {})
         self._step = None
 
     @property
@@ -123,10 +140,17 @@ class TritonProgram:
         if self.device.type == "cuda" and self.dev.interpret:
             raise TargetError("TRITON_INTERPRET=1 is set but the model is on a CUDA device; unset it to run the "
                               "kernels on the GPU, or move the model to the CPU")
+        self.derive_weights()
         modules: dict[str, ModuleType] = {k.alias: load_source(k.source, k.alias) for k in self.kernels}
         step_module = load_source(self.step_source, f"step_{source_hash(self.step_source)}")
         step_module.__dict__.update(modules)
         self._step = step_module.step
+
+    def derive_weights(self) -> None:
+        """Add the re-laid weights (``self.derived``) to ``self.weights``, once; `load` does it."""
+        for name, (target, layout) in self.derived.items():
+            if name not in self.weights:
+                self.weights[name] = mma_layout.DERIVED[layout](self.weights[target])
 
     def kernel_module(self, alias: str):
         """The loaded kernel module the step function calls as ``alias`` (``k03_attention``, ...)."""

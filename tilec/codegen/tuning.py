@@ -18,6 +18,7 @@ from tilec.options import triton_interpret_requested
 class DeviceInfo:
     interpret: bool
     sms: int
+    capability: tuple[int, int] = (9, 0)  # compute capability; rendering without a GPU assumes the H100
 
     @property
     def dot_dtype(self) -> str:
@@ -27,7 +28,8 @@ class DeviceInfo:
 
 def device_info(device: torch.device) -> DeviceInfo:
     if device.type == "cuda" and not triton_interpret_requested():
-        return DeviceInfo(False, torch.cuda.get_device_properties(device).multi_processor_count)
+        props = torch.cuda.get_device_properties(device)
+        return DeviceInfo(False, props.multi_processor_count, (props.major, props.minor))
     return DeviceInfo(True, 1)
 
 

@@ -1,0 +1,221 @@
+"""The CUDA decode kernels of mxfp4_moe_experts (templates/cuda/moe_experts_mxfp4.cu.j2).
+
+On any machine: the planner's choice, the lowering's re-laid weights (step.py passes them after the node's own
+arguments), and the generated CUDA source compiling for sm_90a without spills (nvcc, where installed). On the GPU:
+the kernels against the reference op at mini expert shapes, batch invariance, and the unfolded scale path. The
+fragment layout itself is tested in tests/test_mma_layout.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import tilec
+from tilec import mxfp4, ops
+from tilec.codegen import mma_layout
+from tilec.codegen.plans_moe import cuda_decode_context, experts_context
+from tilec.codegen.render import render
+from tilec.codegen.tuning import DeviceInfo
+
+from test_triton_moe import MINI, assert_batch_invariant, experts_module, invariance_routing, rel, routing
+
+H100 = DeviceInfo(interpret=False, sms=132)
+
+
+def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
+    cuda = experts_context("mxfp4", 2048, 768, 128, H100)["cuda"]
+    assert cuda == {"gu_warps": 4, "gu_depth": 4, "d_split": 2, "d_warps": 16, "d_depth": 6, "groups": 16,
+                    "gu_pdl": False}
+    assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
+    assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(False, 108, (8, 0)))["cuda"] is None  # A100
+    assert experts_context("mxfp4", 2080, 768, 128, H100)["cuda"] is None  # H not a multiple of 64
+    assert experts_context("mxfp4", 2048, 800, 128, H100)["cuda"] is None  # I neither
+    assert experts_context("dense", 2048, 768, 128, H100)["cuda"] is None
+    # odd chunk counts: fewer warps over H, no split of I
+    assert cuda_decode_context(192, 192, H100) == {"gu_warps": 1, "gu_depth": 1, "d_split": 1, "d_warps": 8,
+                                                   "d_depth": 3, "groups": 16, "gu_pdl": False}
+    import tilec.codegen.cuda_build as cb
+
+    monkeypatch.setattr(cb, "compiler_available", lambda: False)
+    assert experts_context("mxfp4", 2048, 768, 128, H100)["cuda"] is None  # nothing to compile with
+
+
+def moe_graph(hidden=128, inter=64, experts=6, k=3, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    q1 = mxfp4.quantize(torch.randn(experts, 2 * inter, hidden, generator=g))
+    q2 = mxfp4.quantize(torch.randn(experts, hidden, inter, generator=g))
+
+    class Moe(torch.nn.Module):
+        def forward(self, input_ids):
+            x = ops.embedding(input_ids, self.table)
+            w, ids = ops.moe_router(x, self.router, self.bias, k, 1, 1, True, 1.0)
+            return ops.mxfp4_moe_experts(x, w, ids, self.gub, self.gus, self.db, self.ds)
+
+    mod = Moe()
+    for name, t in (("table", torch.randn(10, hidden, generator=g)), ("router", torch.randn(experts, hidden, generator=g)),
+                    ("bias", torch.zeros(experts)), ("gub", q1.blocks), ("gus", q1.scales), ("db", q2.blocks),
+                    ("ds", q2.scales)):
+        mod.register_buffer(name, t)
+    return tilec.capture(mod)
+
+
+def test_lowering_passes_the_relaid_weights(monkeypatch):
+    """Rendered for the GPU (no TRITON_INTERPRET) on this machine: the experts call gets the four re-laid weights,
+    named after their source, and the program derives them with mma_layout when it loads."""
+    from tilec.codegen.triton import H100 as RENDER_TARGET, lower
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert RENDER_TARGET.capability == (9, 0)
+    program = lower(moe_graph(), torch.device("cpu"), "test")
+    assert program.derived == {"gub@mma_words_gate_up": ("gub", "mma_words_gate_up"),
+                               "gus@mma_scales_gate_up": ("gus", "mma_scales_gate_up"),
+                               "db@mma_words": ("db", "mma_words"), "ds@mma_scales": ("ds", "mma_scales")}
+    call = next(line for line in program.step_source.splitlines() if "mxfp4_moe_experts.launch(" in line)
+    assert re.search(r"W\['gub'\], W\['gus'\], W\['db'\], W\['ds'\], W\['gub@mma_words_gate_up'\], "
+                     r"W\['gus@mma_scales_gate_up'\], W\['db@mma_words'\], W\['ds@mma_scales'\]\)", call), call
+    experts = next(k for k in program.kernels if k.plan.template == "triton/moe_experts.py.j2")
+    assert "CUDA_SOURCE" in experts.source and "mma.sync.aligned.m16n8k16" in experts.source
+    # what load() computes for them
+    gub = program.weights["gub"]
+    assert torch.equal(mma_layout.DERIVED["mma_words_gate_up"](gub), mma_layout.fragment_words(gub, gate_up=True))
+
+
+def test_no_cuda_decode_when_weights_are_not_graph_constants():
+    """The planner needs the weights at hand (get_attr) to re-lay them; otherwise the Triton kernels do decode."""
+    import json
+
+    from tilec.codegen.plan import PLANNERS
+
+    gm = moe_graph()
+    node = next(n for n in gm.graph.nodes if n.op == "call_function" and "mxfp4_moe_experts" in str(n.target))
+    with gm.graph.inserting_before(node):
+        copy = gm.graph.call_function(torch.ops.aten.clone.default, (node.args[3],))
+    copy.meta["val"] = node.args[3].meta["val"]
+    node.args = node.args[:3] + (copy,) + node.args[4:]
+
+    ctx = json.loads(PLANNERS["mxfp4_moe_experts"](node, H100).context)
+    assert ctx["cuda"] is None and "derived_weights" not in ctx
+
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+@pytest.mark.parametrize("h,i,fold", [(2048, 768, True), (2048, 768, False), (4096, 2048, True), (192, 192, True)])
+def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold):
+    """The generated CUDA compiles for sm_90a (mini, the MiMo-V2-Flash expert shape, and odd chunk counts), with no
+    local-memory spills (registers hold the loads in flight)."""
+    ctx = experts_context("mxfp4", h, i, 16, H100, scale_fold=fold)
+    assert ctx["cuda"] is not None
+    src = render("cuda/moe_experts_mxfp4.cu.j2", ctx=ctx)
+    (tmp_path / "k.cu").write_text(src)
+    proc = subprocess.run([NVCC, "-cubin", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas",
+                           "-v", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for kernel in ("gate_up_kernel", "down_kernel"):
+        assert f"Compiling entry function '{kernel}'" in proc.stderr
+    assert "spill stores" in proc.stderr and not re.search(r"[1-9]\d* bytes spill stores", proc.stderr)
+
+
+# ------------------------------------------------------------------------------------------------------------- GPU
+def gpu_device() -> DeviceInfo:
+    props = torch.cuda.get_device_properties(0)
+    return DeviceInfo(interpret=False, sms=props.multi_processor_count, capability=(props.major, props.minor))
+
+
+@pytest.fixture(scope="module")
+def mini_mx():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    e, h, i = MINI["E"], MINI["H"], MINI["I"]
+    codes = dict(dtype=torch.uint8, device="cuda", generator=g)
+    weights = (torch.randint(0, 256, (e, 2 * i, h // 2), **codes), torch.randint(118, 125, (e, 2 * i, h // 32), **codes),
+               torch.randint(0, 256, (e, h, i // 2), **codes), torch.randint(118, 125, (e, h, i // 32), **codes))
+    return weights, fragments(weights)
+
+
+def fragments(weights):
+    gu, gus, d, ds = weights
+    return (mma_layout.fragment_words(gu, True), mma_layout.fragment_scales(gus, True), mma_layout.fragment_words(d),
+            mma_layout.fragment_scales(ds))
+
+
+def cuda_module(fold: bool = True):
+    os.environ.pop("TRITON_INTERPRET", None)
+    mod = experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(), scale_fold=fold)
+    assert hasattr(mod, "CUDA_SOURCE"), "the planner did not choose the CUDA decode kernels"
+    return mod
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_experts_mini(mini_mx):
+    """1 to 8 rows (same and independent routes) against the reference op and the Triton kernels, within bf16
+    rounding; 24 rows (prefill) take the Triton kernels."""
+    weights, frags = mini_mx
+    mod = cuda_module()
+    g = torch.Generator().manual_seed(0)
+    for rows, same in ((1, True), (2, False), (4, True), (8, True), (8, False), (24, False)):
+        w, ids = routing(rows, MINI["k"], MINI["E"], same, g)
+        x = torch.randn(1, rows, MINI["H"], generator=g).bfloat16().cuda()
+        w, ids = w.cuda(), ids.cuda()
+        out = mod.launch(x, w, ids, *weights, *frags)
+        ref = ops.mxfp4_moe_experts(x, w, ids, *weights)
+        tri = mod.launch(x, w, ids, *weights)  # no fragments: the Triton kernels
+        assert torch.isfinite(out).all()
+        assert rel(out, ref) < 1e-2 and rel(out, tri) < 1e-2, (rows, same, rel(out, ref), rel(out, tri))
+        if rows > 8:
+            assert torch.equal(out, tri)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_experts_unfolded_scales():
+    """Scale codes above FOLD_LIMIT: the kernels multiply twice (2^126, then the block scale)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    e, h, i = MINI["E"], MINI["H"], MINI["I"]
+    codes = dict(dtype=torch.uint8, device="cuda", generator=g)
+    weights = (torch.randint(0, 256, (e, 2 * i, h // 2), **codes), torch.randint(120, 135, (e, 2 * i, h // 32), **codes),
+               torch.randint(0, 256, (e, h, i // 2), **codes), torch.randint(100, 131, (e, h, i // 32), **codes))
+    mod = cuda_module(fold=False)
+    cg = torch.Generator().manual_seed(2)
+    w, ids = routing(3, MINI["k"], MINI["E"], False, cg)
+    x = (1e-3 * torch.randn(1, 3, h, generator=cg)).bfloat16().cuda()
+    out = mod.launch(x, w.cuda(), ids.cuda(), *weights, *fragments(weights))
+    ref = ops.mxfp4_moe_experts(x, w.cuda(), ids.cuda(), *weights)
+    assert torch.isfinite(out).all() and rel(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_experts_batch_invariant(mini_mx):
+    """A row's output is the same bits in steps of 1 to 8 rows, at any position (DFlash's verify step)."""
+    weights, frags = mini_mx
+    mod = cuda_module()
+    g = torch.Generator().manual_seed(6)
+    w, ids = invariance_routing(MINI["k"], MINI["E"], g)
+    x = torch.randn(8, MINI["H"], generator=g).bfloat16().cuda()
+    w, ids = w.cuda(), ids.cuda()
+
+    def call(rows):
+        return (mod.launch(x[rows][None], w[rows][None], ids[rows][None], *weights, *frags)[0],)
+
+    ref = ops.mxfp4_moe_experts(x[None], w[None], ids[None], *weights)[0]
+    assert rel(call(list(range(8)))[0], ref) < 1e-2
+    assert_batch_invariant(call, g)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_experts_wrong_fragments_raise(mini_mx):
+    weights, frags = mini_mx
+    mod = cuda_module()
+    x = torch.randn(1, 1, MINI["H"], device="cuda").bfloat16()
+    w, ids = routing(1, MINI["k"], MINI["E"], True, torch.Generator().manual_seed(0))
+    from tilec.errors import ShapeError
+
+    with pytest.raises(ShapeError, match="re-laid weights"):
+        mod.launch(x, w.cuda(), ids.cuda(), *weights, frags[2], frags[3], frags[0], frags[1])
+
