@@ -43,7 +43,7 @@ import common  # noqa: E402
 
 from tilec import ops  # noqa: E402
 from tilec.codegen import mma_layout  # noqa: E402
-from tilec.codegen.plans_moe import experts_context, scale_fold_exact  # noqa: E402
+from tilec.codegen.plans_moe import experts_context, scale_fold_exact, with_down  # noqa: E402
 from tilec.codegen.render import load_source, render  # noqa: E402
 from tilec.codegen.tuning import DeviceInfo  # noqa: E402
 
@@ -228,8 +228,8 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
         out.append(("mx cuda gu_pdl", "mxfp4", {"cuda": {**cu, "gu_pdl": True}}))
         out.append(("mx cuda groups=8", "mxfp4", {"cuda": {**cu, "groups": 8}}))
         out.append(("mx cuda gu_depth=2", "mxfp4", {"cuda": {**cu, "gu_depth": 2}}))
-        if cu["d_split"] == 2:
-            out.append(("mx cuda d_split=1 d_warps=8", "mxfp4", {"cuda": {**cu, "d_split": 1, "d_warps": 8}}))
+        out.append((f"mx cuda d_async={not cu['d_async']}", "mxfp4",
+                    {"cuda": with_down(cu, shape["I"], not cu["d_async"])}))
     return [(name, fmt, {**plan, **overrides}) for name, fmt, overrides in out]
 
 

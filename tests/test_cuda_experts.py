@@ -19,7 +19,7 @@ import torch
 import tilec
 from tilec import mxfp4, ops
 from tilec.codegen import mma_layout
-from tilec.codegen.plans_moe import cuda_decode_context, experts_context
+from tilec.codegen.plans_moe import cuda_decode_context, experts_context, with_down
 from tilec.codegen.render import render
 from tilec.codegen.tuning import DeviceInfo
 
@@ -30,16 +30,22 @@ H100 = DeviceInfo(interpret=False, sms=132)
 
 def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     cuda = experts_context("mxfp4", 2048, 768, 128, H100)["cuda"]
-    assert cuda == {"gu_warps": 4, "gu_depth": 4, "d_split": 2, "d_warps": 16, "d_depth": 6, "groups": 16,
-                    "gu_pdl": False}
+    assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "gu_pdl": False, "d_async": False, "d_split": 2,
+                    "d_warps": 16, "d_smem": 0, "d_depth": 6}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(False, 108, (8, 0)))["cuda"] is None  # A100
     assert experts_context("mxfp4", 2080, 768, 128, H100)["cuda"] is None  # H not a multiple of 64
     assert experts_context("mxfp4", 2048, 800, 128, H100)["cuda"] is None  # I neither
     assert experts_context("dense", 2048, 768, 128, H100)["cuda"] is None
     # odd chunk counts: fewer warps over H, no split of I
-    assert cuda_decode_context(192, 192, H100) == {"gu_warps": 1, "gu_depth": 1, "d_split": 1, "d_warps": 8,
-                                                   "d_depth": 3, "groups": 16, "gu_pdl": False}
+    assert cuda_decode_context(192, 192, H100) == {"gu_warps": 1, "gu_depth": 1, "groups": 16, "gu_pdl": False,
+                                                   "d_async": False, "d_split": 1, "d_warps": 8, "d_smem": 0,
+                                                   "d_depth": 3}
+    # down's weights through shared memory: every chunk in flight where 160 KB hold them (mini: 12; MiMo-V2-Flash's
+    # I = 2048: 32, 136 KB)
+    assert with_down(cuda, 768, d_async=True) == {**cuda, "d_async": True, "d_split": 1, "d_warps": 8, "d_depth": 12,
+                                                  "d_smem": 12 * 8 * 544}
+    assert with_down(cuda, 2048, d_async=True)["d_depth"] == 32
     import tilec.codegen.cuda_build as cb
 
     monkeypatch.setattr(cb, "compiler_available", lambda: False)
@@ -107,12 +113,15 @@ NVCC = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
-@pytest.mark.parametrize("h,i,fold", [(2048, 768, True), (2048, 768, False), (4096, 2048, True), (192, 192, True)])
-def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold):
-    """The generated CUDA compiles for sm_90a (mini, the MiMo-V2-Flash expert shape, and odd chunk counts), with no
-    local-memory spills (registers hold the loads in flight)."""
+@pytest.mark.parametrize("h,i,fold,d_async", [(2048, 768, True, False), (2048, 768, False, False),
+                                               (4096, 2048, True, False), (192, 192, True, False),
+                                               (2048, 768, True, True), (4096, 2048, True, True)])
+def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_async):
+    """The generated CUDA compiles for sm_90a (mini, the MiMo-V2-Flash expert shape, and odd chunk counts; down's
+    weights through registers or shared memory), with no local-memory spills (registers hold the loads in flight)."""
     ctx = experts_context("mxfp4", h, i, 16, H100, scale_fold=fold)
     assert ctx["cuda"] is not None
+    ctx["cuda"] = with_down(ctx["cuda"], i, d_async)
     src = render("cuda/moe_experts_mxfp4.cu.j2", ctx=ctx)
     (tmp_path / "k.cu").write_text(src)
     proc = subprocess.run([NVCC, "-cubin", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas",
@@ -146,19 +155,22 @@ def fragments(weights):
             mma_layout.fragment_scales(ds))
 
 
-def cuda_module(fold: bool = True):
+def cuda_module(fold: bool = True, d_async: bool = False):
     os.environ.pop("TRITON_INTERPRET", None)
-    mod = experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(), scale_fold=fold)
+    cuda = with_down(experts_context("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device())["cuda"], MINI["I"],
+                     d_async)
+    mod = experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(), scale_fold=fold, cuda=cuda)
     assert hasattr(mod, "CUDA_SOURCE"), "the planner did not choose the CUDA decode kernels"
     return mod
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_experts_mini(mini_mx):
+@pytest.mark.parametrize("d_async", [False, True])
+def test_gpu_cuda_experts_mini(mini_mx, d_async):
     """1 to 8 rows (same and independent routes) against the reference op and the Triton kernels, within bf16
     rounding; 24 rows (prefill) take the Triton kernels."""
     weights, frags = mini_mx
-    mod = cuda_module()
+    mod = cuda_module(d_async=d_async)
     g = torch.Generator().manual_seed(0)
     for rows, same in ((1, True), (2, False), (4, True), (8, True), (8, False), (24, False)):
         w, ids = routing(rows, MINI["k"], MINI["E"], same, g)
@@ -191,10 +203,11 @@ def test_gpu_cuda_experts_unfolded_scales():
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_experts_batch_invariant(mini_mx):
+@pytest.mark.parametrize("d_async", [False, True])
+def test_gpu_cuda_experts_batch_invariant(mini_mx, d_async):
     """A row's output is the same bits in steps of 1 to 8 rows, at any position (DFlash's verify step)."""
     weights, frags = mini_mx
-    mod = cuda_module()
+    mod = cuda_module(d_async=d_async)
     g = torch.Generator().manual_seed(6)
     w, ids = invariance_routing(MINI["k"], MINI["E"], g)
     x = torch.randn(8, MINI["H"], generator=g).bfloat16().cuda()

@@ -95,6 +95,9 @@ def compile_cubin(source: str, name: str, arch: str) -> bytes:
     return cubin
 
 
+DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may take without raising its limit
+
+
 def pointer(t: torch.Tensor) -> ctypes.c_uint64:
     """A tensor's device address as a kernel argument (cuda.core takes ctypes integers, not c_void_p)."""
     return ctypes.c_uint64(t.data_ptr())
@@ -107,6 +110,7 @@ class CudaModule:
         self.source, self.name = source, name
         self._kernels: dict[tuple[int, str], object] = {}
         self._code: dict[int, object] = {}
+        self._smem: set[tuple] = set()
 
     def kernel(self, fn: str, device: torch.device):
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -121,13 +125,34 @@ class CudaModule:
             self._kernels[key] = self._code[index].get_kernel(fn)
         return self._kernels[key]
 
-    def launch(self, fn: str, grid: tuple, block: int, args: list, device: torch.device, pdl: bool = False) -> None:
+    def launch(self, fn: str, grid: tuple, block: int, args: list, device: torch.device, pdl: bool = False,
+               smem: int = 0) -> None:
         """Launch ``fn`` on PyTorch's current stream; ``args`` as ctypes values (`pointer`, ctypes.c_int32, ...).
         ``pdl``: programmatic dependent launch (the kernel may start before the previous one ends; it must wait with
-        griddepcontrol.wait before reading that kernel's output)."""
+        griddepcontrol.wait before reading that kernel's output). ``smem``: bytes of dynamic shared memory."""
         from cuda.core import LaunchConfig, Stream, launch
 
         kernel = self.kernel(fn, device)
+        if smem > DEFAULT_SMEM:
+            self._allow_smem(kernel, fn, device, smem)
         stream = Stream.from_handle(torch.cuda.current_stream(device).cuda_stream)
-        config = LaunchConfig(grid=grid, block=block, programmatic_stream_serialization=pdl)
+        config = LaunchConfig(grid=grid, block=block, shmem_size=smem, programmatic_stream_serialization=pdl)
         launch(stream, config, kernel, *args)
+
+    def _allow_smem(self, kernel, fn: str, device: torch.device, smem: int) -> None:
+        """Raise the kernel's dynamic shared memory limit above the default 48 KB (once per size and device)."""
+        key = (fn, device.index, smem)
+        if key in self._smem:
+            return
+        from cuda.bindings import driver
+
+        attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        handle = kernel.handle
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if isinstance(handle, driver.CUkernel):
+            err, = driver.cuKernelSetAttribute(attr, smem, handle, driver.CUdevice(index))
+        else:
+            err, = driver.cuFuncSetAttribute(handle, attr, smem)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise TargetError(f"{self.name}.{fn}: the GPU refused {smem} bytes of shared memory per block ({err})")
+        self._smem.add(key)

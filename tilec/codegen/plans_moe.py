@@ -90,20 +90,37 @@ def scale_fold_exact(scales) -> bool:
 def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None:
     """The CUDA decode kernels' configuration (templates/cuda/moe_experts_mxfp4.cu.j2), or None where they do not
     apply: the interpreter, a GPU older than Hopper, no CUDA compiler (NVRTC or nvcc) here, or H or I not a multiple
-    of 64 (the fragment layout's chunks). Measured on the H100 (2026-11-23, .scratch prototype, mini shapes): gate_up
-    with 4 warps splitting H and 4 loads in flight per lane; down with each slot's I split between 2 warps, 16 warps
-    per block, 6 loads in flight: one row 14.4 us against the Triton kernels' 17.4. gate_up launched with PDL (to
-    wait in place for the router) measured slower (15.4 us)."""
+    of 64 (the fragment layout's chunks).
+
+    Measured on the H100 (2026-11-23, benchmarks/bench_mxfp4_experts.py --sweep, mini shapes, medians of 3 rounds):
+    gate_up with 4 warps splitting H, 4 loads in flight per lane, 16 slot groups, launched without PDL; down with its
+    weights in registers (16 warps, each slot's I split in two): one row 13.9 us, against 16.6 with down's weights
+    through shared memory (`with_down`'s d_async; faster for 8 rows, 17.6 against 18.2 us) and 18.9 for the Triton
+    kernels. gate_up launched with PDL (to wait in place for the router), all of gate_up's chunks in flight at once
+    through cp.async, and prefetching down's weights into L2 from gate_up all measured slower at one row."""
     from tilec.codegen.cuda_build import compiler_available
 
     if dev.interpret or dev.capability < (9, 0) or hidden % 64 or inter % 64 or not compiler_available():
         return None
-    chunks, d_chunks = hidden // 64, inter // 64
+    chunks = hidden // 64
     gu_warps = next(w for w in (4, 2, 1) if chunks % w == 0)
-    d_split = 2 if d_chunks % 2 == 0 else 1
-    return {"gu_warps": gu_warps, "gu_depth": max(d for d in (1, 2, 4) if (chunks // gu_warps) % d == 0),
-            "d_split": d_split, "d_warps": 8 * d_split,
-            "d_depth": max(d for d in range(1, 7) if (d_chunks // d_split) % d == 0), "groups": 16, "gu_pdl": False}
+    cuda = {"gu_warps": gu_warps, "gu_depth": max(d for d in (1, 2, 4) if (chunks // gu_warps) % d == 0),
+            "groups": 16, "gu_pdl": False}
+    return with_down(cuda, inter, d_async=False)
+
+
+def with_down(cuda: dict, inter: int, d_async: bool) -> dict:
+    """``cuda`` with the down kernel's configuration: weights through shared memory (``d_async``: 8 warps, a slot
+    each, as many chunks in flight as fit in 160 KB) or through registers (16 warps, each slot's I split in two,
+    up to 6 chunks in flight)."""
+    d_chunks = inter // 64
+    if d_async:
+        per_chunk = 8 * (512 + 32)  # 8 warps' weights and scales
+        depth = max(d for d in range(1, d_chunks + 1) if d_chunks % d == 0 and d * per_chunk <= 160 * 1024)
+        return {**cuda, "d_async": True, "d_split": 1, "d_warps": 8, "d_depth": depth, "d_smem": depth * per_chunk}
+    split = 2 if d_chunks % 2 == 0 else 1
+    return {**cuda, "d_async": False, "d_split": split, "d_warps": 8 * split, "d_smem": 0,
+            "d_depth": max(d for d in range(1, 7) if (d_chunks // split) % d == 0)}
 
 
 def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: DeviceInfo, **overrides) -> dict:
