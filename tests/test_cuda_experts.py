@@ -41,11 +41,12 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert cuda_decode_context(192, 192, H100) == {"gu_warps": 1, "gu_depth": 1, "groups": 16, "gu_pdl": False,
                                                    "d_async": False, "d_split": 1, "d_warps": 8, "d_smem": 0,
                                                    "d_depth": 3}
-    # down's weights through shared memory: every chunk in flight where 160 KB hold them (mini: 12; MiMo-V2-Flash's
-    # I = 2048: 32, 136 KB)
-    assert with_down(cuda, 768, d_async=True) == {**cuda, "d_async": True, "d_split": 1, "d_warps": 8, "d_depth": 12,
-                                                  "d_smem": 12 * 8 * 544}
-    assert with_down(cuda, 2048, d_async=True)["d_depth"] == 32
+    # down's weights through shared memory: every chunk in flight where 160 KB hold them (mini, 16 warps: 6 chunks a
+    # warp; MiMo-V2-Flash's I = 2048: 16 a warp, 136 KB; 32 with one warp a slot)
+    assert with_down(cuda, 768, d_async=True) == {**cuda, "d_async": True, "d_split": 2, "d_warps": 16, "d_depth": 6,
+                                                  "d_smem": 6 * 16 * 544}
+    assert with_down(cuda, 2048, d_async=True)["d_depth"] == 16
+    assert with_down(cuda, 2048, d_async=True, d_split=1)["d_depth"] == 32
     import tilec.codegen.cuda_build as cb
 
     monkeypatch.setattr(cb, "compiler_available", lambda: False)
@@ -122,6 +123,8 @@ def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_async):
     ctx = experts_context("mxfp4", h, i, 16, H100, scale_fold=fold)
     assert ctx["cuda"] is not None
     ctx["cuda"] = with_down(ctx["cuda"], i, d_async)
+    if h == 4096 and d_async:  # gate_up in 2 warps a tile, 8 chunks in flight (two rounds)
+        ctx["cuda"].update(gu_warps=2, gu_depth=8)
     src = render("cuda/moe_experts_mxfp4.cu.j2", ctx=ctx)
     (tmp_path / "k.cu").write_text(src)
     proc = subprocess.run([NVCC, "-cubin", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas",
@@ -131,6 +134,21 @@ def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_async):
     for kernel in ("gate_up_kernel", "down_kernel"):
         assert f"Compiling entry function '{kernel}'" in proc.stderr
     assert "spill stores" in proc.stderr and not re.search(r"[1-9]\d* bytes spill stores", proc.stderr)
+
+
+def test_bad_cuda_source_is_a_clear_error(tmp_path, monkeypatch):
+    """A compiler error comes back as a TilecError naming the source and holding the compiler's message; nothing is
+    cached."""
+    from tilec.codegen import cuda_build
+    from tilec.errors import TilecError
+
+    if not cuda_build.compiler_available():
+        pytest.skip("needs NVRTC or nvcc")
+    monkeypatch.setenv("TILEC_CACHE_DIR", str(tmp_path))
+    with pytest.raises(TilecError, match="could not compile the generated CUDA source broken_kernel") as info:
+        cuda_build.compile_cubin('extern "C" __global__ void k() { undeclared_name(); }', "broken_kernel", "sm_90a")
+    assert "undeclared_name" in str(info.value)
+    assert not list(tmp_path.rglob("*.cubin"))
 
 
 # ------------------------------------------------------------------------------------------------------------- GPU
@@ -183,6 +201,24 @@ def test_gpu_cuda_experts_mini(mini_mx, d_async):
         assert rel(out, ref) < 1e-2 and rel(out, tri) < 1e-2, (rows, same, rel(out, ref), rel(out, tri))
         if rows > 8:
             assert torch.equal(out, tri)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_experts_more_than_8_rows(mini_mx):
+    """Top-4 lets decode take up to 16 rows (64 router pairs): blocks of 8 token rows (grid z). Against the reference,
+    and each row equal to its own 1-row step."""
+    weights, frags = mini_mx
+    mod = cuda_module()
+    g = torch.Generator().manual_seed(8)
+    for rows, same in ((12, False), (16, True), (16, False)):
+        w, ids = routing(rows, 4, MINI["E"], same, g)
+        x = torch.randn(1, rows, MINI["H"], generator=g).bfloat16().cuda()
+        w, ids = w.cuda(), ids.cuda()
+        out = mod.launch(x, w, ids, *weights, *frags)
+        assert rel(out, ops.mxfp4_moe_experts(x, w, ids, *weights)) < 1e-2, (rows, same)
+        for r in (0, 7, 8, rows - 1):
+            one = mod.launch(x[:, r:r + 1], w[:, r:r + 1], ids[:, r:r + 1], *weights, *frags)
+            assert torch.equal(one[0, 0], out[0, r]), (rows, same, r)
 
 
 @pytest.mark.gpu

@@ -8,7 +8,9 @@ matmul; it flushes blocks with scale code 0, 2^-127, to zero) and ``pdl`` (progr
 projection). The GPU variants apply to bf16 activations; others fall back to "tl". ``scale_fold`` (asm only)
 multiplies each element once, by 2^126 times its block scale, instead of twice: the planner sets it when the
 weights' scale codes allow it (`scale_fold_exact`). ``down_preload`` (with PDL) has each down program load its first
-slot's weights before waiting for gate_up, so the two kernels' reads overlap.
+slot's weights before waiting for gate_up, so the two kernels' reads overlap. ``cuda`` (MXFP4 on Hopper, bf16
+activations): decode runs on the CUDA kernels of templates/cuda/moe_experts_mxfp4.cu.j2 instead, reading the experts
+re-laid as mma fragments (``derived_weights``: tilec/codegen/mma_layout.py); prefill stays on the Triton kernels.
 
 Batch invariance: a decode row's output is the same bits in a step of 1 to BLOCK_M (8) rows (DFlash verifies drafted
 tokens in one multi-row step and compares it with 1-row decode steps), so every such step gets one configuration: the
@@ -92,12 +94,13 @@ def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None
     apply: the interpreter, a GPU older than Hopper, no CUDA compiler (NVRTC or nvcc) here, or H or I not a multiple
     of 64 (the fragment layout's chunks).
 
-    Measured on the H100 (2026-11-23, benchmarks/bench_mxfp4_experts.py --sweep, mini shapes, medians of 3 rounds):
-    gate_up with 4 warps splitting H, 4 loads in flight per lane, 16 slot groups, launched without PDL; down with its
-    weights in registers (16 warps, each slot's I split in two): one row 13.9 us, against 16.6 with down's weights
-    through shared memory (`with_down`'s d_async; faster for 8 rows, 17.6 against 18.2 us) and 18.9 for the Triton
-    kernels. gate_up launched with PDL (to wait in place for the router), all of gate_up's chunks in flight at once
-    through cp.async, and prefetching down's weights into L2 from gate_up all measured slower at one row."""
+    Measured on the H100 (2026-11-23, benchmarks/bench_mxfp4_experts.py --sweep, mini shapes, medians of 3 rounds;
+    benchmarks/results/h100-2026-11-23b): gate_up with 4 warps splitting H, 4 loads in flight per lane, 16 slot
+    groups, launched without PDL; down with its weights in registers, 16 warps, each slot's I split in two: one row
+    13.4 to 14.8 us, against 18.8 to 19.0 for the Triton kernels. Down's weights through shared memory (`with_down`'s
+    d_async, whose blocks fit beside gate_up's) took 16.1 to 16.4 us at one row but 17.6 against 18.7 to 19.2 at 8
+    rows; also slower at one row: gate_up launched with PDL, all its chunks in flight through cp.async, 2 warps a
+    tile, and prefetching down's weights into L2 from gate_up."""
     from tilec.codegen.cuda_build import compiler_available
 
     if dev.interpret or dev.capability < (9, 0) or hidden % 64 or inter % 64 or not compiler_available():
@@ -109,18 +112,19 @@ def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None
     return with_down(cuda, inter, d_async=False)
 
 
-def with_down(cuda: dict, inter: int, d_async: bool) -> dict:
-    """``cuda`` with the down kernel's configuration: weights through shared memory (``d_async``: 8 warps, a slot
-    each, as many chunks in flight as fit in 160 KB) or through registers (16 warps, each slot's I split in two,
-    up to 6 chunks in flight)."""
+def with_down(cuda: dict, inter: int, d_async: bool, d_split: int = 2) -> dict:
+    """``cuda`` with the down kernel's configuration: each slot's I split between ``d_split`` warps (where I allows),
+    8 slots a wave; its weights through registers (up to 6 chunks in flight a warp) or, with ``d_async``, through
+    shared memory (cp.async; as many chunks in flight as fit in 160 KB a block)."""
     d_chunks = inter // 64
+    split = d_split if d_chunks % d_split == 0 else 1
+    per_warp = d_chunks // split
+    out = {**cuda, "d_async": d_async, "d_split": split, "d_warps": 8 * split}
     if d_async:
-        per_chunk = 8 * (512 + 32)  # 8 warps' weights and scales
-        depth = max(d for d in range(1, d_chunks + 1) if d_chunks % d == 0 and d * per_chunk <= 160 * 1024)
-        return {**cuda, "d_async": True, "d_split": 1, "d_warps": 8, "d_depth": depth, "d_smem": depth * per_chunk}
-    split = 2 if d_chunks % 2 == 0 else 1
-    return {**cuda, "d_async": False, "d_split": split, "d_warps": 8 * split, "d_smem": 0,
-            "d_depth": max(d for d in range(1, 7) if (d_chunks // split) % d == 0)}
+        per_chunk = 8 * split * (512 + 32)  # every warp's weights and scales of one chunk
+        depth = max(d for d in range(1, per_warp + 1) if per_warp % d == 0 and d * per_chunk <= 160 * 1024)
+        return {**out, "d_depth": depth, "d_smem": depth * per_chunk}
+    return {**out, "d_depth": max(d for d in range(1, 7) if per_warp % d == 0), "d_smem": 0}
 
 
 def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: DeviceInfo, **overrides) -> dict:
