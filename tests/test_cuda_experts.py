@@ -44,7 +44,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     # down's weights through shared memory: every chunk in flight where 160 KB hold them (mini, 16 warps: 6 chunks a
     # warp; MiMo-V2-Flash's I = 2048: 16 a warp, 136 KB; 32 with one warp a slot)
     assert with_down(cuda, 768, d_async=True) == {**cuda, "d_async": True, "d_split": 2, "d_warps": 16, "d_depth": 6,
-                                                  "d_smem": 6 * 16 * 544}
+                                                  "d_smem": 6 * 16 * 544, "d_min_blocks": 2}  # <= 64 registers
     assert with_down(cuda, 2048, d_async=True)["d_depth"] == 16
     assert with_down(cuda, 2048, d_async=True, d_split=1)["d_depth"] == 32
     import tilec.codegen.cuda_build as cb

@@ -110,7 +110,7 @@ class CudaModule:
         self.source, self.name = source, name
         self._kernels: dict[tuple[int, str], object] = {}
         self._code: dict[int, object] = {}
-        self._smem: set[tuple] = set()
+        self._attrs: set[tuple] = set()
 
     def kernel(self, fn: str, device: torch.device):
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -126,33 +126,38 @@ class CudaModule:
         return self._kernels[key]
 
     def launch(self, fn: str, grid: tuple, block: int, args: list, device: torch.device, pdl: bool = False,
-               smem: int = 0) -> None:
+               smem: int = 0, carveout: int | None = None) -> None:
         """Launch ``fn`` on PyTorch's current stream; ``args`` as ctypes values (`pointer`, ctypes.c_int32, ...).
         ``pdl``: programmatic dependent launch (the kernel may start before the previous one ends; it must wait with
-        griddepcontrol.wait before reading that kernel's output). ``smem``: bytes of dynamic shared memory."""
+        griddepcontrol.wait before reading that kernel's output). ``smem``: bytes of dynamic shared memory.
+        ``carveout``: the percentage of the SM's unified L1/shared memory to configure as shared memory while this
+        kernel runs (a kernel that needs little leaves an SM configured with little, and a dependent kernel's blocks
+        that need more cannot start beside it)."""
         from cuda.core import LaunchConfig, Stream, launch
 
         kernel = self.kernel(fn, device)
         if smem > DEFAULT_SMEM:
-            self._allow_smem(kernel, fn, device, smem)
+            self._set(kernel, fn, device, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", smem)
+        if carveout is not None:
+            self._set(kernel, fn, device, "CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT", carveout)
         stream = Stream.from_handle(torch.cuda.current_stream(device).cuda_stream)
         config = LaunchConfig(grid=grid, block=block, shmem_size=smem, programmatic_stream_serialization=pdl)
         launch(stream, config, kernel, *args)
 
-    def _allow_smem(self, kernel, fn: str, device: torch.device, smem: int) -> None:
-        """Raise the kernel's dynamic shared memory limit above the default 48 KB (once per size and device)."""
-        key = (fn, device.index, smem)
-        if key in self._smem:
+    def _set(self, kernel, fn: str, device: torch.device, attribute: str, value: int) -> None:
+        """Set a kernel attribute on a device, once per value."""
+        key = (fn, device.index, attribute, value)
+        if key in self._attrs:
             return
         from cuda.bindings import driver
 
-        attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        attr = getattr(driver.CUfunction_attribute, attribute)
         handle = kernel.handle
         index = device.index if device.index is not None else torch.cuda.current_device()
         if isinstance(handle, driver.CUkernel):
-            err, = driver.cuKernelSetAttribute(attr, smem, handle, driver.CUdevice(index))
+            err, = driver.cuKernelSetAttribute(attr, value, handle, driver.CUdevice(index))
         else:
-            err, = driver.cuFuncSetAttribute(handle, attr, smem)
+            err, = driver.cuFuncSetAttribute(handle, attr, value)
         if err != driver.CUresult.CUDA_SUCCESS:
-            raise TargetError(f"{self.name}.{fn}: the GPU refused {smem} bytes of shared memory per block ({err})")
-        self._smem.add(key)
+            raise TargetError(f"{self.name}.{fn}: the GPU refused {attribute} = {value} ({err})")
+        self._attrs.add(key)

@@ -1,0 +1,119 @@
+"""Where the time of one MXFP4 experts call goes on the GPU: a per-block timeline of the CUDA decode kernels.
+
+    python3 benchmarks/timeline_experts.py --out out/timeline        # GPU only: mini expert shapes, 1 and 8 rows
+    python3 benchmarks/timeline_experts.py --out out/t --cuda '{"d_async": true, "d_split": 1}'   # another plan
+
+The kernels (templates/cuda/moe_experts_mxfp4.cu.j2) are rendered with ``timeline`` on: thread 0 of every block
+stamps %globaltimer when the block starts, after its slot table, after its weights are in (gate_up: the first
+slot's sums done; down: the wait for gate_up released) and when it ends, with its SM. The calls run as in
+bench_mxfp4_experts.py (a CUDA graph over LAYERS layers' weights); the stamps kept are those of the last call. Times
+are nanoseconds from the first gate_up block's start. Writes DIR/timeline_experts.json and prints percentiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+import bench_mxfp4_experts as bench  # noqa: E402
+import common  # noqa: E402
+from tilec.codegen.cuda_build import pointer  # noqa: E402
+from tilec.codegen.plans_moe import with_down  # noqa: E402
+from tilec.codegen.tuning import device_info  # noqa: E402
+
+POINTS = ("start", "table", "weights", "end")
+BLOCKS = 8192  # TIMELINE_BLOCKS in the template
+
+
+def percentiles(values: list[float]) -> dict:
+    v = sorted(values)
+    return {"min": v[0], "p10": v[len(v) // 10], "p50": v[len(v) // 2], "p90": v[len(v) * 9 // 10], "max": v[-1]}
+
+
+def run(rows: int, regime: str, shape: dict, layers, fragments, module, dev, gen) -> dict:
+    launch = bench.launcher(module, fragments)
+    x = torch.randn(1, rows, shape["H"], generator=gen).to(dev, torch.bfloat16)
+    routes = [bench.routing(rows, regime, shape, dev, gen) for _ in layers]
+    calls = [lambda w=w, ids=ids, lw=lw: launch(x, w, ids, *lw) for (w, ids), lw in zip(routes, layers)]
+    us = bench.time_calls(calls, 20, True)
+    buf = torch.zeros(2 * BLOCKS * 5, dtype=torch.int64, device=dev)
+    module._CUDA.launch("timeline_read", (64,), 256, [pointer(buf)], dev)
+    stamps = buf.view(2, BLOCKS, 5).cpu()
+    k = shape["k"]
+    p = rows * k
+    grids = {"gate_up": (shape["I"] // 8) * min(module.experts_context_groups, p) * -(-rows // 8),
+             "down": (shape["H"] // 16) * -(-p // module.down_wave) * -(-rows // 8)}
+    t0 = int(stamps[0, :grids["gate_up"], 0].min())
+    out = {"rows": rows, "regime": regime, "us_per_call": us, "grids": grids}
+    for kernel, name in enumerate(("gate_up", "down")):
+        s = stamps[kernel, :grids[name]]
+        done = s[:, 3] > 0  # blocks that ran (down blocks without slots stamp start, table and end)
+        rec = {"blocks": int(done.sum()), "sms": int(torch.unique(s[done, 4]).numel())}
+        for i, point in enumerate(POINTS):
+            vals = [(int(t) - t0) for t in s[done, i] if int(t) > 0]
+            if vals:
+                rec[point] = percentiles(vals)
+        out[name] = rec
+    gu_end = out["gate_up"]["end"]["max"]
+    down_starts = [(int(t) - t0) for t in stamps[1, :grids["down"], 0] if int(t) > 0]
+    out["down_blocks_started_before_gate_up_ended"] = sum(t < gu_end for t in down_starts)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cuda", default="{}", help="changes to the planner's `cuda` context, as JSON (d_async and "
+                                                   "d_split go through plans_moe.with_down)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("timeline_experts.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    info = device_info(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    cpu_gen = torch.Generator().manual_seed(0)
+    shape = dict(bench.MINI)
+    layers = bench.make_layers("mxfp4", shape, dev, gen)
+    plan = bench.planned("mxfp4", layers)
+    ctx = bench.experts_context("mxfp4", shape["H"], shape["I"], shape["E"], info, **plan)
+    if not ctx["cuda"]:
+        sys.exit("the planner does not pick the CUDA decode kernels on this machine")
+    change = json.loads(args.cuda)
+    cuda = {**ctx["cuda"], **{k: v for k, v in change.items() if k not in ("d_async", "d_split")}}
+    if "d_async" in change or "d_split" in change:
+        cuda = with_down(cuda, shape["I"], change.get("d_async", cuda["d_async"]), change.get("d_split", 2))
+    ctx["cuda"] = cuda
+    module = bench.kernel_module("mxfp4", shape, info, **plan, cuda={**ctx["cuda"], "timeline": True})
+    module.experts_context_groups = ctx["cuda"]["groups"]
+    module.down_wave = ctx["cuda"]["d_warps"] // ctx["cuda"]["d_split"]
+    fragments = bench.fragments_for("mxfp4", layers)
+    results = [run(rows, regime, shape, layers, fragments, module, dev, cpu_gen)
+               for rows, regime in ((1, "same"), (8, "same"), (8, "random"))]
+    report = {"benchmark": "timeline_experts", "environment": common.environment(dev), "shape": shape,
+              "cuda": ctx["cuda"], "units": "ns from the first gate_up block's start", "results": results}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "timeline_experts.json").write_text(json.dumps(report, indent=1))
+    for r in results:
+        print(f"\n{r['rows']} rows {r['regime']}: {r['us_per_call']:.1f} us a call (graph); grids {r['grids']}; "
+              f"down blocks started before gate_up's last ended: {r['down_blocks_started_before_gate_up_ended']}")
+        print(f"  {'kernel':8s} {'point':8s} {'min':>7s} {'p10':>7s} {'p50':>7s} {'p90':>7s} {'max':>7s}  (ns)")
+        for name in ("gate_up", "down"):
+            for point in POINTS:
+                if point in r[name]:
+                    q = r[name][point]
+                    print(f"  {name:8s} {point:8s} {q['min']:7d} {q['p10']:7d} {q['p50']:7d} {q['p90']:7d} "
+                          f"{q['max']:7d}")
+            print(f"  {name:8s} blocks {r[name]['blocks']} on {r[name]['sms']} SMs")
+    print(f"wrote {out / 'timeline_experts.json'}")
+
+
+if __name__ == "__main__":
+    main()
