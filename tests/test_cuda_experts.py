@@ -65,9 +65,9 @@ def moe_graph(hidden=128, inter=64, experts=6, k=3, seed=3):
             return ops.mxfp4_moe_experts(x, w, ids, self.gub, self.gus, self.db, self.ds)
 
     mod = Moe()
-    for name, t in (("table", torch.randn(10, hidden, generator=g)), ("router", torch.randn(experts, hidden, generator=g)),
-                    ("bias", torch.zeros(experts)), ("gub", q1.blocks), ("gus", q1.scales), ("db", q2.blocks),
-                    ("ds", q2.scales)):
+    for name, t in (("table", torch.randn(10, hidden, generator=g)),
+                    ("router", torch.randn(experts, hidden, generator=g)), ("bias", torch.zeros(experts)),
+                    ("gub", q1.blocks), ("gus", q1.scales), ("db", q2.blocks), ("ds", q2.scales)):
         mod.register_buffer(name, t)
     return tilec.capture(mod)
 
@@ -162,7 +162,8 @@ def mini_mx():
     g = torch.Generator(device="cuda").manual_seed(0)
     e, h, i = MINI["E"], MINI["H"], MINI["I"]
     codes = dict(dtype=torch.uint8, device="cuda", generator=g)
-    weights = (torch.randint(0, 256, (e, 2 * i, h // 2), **codes), torch.randint(118, 125, (e, 2 * i, h // 32), **codes),
+    weights = (torch.randint(0, 256, (e, 2 * i, h // 2), **codes),
+               torch.randint(118, 125, (e, 2 * i, h // 32), **codes),
                torch.randint(0, 256, (e, h, i // 2), **codes), torch.randint(118, 125, (e, h, i // 32), **codes))
     return weights, fragments(weights)
 
@@ -227,7 +228,8 @@ def test_gpu_cuda_experts_unfolded_scales():
     g = torch.Generator(device="cuda").manual_seed(1)
     e, h, i = MINI["E"], MINI["H"], MINI["I"]
     codes = dict(dtype=torch.uint8, device="cuda", generator=g)
-    weights = (torch.randint(0, 256, (e, 2 * i, h // 2), **codes), torch.randint(120, 135, (e, 2 * i, h // 32), **codes),
+    weights = (torch.randint(0, 256, (e, 2 * i, h // 2), **codes),
+               torch.randint(120, 135, (e, 2 * i, h // 32), **codes),
                torch.randint(0, 256, (e, h, i // 2), **codes), torch.randint(100, 131, (e, h, i // 32), **codes))
     mod = cuda_module(fold=False)
     cg = torch.Generator().manual_seed(2)
