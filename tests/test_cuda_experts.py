@@ -270,3 +270,27 @@ def test_gpu_cuda_experts_wrong_fragments_raise(mini_mx):
     with pytest.raises(ShapeError, match="re-laid weights"):
         mod.launch(x, w.cuda(), ids.cuda(), *weights, frags[2], frags[3], frags[0], frags[1])
 
+
+
+def test_artifact_and_report_show_the_cuda_kernels(tmp_path, monkeypatch):
+    """A program rendered for the GPU keeps the CUDA C++ it launches as its own file (kernels/<alias>.cu, the same text
+    the module embeds), and the report lists it with the re-laid weights and their bytes."""
+    from tilec.models import build_model
+    from tilec.report import render_markdown
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = build_model("tiny", moe_intermediate_size=64)  # H = I = 64: the CUDA kernels' chunks fit
+    cm = tilec.compile(model, target="triton", options=tilec.Options(mxfp4=True))
+    cuda = [k for k in cm.program.kernels if k.cuda_source is not None]
+    assert len(cuda) == 1 and cuda[0].cuda_filename == f"kernels/{cuda[0].alias}.cu"
+    assert "mma.sync.aligned.m16n8k16" in cuda[0].cuda_source and cuda[0].cuda_source.strip() in cuda[0].source
+    listed = next(k for k in cm.report["kernels"] if k["file"] == cuda[0].filename)
+    assert listed["cuda"] == cuda[0].cuda_filename
+    derived = cm.report["derived_weights"]
+    layers = sum(1 for n in cm.graph.graph.nodes if "mxfp4_moe_experts" in str(n.target))
+    assert len(derived) == 4 * layers
+    blocks = [d for d in derived.values() if d["layout"] == "mma_words"]
+    assert all(d["bytes"] == 64 * 64 // 2 * 8 for d in blocks)  # [E=8, H=64, I/2=32] uint8 per layer
+    assert "## Kernels" in render_markdown(cm.report) and "re-laid" in render_markdown(cm.report)
+    cm.save(tmp_path / "a")
+    assert (tmp_path / "a" / cuda[0].cuda_filename).read_text() == cuda[0].cuda_source

@@ -15,7 +15,7 @@ from tilec import pipeline, report as report_mod
 from tilec.artifact import FORMAT, MANIFEST, write_atomic
 from tilec.capture import as_tilec_model, capture, device_of
 from tilec.errors import ShapeError, TargetError
-from tilec.graph import format_graph, info
+from tilec.graph import attr, format_graph, info
 from tilec.options import TARGETS, Options
 from tilec.passmanager import PassContext, ProgressFn, StageRecord, run_pipeline
 from tilec.runtime.kv_cache import layout_from_graph
@@ -67,12 +67,21 @@ def compile(model, *, target: str = "reference", options: Options | None = None,
                                records[-1].name)
     rep = report_mod.build(records, target=resolved, options=options, seconds=time.perf_counter() - start)
     if program is not None:
-        rep["kernels"] = [{"file": k.filename, "template": k.plan.template, "nodes": len(k.nodes)}
+        rep["kernels"] = [{"file": k.filename, "template": k.plan.template, "nodes": len(k.nodes),
+                           **({"cuda": k.cuda_filename} if k.cuda_source is not None else {})}
                           for k in program.kernels]
+        if program.derived:  # re-laid copies (the same bytes as their source) computed when the program loads
+            rep["derived_weights"] = {name: {"from": target, "layout": layout,
+                                             "bytes": _nbytes(attr(records[-1].graph, target))}
+                                      for name, (target, layout) in program.derived.items()}
     compiled = CompiledModel(records, rep, resolved, options, source=model, program=program)
     if options.dump_dir is not None:
         compiled.save(options.dump_dir)
     return compiled
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class CompiledModel:

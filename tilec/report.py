@@ -74,6 +74,8 @@ def render_markdown(rep: dict) -> str:
     mx = next((s["stats"] for s in rep["stages"] if s["name"] == "mxfp4_experts"), None)
     if mx is not None:
         lines += ["", *_mxfp4_section(mx)]
+    if rep.get("kernels"):
+        lines += ["", *_kernels_section(rep)]
     lines += ["", "## Stages", "", "| # | stage | nodes | what it did | seconds |", "|---:|---|---:|---|---:|"]
     for i, s in enumerate(rep["stages"]):
         did = ", ".join(f"{k}: {v}" for k, v in s["stats"].items() if not isinstance(v, (list, dict))) or "-"
@@ -84,6 +86,21 @@ def render_markdown(rep: dict) -> str:
     for op in ops:
         lines.append(f"| {op} | " + " | ".join(str(s["ops"].get(op, 0)) for s in rep["stages"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _kernels_section(rep: dict) -> list[str]:
+    """The generated kernel modules, with the CUDA C++ some of them launch, and the re-laid weights those read."""
+    lines = ["## Kernels", "", "| file | template | nodes | CUDA C++ |", "|---|---|---:|---|"]
+    for k in rep["kernels"]:
+        lines.append(f"| {k['file']} | {k['template']} | {k['nodes']} | {k.get('cuda', '-')} |")
+    derived = rep.get("derived_weights")
+    if derived:
+        total = sum(d["bytes"] for d in derived.values())
+        layouts = sorted({d["layout"] for d in derived.values()})
+        lines += ["", f"The CUDA kernels read {len(derived)} weights re-laid ({', '.join(layouts)}; "
+                      f"tilec/codegen/mma_layout.py), {_fmt_bytes(total)} computed when the program loads and held "
+                      f"beside the originals, which the other kernels read."]
+    return lines
 
 
 def _mxfp4_section(mx: dict) -> list[str]:

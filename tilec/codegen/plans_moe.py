@@ -67,6 +67,7 @@ def _mxfp4_moe_experts(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
         # the CUDA decode kernels read the weights re-laid (mma_layout), derived once when the program loads
         ctx["derived_weights"] = [[3, "mma_words_gate_up"], [4, "mma_scales_gate_up"], [5, "mma_words"],
                                   [6, "mma_scales"]]
+        ctx["cuda_template"] = "cuda/moe_experts_mxfp4.cu.j2"
     else:
         ctx["cuda"] = None
     return KernelPlan.make("triton/moe_experts.py.j2", **ctx)

@@ -37,10 +37,15 @@ class Kernel:
     plan: KernelPlan
     nodes: list[str]
     source: str
+    cuda_source: str | None = None  # CUDA C++ the module compiles and launches (embedded in `source` too)
 
     @property
     def filename(self) -> str:
         return f"kernels/{self.alias}.py"
+
+    @property
+    def cuda_filename(self) -> str | None:
+        return f"kernels/{self.alias}.cu" if self.cuda_source is not None else None
 
 
 def target_device_info(device: torch.device) -> DeviceInfo:
@@ -67,7 +72,10 @@ def lower(gm: fx.GraphModule, device: torch.device, stage: str) -> "TritonProgra
         by_plan[plan].nodes.append(node.name)
         node_kernel[node] = by_plan[plan]
     for kernel in by_plan.values():
-        kernel.source = render(kernel.plan.template, ctx=kernel.plan.ctx(kernel.nodes))
+        ctx = kernel.plan.ctx(kernel.nodes)
+        kernel.source = render(kernel.plan.template, ctx=ctx)
+        if ctx.get("cuda_template"):  # written beside the module in artifacts, for reading
+            kernel.cuda_source = render(ctx["cuda_template"], ctx=ctx)
     step = render("triton/step.py.j2", **_step_context(gm, node_kernel, stage))
     derived = {name: spec for node, kernel in node_kernel.items() for name, spec in _derived(node, kernel)}
     return TritonProgram(gm, list(by_plan.values()), step, device, dev, derived)
@@ -128,8 +136,11 @@ class TritonProgram:
 
     @property
     def sources(self) -> dict[str, str]:
-        """Every generated file, by its path in an artifact (``step.py``, ``kernels/k03_linear.py``, ...)."""
-        return {"step.py": self.step_source, **{k.filename: k.source for k in self.kernels}}
+        """Every generated file, by its path in an artifact (``step.py``, ``kernels/k03_linear.py``, the CUDA C++ of
+        modules that launch some, ``kernels/k09_mxfp4_moe_experts.cu``, ...)."""
+        files = {"step.py": self.step_source, **{k.filename: k.source for k in self.kernels}}
+        files.update({k.cuda_filename: k.cuda_source for k in self.kernels if k.cuda_source is not None})
+        return files
 
     def load(self) -> None:
         if self._step is not None:
