@@ -29,28 +29,44 @@ def arch_of(device: torch.device | None = None) -> str:
     return f"sm_{major}{minor}a" if major == 9 else f"sm_{major}{minor}"
 
 
-def _nvrtc(source: str, name: str, arch: str) -> bytes | None:
-    """The cubin through NVRTC, or None where cuda.core or the NVRTC library is missing."""
+@functools.lru_cache(maxsize=1)
+def _nvrtc_available() -> bool:
+    """cuda.core importable and the NVRTC library loadable."""
     try:
-        from cuda.core import Program, ProgramOptions
-    except ImportError:
-        return None
+        import cuda.core  # noqa: F401
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+
+        load_nvidia_dynamic_lib("nvrtc")
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not usable here
+        return False
+
+
+def _nvcc_path() -> str | None:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None and os.environ.get("CUDA_HOME"):
+        nvcc = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+    return nvcc if nvcc and os.path.exists(nvcc) else None
+
+
+def compiler_available() -> bool:
+    """Whether `compile_cubin` can work here: NVRTC through cuda.core, or nvcc."""
+    return _nvrtc_available() or _nvcc_path() is not None
+
+
+def _nvrtc(source: str, name: str, arch: str) -> bytes:
+    from cuda.core import Program, ProgramOptions
+
     try:
         program = Program(source, "c++", ProgramOptions(name=name, arch=arch, std="c++17"))
-    except Exception as exc:  # noqa: BLE001 - cuda.core raises its own types when libnvrtc is not found
-        if "nvrtc" in str(exc).lower() and ("not found" in str(exc).lower() or "failure finding" in str(exc).lower()):
-            return None
-        raise
-    try:
         return bytes(program.compile("cubin").code)
     except Exception as exc:  # noqa: BLE001 - the compiler's log names the error
         raise TilecError(f"NVRTC could not compile the generated CUDA source {name} for {arch}:\n{exc}") from exc
 
 
 def _nvcc(source: str, name: str, arch: str) -> bytes:
-    nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
-                                    if os.environ.get("CUDA_HOME") else None)
-    if not nvcc or not os.path.exists(nvcc):
+    nvcc = _nvcc_path()
+    if nvcc is None:
         raise TargetError(f"compiling the generated CUDA source {name} needs NVRTC (pip install cuda-core "
                           f"nvidia-cuda-nvrtc) or nvcc on PATH; neither was found")
     code = arch.replace("sm_", "compute_")
@@ -65,30 +81,12 @@ def _nvcc(source: str, name: str, arch: str) -> bytes:
         return out.read_bytes()
 
 
-@functools.lru_cache(maxsize=1)
-def compiler_available() -> bool:
-    """Whether `compile_cubin` can work here: NVRTC through cuda.core, or nvcc."""
-    if shutil.which("nvcc") or os.environ.get("CUDA_HOME") and os.path.exists(
-            os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")):
-        return True
-    try:
-        from cuda.pathfinder import load_nvidia_dynamic_lib
-
-        load_nvidia_dynamic_lib("nvrtc")
-        import cuda.core  # noqa: F401
-        return True
-    except Exception:  # noqa: BLE001 - any failure means: not usable here
-        return False
-
-
 def compile_cubin(source: str, name: str, arch: str) -> bytes:
     """Machine code of ``source`` for ``arch`` (e.g. ``sm_90a``), from the cache when compiled before."""
     path = cache_dir() / f"{name}_{arch}_{source_hash(source)}.cubin"
     if path.exists():
         return path.read_bytes()
-    cubin = _nvrtc(source, name, arch)
-    if cubin is None:
-        cubin = _nvcc(source, name, arch)
+    cubin = _nvrtc(source, name, arch) if _nvrtc_available() else _nvcc(source, name, arch)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(cubin)
     os.replace(tmp, path)  # whole or not at all
