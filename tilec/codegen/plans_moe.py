@@ -124,7 +124,8 @@ def with_down(cuda: dict, inter: int, d_async: bool, d_split: int = 2) -> dict:
     if d_async:
         per_chunk = 8 * split * (512 + 32)  # every warp's weights and scales of one chunk
         depth = max(d for d in range(1, per_warp + 1) if per_warp % d == 0 and d * per_chunk <= 160 * 1024)
-        # at most 48 registers a thread (the weights need none): room beside gate_up's blocks
+        # registers capped near 48 a thread (48 with 8 warps, 64 with 16; the weights need none): room beside
+        # gate_up's blocks
         return {**out, "d_depth": depth, "d_smem": depth * per_chunk, "d_min_blocks": 65536 // (48 * 256 * split)}
     return {**out, "d_depth": max(d for d in range(1, 7) if per_warp % d == 0), "d_smem": 0}
 
