@@ -61,8 +61,7 @@ def fragments_for(fmt: str, layers) -> dict:
     tensor), as a compiled program derives them when it loads."""
     if fmt != "mxfp4" or not torch.cuda.is_available():
         return {}
-    return {id(gu): (mma_layout.fragment_words(gu, True), mma_layout.fragment_scales(gus, True),
-                     mma_layout.fragment_words(d), mma_layout.fragment_scales(ds)) for gu, gus, d, ds in layers}
+    return {id(layer[0]): mma_layout.relay_experts(*layer) for layer in layers}
 
 
 def launcher(module, fragments: dict):

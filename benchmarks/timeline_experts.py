@@ -37,7 +37,7 @@ def percentiles(values: list[float]) -> dict:
     return {"min": v[0], "p10": v[len(v) // 10], "p50": v[len(v) // 2], "p90": v[len(v) * 9 // 10], "max": v[-1]}
 
 
-def run(rows: int, regime: str, shape: dict, layers, fragments, module, dev, gen) -> dict:
+def run(rows: int, regime: str, shape: dict, layers, fragments, module, cuda: dict, dev, gen) -> dict:
     launch = bench.launcher(module, fragments)
     x = torch.randn(1, rows, shape["H"], generator=gen).to(dev, torch.bfloat16)
     routes = [bench.routing(rows, regime, shape, dev, gen) for _ in layers]
@@ -48,8 +48,9 @@ def run(rows: int, regime: str, shape: dict, layers, fragments, module, dev, gen
     stamps = buf.view(2, BLOCKS, 5).cpu()
     k = shape["k"]
     p = rows * k
-    grids = {"gate_up": (shape["I"] // 8) * min(module.experts_context_groups, p) * -(-rows // 8),
-             "down": (shape["H"] // 16) * -(-p // module.down_wave) * -(-rows // 8)}
+    wave = cuda["d_warps"] // cuda["d_split"]  # grids as the module's _cuda_experts launches them
+    grids = {"gate_up": (shape["I"] // 8) * min(cuda["groups"], p) * -(-rows // 8),
+             "down": (shape["H"] // 16) * -(-p // wave) * -(-rows // 8)}
     t0 = int(stamps[0, :grids["gate_up"], 0].min())
     out = {"rows": rows, "regime": regime, "us_per_call": us, "grids": grids}
     for kernel, name in enumerate(("gate_up", "down")):
@@ -91,10 +92,8 @@ def main() -> None:
         cuda = with_down(cuda, shape["I"], change.get("d_async", cuda["d_async"]), change.get("d_split", 2))
     ctx["cuda"] = cuda
     module = bench.kernel_module("mxfp4", shape, info, **plan, cuda={**ctx["cuda"], "timeline": True})
-    module.experts_context_groups = ctx["cuda"]["groups"]
-    module.down_wave = ctx["cuda"]["d_warps"] // ctx["cuda"]["d_split"]
     fragments = bench.fragments_for("mxfp4", layers)
-    results = [run(rows, regime, shape, layers, fragments, module, dev, cpu_gen)
+    results = [run(rows, regime, shape, layers, fragments, module, ctx["cuda"], dev, cpu_gen)
                for rows, regime in ((1, "same"), (8, "same"), (8, "random"))]
     report = {"benchmark": "timeline_experts", "environment": common.environment(dev), "shape": shape,
               "cuda": ctx["cuda"], "units": "ns from the first gate_up block's start", "results": results}

@@ -23,7 +23,8 @@ from tilec.codegen.plans_moe import cuda_decode_context, experts_context, with_d
 from tilec.codegen.render import render
 from tilec.codegen.tuning import DeviceInfo
 
-from test_triton_moe import MINI, assert_batch_invariant, experts_module, invariance_routing, rel, routing
+from test_triton_moe import (MINI, assert_batch_invariant, experts_module, invariance_routing, moe_graph, rel,
+                             routing)
 
 H100 = DeviceInfo(interpret=False, sms=132)
 
@@ -53,25 +54,6 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert experts_context("mxfp4", 2048, 768, 128, H100)["cuda"] is None  # nothing to compile with
 
 
-def moe_graph(hidden=128, inter=64, experts=6, k=3, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    q1 = mxfp4.quantize(torch.randn(experts, 2 * inter, hidden, generator=g))
-    q2 = mxfp4.quantize(torch.randn(experts, hidden, inter, generator=g))
-
-    class Moe(torch.nn.Module):
-        def forward(self, input_ids):
-            x = ops.embedding(input_ids, self.table)
-            w, ids = ops.moe_router(x, self.router, self.bias, k, 1, 1, True, 1.0)
-            return ops.mxfp4_moe_experts(x, w, ids, self.gub, self.gus, self.db, self.ds)
-
-    mod = Moe()
-    for name, t in (("table", torch.randn(10, hidden, generator=g)),
-                    ("router", torch.randn(experts, hidden, generator=g)), ("bias", torch.zeros(experts)),
-                    ("gub", q1.blocks), ("gus", q1.scales), ("db", q2.blocks), ("ds", q2.scales)):
-        mod.register_buffer(name, t)
-    return tilec.capture(mod)
-
-
 def test_lowering_passes_the_relaid_weights(monkeypatch):
     """Rendered for the GPU (no TRITON_INTERPRET) on this machine: the experts call gets the four re-laid weights,
     named after their source, and the program derives them with mma_layout when it loads."""
@@ -79,7 +61,7 @@ def test_lowering_passes_the_relaid_weights(monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert RENDER_TARGET.capability == (9, 0)
-    program = lower(moe_graph(), torch.device("cpu"), "test")
+    program = lower(moe_graph(hidden=128, inter=64, experts=6, k=3), torch.device("cpu"), "test")
     assert program.derived == {"gub@mma_words_gate_up": ("gub", "mma_words_gate_up"),
                                "gus@mma_scales_gate_up": ("gus", "mma_scales_gate_up"),
                                "db@mma_words": ("db", "mma_words"), "ds@mma_scales": ("ds", "mma_scales")}
@@ -88,9 +70,11 @@ def test_lowering_passes_the_relaid_weights(monkeypatch):
                      r"W\['gus@mma_scales_gate_up'\], W\['db@mma_words'\], W\['ds@mma_scales'\]\)", call), call
     experts = next(k for k in program.kernels if k.plan.template == "triton/moe_experts.py.j2")
     assert "CUDA_SOURCE" in experts.source and "mma.sync.aligned.m16n8k16" in experts.source
-    # what load() computes for them
-    gub = program.weights["gub"]
-    assert torch.equal(mma_layout.DERIVED["mma_words_gate_up"](gub), mma_layout.fragment_words(gub, gate_up=True))
+    # what load() adds to the weights the step reads (load itself wants a GPU for these kernels)
+    program.derive_weights()
+    w = program.weights
+    assert torch.equal(w["gub@mma_words_gate_up"], mma_layout.fragment_words(w["gub"], gate_up=True))
+    assert torch.equal(w["ds@mma_scales"], mma_layout.fragment_scales(w["ds"]))
 
 
 def test_no_cuda_decode_when_weights_are_not_graph_constants():
@@ -99,7 +83,7 @@ def test_no_cuda_decode_when_weights_are_not_graph_constants():
 
     from tilec.codegen.plan import PLANNERS
 
-    gm = moe_graph()
+    gm = moe_graph(hidden=128, inter=64, experts=6, k=3)
     node = next(n for n in gm.graph.nodes if n.op == "call_function" and "mxfp4_moe_experts" in str(n.target))
     with gm.graph.inserting_before(node):
         copy = gm.graph.call_function(torch.ops.aten.clone.default, (node.args[3],))
@@ -157,21 +141,20 @@ def gpu_device() -> DeviceInfo:
     return DeviceInfo(interpret=False, sms=props.multi_processor_count, capability=(props.major, props.minor))
 
 
-@pytest.fixture(scope="module")
-def mini_mx():
-    g = torch.Generator(device="cuda").manual_seed(0)
+def random_experts(seed: int, gate_up_codes: tuple[int, int], down_codes: tuple[int, int]) -> tuple:
+    """MXFP4 experts at mini shapes on the GPU: random E2M1 codes, scale codes drawn from [lo, hi)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
     e, h, i = MINI["E"], MINI["H"], MINI["I"]
     codes = dict(dtype=torch.uint8, device="cuda", generator=g)
-    weights = (torch.randint(0, 256, (e, 2 * i, h // 2), **codes),
-               torch.randint(118, 125, (e, 2 * i, h // 32), **codes),
-               torch.randint(0, 256, (e, h, i // 2), **codes), torch.randint(118, 125, (e, h, i // 32), **codes))
-    return weights, fragments(weights)
+    return (torch.randint(0, 256, (e, 2 * i, h // 2), **codes),
+            torch.randint(*gate_up_codes, (e, 2 * i, h // 32), **codes),
+            torch.randint(0, 256, (e, h, i // 2), **codes), torch.randint(*down_codes, (e, h, i // 32), **codes))
 
 
-def fragments(weights):
-    gu, gus, d, ds = weights
-    return (mma_layout.fragment_words(gu, True), mma_layout.fragment_scales(gus, True), mma_layout.fragment_words(d),
-            mma_layout.fragment_scales(ds))
+@pytest.fixture(scope="module")
+def mini_mx():
+    weights = random_experts(0, (118, 125), (118, 125))
+    return weights, mma_layout.relay_experts(*weights)
 
 
 def cuda_module(fold: bool = True, d_async: bool = False):
@@ -225,17 +208,13 @@ def test_gpu_cuda_experts_more_than_8_rows(mini_mx):
 @pytest.mark.gpu
 def test_gpu_cuda_experts_unfolded_scales():
     """Scale codes above FOLD_LIMIT: the kernels multiply twice (2^126, then the block scale)."""
-    g = torch.Generator(device="cuda").manual_seed(1)
-    e, h, i = MINI["E"], MINI["H"], MINI["I"]
-    codes = dict(dtype=torch.uint8, device="cuda", generator=g)
-    weights = (torch.randint(0, 256, (e, 2 * i, h // 2), **codes),
-               torch.randint(120, 135, (e, 2 * i, h // 32), **codes),
-               torch.randint(0, 256, (e, h, i // 2), **codes), torch.randint(100, 131, (e, h, i // 32), **codes))
+    weights = random_experts(1, (120, 135), (100, 131))
+    h = MINI["H"]
     mod = cuda_module(fold=False)
     cg = torch.Generator().manual_seed(2)
     w, ids = routing(3, MINI["k"], MINI["E"], False, cg)
     x = (1e-3 * torch.randn(1, 3, h, generator=cg)).bfloat16().cuda()
-    out = mod.launch(x, w.cuda(), ids.cuda(), *weights, *fragments(weights))
+    out = mod.launch(x, w.cuda(), ids.cuda(), *weights, *mma_layout.relay_experts(*weights))
     ref = ops.mxfp4_moe_experts(x, w.cuda(), ids.cuda(), *weights)
     assert torch.isfinite(out).all() and rel(out, ref) < 1e-2
 

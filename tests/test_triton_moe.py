@@ -312,20 +312,17 @@ def test_mxfp4_dequant_exact(block_m):
 
 
 # ------------------------------------------------------------------------------------------ through the lowering
-def test_lowered_router_and_experts():
-    """The planners (tilec/codegen/plans_moe.py) and the kernels' launch signatures, through tilec's Triton lowering
-    of a captured graph (x comes from the graph's input, so capture cannot fold the MoE ops into a constant)."""
-    from tilec.codegen.triton import lower
-
-    g = torch.Generator().manual_seed(3)
-    hidden, inter, experts, k = 32, 32, 6, 3
+def moe_graph(hidden: int, inter: int, experts: int, k: int, n_group: int = 1, seed: int = 3):
+    """A captured graph of embedding, router and MXFP4 experts (weights ``gub``, ``gus``, ``db``, ``ds``): x comes
+    from the graph's input, so capture cannot fold the MoE ops into a constant."""
+    g = torch.Generator().manual_seed(seed)
     q1 = mxfp4.quantize(torch.randn(experts, 2 * inter, hidden, generator=g))
     q2 = mxfp4.quantize(torch.randn(experts, hidden, inter, generator=g))
 
     class Moe(torch.nn.Module):
         def forward(self, input_ids):
             x = ops.embedding(input_ids, self.table)
-            w, ids = ops.moe_router(x, self.router, self.bias, k, 2, 1, True, 1.5)
+            w, ids = ops.moe_router(x, self.router, self.bias, k, n_group, 1, True, 1.5)
             return ops.mxfp4_moe_experts(x, w, ids, self.gub, self.gus, self.db, self.ds)
 
     mod = Moe()
@@ -334,7 +331,15 @@ def test_lowered_router_and_experts():
                     ("bias", 0.1 * torch.randn(experts, generator=g)), ("gub", q1.blocks), ("gus", q1.scales),
                     ("db", q2.blocks), ("ds", q2.scales)):
         mod.register_buffer(name, t)
-    gm = tilec.capture(mod)
+    return tilec.capture(mod)
+
+
+def test_lowered_router_and_experts():
+    """The planners (tilec/codegen/plans_moe.py) and the kernels' launch signatures, through tilec's Triton lowering
+    of a captured graph (x comes from the graph's input, so capture cannot fold the MoE ops into a constant)."""
+    from tilec.codegen.triton import lower
+
+    gm = moe_graph(hidden=32, inter=32, experts=6, k=3, n_group=2)
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from tilec import pipeline, report as report_mod
+from tilec import cost, pipeline, report as report_mod
 from tilec.artifact import FORMAT, MANIFEST, write_atomic
 from tilec.capture import as_tilec_model, capture, device_of
 from tilec.errors import ShapeError, TargetError
@@ -72,16 +72,12 @@ def compile(model, *, target: str = "reference", options: Options | None = None,
                           for k in program.kernels]
         if program.derived:  # re-laid copies (the same bytes as their source) computed when the program loads
             rep["derived_weights"] = {name: {"from": target, "layout": layout,
-                                             "bytes": _nbytes(attr(records[-1].graph, target))}
+                                             "bytes": cost.nbytes(attr(records[-1].graph, target))}
                                       for name, (target, layout) in program.derived.items()}
     compiled = CompiledModel(records, rep, resolved, options, source=model, program=program)
     if options.dump_dir is not None:
         compiled.save(options.dump_dir)
     return compiled
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 class CompiledModel:

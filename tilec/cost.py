@@ -17,7 +17,7 @@ from tilec.ops import op_name
 H100_COPY_BYTES_PER_S = 3.0e12
 
 
-def _nbytes(val) -> int:
+def nbytes(val) -> int:
     return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
 
 
@@ -56,7 +56,7 @@ def weight_bytes(gm: fx.GraphModule) -> dict[str, int]:
 
 
 def _attr_bytes(node: fx.Node) -> int:
-    return sum(_nbytes(a.meta.get("val")) for a in node.all_input_nodes if a.op == "get_attr")
+    return sum(nbytes(a.meta.get("val")) for a in node.all_input_nodes if a.op == "get_attr")
 
 
 def node_step_bytes(node: fx.Node, context: int) -> tuple[int, int]:
@@ -78,7 +78,7 @@ def node_step_bytes(node: fx.Node, context: int) -> tuple[int, int]:
         window = node.args[10]
         keys = min(context, window) if window else context
         per_key = kv_heads * (kc.shape[3] * kc.element_size() + vc.shape[3] * vc.element_size())
-        sinks = _nbytes(node.args[6].meta["val"]) if isinstance(node.args[6], fx.Node) else 0
+        sinks = nbytes(node.args[6].meta["val"]) if isinstance(node.args[6], fx.Node) else 0
         return sinks, batch * keys * per_key
     return _attr_bytes(node), 0
 

@@ -117,3 +117,11 @@ DERIVED = {
     "mma_words": fragment_words,
     "mma_scales": fragment_scales,
 }
+# mxfp4_moe_experts' (gate_up blocks, gate_up scales, down blocks, down scales), re-laid, in that order
+EXPERT_LAYOUTS = ("mma_words_gate_up", "mma_scales_gate_up", "mma_words", "mma_scales")
+
+
+def relay_experts(gate_up_blocks: Tensor, gate_up_scales: Tensor, down_blocks: Tensor, down_scales: Tensor) -> tuple:
+    """The four tensors the CUDA decode kernels read after an experts op's own arguments, as a program derives them."""
+    return tuple(DERIVED[layout](t) for layout, t in
+                 zip(EXPERT_LAYOUTS, (gate_up_blocks, gate_up_scales, down_blocks, down_scales)))

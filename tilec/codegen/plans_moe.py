@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from tilec.codegen import mma_layout
 from tilec.codegen.plan import KernelPlan, planner, val
 from tilec.codegen.tuning import DeviceInfo, clamp, pow2_ceil, pow2_floor
 from tilec.graph import attr
@@ -65,8 +66,7 @@ def _mxfp4_moe_experts(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     weights = node.args[3:7]
     if ctx["cuda"] and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in weights):
         # the CUDA decode kernels read the weights re-laid (mma_layout), derived once when the program loads
-        ctx["derived_weights"] = [[3, "mma_words_gate_up"], [4, "mma_scales_gate_up"], [5, "mma_words"],
-                                  [6, "mma_scales"]]
+        ctx["derived_weights"] = [[3 + i, layout] for i, layout in enumerate(mma_layout.EXPERT_LAYOUTS)]
         ctx["cuda_template"] = "cuda/moe_experts_mxfp4.cu.j2"
     else:
         ctx["cuda"] = None
@@ -99,8 +99,9 @@ def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None
     benchmarks/results/h100-2026-11-23b): gate_up with 4 warps splitting H, 4 loads in flight per lane, 16 slot
     groups, launched without PDL; down with its weights in registers, 16 warps, each slot's I split in two: one row
     13.4 to 14.8 us, against 18.8 to 19.0 for the Triton kernels. Down's weights through shared memory (`with_down`'s
-    d_async, whose blocks fit beside gate_up's) took 16.1 to 16.4 us at one row but 17.6 against 18.7 to 19.2 at 8
-    rows; also slower at one row: gate_up launched with PDL, all its chunks in flight through cp.async, 2 warps a
+    d_async, whose blocks fit beside gate_up's) took 16.1 to 16.4 us at one row (15.5 to 15.8 once gate_up's launch
+    set the shared-memory carveout that lets them start beside it: benchmarks/timeline_experts.py) but 17.6 against
+    18.7 to 19.2 at 8 rows (before the carveout); also slower at one row: gate_up launched with PDL, all its chunks in flight through cp.async, 2 warps a
     tile, and prefetching down's weights into L2 from gate_up."""
     from tilec.codegen.cuda_build import compiler_available
 

@@ -76,8 +76,9 @@ def lower(gm: fx.GraphModule, device: torch.device, stage: str) -> "TritonProgra
         kernel.source = render(kernel.plan.template, ctx=ctx)
         if ctx.get("cuda_template"):  # written beside the module in artifacts, for reading
             kernel.cuda_source = render(ctx["cuda_template"], ctx=ctx)
-    step = render("triton/step.py.j2", **_step_context(gm, node_kernel, stage))
-    derived = {name: spec for node, kernel in node_kernel.items() for name, spec in _derived(node, kernel)}
+    node_derived = {node: _derived(node, kernel) for node, kernel in node_kernel.items()}
+    step = render("triton/step.py.j2", **_step_context(gm, node_kernel, node_derived, stage))
+    derived = {name: spec for specs in node_derived.values() for name, spec in specs}
     return TritonProgram(gm, list(by_plan.values()), step, device, dev, derived)
 
 
@@ -99,7 +100,7 @@ def _arg(a) -> tuple:
     return ("const", a)
 
 
-def _step_context(gm: fx.GraphModule, node_kernel: dict, stage: str) -> dict:
+def _step_context(gm: fx.GraphModule, node_kernel: dict, node_derived: dict, stage: str) -> dict:
     params, statements, result = [], [], []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -109,7 +110,7 @@ def _step_context(gm: fx.GraphModule, node_kernel: dict, stage: str) -> dict:
                                "index": node.args[1]})
         elif node in node_kernel:
             kernel = node_kernel[node]
-            args = [_arg(a) for a in node.args] + [("weight", name) for name, _ in _derived(node, kernel)]
+            args = [_arg(a) for a in node.args] + [("weight", name) for name, _ in node_derived[node]]
             statements.append({"kind": "call", "node": node.name, "op": op_name(node.target),
                                "where": module_path(node), "kernel": kernel.alias,
                                "out": node.name if node.users else "", "args": args})

@@ -19,7 +19,6 @@ class DeviceInfo:
     interpret: bool
     sms: int
     capability: tuple[int, int] = (9, 0)  # compute capability; rendering without a GPU assumes the H100
-    l2_bytes: int = 50 * 2 ** 20
 
     @property
     def dot_dtype(self) -> str:
@@ -30,8 +29,7 @@ class DeviceInfo:
 def device_info(device: torch.device) -> DeviceInfo:
     if device.type == "cuda" and not triton_interpret_requested():
         props = torch.cuda.get_device_properties(device)
-        return DeviceInfo(False, props.multi_processor_count, (props.major, props.minor),
-                          getattr(props, "L2_cache_size", 50 * 2 ** 20))
+        return DeviceInfo(False, props.multi_processor_count, (props.major, props.minor))
     return DeviceInfo(True, 1)
 
 
