@@ -43,9 +43,9 @@ import common  # noqa: E402
 
 from tilec import ops  # noqa: E402
 from tilec.codegen import mma_layout  # noqa: E402
-from tilec.codegen.plans_moe import experts_context, scale_fold_exact, with_down  # noqa: E402
+from tilec.codegen.plans_moe import experts_context, fused_context, scale_fold_exact, with_down  # noqa: E402
 from tilec.codegen.render import load_source, render  # noqa: E402
-from tilec.codegen.tuning import DeviceInfo  # noqa: E402
+from tilec.codegen.tuning import DeviceInfo, device_info  # noqa: E402
 
 MINI = {"E": 128, "H": 2048, "I": 768, "k": 8, "layers": 12, "rows": [1, 2, 4, 8]}
 SMOKE = {"E": 8, "H": 64, "I": 32, "k": 2, "layers": 2, "rows": [1, 2]}
@@ -224,6 +224,22 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
     cu = base["cuda"]
     if cu:  # the CUDA decode kernels (templates/cuda/moe_experts_mxfp4.cu.j2) and their knobs
         out.append(("mx cuda=None (Triton decode)", "mxfp4", {"cuda": None}))
+        fused = cu["fused"]
+        if fused:  # experts_kernel: PDL, L2 eviction hint, act loads one unit at a time, fewer warps or stages
+            out.append((f"mx cuda fused pdl={not fused['pdl']}", "mxfp4",
+                        {"cuda": {**cu, "fused": {**fused, "pdl": not fused["pdl"]}}}))
+            out.append(("mx cuda fused evict_first", "mxfp4", {"cuda": {**cu, "fused": {**fused, "evict_first": True}}}))
+            if fused["act_batch"] > 1:
+                out.append(("mx cuda fused act_batch=1", "mxfp4", {"cuda": {**cu, "fused": {**fused, "act_batch": 1}}}))
+            four = fused_context(shape["H"], shape["I"], dev, warps=4)
+            if four:
+                out.append(("mx cuda fused warps=4", "mxfp4", {"cuda": {**cu, "fused": four}}))
+            for stages in (2, 3, 6, 11):
+                more = fused_context(shape["H"], shape["I"], dev, max_stages=stages)
+                if more and more["stages"] != fused["stages"]:
+                    out.append((f"mx cuda fused stages={more['stages']}", "mxfp4", {"cuda": {**cu, "fused": more}}))
+        cu = {**cu, "fused": None}  # the rest: gate_up_kernel and down_kernel
+        out.append(("mx cuda two kernels", "mxfp4", {"cuda": cu}))
         out.append(("mx cuda gu_pdl", "mxfp4", {"cuda": {**cu, "gu_pdl": True}}))
         out.append(("mx cuda groups=8", "mxfp4", {"cuda": {**cu, "groups": 8}}))
         out.append(("mx cuda gu_depth=2", "mxfp4", {"cuda": {**cu, "gu_depth": 2}}))
@@ -284,7 +300,7 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     shape = MINI if cuda else SMOKE
     reps = args.reps if cuda else 1
-    dev = DeviceInfo(False, torch.cuda.get_device_properties(0).multi_processor_count) if cuda else DeviceInfo(True, 1)
+    dev = device_info(device)
     gen = torch.Generator(device=device).manual_seed(0)
     cpu_gen = torch.Generator().manual_seed(0)
     t_start = time.time()

@@ -1,13 +1,17 @@
 """Where the time of one MXFP4 experts call goes on the GPU: a per-block timeline of the CUDA decode kernels.
 
     python3 benchmarks/timeline_experts.py --out out/timeline        # GPU only: mini expert shapes, 1 and 8 rows
-    python3 benchmarks/timeline_experts.py --out out/t --cuda '{"d_async": true, "d_split": 1}'   # another plan
+    python3 benchmarks/timeline_experts.py --out out/t --cuda '{"fused": null}'   # the two kernels instead
+    python3 benchmarks/timeline_experts.py --out out/t --cuda '{"fused": null, "d_async": true, "d_split": 1}'
 
 The kernels (templates/cuda/moe_experts_mxfp4.cu.j2) are rendered with ``timeline`` on: thread 0 of every block
-stamps %globaltimer when the block starts, after its slot table, after its weights are in (gate_up: the first
-slot's sums done; down: the wait for gate_up released) and when it ends, with its SM. The calls run as in
-bench_mxfp4_experts.py (a CUDA graph over LAYERS layers' weights); the stamps kept are those of the last call. Times
-are nanoseconds from the first gate_up block's start. Writes DIR/timeline_experts.json and prints percentiles.
+stamps %globaltimer at points of its work, with its SM. gate_up_kernel and down_kernel: when the block starts, after
+its slot table, after its weights are in (gate_up: the first slot's sums done; down: the wait for gate_up released)
+and when it ends. experts_kernel (the planner's choice where it fits): start, slot table, its gate_up units done,
+the grid barrier passed, end; and in down, its first unit's weights in, that unit's sums done (its act in), and the
+tile's last unit done. The calls run as in bench_mxfp4_experts.py (a CUDA graph over LAYERS layers' weights);
+the stamps kept are those of the last call. Times are nanoseconds from the first block's start. Writes
+DIR/timeline_experts.json and prints percentiles.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from tilec.codegen.cuda_build import pointer  # noqa: E402
 from tilec.codegen.plans_moe import with_down  # noqa: E402
 from tilec.codegen.tuning import device_info  # noqa: E402
 
-POINTS = ("start", "table", "weights", "end")
-BLOCKS = 8192  # TIMELINE_BLOCKS in the template
+POINTS = {"gate_up": ("start", "table", "weights", "end"), "down": ("start", "table", "weights", "end"),
+          "experts": ("start", "table", "gate_up_done", "barrier", "end", "down_w_in", "down_first", "down_sums")}
+KERNELS = ("gate_up", "down", "experts")  # the template's kernel numbers in its stamps
+BLOCKS, FIELDS = 8192, 9  # TIMELINE_BLOCKS and TIMELINE_FIELDS in the template
 
 
 def percentiles(values: list[float]) -> dict:
@@ -43,28 +49,34 @@ def run(rows: int, regime: str, shape: dict, layers, fragments, module, cuda: di
     routes = [bench.routing(rows, regime, shape, dev, gen) for _ in layers]
     calls = [lambda w=w, ids=ids, lw=lw: launch(x, w, ids, *lw) for (w, ids), lw in zip(routes, layers)]
     us = bench.time_calls(calls, 20, True)
-    buf = torch.zeros(2 * BLOCKS * 5, dtype=torch.int64, device=dev)
+    buf = torch.zeros(len(KERNELS) * BLOCKS * FIELDS, dtype=torch.int64, device=dev)
     module._CUDA.launch("timeline_read", (64,), 256, [pointer(buf)], dev)
-    stamps = buf.view(2, BLOCKS, 5).cpu()
+    stamps = buf.view(len(KERNELS), BLOCKS, FIELDS).cpu()
     k = shape["k"]
     p = rows * k
-    wave = cuda["d_warps"] // cuda["d_split"]  # grids as the module's _cuda_experts launches them
-    grids = {"gate_up": (shape["I"] // 8) * min(cuda["groups"], p) * -(-rows // 8),
-             "down": (shape["H"] // 16) * -(-p // wave) * -(-rows // 8)}
-    t0 = int(stamps[0, :grids["gate_up"], 0].min())
+    if cuda.get("fused") and module.DECODE_PAIRS // k <= 8:  # grids as the module's _cuda_experts launches them
+        grids = {"experts": torch.cuda.get_device_properties(dev).multi_processor_count}
+    else:
+        wave = cuda["d_warps"] // cuda["d_split"]
+        grids = {"gate_up": (shape["I"] // 8) * min(cuda["groups"], p) * -(-rows // 8),
+                 "down": (shape["H"] // 16) * -(-p // wave) * -(-rows // 8)}
+    first = next(iter(grids))
+    t0 = int(stamps[KERNELS.index(first), :grids[first], 0].min())
     out = {"rows": rows, "regime": regime, "us_per_call": us, "grids": grids}
-    for kernel, name in enumerate(("gate_up", "down")):
-        s = stamps[kernel, :grids[name]]
-        done = s[:, 3] > 0  # blocks that ran (down blocks without slots stamp start, table and end)
-        rec = {"blocks": int(done.sum()), "sms": int(torch.unique(s[done, 4]).numel())}
-        for i, point in enumerate(POINTS):
+    for name, blocks in grids.items():
+        s = stamps[KERNELS.index(name), :blocks]
+        points = POINTS[name]
+        done = s[:, 3] > 0  # blocks that ran (down blocks without slots skip the weights point)
+        rec = {"blocks": int(done.sum()), "sms": int(torch.unique(s[done, FIELDS - 1]).numel())}
+        for i, point in enumerate(points):
             vals = [(int(t) - t0) for t in s[done, i] if int(t) > 0]
             if vals:
                 rec[point] = percentiles(vals)
         out[name] = rec
-    gu_end = out["gate_up"]["end"]["max"]
-    down_starts = [(int(t) - t0) for t in stamps[1, :grids["down"], 0] if int(t) > 0]
-    out["down_blocks_started_before_gate_up_ended"] = sum(t < gu_end for t in down_starts)
+    if "down" in grids:
+        gu_end = out["gate_up"]["end"]["max"]
+        down_starts = [(int(t) - t0) for t in stamps[1, :grids["down"], 0] if int(t) > 0]
+        out["down_blocks_started_before_gate_up_ended"] = sum(t < gu_end for t in down_starts)
     return out
 
 
@@ -87,7 +99,9 @@ def main() -> None:
     if not ctx["cuda"]:
         sys.exit("the planner does not pick the CUDA decode kernels on this machine")
     change = json.loads(args.cuda)
-    cuda = {**ctx["cuda"], **{k: v for k, v in change.items() if k not in ("d_async", "d_split")}}
+    cuda = {**ctx["cuda"], **{k: v for k, v in change.items() if k not in ("d_async", "d_split", "fused")}}
+    if "fused" in change:  # null: the two kernels; an object: changes to the planner's experts_kernel
+        cuda["fused"] = change["fused"] and {**cuda["fused"], **change["fused"]}
     if "d_async" in change or "d_split" in change:
         cuda = with_down(cuda, shape["I"], change.get("d_async", cuda["d_async"]), change.get("d_split", 2))
     ctx["cuda"] = cuda
@@ -96,19 +110,20 @@ def main() -> None:
     results = [run(rows, regime, shape, layers, fragments, module, ctx["cuda"], dev, cpu_gen)
                for rows, regime in ((1, "same"), (8, "same"), (8, "random"))]
     report = {"benchmark": "timeline_experts", "environment": common.environment(dev), "shape": shape,
-              "cuda": ctx["cuda"], "units": "ns from the first gate_up block's start", "results": results}
+              "cuda": ctx["cuda"], "units": "ns from the first block's start", "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "timeline_experts.json").write_text(json.dumps(report, indent=1))
     for r in results:
-        print(f"\n{r['rows']} rows {r['regime']}: {r['us_per_call']:.1f} us a call (graph); grids {r['grids']}; "
-              f"down blocks started before gate_up's last ended: {r['down_blocks_started_before_gate_up_ended']}")
-        print(f"  {'kernel':8s} {'point':8s} {'min':>7s} {'p10':>7s} {'p50':>7s} {'p90':>7s} {'max':>7s}  (ns)")
-        for name in ("gate_up", "down"):
-            for point in POINTS:
+        print(f"\n{r['rows']} rows {r['regime']}: {r['us_per_call']:.1f} us a call (graph); grids {r['grids']}")
+        if "down_blocks_started_before_gate_up_ended" in r:
+            print(f"  down blocks started before gate_up's last ended: {r['down_blocks_started_before_gate_up_ended']}")
+        print(f"  {'kernel':8s} {'point':12s} {'min':>7s} {'p10':>7s} {'p50':>7s} {'p90':>7s} {'max':>7s}  (ns)")
+        for name in r["grids"]:
+            for point in POINTS[name]:
                 if point in r[name]:
                     q = r[name][point]
-                    print(f"  {name:8s} {point:8s} {q['min']:7d} {q['p10']:7d} {q['p50']:7d} {q['p90']:7d} "
+                    print(f"  {name:8s} {point:12s} {q['min']:7d} {q['p10']:7d} {q['p50']:7d} {q['p90']:7d} "
                           f"{q['max']:7d}")
             print(f"  {name:8s} blocks {r[name]['blocks']} on {r[name]['sms']} SMs")
     print(f"wrote {out / 'timeline_experts.json'}")

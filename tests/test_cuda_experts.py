@@ -19,7 +19,7 @@ import torch
 import tilec
 from tilec import mxfp4, ops
 from tilec.codegen import mma_layout
-from tilec.codegen.plans_moe import cuda_decode_context, experts_context, with_down
+from tilec.codegen.plans_moe import cuda_decode_context, experts_context, fused_context, with_down
 from tilec.codegen.render import render
 from tilec.codegen.tuning import DeviceInfo
 
@@ -31,17 +31,29 @@ H100 = DeviceInfo(interpret=False, sms=132)
 
 def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     cuda = experts_context("mxfp4", 2048, 768, 128, H100)["cuda"]
+    # both projections in one persistent kernel: 8 consumer warps, stages of one gate_up tile (32 chunks of 544
+    # bytes) or two down slots; 4 of them (11 would fit in 227 KB beside the static shared memory)
+    fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "act_batch": 4, "smem": 4 * 17408,
+             "pdl": True}
     assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "gu_pdl": False, "d_async": False, "d_split": 2,
-                    "d_warps": 16, "d_smem": 0, "d_depth": 6}
+                    "d_warps": 16, "d_smem": 0, "d_depth": 6, "fused": fused}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(False, 108, (8, 0)))["cuda"] is None  # A100
     assert experts_context("mxfp4", 2080, 768, 128, H100)["cuda"] is None  # H not a multiple of 64
     assert experts_context("mxfp4", 2048, 800, 128, H100)["cuda"] is None  # I neither
     assert experts_context("dense", 2048, 768, 128, H100)["cuda"] is None
     # odd chunk counts: fewer warps over H, no split of I
-    assert cuda_decode_context(192, 192, H100) == {"gu_warps": 1, "gu_depth": 1, "groups": 16, "gu_pdl": False,
-                                                   "d_async": False, "d_split": 1, "d_warps": 8, "d_smem": 0,
-                                                   "d_depth": 3}
+    odd = cuda_decode_context(192, 192, H100)
+    assert {k: v for k, v in odd.items() if k != "fused"} == {
+        "gu_warps": 1, "gu_depth": 1, "groups": 16, "gu_pdl": False, "d_async": False, "d_split": 1, "d_warps": 8,
+        "d_smem": 0, "d_depth": 3}
+    assert odd["fused"]["warps"] == 3 and odd["fused"]["du"] == 1  # 3 warps split H's 3 chunks and a slot's 3
+    # I larger than H: a stage is one down slot; a GPU with 99 KB a block has fewer stages; none before Hopper
+    assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
+                                               "act_batch": 1, "smem": 4 * 64 * 544, "pdl": True}
+    assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
+    assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4
+    assert fused_context(2048, 768, DeviceInfo(False, 108, (8, 0), 166912)) is None
     # down's weights through shared memory: every chunk in flight where 160 KB hold them (mini, 16 warps: 6 chunks a
     # warp; MiMo-V2-Flash's I = 2048: 16 a warp, 136 KB; 32 with one warp a slot)
     assert with_down(cuda, 768, d_async=True) == {**cuda, "d_async": True, "d_split": 2, "d_warps": 16, "d_depth": 6,
@@ -100,10 +112,12 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 @pytest.mark.parametrize("h,i,fold,d_async", [(2048, 768, True, False), (2048, 768, False, False),
                                                (4096, 2048, True, False), (192, 192, True, False),
-                                               (2048, 768, True, True), (4096, 2048, True, True)])
+                                               (2048, 768, True, True), (4096, 2048, True, True),
+                                               (1024, 4096, True, False), (512, 64, True, False)])
 def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_async):
-    """The generated CUDA compiles for sm_90a (mini, the MiMo-V2-Flash expert shape, and odd chunk counts; down's
-    weights through registers or shared memory), with no local-memory spills (registers hold the loads in flight)."""
+    """The generated CUDA compiles for sm_90a (mini, the MiMo-V2-Flash expert shape, odd chunk counts, and I larger
+    or much smaller than H; down's weights through registers or shared memory), with no local-memory spills
+    (registers hold the loads in flight)."""
     ctx = experts_context("mxfp4", h, i, 16, H100, scale_fold=fold)
     assert ctx["cuda"] is not None
     ctx["cuda"] = with_down(ctx["cuda"], i, d_async)
@@ -115,7 +129,7 @@ def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_async):
                            "-v", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for kernel in ("gate_up_kernel", "down_kernel"):
+    for kernel in ("gate_up_kernel", "down_kernel", "experts_kernel"):
         assert f"Compiling entry function '{kernel}'" in proc.stderr
     assert "spill stores" in proc.stderr and not re.search(r"[1-9]\d* bytes spill stores", proc.stderr)
 
@@ -157,22 +171,29 @@ def mini_mx():
     return weights, mma_layout.relay_experts(*weights)
 
 
-def cuda_module(fold: bool = True, d_async: bool = False):
+# The CUDA decode paths: experts_kernel (both projections in one persistent kernel, the planner's choice where it
+# fits), and gate_up_kernel + down_kernel with down's weights in registers or through shared memory.
+VARIANTS = ("fused", "regs", "async")
+
+
+def cuda_module(fold: bool = True, variant: str = "fused"):
     os.environ.pop("TRITON_INTERPRET", None)
-    cuda = with_down(experts_context("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device())["cuda"], MINI["I"],
-                     d_async)
+    cuda = experts_context("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device())["cuda"]
+    assert cuda is not None and cuda["fused"], "the planner did not choose experts_kernel"
+    if variant != "fused":
+        cuda = with_down({**cuda, "fused": None}, MINI["I"], variant == "async")
     mod = experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(), scale_fold=fold, cuda=cuda)
     assert hasattr(mod, "CUDA_SOURCE"), "the planner did not choose the CUDA decode kernels"
     return mod
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d_async", [False, True])
-def test_gpu_cuda_experts_mini(mini_mx, d_async):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_cuda_experts_mini(mini_mx, variant):
     """1 to 8 rows (same and independent routes) against the reference op and the Triton kernels, within bf16
     rounding; 24 rows (prefill) take the Triton kernels."""
     weights, frags = mini_mx
-    mod = cuda_module(d_async=d_async)
+    mod = cuda_module(variant=variant)
     g = torch.Generator().manual_seed(0)
     for rows, same in ((1, True), (2, False), (4, True), (8, True), (8, False), (24, False)):
         w, ids = routing(rows, MINI["k"], MINI["E"], same, g)
@@ -206,6 +227,34 @@ def test_gpu_cuda_experts_more_than_8_rows(mini_mx):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("h,i,e,k", [(512, 64, 16, 8), (1024, 1536, 16, 8), (576, 320, 32, 16)])
+def test_gpu_experts_kernel_other_shapes(h, i, e, k):
+    """experts_kernel where a stage holds 8, 1 or 3 down slots, with 8 or 3 consumer warps (H = 576: 9 chunks) and
+    top-8 or top-16, from 1 to the most rows a decode step has: against the reference, and each row the bits of its
+    own 1-row step."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    ctx = experts_context("mxfp4", h, i, e, gpu_device())
+    assert ctx["cuda"] and ctx["cuda"]["fused"], (h, i)
+    mod = experts_module("mxfp4", h, i, e, gpu_device())
+    g = torch.Generator(device="cuda").manual_seed(h + i)
+    codes = dict(dtype=torch.uint8, device="cuda", generator=g)
+    weights = (torch.randint(0, 256, (e, 2 * i, h // 2), **codes), torch.randint(118, 125, (e, 2 * i, h // 32), **codes),
+               torch.randint(0, 256, (e, h, i // 2), **codes), torch.randint(118, 125, (e, h, i // 32), **codes))
+    frags = mma_layout.relay_experts(*weights)
+    cg = torch.Generator().manual_seed(3)
+    for rows, same in ((1, True), (3, False), (64 // k, False), (64 // k, True)):
+        w, ids = routing(rows, k, e, same, cg)
+        x = torch.randn(1, rows, h, generator=cg).bfloat16().cuda()
+        w, ids = w.cuda(), ids.cuda()
+        out = mod.launch(x, w, ids, *weights, *frags)
+        assert torch.isfinite(out).all()
+        assert rel(out, ops.mxfp4_moe_experts(x, w, ids, *weights)) < 1e-2, (rows, same)
+        for r in {0, rows - 1}:
+            one = mod.launch(x[:, r:r + 1], w[:, r:r + 1], ids[:, r:r + 1], *weights, *frags)
+            assert torch.equal(one[0, 0], out[0, r]), (rows, same, r)
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_experts_unfolded_scales():
     """Scale codes above FOLD_LIMIT: the kernels multiply twice (2^126, then the block scale)."""
     weights = random_experts(1, (120, 135), (100, 131))
@@ -220,11 +269,11 @@ def test_gpu_cuda_experts_unfolded_scales():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d_async", [False, True])
-def test_gpu_cuda_experts_batch_invariant(mini_mx, d_async):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_cuda_experts_batch_invariant(mini_mx, variant):
     """A row's output is the same bits in steps of 1 to 8 rows, at any position (DFlash's verify step)."""
     weights, frags = mini_mx
-    mod = cuda_module(d_async=d_async)
+    mod = cuda_module(variant=variant)
     g = torch.Generator().manual_seed(6)
     w, ids = invariance_routing(MINI["k"], MINI["E"], g)
     x = torch.randn(8, MINI["H"], generator=g).bfloat16().cuda()

@@ -93,7 +93,13 @@ def scale_fold_exact(scales) -> bool:
 def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None:
     """The CUDA decode kernels' configuration (templates/cuda/moe_experts_mxfp4.cu.j2), or None where they do not
     apply: the interpreter, a GPU older than Hopper, no CUDA compiler (NVRTC or nvcc) here, or H or I not a multiple
-    of 64 (the fragment layout's chunks).
+    of 64 (the fragment layout's chunks). ``fused`` (fused_context) configures experts_kernel, both projections in one
+    persistent kernel, which the experts module launches where every decode batch is at most 8 rows (top-k >= 8);
+    otherwise gate_up_kernel and down_kernel run, configured by the rest.
+
+    The two kernels against experts_kernel (same runs, mini shapes): 14.5 to 14.8 us against 15.4 at one row, 18.9
+    to 19.3 against 17.0 at 8 rows on the same experts (1.30x one row against 1.10x), 78 against 70 at 8 independent
+    rows. The planner takes experts_kernel: the verify steps of DFlash are 8 rows.
 
     Measured on the H100 (2026-11-23, benchmarks/bench_mxfp4_experts.py --sweep, mini shapes, medians of 3 rounds;
     benchmarks/results/h100-2026-11-23b): gate_up with 4 warps splitting H, 4 loads in flight per lane, 16 slot
@@ -110,8 +116,49 @@ def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None
     chunks = hidden // 64
     gu_warps = next(w for w in (4, 2, 1) if chunks % w == 0)
     cuda = {"gu_warps": gu_warps, "gu_depth": max(d for d in (1, 2, 4) if (chunks // gu_warps) % d == 0),
-            "groups": 16, "gu_pdl": False}
+            "groups": 16, "gu_pdl": False, "fused": fused_context(hidden, inter, dev)}
     return with_down(cuda, inter, d_async=False)
+
+
+# Bytes of experts_kernel's static shared memory besides its barriers: the slot table, the warps' sums of two units
+# (per consumer warp) and the outputs of a tile's slots (templates/cuda/moe_experts_mxfp4.cu.j2).
+F_SLOTS_BYTES = 5 * 64 * 4 + 4
+F_PART_BYTES_PER_WARP = 2 * 4 * 32 * 4
+F_Y_BYTES = 64 * 16 * 8 * 2
+
+
+def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
+                  max_stages: int = 4) -> dict | None:
+    """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
+    of shared-memory stages by bulk copies), or None where it does not fit. ``warps`` consumer warps (by default the
+    most, up to 8, that divide H's chunks of 64) split H's chunks in gate_up and each down slot's chunks of I; a
+    stage holds one gate_up tile (16 rows by H) or ``du`` down slots of one tile (16 rows by I each), the most that
+    fit a gate_up tile's room and split I's chunks evenly (else the fewest that split them, the stage made larger);
+    as many stages as fit beside the static shared memory, up to ``max_stages``.
+
+    Measured on the H100 (2026-11-23, bench_mxfp4_experts.py --sweep, mini shapes, two rounds): 4 stages 15.4 us at
+    one row, 17.0 at 8 rows (same experts), 69.6 at 8 independent rows; 8 stages 15.8 / 17.1 / 71.0; all 11 that fit
+    16.0 / 17.8 / 76.3. More bytes requested at once do not come faster: a block's bulk copies arrive in order at
+    about 15 GB/s at one row (benchmarks/timeline_experts.py). Two blocks an SM (5 stages each) took 20.2 us."""
+    chunks, d_chunks = hidden // 64, inter // 64
+    warps = warps or next(w for w in range(8, 0, -1) if chunks % w == 0)
+    if dev.capability < (9, 0) or chunks % warps:
+        return None
+    gu, d_slot = chunks * (512 + 32), d_chunks * (512 + 32)
+    valid = [u for u in range(1, warps + 1) if warps % u == 0 and d_chunks % (warps // u) == 0]
+    if not valid:
+        return None
+    room = max(gu, d_slot)
+    du = max((u for u in valid if u * d_slot <= room), default=valid[0])
+    stage = -(-max(gu, du * d_slot) // 128) * 128
+    static = F_SLOTS_BYTES + warps * F_PART_BYTES_PER_WARP + F_Y_BYTES + 1024  # and a margin for the compiler's own
+    stages = min(max_stages, (dev.smem_optin - static) // (stage + 16))  # a stage and its two barriers
+    if stages < 2:
+        return None
+    # down units whose act loads go out together: up to 4, in at most 96 registers (8 a chunk)
+    act_batch = max(1, min(4, 96 // (8 * d_chunks // (warps // du))))
+    return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "act_batch": act_batch,
+            "smem": stages * stage, "pdl": pdl}
 
 
 def with_down(cuda: dict, inter: int, d_async: bool, d_split: int = 2) -> dict:

@@ -19,6 +19,7 @@ class DeviceInfo:
     interpret: bool
     sms: int
     capability: tuple[int, int] = (9, 0)  # compute capability; rendering without a GPU assumes the H100
+    smem_optin: int = 232448  # shared memory a block may ask for, in bytes (the H100's 227 KB)
 
     @property
     def dot_dtype(self) -> str:
@@ -26,10 +27,16 @@ class DeviceInfo:
         return "tl.float32" if self.interpret else "w.dtype"
 
 
+# Shared memory a block may opt in to, by compute capability, where torch does not say (CUDA programming guide)
+SMEM_OPTIN = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448, (10, 0): 232448, (10, 3): 232448}
+
+
 def device_info(device: torch.device) -> DeviceInfo:
     if device.type == "cuda" and not triton_interpret_requested():
         props = torch.cuda.get_device_properties(device)
-        return DeviceInfo(False, props.multi_processor_count, (props.major, props.minor))
+        cap = (props.major, props.minor)
+        smem = getattr(props, "shared_memory_per_block_optin", None) or SMEM_OPTIN.get(cap, 101376)
+        return DeviceInfo(False, props.multi_processor_count, cap, smem)
     return DeviceInfo(True, 1)
 
 
