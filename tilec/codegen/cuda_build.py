@@ -93,9 +93,6 @@ def compile_cubin(source: str, name: str, arch: str) -> bytes:
     return cubin
 
 
-DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may take without raising its limit
-
-
 def pointer(t: torch.Tensor) -> ctypes.c_uint64:
     """A tensor's device address as a kernel argument (cuda.core takes ctypes integers, not c_void_p)."""
     return ctypes.c_uint64(t.data_ptr())
@@ -134,7 +131,7 @@ class CudaModule:
         from cuda.core import LaunchConfig, Stream, launch
 
         kernel = self.kernel(fn, device)
-        if smem > DEFAULT_SMEM:
+        if smem:  # needed past 48 KB of static and dynamic shared memory together, so always
             self._set(kernel, fn, device, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", smem)
         if carveout is not None:
             self._set(kernel, fn, device, "CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT", carveout)
