@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--draft-layers", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mxfp4", action="store_true", help="MXFP4 experts (Options(mxfp4=True)) in target and draft")
     args = parser.parse_args(argv)
 
     gpu = torch.cuda.is_available()
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     model = random_model(preset, device, args.seed)
     built_s = time.perf_counter() - t0
     max_len = args.prompt_len + args.tokens + BLOCK
-    options = tilec.Options(max_seq_len=max_len, spec_rows=BLOCK)
+    options = tilec.Options(max_seq_len=max_len, spec_rows=BLOCK, mxfp4=args.mxfp4)
     t0 = time.perf_counter()
     cm = tilec.compile(model, target=args.target, options=options)
     draft = build_draft(model, num_hidden_layers=args.draft_layers, block_size=BLOCK, seed=args.seed + 1)
@@ -125,14 +126,15 @@ def main(argv=None) -> int:
                                                           f"{torch.get_num_threads()} thread(s))",
         "note": None if gpu else "no GPU: CPU run of a small preset; tokens/s say nothing about the GPU system",
         "preset": preset, "model": cm.info.description, "draft": draft_cm.info.description, "target": cm.target,
-        "block_size": BLOCK, "prompt_len": args.prompt_len, "new_tokens": args.tokens, "batch": 1,
+        "mxfp4": args.mxfp4, "block_size": BLOCK, "prompt_len": args.prompt_len, "new_tokens": args.tokens, "batch": 1,
         "build_seconds": round(built_s, 2), "compile_seconds": round(compile_s, 2), "runs": results,
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench_dflash.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"{report['model']} on {report['device']}, target {cm.target}, block {BLOCK}, {args.tokens} new tokens")
+    print(f"{report['model']} on {report['device']}, target {cm.target}{', MXFP4 experts' if args.mxfp4 else ''}, "
+          f"block {BLOCK}, {args.tokens} new tokens")
     print(f"{'run':<14}{'tokens/s':>10}{'ms/token':>10}{'speedup':>9}{'mean acc':>10}{'rounds':>8}  same as plain")
     for name, r in results.items():
         ms = 1e3 / r["tokens_per_s"] if r["tokens_per_s"] else float("nan")
