@@ -225,12 +225,9 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
     if cu:  # the CUDA decode kernels (templates/cuda/moe_experts_mxfp4.cu.j2) and their knobs
         out.append(("mx cuda=None (Triton decode)", "mxfp4", {"cuda": None}))
         fused = cu["fused"]
-        if fused:  # experts_kernel: PDL, L2 eviction hint, act loads one unit at a time, fewer warps or stages
+        if fused:  # experts_kernel: PDL, fewer consumer warps, other stage counts
             out.append((f"mx cuda fused pdl={not fused['pdl']}", "mxfp4",
                         {"cuda": {**cu, "fused": {**fused, "pdl": not fused["pdl"]}}}))
-            out.append(("mx cuda fused evict_first", "mxfp4", {"cuda": {**cu, "fused": {**fused, "evict_first": True}}}))
-            if fused["act_batch"] > 1:
-                out.append(("mx cuda fused act_batch=1", "mxfp4", {"cuda": {**cu, "fused": {**fused, "act_batch": 1}}}))
             four = fused_context(shape["H"], shape["I"], dev, warps=4)
             if four:
                 out.append(("mx cuda fused warps=4", "mxfp4", {"cuda": {**cu, "fused": four}}))

@@ -33,8 +33,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     cuda = experts_context("mxfp4", 2048, 768, 128, H100)["cuda"]
     # both projections in one persistent kernel: 8 consumer warps, stages of one gate_up tile (32 chunks of 544
     # bytes) or two down slots; 4 of them (11 would fit in 227 KB beside the static shared memory)
-    fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "act_batch": 4, "smem": 4 * 17408,
-             "pdl": True}
+    fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408, "pdl": True}
     assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "gu_pdl": False, "d_async": False, "d_split": 2,
                     "d_warps": 16, "d_smem": 0, "d_depth": 6, "fused": fused}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
@@ -50,7 +49,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert odd["fused"]["warps"] == 3 and odd["fused"]["du"] == 1  # 3 warps split H's 3 chunks and a slot's 3
     # I larger than H: a stage is one down slot; a GPU with 99 KB a block has fewer stages; none before Hopper
     assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
-                                               "act_batch": 1, "smem": 4 * 64 * 544, "pdl": True}
+                                               "smem": 4 * 64 * 544, "pdl": True}
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4
     assert fused_context(2048, 768, DeviceInfo(False, 108, (8, 0), 166912)) is None
@@ -155,10 +154,10 @@ def gpu_device() -> DeviceInfo:
     return DeviceInfo(interpret=False, sms=props.multi_processor_count, capability=(props.major, props.minor))
 
 
-def random_experts(seed: int, gate_up_codes: tuple[int, int], down_codes: tuple[int, int]) -> tuple:
-    """MXFP4 experts at mini shapes on the GPU: random E2M1 codes, scale codes drawn from [lo, hi)."""
+def random_experts(seed: int, gate_up_codes: tuple[int, int], down_codes: tuple[int, int], e: int = MINI["E"],
+                   h: int = MINI["H"], i: int = MINI["I"]) -> tuple:
+    """MXFP4 experts on the GPU (mini shapes unless given): random E2M1 codes, scale codes drawn from [lo, hi)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    e, h, i = MINI["E"], MINI["H"], MINI["I"]
     codes = dict(dtype=torch.uint8, device="cuda", generator=g)
     return (torch.randint(0, 256, (e, 2 * i, h // 2), **codes),
             torch.randint(*gate_up_codes, (e, 2 * i, h // 32), **codes),
@@ -236,10 +235,7 @@ def test_gpu_experts_kernel_other_shapes(h, i, e, k):
     ctx = experts_context("mxfp4", h, i, e, gpu_device())
     assert ctx["cuda"] and ctx["cuda"]["fused"], (h, i)
     mod = experts_module("mxfp4", h, i, e, gpu_device())
-    g = torch.Generator(device="cuda").manual_seed(h + i)
-    codes = dict(dtype=torch.uint8, device="cuda", generator=g)
-    weights = (torch.randint(0, 256, (e, 2 * i, h // 2), **codes), torch.randint(118, 125, (e, 2 * i, h // 32), **codes),
-               torch.randint(0, 256, (e, h, i // 2), **codes), torch.randint(118, 125, (e, h, i // 32), **codes))
+    weights = random_experts(h + i, (118, 125), (118, 125), e, h, i)
     frags = mma_layout.relay_experts(*weights)
     cg = torch.Generator().manual_seed(3)
     for rows, same in ((1, True), (3, False), (64 // k, False), (64 // k, True)):

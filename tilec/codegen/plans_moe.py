@@ -97,9 +97,10 @@ def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None
     persistent kernel, which the experts module launches where every decode batch is at most 8 rows (top-k >= 8);
     otherwise gate_up_kernel and down_kernel run, configured by the rest.
 
-    The two kernels against experts_kernel (same runs, mini shapes): 14.5 to 14.8 us against 15.4 at one row, 18.9
-    to 19.3 against 17.0 at 8 rows on the same experts (1.30x one row against 1.10x), 78 against 70 at 8 independent
-    rows. The planner takes experts_kernel: the verify steps of DFlash are 8 rows.
+    The two kernels against experts_kernel (sweep medians of the same run, mini shapes,
+    benchmarks/results/h100-2026-11-23c): 14.0 against 15.4 us at one row, 18.5 against 17.1 at 8 rows on the same
+    experts (1.32x one row against 1.11x), 77.0 against 70.4 at 8 independent rows. The planner takes experts_kernel:
+    the verify steps of DFlash are 8 rows.
 
     Measured on the H100 (2026-11-23, benchmarks/bench_mxfp4_experts.py --sweep, mini shapes, medians of 3 rounds;
     benchmarks/results/h100-2026-11-23b): gate_up with 4 warps splitting H, 4 loads in flight per lane, 16 slot
@@ -136,10 +137,14 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     fit a gate_up tile's room and split I's chunks evenly (else the fewest that split them, the stage made larger);
     as many stages as fit beside the static shared memory, up to ``max_stages``.
 
-    Measured on the H100 (2026-11-23, bench_mxfp4_experts.py --sweep, mini shapes, two rounds): 4 stages 15.4 us at
-    one row, 17.0 at 8 rows (same experts), 69.6 at 8 independent rows; 8 stages 15.8 / 17.1 / 71.0; all 11 that fit
-    16.0 / 17.8 / 76.3. More bytes requested at once do not come faster: a block's bulk copies arrive in order at
-    about 15 GB/s at one row (benchmarks/timeline_experts.py). Two blocks an SM (5 stages each) took 20.2 us."""
+    Measured on the H100 (2026-11-23, bench_mxfp4_experts.py --sweep --repeats 3, mini shapes, medians; us at one row /
+    8 rows on the same experts / 8 independent rows; benchmarks/results/h100-2026-11-23c): 4 stages 15.4 / 17.1 / 70.4;
+    2: 15.3 / 16.5 / 70.6; 3: 15.0 / 16.9 / 71.4; 6: 15.8 / 16.8 / 68.4; all 11 that fit: 15.9 / 17.3 / 76.6. More
+    bytes requested at once do not come faster: a block's bulk copies land in the order issued, at about 15 GB/s an SM
+    at one row (benchmarks/timeline_experts.py). Also measured: without PDL 16.0 / 17.3 / 70.1; 4 consumer warps
+    16.3 / 18.2 / 73.1; two blocks an SM (5 stages each) 20.2 / 23.5 / 103.8 (sweeps/); an L2 evict_first hint on the
+    copies (15.2 / 17.0 / 69.4) and down's act loads of 4 units issued together (act loads one unit at a time:
+    15.2 / 16.6 / 70.7) gained nothing beyond the spread between rounds, so neither is in the template."""
     chunks, d_chunks = hidden // 64, inter // 64
     warps = warps or next(w for w in range(8, 0, -1) if chunks % w == 0)
     if dev.capability < (9, 0) or chunks % warps:
@@ -155,10 +160,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     stages = min(max_stages, (dev.smem_optin - static) // (stage + 16))  # a stage and its two barriers
     if stages < 2:
         return None
-    # down units whose act loads go out together: up to 4, in at most 96 registers (8 a chunk)
-    act_batch = max(1, min(4, 96 // (8 * d_chunks // (warps // du))))
-    return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "act_batch": act_batch,
-            "smem": stages * stage, "pdl": pdl}
+    return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl}
 
 
 def with_down(cuda: dict, inter: int, d_async: bool, d_split: int = 2) -> dict:
