@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import tilec
+from tilec.codegen.tuning import SMEM_OPTIN
 from tilec.models import build_model
 from tilec.models.config import DENSE, FULL, SLIDING, SPARSE
 from tilec.runtime.kv_cache import layout_from_graph
@@ -31,7 +32,7 @@ _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
         torch.int32: "*i32", torch.uint8: "*u8", torch.bool: "*i1", torch.int8: "*i8"}
 
 
-H100_SHARED_BYTES = 232448  # per block, after cudaFuncSetAttribute (what Triton checks at launch)
+H100_SHARED_BYTES = SMEM_OPTIN[(9, 0)]  # per block, after cudaFuncSetAttribute (what Triton checks at launch)
 
 
 def _compile_for(fn, args, kwargs, built):

@@ -14,21 +14,21 @@ import torch
 from tilec.options import triton_interpret_requested
 
 
+# Shared memory a block may opt in to, by compute capability, where torch does not say (CUDA programming guide)
+SMEM_OPTIN = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448, (10, 0): 232448, (10, 3): 232448}
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceInfo:
     interpret: bool
     sms: int
     capability: tuple[int, int] = (9, 0)  # compute capability; rendering without a GPU assumes the H100
-    smem_optin: int = 232448  # shared memory a block may ask for, in bytes (the H100's 227 KB)
+    smem_optin: int = SMEM_OPTIN[(9, 0)]  # shared memory a block may ask for, in bytes (the H100's 227 KB)
 
     @property
     def dot_dtype(self) -> str:
         # The interpreter computes tl.dot on bf16 wrongly; fp32 operands are exact there.
         return "tl.float32" if self.interpret else "w.dtype"
-
-
-# Shared memory a block may opt in to, by compute capability, where torch does not say (CUDA programming guide)
-SMEM_OPTIN = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448, (10, 0): 232448, (10, 3): 232448}
 
 
 def device_info(device: torch.device) -> DeviceInfo:
