@@ -237,18 +237,10 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                     out.append((f"mx cuda fused stages={more['stages']}", "mxfp4", {"cuda": {**cu, "fused": more}}))
         cu = {**cu, "fused": None}  # the rest: gate_up_kernel and down_kernel
         out.append(("mx cuda two kernels", "mxfp4", {"cuda": cu}))
-        out.append(("mx cuda gu_pdl", "mxfp4", {"cuda": {**cu, "gu_pdl": True}}))
         out.append(("mx cuda groups=8", "mxfp4", {"cuda": {**cu, "groups": 8}}))
         out.append(("mx cuda gu_depth=2", "mxfp4", {"cuda": {**cu, "gu_depth": 2}}))
-        # gate_up in 2 warps a tile, 8 chunks in flight: fewer registers an SM, room for down's blocks beside it
-        narrow = {**cu, "gu_warps": 2, "gu_depth": 8} if (shape["H"] // 64) % 16 == 0 else None
-        for d_async, d_split in ((False, 2), (True, 2), (True, 1)):
-            down = f"d_async={d_async} d_split={d_split}"
-            if (d_async, d_split) != (cu["d_async"], cu["d_split"]):
-                out.append((f"mx cuda {down}", "mxfp4", {"cuda": with_down(cu, shape["I"], d_async, d_split)}))
-            if narrow:
-                out.append((f"mx cuda gu_warps=2 gu_depth=8 {down}", "mxfp4",
-                            {"cuda": with_down(narrow, shape["I"], d_async, d_split)}))
+        if cu["d_split"] == 2:
+            out.append(("mx cuda d_split=1", "mxfp4", {"cuda": with_down(cu, shape["I"], d_split=1)}))
     return [(name, fmt, {**plan, **overrides}) for name, fmt, overrides in out]
 
 

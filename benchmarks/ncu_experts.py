@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import bench_mxfp4_experts as bench  # noqa: E402
-from tilec.codegen.tuning import DeviceInfo  # noqa: E402
+from tilec.codegen.tuning import device_info  # noqa: E402
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=8)
     args = ap.parse_args()
     device = torch.device("cuda")
-    dev = DeviceInfo(False, torch.cuda.get_device_properties(0).multi_processor_count)
+    dev = device_info(device)
     gen, cpu_gen = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
     shape = dict(bench.MINI)
     layers = bench.make_layers(args.format, shape, device, gen)

@@ -2,7 +2,7 @@
 
     python3 benchmarks/timeline_experts.py --out out/timeline        # GPU only: mini expert shapes, 1 and 8 rows
     python3 benchmarks/timeline_experts.py --out out/t --cuda '{"fused": null}'   # the two kernels instead
-    python3 benchmarks/timeline_experts.py --out out/t --cuda '{"fused": null, "d_async": true, "d_split": 1}'
+    python3 benchmarks/timeline_experts.py --out out/t --cuda '{"fused": null, "d_split": 1}'
 
 The kernels (templates/cuda/moe_experts_mxfp4.cu.j2) are rendered with ``timeline`` on: thread 0 of every block
 stamps %globaltimer at points of its work, with its SM. gate_up_kernel and down_kernel: when the block starts, after
@@ -83,8 +83,8 @@ def run(rows: int, regime: str, shape: dict, layers, fragments, module, cuda: di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--cuda", default="{}", help="changes to the planner's `cuda` context, as JSON (d_async and "
-                                                   "d_split go through plans_moe.with_down)")
+    ap.add_argument("--cuda", default="{}", help="changes to the planner's `cuda` context, as JSON (d_split goes "
+                                                   "through plans_moe.with_down; fused: null for the two kernels)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("timeline_experts.py needs a CUDA GPU")
@@ -99,11 +99,11 @@ def main() -> None:
     if not ctx["cuda"]:
         sys.exit("the planner does not pick the CUDA decode kernels on this machine")
     change = json.loads(args.cuda)
-    cuda = {**ctx["cuda"], **{k: v for k, v in change.items() if k not in ("d_async", "d_split", "fused")}}
+    cuda = {**ctx["cuda"], **{k: v for k, v in change.items() if k not in ("d_split", "fused")}}
     if "fused" in change:  # null: the two kernels; an object: changes to the planner's experts_kernel
         cuda["fused"] = change["fused"] and {**cuda["fused"], **change["fused"]}
-    if "d_async" in change or "d_split" in change:
-        cuda = with_down(cuda, shape["I"], change.get("d_async", cuda["d_async"]), change.get("d_split", 2))
+    if "d_split" in change:
+        cuda = with_down(cuda, shape["I"], change["d_split"])
     ctx["cuda"] = cuda
     module = bench.kernel_module("mxfp4", shape, info, **plan, cuda={**ctx["cuda"], "timeline": True})
     fragments = bench.fragments_for("mxfp4", layers)

@@ -34,8 +34,8 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     # both projections in one persistent kernel: 8 consumer warps, stages of one gate_up tile (32 chunks of 544
     # bytes) or two down slots; 4 of them (11 would fit in 227 KB beside the static shared memory)
     fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408, "pdl": True}
-    assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "gu_pdl": False, "d_async": False, "d_split": 2,
-                    "d_warps": 16, "d_smem": 0, "d_depth": 6, "fused": fused}
+    assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "d_split": 2, "d_warps": 16, "d_depth": 6,
+                    "fused": fused}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(False, 108, (8, 0)))["cuda"] is None  # A100
     assert experts_context("mxfp4", 2080, 768, 128, H100)["cuda"] is None  # H not a multiple of 64
@@ -44,8 +44,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     # odd chunk counts: fewer warps over H, no split of I
     odd = cuda_decode_context(192, 192, H100)
     assert {k: v for k, v in odd.items() if k != "fused"} == {
-        "gu_warps": 1, "gu_depth": 1, "groups": 16, "gu_pdl": False, "d_async": False, "d_split": 1, "d_warps": 8,
-        "d_smem": 0, "d_depth": 3}
+        "gu_warps": 1, "gu_depth": 1, "groups": 16, "d_split": 1, "d_warps": 8, "d_depth": 3}
     assert odd["fused"]["warps"] == 3 and odd["fused"]["du"] == 1  # 3 warps split H's 3 chunks and a slot's 3
     # I larger than H: a stage is one down slot; a GPU with 99 KB a block has fewer stages; none before Hopper
     assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
@@ -53,12 +52,9 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4
     assert fused_context(2048, 768, DeviceInfo(False, 108, (8, 0), 166912)) is None
-    # down's weights through shared memory: every chunk in flight where 160 KB hold them (mini, 16 warps: 6 chunks a
-    # warp; MiMo-V2-Flash's I = 2048: 16 a warp, 136 KB; 32 with one warp a slot)
-    assert with_down(cuda, 768, d_async=True) == {**cuda, "d_async": True, "d_split": 2, "d_warps": 16, "d_depth": 6,
-                                                  "d_smem": 6 * 16 * 544, "d_min_blocks": 2}  # <= 64 registers
-    assert with_down(cuda, 2048, d_async=True)["d_depth"] == 16
-    assert with_down(cuda, 2048, d_async=True, d_split=1)["d_depth"] == 32
+    # down's I in one piece a warp: 12 chunks, 6 in flight; MiMo-V2-Flash's I = 2048: 32 chunks, 4 in flight
+    assert with_down(cuda, 768, d_split=1) == {**cuda, "d_split": 1, "d_warps": 8, "d_depth": 6}
+    assert with_down(cuda, 2048, d_split=1)["d_depth"] == 4
     import tilec.codegen.cuda_build as cb
 
     monkeypatch.setattr(cb, "compiler_available", lambda: False)
@@ -109,19 +105,16 @@ NVCC = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
-@pytest.mark.parametrize("h,i,fold,d_async", [(2048, 768, True, False), (2048, 768, False, False),
-                                               (4096, 2048, True, False), (192, 192, True, False),
-                                               (2048, 768, True, True), (4096, 2048, True, True),
-                                               (1024, 4096, True, False), (512, 64, True, False)])
-def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_async):
-    """The generated CUDA compiles for sm_90a (mini, the MiMo-V2-Flash expert shape, odd chunk counts, and I larger
-    or much smaller than H; down's weights through registers or shared memory), with no local-memory spills
-    (registers hold the loads in flight)."""
+@pytest.mark.parametrize("h,i,fold,d_split", [(2048, 768, True, 2), (2048, 768, False, 2), (4096, 2048, True, 2),
+                                               (192, 192, True, 2), (2048, 768, True, 1), (1024, 4096, True, 2),
+                                               (512, 64, True, 2)])
+def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_split):
+    """The generated CUDA compiles for sm_90a (mini, the MiMo-V2-Flash expert shape, odd chunk counts, I larger or much
+    smaller than H, down's I in one or two pieces), with no local-memory spills (registers hold the loads in
+    flight)."""
     ctx = experts_context("mxfp4", h, i, 16, H100, scale_fold=fold)
-    assert ctx["cuda"] is not None
-    ctx["cuda"] = with_down(ctx["cuda"], i, d_async)
-    if h == 4096 and d_async:  # gate_up in 2 warps a tile, 8 chunks in flight (two rounds)
-        ctx["cuda"].update(gu_warps=2, gu_depth=8)
+    assert ctx["cuda"] is not None and ctx["cuda"]["fused"] is not None
+    ctx["cuda"] = with_down(ctx["cuda"], i, d_split)
     src = render("cuda/moe_experts_mxfp4.cu.j2", ctx=ctx)
     (tmp_path / "k.cu").write_text(src)
     proc = subprocess.run([NVCC, "-cubin", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas",
@@ -171,16 +164,16 @@ def mini_mx():
 
 
 # The CUDA decode paths: experts_kernel (both projections in one persistent kernel, the planner's choice where it
-# fits), and gate_up_kernel + down_kernel with down's weights in registers or through shared memory.
-VARIANTS = ("fused", "regs", "async")
+# fits), and gate_up_kernel + down_kernel (which decode takes where a batch may pass 8 rows).
+VARIANTS = ("fused", "two_kernels")
 
 
 def cuda_module(fold: bool = True, variant: str = "fused"):
     os.environ.pop("TRITON_INTERPRET", None)
     cuda = experts_context("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device())["cuda"]
     assert cuda is not None and cuda["fused"], "the planner did not choose experts_kernel"
-    if variant != "fused":
-        cuda = with_down({**cuda, "fused": None}, MINI["I"], variant == "async")
+    if variant == "two_kernels":
+        cuda = {**cuda, "fused": None}
     mod = experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(), scale_fold=fold, cuda=cuda)
     assert hasattr(mod, "CUDA_SOURCE"), "the planner did not choose the CUDA decode kernels"
     return mod

@@ -121,20 +121,15 @@ class CudaModule:
         return self._kernels[key]
 
     def launch(self, fn: str, grid: tuple, block: int, args: list, device: torch.device, pdl: bool = False,
-               smem: int = 0, carveout: int | None = None) -> None:
+               smem: int = 0) -> None:
         """Launch ``fn`` on PyTorch's current stream; ``args`` as ctypes values (`pointer`, ctypes.c_int32, ...).
         ``pdl``: programmatic dependent launch (the kernel may start before the previous one ends; it must wait with
-        griddepcontrol.wait before reading that kernel's output). ``smem``: bytes of dynamic shared memory.
-        ``carveout``: the percentage of the SM's unified L1/shared memory to configure as shared memory while this
-        kernel runs (a kernel that needs little leaves an SM configured with little, and a dependent kernel's blocks
-        that need more cannot start beside it)."""
+        griddepcontrol.wait before reading that kernel's output). ``smem``: bytes of dynamic shared memory."""
         from cuda.core import LaunchConfig, Stream, launch
 
         kernel = self.kernel(fn, device)
         if smem:  # needed past 48 KB of static and dynamic shared memory together, so always
             self._set(kernel, fn, device, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", smem)
-        if carveout is not None:
-            self._set(kernel, fn, device, "CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT", carveout)
         stream = Stream.from_handle(torch.cuda.current_stream(device).cuda_stream)
         config = LaunchConfig(grid=grid, block=block, shmem_size=smem, programmatic_stream_serialization=pdl)
         launch(stream, config, kernel, *args)

@@ -104,12 +104,11 @@ def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None
 
     Measured on the H100 (2026-11-23, benchmarks/bench_mxfp4_experts.py --sweep, mini shapes, medians of 3 rounds;
     benchmarks/results/h100-2026-11-23b): gate_up with 4 warps splitting H, 4 loads in flight per lane, 16 slot
-    groups, launched without PDL; down with its weights in registers, 16 warps, each slot's I split in two: one row
-    13.4 to 14.8 us, against 18.8 to 19.0 for the Triton kernels. Down's weights through shared memory (`with_down`'s
-    d_async, whose blocks fit beside gate_up's) took 16.1 to 16.4 us at one row (15.5 to 15.8 once gate_up's launch
-    set the shared-memory carveout that lets them start beside it: benchmarks/timeline_experts.py) but 17.6 against
-    18.7 to 19.2 at 8 rows (before the carveout); also slower at one row: gate_up launched with PDL, all its chunks in flight through cp.async, 2 warps a
-    tile, and prefetching down's weights into L2 from gate_up."""
+    groups; down with its weights in registers, 16 warps, each slot's I split in two: one row 13.4 to 14.8 us, against
+    18.8 to 19.0 for the Triton kernels. Tried, slower at one row, and removed: down's weights through shared memory
+    (cp.async; 16.1 to 16.4 us, 15.5 to 15.8 with a shared-memory carveout on gate_up's launch so down's blocks
+    could start beside it; faster at 8 rows, where experts_kernel is faster still), gate_up launched with PDL, all
+    of gate_up's chunks in flight through cp.async, 2 warps a tile, and prefetching down's weights into L2."""
     from tilec.codegen.cuda_build import compiler_available
 
     if dev.interpret or dev.capability < (9, 0) or hidden % 64 or inter % 64 or not compiler_available():
@@ -117,8 +116,8 @@ def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None
     chunks = hidden // 64
     gu_warps = next(w for w in (4, 2, 1) if chunks % w == 0)
     cuda = {"gu_warps": gu_warps, "gu_depth": max(d for d in (1, 2, 4) if (chunks // gu_warps) % d == 0),
-            "groups": 16, "gu_pdl": False, "fused": fused_context(hidden, inter, dev)}
-    return with_down(cuda, inter, d_async=False)
+            "groups": 16, "fused": fused_context(hidden, inter, dev)}
+    return with_down(cuda, inter)
 
 
 # Bytes of experts_kernel's static shared memory besides its barriers: the slot table, the warps' sums of two units
@@ -163,21 +162,14 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl}
 
 
-def with_down(cuda: dict, inter: int, d_async: bool, d_split: int = 2) -> dict:
+def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
     """``cuda`` with the down kernel's configuration: each slot's I split between ``d_split`` warps (where I allows),
-    8 slots a wave; its weights through registers (up to 6 chunks in flight a warp) or, with ``d_async``, through
-    shared memory (cp.async; as many chunks in flight as fit in 160 KB a block)."""
+    8 slots a wave, its weights through registers (up to 6 chunks in flight a warp)."""
     d_chunks = inter // 64
     split = d_split if d_chunks % d_split == 0 else 1
     per_warp = d_chunks // split
-    out = {**cuda, "d_async": d_async, "d_split": split, "d_warps": 8 * split}
-    if d_async:
-        per_chunk = 8 * split * (512 + 32)  # every warp's weights and scales of one chunk
-        depth = max(d for d in range(1, per_warp + 1) if per_warp % d == 0 and d * per_chunk <= 160 * 1024)
-        # registers capped near 48 a thread (48 with 8 warps, 64 with 16; the weights need none): room beside
-        # gate_up's blocks
-        return {**out, "d_depth": depth, "d_smem": depth * per_chunk, "d_min_blocks": 65536 // (48 * 256 * split)}
-    return {**out, "d_depth": max(d for d in range(1, 7) if per_warp % d == 0), "d_smem": 0}
+    return {**cuda, "d_split": split, "d_warps": 8 * split,
+            "d_depth": max(d for d in range(1, 7) if per_warp % d == 0)}
 
 
 def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: DeviceInfo, **overrides) -> dict:
