@@ -12,7 +12,8 @@ checked against the reference (relative error, fp64 norms) and then timed over c
 layers' worth of weights, so no call finds its experts in the 50 MB L2. Kernels are timed as CUDA-graph replays of
 one call per layer (launch gaps as a decode step has them), with CUDA events, median over replays; the reference
 eagerly with events. Bytes are the weights read: MXFP4 blocks + scales (bf16 weights) of the distinct experts the
-call touches. The copy bandwidth is measured here (device-to-device copy of 1 GiB, read + write bytes).
+call touches. The copy bandwidth is measured here (device-to-device copy of 1 GiB, read + write bytes), and so
+is the read floor: a plain read of the same bytes (read_floor.py's fastest kernel), timed the same way.
 
 Routing regimes: ``same`` (every row picks the same top-8: the kernel's row amortisation, 8 rows should cost at most
 1.3x one row) and ``random`` (independent rows: bytes grow with the distinct experts; compare time per byte).
@@ -22,6 +23,7 @@ Writes DIR/bench_mxfp4_experts.json and prints a short table.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -183,6 +185,34 @@ def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, devi
             "kernel_us": kernels}
 
 
+def measure_read_floor(shape: dict, rows: int, regime: str, device, gen, reps: int) -> dict:
+    """The plain read of the same bytes (benchmarks/read_floor.py's best kernel on the H100: 16-byte loads, 8 in flight
+    a thread, 4 blocks of 256 threads an SM, PDL): each call reads every byte of its route's distinct experts (fresh
+    random bytes, LAYERS layers of them), timed as the kernels are. What no kernel reading these bytes can beat by
+    much: the experts kernels' time beside it is what computing costs."""
+    from read_floor import SOURCE
+
+    from tilec.codegen.cuda_build import CudaModule, pointer
+
+    eb = expert_bytes("mxfp4", shape)
+    module = CudaModule(SOURCE, "read_floor")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    out = torch.empty(4 * sms, dtype=torch.int32, device=device)
+    flat = [torch.randint(0, 256, (shape["E"], eb), dtype=torch.uint8, device=device) for _ in range(shape["layers"])]
+    chosen = [torch.unique(routing(rows, regime, shape, device, gen)[1]) for _ in flat]
+
+    def call(w, ids):
+        module.launch("ldg_read8", (4 * sms,), 256, [pointer(w), pointer(ids), ctypes.c_int32(ids.numel()),
+                                                     ctypes.c_int64(eb), pointer(out), ctypes.c_int32(1)],
+                      device, pdl=True)
+
+    us = time_calls([lambda w=w, ids=ids: call(w, ids) for w, ids in zip(flat, chosen)], reps, True)
+    distinct = statistics.mean(ids.numel() for ids in chosen)
+    nbytes = distinct * eb
+    return {"kernel": "read floor", "format": "mxfp4", "rows": rows, "regime": regime, "us": us, "bytes": nbytes,
+            "distinct_experts": distinct, "GBps": nbytes / us / 1e3, "rel_err_vs_reference": None, "kernel_us": None}
+
+
 def planned(fmt: str, layers) -> dict:
     """What the planner decides from the weights themselves (plans_moe._mxfp4_moe_experts): ``scale_fold``."""
     if fmt != "mxfp4":
@@ -314,6 +344,12 @@ def main() -> None:
                     results.append(r)
                     print(f"  {r['kernel']:18s} rows={rows} {regime:6s} {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s  "
                           f"err {r['rel_err_vs_reference']:.1e}", flush=True)
+        if fmt == "mxfp4" and cuda:  # the floor: a plain read of the same number of bytes
+            for rows, regime in ((1, "same"), (8, "same"), (8, "random")):
+                r = measure_read_floor(shape, rows, regime, device, cpu_gen, reps)
+                results.append(r)
+                print(f"  {r['kernel']:18s} rows={rows} {regime:6s} {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s",
+                      flush=True)
         for rows in shape["rows"]:
             ref_reps = max(1, reps // 10)
             r = measure("reference", reference(fmt), fmt, layers, shape, rows, "same", device, cpu_gen, ref_reps,
@@ -333,6 +369,10 @@ def main() -> None:
     for r in results:
         base = one.get((r["kernel"], r["format"]))
         r["time_vs_1_row"] = r["us"] / base if base else None
+    floor = {(r["rows"], r["regime"]): r for r in results if r["kernel"] == "read floor"}
+    for r in results:
+        f = floor.get((r["rows"], r["regime"])) if r["format"] == "mxfp4" else None
+        r["time_vs_read_floor"] = r["us"] / f["us"] if f else None
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {
@@ -363,6 +403,10 @@ def print_table(results: list[dict], sweep: list[dict]) -> None:
     if (1, "same") in mx and (8, "same") in mx and mx[(1, "same")]["fraction_of_copy_bw"]:
         print(f"goals: MXFP4 1 row at {100 * mx[(1, 'same')]['fraction_of_copy_bw']:.0f}% of copy bandwidth "
               f"(goal >= 70%); 8 rows (same experts) {mx[(8, 'same')]['time_vs_1_row']:.2f}x one row (goal <= 1.3x)")
+        if mx[(1, "same")].get("time_vs_read_floor"):
+            print("time against a plain read of the same bytes (read floor): " + ", ".join(
+                f"{rows} {regime} {r['time_vs_read_floor']:.2f}x" for (rows, regime), r in sorted(mx.items())
+                if r.get("time_vs_read_floor")))
     if sweep:
         print(f"\n{'sweep variant':34s} {'us 1 row':>8s} {'(gate_up':>8s} {'down)':>6s} {'8 rows':>7s} {'8/1':>5s} "
               f"{'8 random':>8s} {'GB/s':>5s} {'err':>8s}")

@@ -126,6 +126,30 @@ def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_split):
     assert "spill stores" in proc.stderr and not re.search(r"[1-9]\d* bytes spill stores", proc.stderr)
 
 
+def test_kernel_attribute_is_set_again_when_another_value_was_set_in_between(monkeypatch):
+    """CudaModule._set skips the driver only where the attribute holds the asked value: one kernel launched with 160
+    KB, then 80 KB, then 160 KB of shared memory needs three calls (caching per value made the third launch fail with
+    CUDA_ERROR_INVALID_VALUE on the GPU: benchmarks/read_floor.py's variants)."""
+    import sys
+    import types
+
+    from tilec.codegen.cuda_build import CudaModule
+
+    calls = []
+    driver = types.SimpleNamespace(
+        CUfunction_attribute=types.SimpleNamespace(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES="max_smem"),
+        CUkernel=type("CUkernel", (), {}), CUresult=types.SimpleNamespace(CUDA_SUCCESS=0),
+        cuFuncSetAttribute=lambda handle, attr, value: calls.append((attr, value)) or (0,))
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.driver = driver
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.driver", driver)
+    module, kernel, dev = CudaModule("", "m"), types.SimpleNamespace(handle=object()), torch.device("cuda", 0)
+    for smem in (163840, 163840, 81920, 163840):
+        module._set(kernel, "k", dev, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", smem)
+    assert calls == [("max_smem", 163840), ("max_smem", 81920), ("max_smem", 163840)]
+
+
 def test_bad_cuda_source_is_a_clear_error(tmp_path, monkeypatch):
     """A compiler error comes back as a TilecError naming the source and holding the compiler's message; nothing is
     cached."""

@@ -105,7 +105,7 @@ class CudaModule:
         self.source, self.name = source, name
         self._kernels: dict[tuple[int, str], object] = {}
         self._code: dict[int, object] = {}
-        self._attrs: set[tuple] = set()
+        self._attrs: dict[tuple, int] = {}
 
     def kernel(self, fn: str, device: torch.device):
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -135,9 +135,9 @@ class CudaModule:
         launch(stream, config, kernel, *args)
 
     def _set(self, kernel, fn: str, device: torch.device, attribute: str, value: int) -> None:
-        """Set a kernel attribute on a device, once per value."""
-        key = (fn, device.index, attribute, value)
-        if key in self._attrs:
+        """Set a kernel attribute on a device where it does not hold this value already (as this module set it)."""
+        key = (fn, device.index, attribute)
+        if self._attrs.get(key) == value:
             return
         from cuda.bindings import driver
 
@@ -150,4 +150,4 @@ class CudaModule:
             err, = driver.cuFuncSetAttribute(handle, attr, value)
         if err != driver.CUresult.CUDA_SUCCESS:
             raise TargetError(f"{self.name}.{fn}: the GPU refused {attribute} = {value} ({err})")
-        self._attrs.add(key)
+        self._attrs[key] = value
