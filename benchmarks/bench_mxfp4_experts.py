@@ -261,6 +261,9 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
             four = fused_context(shape["H"], shape["I"], dev, warps=4)
             if four:
                 out.append(("mx cuda fused warps=4", "mxfp4", {"cuda": {**cu, "fused": four}}))
+            for by_slot in (0, 64):  # down dealt by slot at every call / never (the planner: past 16 live slots)
+                out.append((f"mx cuda fused by_slot={by_slot}", "mxfp4",
+                            {"cuda": {**cu, "fused": {**fused, "by_slot": by_slot}}}))
             for stages in (2, 3, 6, 11):
                 more = fused_context(shape["H"], shape["I"], dev, max_stages=stages)
                 if more and more["stages"] != fused["stages"]:

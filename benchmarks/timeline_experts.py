@@ -9,7 +9,7 @@ stamps %globaltimer at points of its work, with its SM. gate_up_kernel and down_
 its slot table, after its weights are in (gate_up: the first slot's sums done; down: the wait for gate_up released)
 and when it ends. experts_kernel (the planner's choice where it fits): start, slot table, its gate_up units done,
 the grid barrier passed, end; and in down, its first unit's weights in, that unit's sums done (its act in), and the
-tile's last unit done. The calls run as in bench_mxfp4_experts.py (a CUDA graph over LAYERS layers' weights);
+tile's last unit done (down by slot: the block's outputs written and fenced, before the ranges' counts). The calls run as in bench_mxfp4_experts.py (a CUDA graph over LAYERS layers' weights);
 the stamps kept are those of the last call. Times are nanoseconds from the first block's start. Writes
 DIR/timeline_experts.json and prints percentiles.
 """

@@ -33,7 +33,8 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     cuda = experts_context("mxfp4", 2048, 768, 128, H100)["cuda"]
     # both projections in one persistent kernel: 8 consumer warps, stages of one gate_up tile (32 chunks of 544
     # bytes) or two down slots; 4 of them (11 would fit in 227 KB beside the static shared memory)
-    fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408, "pdl": True}
+    fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408, "pdl": True, "by_slot": 16,
+             "range": 8}
     assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "d_split": 2, "d_warps": 16, "d_depth": 6,
                     "fused": fused}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
@@ -48,7 +49,8 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert odd["fused"]["warps"] == 3 and odd["fused"]["du"] == 1  # 3 warps split H's 3 chunks and a slot's 3
     # I larger than H: a stage is one down slot; a GPU with 99 KB a block has fewer stages; none before Hopper
     assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
-                                               "smem": 4 * 64 * 544, "pdl": True}
+                                               "smem": 4 * 64 * 544, "pdl": True, "by_slot": 16, "range": 8}
+    assert odd["fused"]["range"] == 6  # down by slot: ranges of 6 of H's 12 tiles
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4
     assert fused_context(2048, 768, DeviceInfo(False, 108, (8, 0), 166912)) is None
@@ -188,8 +190,9 @@ def mini_mx():
 
 
 # The CUDA decode paths: experts_kernel (both projections in one persistent kernel, the planner's choice where it
-# fits), and gate_up_kernel + down_kernel (which decode takes where a batch may pass 8 rows).
-VARIANTS = ("fused", "two_kernels")
+# fits) as planned, the same with its down phase dealt by slot at every call (planned where more than 16 slots are
+# live), and gate_up_kernel + down_kernel (which decode takes where a batch may pass 8 rows).
+VARIANTS = ("fused", "fused_by_slot", "two_kernels")
 
 
 def cuda_module(fold: bool = True, variant: str = "fused"):
@@ -198,6 +201,8 @@ def cuda_module(fold: bool = True, variant: str = "fused"):
     assert cuda is not None and cuda["fused"], "the planner did not choose experts_kernel"
     if variant == "two_kernels":
         cuda = {**cuda, "fused": None}
+    elif variant == "fused_by_slot":
+        cuda = {**cuda, "fused": {**cuda["fused"], "by_slot": 0}}
     mod = experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(), scale_fold=fold, cuda=cuda)
     assert hasattr(mod, "CUDA_SOURCE"), "the planner did not choose the CUDA decode kernels"
     return mod
@@ -222,6 +227,28 @@ def test_gpu_cuda_experts_mini(mini_mx, variant):
         assert rel(out, ref) < 1e-2 and rel(out, tri) < 1e-2, (rows, same, rel(out, ref), rel(out, tri))
         if rows > 8:
             assert torch.equal(out, tri)
+
+
+@pytest.mark.gpu
+def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
+    """experts_kernel's two ways of dealing the down phase (by tile of H, every slot of it in one block; by slot, in
+    ranges of tiles, outputs through global memory) sum every output in the same order: equal bits from 1 to 8 rows,
+    so which one a batch takes (by how many slots are live) does not change a row."""
+    weights, frags = mini_mx
+    by_tile = cuda_module()
+    cuda = experts_context("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device())["cuda"]
+    assert cuda["fused"]["by_slot"] < 64  # the planner deals independent 8-row batches by slot
+    by_slot = cuda_module(variant="fused_by_slot")
+    by_tile_only = experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(),
+                                  cuda={**cuda, "fused": {**cuda["fused"], "by_slot": 64}})
+    g = torch.Generator().manual_seed(5)
+    for rows, same in ((1, True), (3, False), (8, True), (8, False)):
+        w, ids = routing(rows, MINI["k"], MINI["E"], same, g)
+        x = torch.randn(1, rows, MINI["H"], generator=g).bfloat16().cuda()
+        w, ids = w.cuda(), ids.cuda()
+        outs = [m.launch(x, w, ids, *weights, *frags) for m in (by_tile, by_slot, by_tile_only)]
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2]), (rows, same)
+        assert rel(outs[0], ops.mxfp4_moe_experts(x, w, ids, *weights)) < 1e-2
 
 
 @pytest.mark.gpu

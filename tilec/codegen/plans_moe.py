@@ -128,13 +128,19 @@ F_Y_BYTES = 64 * 16 * 8 * 2
 
 
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
-                  max_stages: int = 4) -> dict | None:
+                  max_stages: int = 4, by_slot: int = 16) -> dict | None:
     """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
     of shared-memory stages by bulk copies), or None where it does not fit. ``warps`` consumer warps (by default the
     most, up to 8, that divide H's chunks of 64) split H's chunks in gate_up and each down slot's chunks of I; a
     stage holds one gate_up tile (16 rows by H) or ``du`` down slots of one tile (16 rows by I each), the most that
     fit a gate_up tile's room and split I's chunks evenly (else the fewest that split them, the stage made larger);
-    as many stages as fit beside the static shared memory, up to ``max_stages``.
+    as many stages as fit beside the static shared memory, up to ``max_stages``. Where more than ``by_slot`` slots are
+    live, down is dealt by slot in ranges of ``range`` tiles of H (the most up to 8 that are whole stages of ``du``
+    tiles), each slot's act read once a range; otherwise by tile of H, every slot of a tile in one block (no outputs
+    through global memory). Both give every output the same bits. By tile, every block reads every live slot's act
+    from L2: at 8 independent rows (about 51 slots) 83 MB a call, twice the down weights. Measured (H100, 2026-11-23,
+    benchmarks/results/h100-2026-11-23d, sweep of 2 rounds): 8 independent rows 62.8 us by slot above 16 live slots,
+    68.9 by tile; at one row (8 slots, by tile either way) 15.0 against 14.8; by slot at every call 16.4 at one row.
 
     Measured on the H100 (2026-11-23, bench_mxfp4_experts.py --sweep --repeats 3, mini shapes, medians; us at one row /
     8 rows on the same experts / 8 independent rows; benchmarks/results/h100-2026-11-23c): 4 stages 15.4 / 17.1 / 70.4;
@@ -155,11 +161,15 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     room = max(gu, d_slot)
     du = max((u for u in valid if u * d_slot <= room), default=valid[0])
     stage = -(-max(gu, du * d_slot) // 128) * 128
-    static = F_SLOTS_BYTES + warps * F_PART_BYTES_PER_WARP + F_Y_BYTES + 1024  # and a margin for the compiler's own
+    static = (F_SLOTS_BYTES + warps * F_PART_BYTES_PER_WARP + F_Y_BYTES + 8 * (hidden // 16)
+              + 1024)  # and a margin for the compiler's own
     stages = min(max_stages, (dev.smem_optin - static) // (stage + 16))  # a stage and its two barriers
     if stages < 2:
         return None
-    return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl}
+    tiles = hidden // 16
+    span = max((r for r in range(du, 9) if r % du == 0 and tiles % r == 0), default=0)
+    return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
+            "by_slot": by_slot if span else 64, "range": span or du}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
