@@ -261,9 +261,14 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
             four = fused_context(shape["H"], shape["I"], dev, warps=4)
             if four:
                 out.append(("mx cuda fused warps=4", "mxfp4", {"cuda": {**cu, "fused": four}}))
-            for by_slot in (0, 64):  # down dealt by slot at every call / never (the planner: past 16 live slots)
-                out.append((f"mx cuda fused by_slot={by_slot}", "mxfp4",
-                            {"cuda": {**cu, "fused": {**fused, "by_slot": by_slot}}}))
+            for by_slot in (0, 8, 24, 32, 64):  # down by slot past this many live slots (64: never)
+                if by_slot != fused["by_slot"]:
+                    out.append((f"mx cuda fused by_slot={by_slot}", "mxfp4",
+                                {"cuda": {**cu, "fused": {**fused, "by_slot": by_slot}}}))
+            for span in (2, 4, 16):  # by slot: tiles of H a unit
+                if span != fused["range"] and span % fused["du"] == 0 and (shape["H"] // 16) % span == 0:
+                    out.append((f"mx cuda fused range={span}", "mxfp4",
+                                {"cuda": {**cu, "fused": {**fused, "range": span}}}))
             for stages in (2, 3, 6, 11):
                 more = fused_context(shape["H"], shape["I"], dev, max_stages=stages)
                 if more and more["stages"] != fused["stages"]:
@@ -277,9 +282,17 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
     return [(name, fmt, {**plan, **overrides}) for name, fmt, overrides in out]
 
 
+SWEEP_CASES = ((1, "same"), (8, "same"), (8, "random"))
+
+
+def case(text: str) -> tuple[int, str]:
+    """'4r' -> (4, "random"), '4' -> (4, "same")."""
+    return (int(text[:-1]), "random") if text.endswith("r") else (int(text), "same")
+
+
 def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: DeviceInfo, fragments: dict) -> list[dict]:
-    """Time each variant at 1 row, 8 rows on the same experts and 8 rows on independent routes, ``args.repeats``
-    times round-robin (so drifts of the GPU spread over all variants alike); each row holds the median times, and
+    """Time each variant at 1 row, 8 rows on the same experts and 8 rows on independent routes (and the cases of
+    ``--more-cases``), ``args.repeats`` times round-robin (so drifts of the GPU spread over all variants alike); each row holds the median times, and
     the errors and per-kernel times of the first round."""
     variants = [v for v in variants if not args.only or any(o in v[0] for o in args.only)]
     rows_out, modules = {}, {}
@@ -291,7 +304,7 @@ def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: Device
             try:
                 if vname not in modules:
                     modules[vname] = launcher(kernel_module(vfmt, shape, dev, **overrides), fragments)
-                for rows, regime in ((1, "same"), (8, "same"), (8, "random")):
+                for rows, regime in SWEEP_CASES + tuple(args.more_cases):
                     r = measure(vname, modules[vname], vfmt, layers, shape, rows, regime, device, gen, reps,
                                 True, reference(vfmt), per_kernel=round_ == 0)
                     tag = f"{rows}" if regime == "same" else f"{rows}r"
@@ -317,6 +330,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=50, help="timed graph replays per measurement")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the sweep's variants (median kept)")
     parser.add_argument("--only", nargs="*", default=[], help="sweep only variants whose name contains one of these")
+    parser.add_argument("--more-cases", nargs="*", default=[], type=case,
+                        help="the sweep also times these row counts on independent routes, e.g. 2r 4r")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")

@@ -34,7 +34,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     # both projections in one persistent kernel: 8 consumer warps, stages of one gate_up tile (32 chunks of 544
     # bytes) or two down slots; 4 of them (11 would fit in 227 KB beside the static shared memory)
     fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408, "pdl": True, "by_slot": 16,
-             "range": 8}
+             "range": 16}
     assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "d_split": 2, "d_warps": 16, "d_depth": 6,
                     "fused": fused}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
@@ -49,8 +49,8 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert odd["fused"]["warps"] == 3 and odd["fused"]["du"] == 1  # 3 warps split H's 3 chunks and a slot's 3
     # I larger than H: a stage is one down slot; a GPU with 99 KB a block has fewer stages; none before Hopper
     assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
-                                               "smem": 4 * 64 * 544, "pdl": True, "by_slot": 16, "range": 8}
-    assert odd["fused"]["range"] == 6  # down by slot: ranges of 6 of H's 12 tiles
+                                               "smem": 4 * 64 * 544, "pdl": True, "by_slot": 16, "range": 16}
+    assert odd["fused"]["range"] == 12  # down by slot: one range of all H's 12 tiles
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4
     assert fused_context(2048, 768, DeviceInfo(False, 108, (8, 0), 166912)) is None

@@ -135,12 +135,15 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     stage holds one gate_up tile (16 rows by H) or ``du`` down slots of one tile (16 rows by I each), the most that
     fit a gate_up tile's room and split I's chunks evenly (else the fewest that split them, the stage made larger);
     as many stages as fit beside the static shared memory, up to ``max_stages``. Where more than ``by_slot`` slots are
-    live, down is dealt by slot in ranges of ``range`` tiles of H (the most up to 8 that are whole stages of ``du``
+    live, down is dealt by slot in ranges of ``range`` tiles of H (the most up to 16 that are whole stages of ``du``
     tiles), each slot's act read once a range; otherwise by tile of H, every slot of a tile in one block (no outputs
     through global memory). Both give every output the same bits. By tile, every block reads every live slot's act
     from L2: at 8 independent rows (about 51 slots) 83 MB a call, twice the down weights. Measured (H100, 2026-11-23,
-    benchmarks/results/h100-2026-11-23d, sweep of 2 rounds): 8 independent rows 62.8 us by slot above 16 live slots,
+    benchmarks/results/h100-2026-11-23d, sweeps of 2 rounds): 8 independent rows 62.8 us by slot above 16 live slots,
     68.9 by tile; at one row (8 slots, by tile either way) 15.0 against 14.8; by slot at every call 16.4 at one row.
+    Ranges of 16 tiles against 8 / 4 / 2 (`sweep_range/`): 62.2 / 65.1 / 68.0 / 76.1 us at 8 independent rows, 39.0 /
+    39.3 / 40.8 / 44.0 at 4; by slot past 8 / 16 / 24 / 32 live slots: 27.8 / 23.6 / 24.1 / 24.0 us at 2 independent
+    rows (about 16 slots), 39.6 / 39.3 / 40.2 / 40.5 at 4 (about 28).
 
     Measured on the H100 (2026-11-23, bench_mxfp4_experts.py --sweep --repeats 3, mini shapes, medians; us at one row /
     8 rows on the same experts / 8 independent rows; benchmarks/results/h100-2026-11-23c): 4 stages 15.4 / 17.1 / 70.4;
@@ -167,7 +170,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     if stages < 2:
         return None
     tiles = hidden // 16
-    span = max((r for r in range(du, 9) if r % du == 0 and tiles % r == 0), default=0)
+    span = max((r for r in range(du, 17) if r % du == 0 and tiles % r == 0), default=0)
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
             "by_slot": by_slot if span else 64, "range": span or du}
 
