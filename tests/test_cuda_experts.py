@@ -19,7 +19,8 @@ import torch
 import tilec
 from tilec import mxfp4, ops
 from tilec.codegen import mma_layout
-from tilec.codegen.plans_moe import cuda_decode_context, experts_context, fused_context, with_down
+from tilec.codegen.plans_moe import (cuda_decode_context, experts_context, fused_context, fused_static_bytes,
+                                     with_down)
 from tilec.codegen.render import render
 from tilec.codegen.tuning import DeviceInfo
 
@@ -126,6 +127,14 @@ def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_split):
     for kernel in ("gate_up_kernel", "down_kernel", "experts_kernel"):
         assert f"Compiling entry function '{kernel}'" in proc.stderr
     assert "spill stores" in proc.stderr and not re.search(r"[1-9]\d* bytes spill stores", proc.stderr)
+    # experts_kernel's static shared memory as ptxas counts it, against the planner's count (fused_static_bytes and 16
+    # bytes of barriers a stage), and with the dynamic part within the GPU's limit
+    f = ctx["cuda"]["fused"]
+    used = re.search(r"Compiling entry function 'experts_kernel'.*?Used \d+ registers.*?(\d+) bytes smem", proc.stderr,
+                     re.S)
+    assert used, proc.stderr[-2000:]
+    assert int(used.group(1)) <= fused_static_bytes(h, f["warps"]) + 16 * f["stages"]
+    assert int(used.group(1)) + f["smem"] <= H100.smem_optin
 
 
 def test_kernel_attribute_is_set_again_when_another_value_was_set_in_between(monkeypatch):

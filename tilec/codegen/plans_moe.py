@@ -121,10 +121,18 @@ def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None
 
 
 # Bytes of experts_kernel's static shared memory besides its barriers: the slot table, the warps' sums of two units
-# (per consumer warp) and the outputs of a tile's slots (templates/cuda/moe_experts_mxfp4.cu.j2).
+# (per consumer warp) and the outputs of a tile's slots (templates/cuda/moe_experts_mxfp4.cu.j2; checked against
+# ptxas by tests/test_cuda_experts.py).
 F_SLOTS_BYTES = 5 * 64 * 4 + 4
 F_PART_BYTES_PER_WARP = 2 * 4 * 32 * 4
 F_Y_BYTES = 64 * 16 * 8 * 2
+
+
+def fused_static_bytes(hidden: int, warps: int) -> int:
+    """experts_kernel's static shared memory besides its ring's barriers, as the planner counts it: the slot table,
+    the warps' sums, the tile's outputs and the by-slot lists (8 bytes a tile of H at most), and a 1 KB margin for
+    what the compiler adds. tests/test_cuda_experts.py checks it against ptxas's count."""
+    return F_SLOTS_BYTES + warps * F_PART_BYTES_PER_WARP + F_Y_BYTES + 8 * (hidden // 16) + 1024
 
 
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
@@ -164,8 +172,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     room = max(gu, d_slot)
     du = max((u for u in valid if u * d_slot <= room), default=valid[0])
     stage = -(-max(gu, du * d_slot) // 128) * 128
-    static = (F_SLOTS_BYTES + warps * F_PART_BYTES_PER_WARP + F_Y_BYTES + 8 * (hidden // 16)
-              + 1024)  # and a margin for the compiler's own
+    static = fused_static_bytes(hidden, warps)
     stages = min(max_stages, (dev.smem_optin - static) // (stage + 16))  # a stage and its two barriers
     if stages < 2:
         return None
