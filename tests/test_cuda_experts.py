@@ -244,18 +244,18 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
     ranges of tiles, outputs through global memory) sum every output in the same order: equal bits from 1 to 8 rows,
     so which one a batch takes (by how many slots are live) does not change a row."""
     weights, frags = mini_mx
-    by_tile = cuda_module()
+    planned = cuda_module()  # by tile up to 16 live slots, by slot past them (8 independent rows)
     cuda = experts_context("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device())["cuda"]
-    assert cuda["fused"]["by_slot"] < 64  # the planner deals independent 8-row batches by slot
+    assert cuda["fused"]["by_slot"] < 64
     by_slot = cuda_module(variant="fused_by_slot")
-    by_tile_only = experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(),
-                                  cuda={**cuda, "fused": {**cuda["fused"], "by_slot": 64}})
+    by_tile = experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(),
+                             cuda={**cuda, "fused": {**cuda["fused"], "by_slot": 64}})
     g = torch.Generator().manual_seed(5)
     for rows, same in ((1, True), (3, False), (8, True), (8, False)):
         w, ids = routing(rows, MINI["k"], MINI["E"], same, g)
         x = torch.randn(1, rows, MINI["H"], generator=g).bfloat16().cuda()
         w, ids = w.cuda(), ids.cuda()
-        outs = [m.launch(x, w, ids, *weights, *frags) for m in (by_tile, by_slot, by_tile_only)]
+        outs = [m.launch(x, w, ids, *weights, *frags) for m in (planned, by_slot, by_tile)]
         assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2]), (rows, same)
         assert rel(outs[0], ops.mxfp4_moe_experts(x, w, ids, *weights)) < 1e-2
 

@@ -176,10 +176,10 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     stages = min(max_stages, (dev.smem_optin - static) // (stage + 16))  # a stage and its two barriers
     if stages < 2:
         return None
-    tiles = hidden // 16
-    span = max((r for r in range(du, 17) if r % du == 0 and tiles % r == 0), default=0)
+    # du divides warps, which divides H's chunks of 64, so du itself always divides H's tiles of 16
+    span = max(r for r in range(du, 17) if r % du == 0 and (hidden // 16) % r == 0)
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
-            "by_slot": by_slot if span else 64, "range": span or du}
+            "by_slot": by_slot, "range": span}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
