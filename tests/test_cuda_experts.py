@@ -137,6 +137,34 @@ def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_split):
     assert int(used.group(1)) + f["smem"] <= H100.smem_optin
 
 
+def test_fused_call_allocates_the_by_slot_outputs_only_where_the_kernel_may_write_them(monkeypatch):
+    """experts_kernel writes its by-slot outputs only where more than by_slot slots are live, so never in a call of
+    by_slot router pairs or fewer: there the launch gets `out` in their place (a pointer it never follows) and no
+    [p, m, H] buffer is allocated; past it, a buffer of its own. On the CPU, with the launch recorded instead of run."""
+    import types
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    h, i, e, k = 512, 64, 16, 8
+    mod = experts_module("mxfp4", h, i, e, H100)
+    if not hasattr(mod, "_cuda_experts"):
+        pytest.skip("the planner plans the CUDA kernels only where NVRTC or nvcc can compile them")
+    assert experts_context("mxfp4", h, i, e, H100)["cuda"]["fused"]["by_slot"] == 16
+    launches = []
+    monkeypatch.setattr(mod, "_CUDA", types.SimpleNamespace(launch=lambda fn, grid, block, args, device, **kw:
+                                                            launches.append((fn, args))))
+    monkeypatch.setattr(mod, "_sms", lambda device: 132)
+    frags = [torch.empty(shape, dtype=torch.int32) for shape in mod.FRAGMENT_SHAPES]
+    g = torch.Generator().manual_seed(0)
+    for rows, own_buffer in ((1, False), (2, False), (3, True)):  # 8, 16 and 24 router pairs
+        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(rows)])
+        x = torch.randn(rows, h, generator=g).to(torch.bfloat16)
+        out = torch.empty_like(x)
+        mod._cuda_experts(x, torch.rand(rows, k, generator=g), ids, out, frags)
+        fn, args = launches[-1]
+        assert fn == "experts_kernel" and len(args) == 15
+        assert (args[10].value != out.data_ptr()) == own_buffer, rows  # ybuf
+
+
 def test_kernel_attribute_is_set_again_when_another_value_was_set_in_between(monkeypatch):
     """CudaModule._set skips the driver only where the attribute holds the asked value: one kernel launched with 160
     KB, then 80 KB, then 160 KB of shared memory needs three calls (caching per value made the third launch fail with

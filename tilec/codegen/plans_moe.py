@@ -130,9 +130,10 @@ F_Y_BYTES = 64 * 16 * 8 * 2
 
 def fused_static_bytes(hidden: int, warps: int) -> int:
     """experts_kernel's static shared memory besides its ring's barriers, as the planner counts it: the slot table,
-    the warps' sums, the tile's outputs and the by-slot lists (8 bytes a tile of H at most), and a 1 KB margin for
-    what the compiler adds. tests/test_cuda_experts.py checks it against ptxas's count."""
-    return F_SLOTS_BYTES + warps * F_PART_BYTES_PER_WARP + F_Y_BYTES + 8 * (hidden // 16) + 1024
+    the warps' sums, the tile's outputs, the by-slot lists (three ints a range of H, at most one range a tile of 16)
+    and their count, and a 1 KB margin for what the compiler adds. tests/test_cuda_experts.py checks it against
+    ptxas's count."""
+    return F_SLOTS_BYTES + warps * F_PART_BYTES_PER_WARP + F_Y_BYTES + 12 * (hidden // 16) + 4 + 1024
 
 
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
