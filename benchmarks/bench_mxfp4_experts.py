@@ -185,11 +185,12 @@ def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, devi
             "kernel_us": kernels}
 
 
-def measure_read_floor(shape: dict, rows: int, regime: str, device, gen, reps: int) -> dict:
+def measure_read_floor(shape: dict, cases, device, gen, reps: int) -> list[dict]:
     """The plain read of the same bytes (benchmarks/read_floor.py's best kernel on the H100: 16-byte loads, 8 in flight
-    a thread, 4 blocks of 256 threads an SM, PDL): each call reads every byte of its route's distinct experts (fresh
-    random bytes, LAYERS layers of them), timed as the kernels are. What no kernel reading these bytes can beat by
-    much: the experts kernels' time beside it is what computing costs."""
+    a thread, 4 blocks of 256 threads an SM, PDL), for each (rows, regime) of ``cases``: each call reads every byte of
+    its route's distinct experts (fresh random bytes, LAYERS layers of them, allocated once for every case), timed as
+    the kernels are. What no kernel reading these bytes can beat by much: the experts kernels' time beside it is what
+    computing costs."""
     from read_floor import SOURCE
 
     from tilec.codegen.cuda_build import CudaModule, pointer
@@ -199,18 +200,22 @@ def measure_read_floor(shape: dict, rows: int, regime: str, device, gen, reps: i
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     out = torch.empty(4 * sms, dtype=torch.int32, device=device)
     flat = [torch.randint(0, 256, (shape["E"], eb), dtype=torch.uint8, device=device) for _ in range(shape["layers"])]
-    chosen = [torch.unique(routing(rows, regime, shape, device, gen)[1]) for _ in flat]
 
     def call(w, ids):
         module.launch("ldg_read8", (4 * sms,), 256, [pointer(w), pointer(ids), ctypes.c_int32(ids.numel()),
                                                      ctypes.c_int64(eb), pointer(out), ctypes.c_int32(1)],
                       device, pdl=True)
 
-    us = time_calls([lambda w=w, ids=ids: call(w, ids) for w, ids in zip(flat, chosen)], reps, True)
-    distinct = statistics.mean(ids.numel() for ids in chosen)
-    nbytes = distinct * eb
-    return {"kernel": "read floor", "format": "mxfp4", "rows": rows, "regime": regime, "us": us, "bytes": nbytes,
-            "distinct_experts": distinct, "GBps": nbytes / us / 1e3, "rel_err_vs_reference": None, "kernel_us": None}
+    results = []
+    for rows, regime in cases:
+        chosen = [torch.unique(routing(rows, regime, shape, device, gen)[1]) for _ in flat]
+        us = time_calls([lambda w=w, ids=ids: call(w, ids) for w, ids in zip(flat, chosen)], reps, True)
+        distinct = statistics.mean(ids.numel() for ids in chosen)
+        nbytes = distinct * eb
+        results.append({"kernel": "read floor", "format": "mxfp4", "rows": rows, "regime": regime, "us": us,
+                        "bytes": nbytes, "distinct_experts": distinct, "GBps": nbytes / us / 1e3,
+                        "rel_err_vs_reference": None, "kernel_us": None})
+    return results
 
 
 def planned(fmt: str, layers) -> dict:
@@ -363,11 +368,10 @@ def main() -> None:
                     print(f"  {r['kernel']:18s} rows={rows} {regime:6s} {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s  "
                           f"err {r['rel_err_vs_reference']:.1e}", flush=True)
         if fmt == "mxfp4" and cuda:  # the floor: a plain read of the same number of bytes
-            for rows, regime in ((1, "same"), (8, "same"), (8, "random")):
-                r = measure_read_floor(shape, rows, regime, device, cpu_gen, reps)
+            for r in measure_read_floor(shape, ((1, "same"), (8, "same"), (8, "random")), device, cpu_gen, reps):
                 results.append(r)
-                print(f"  {r['kernel']:18s} rows={rows} {regime:6s} {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s",
-                      flush=True)
+                print(f"  {r['kernel']:18s} rows={r['rows']} {r['regime']:6s} {r['us']:8.1f} us  "
+                      f"{r['GBps']:7.0f} GB/s", flush=True)
         for rows in shape["rows"]:
             ref_reps = max(1, reps // 10)
             r = measure("reference", reference(fmt), fmt, layers, shape, rows, "same", device, cpu_gen, ref_reps,

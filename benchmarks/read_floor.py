@@ -17,14 +17,16 @@ host's. Nothing is computed, so their time is what a burst of this size costs by
 - ``bulk``: one block an SM; one thread issues ``cp.async.bulk`` copies of CHUNK bytes into STAGES stages of shared
   memory (mbarrier completion), the other warps wait for each stage, read it and free it (experts_kernel's producer).
 
-Each runs with programmatic dependent launch (its wait at the start) and without. Writes DIR/read_floor.json.
+Each also as ``walk``: the same bytes in the same order, but without the 64-bit division and modulo by the expert's
+size that the plain ones pay at every 16-byte load (ldg) or chunk (async, bulk) to find its expert and offset; a walk
+keeps each load's (expert, offset) in 32-bit counters and steps them by the grid's stride. Each runs with
+programmatic dependent launch (its wait at the start) and without. Writes DIR/read_floor.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -49,10 +51,43 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   return v;
 }
 
+// out[blockIdx.x] = the XOR of every thread's acc
+__device__ void block_xor(u32 acc, u32* out) {
+  __shared__ u32 red[32];
+  for (int o = 16; o; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < (int)(blockDim.x >> 5); ++i) acc ^= red[i];
+    out[blockIdx.x] = acc;
+  }
+}
+
+// The walk variants' way through the chosen experts' units (16-byte words or chunks of bytes, `per` an expert): a place
+// (expert e, unit u) in 32-bit counters, moved on by a fixed stride split once into whole experts and a rest, so no
+// load pays a division (the other variants divide a 64-bit index by `per` at every load or chunk).
+struct Place {
+  u32 e, u;
+};
+
+struct Walk {
+  u32 per, de, du;
+  __device__ Walk(u32 per, u32 stride) : per(per), de(stride / per), du(stride % per) {}
+  __device__ __forceinline__ Place at(u32 i) const { return {i / per, i % per}; }  // once, at the start
+  __device__ __forceinline__ Place next(Place p) const {
+    p.e += de;
+    p.u += du;
+    if (p.u >= per) {
+      p.u -= per;
+      ++p.e;
+    }
+    return p;
+  }
+};
+
 template <int UNROLL>
 __device__ void ldg_read(const unsigned char* w, const long long* ids, int k, long long eb, u32* out, int pdl) {
   __shared__ long long base[64];
-  __shared__ u32 red[32];
   if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
   if (threadIdx.x < k) base[threadIdx.x] = ids[threadIdx.x] * eb;
   __syncthreads();
@@ -69,30 +104,62 @@ __device__ void ldg_read(const unsigned char* w, const long long* ids, int k, lo
 #pragma unroll
     for (int j = 0; j < UNROLL; ++j) acc ^= r[j].x ^ r[j].y ^ r[j].z ^ r[j].w;
   }
-  for (int o = 16; o; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int i = 1; i < (int)(blockDim.x >> 5); ++i) acc ^= red[i];
-    out[blockIdx.x] = acc;
-  }
+  block_xor(acc, out);
 }
 extern "C" __global__ void ldg_read4(const unsigned char* w, const long long* ids, int k, long long eb, u32* out,
                                      int pdl) { ldg_read<4>(w, ids, k, eb, out, pdl); }
 extern "C" __global__ void ldg_read8(const unsigned char* w, const long long* ids, int k, long long eb, u32* out,
                                      int pdl) { ldg_read<8>(w, ids, k, eb, out, pdl); }
 
+// ldg_read's loads (the same words, in the same order) with each of a thread's UNROLL loads walking its own place, from
+// the experts' addresses in shared memory.
+template <int UNROLL>
+__device__ void ldg_walk_read(const unsigned char* w, const long long* ids, int k, long long eb, u32* out, int pdl) {
+  __shared__ const uint4* src[64];
+  if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (threadIdx.x < k) src[threadIdx.x] = (const uint4*)(w + ids[threadIdx.x] * eb);
+  __syncthreads();
+  if (pdl) asm volatile("griddepcontrol.launch_dependents;");
+  const u32 stride = gridDim.x * blockDim.x;
+  const Walk walk((u32)(eb / 16), stride * UNROLL);
+  Place p[UNROLL];  // load j of the thread's next round: word i + j * stride, i = thread, + stride * UNROLL, ...
+#pragma unroll
+  for (int j = 0; j < UNROLL; ++j) p[j] = walk.at(blockIdx.x * blockDim.x + threadIdx.x + j * stride);
+  u32 acc = 0;
+  while (p[0].e < (u32)k) {
+    uint4 r[UNROLL];
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) r[j] = p[j].e < (u32)k ? ld_stream(src[p[j].e] + p[j].u) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) {
+      acc ^= r[j].x ^ r[j].y ^ r[j].z ^ r[j].w;
+      p[j] = walk.next(p[j]);
+    }
+  }
+  block_xor(acc, out);
+}
+// (the bounds leave ptxas room for every load of a round in flight: without them it kept 2 or 3 of 8 in flight, each
+// load's XOR before the next load, to stay at 32 to 40 registers)
+extern "C" __global__ void __launch_bounds__(512, 1)
+ldg_walk_read4(const unsigned char* w, const long long* ids, int k, long long eb, u32* out, int pdl) {
+  ldg_walk_read<4>(w, ids, k, eb, out, pdl);
+}
+extern "C" __global__ void __launch_bounds__(512, 1)
+ldg_walk_read8(const unsigned char* w, const long long* ids, int k, long long eb, u32* out, int pdl) {
+  ldg_walk_read<8>(w, ids, k, eb, out, pdl);
+}
+
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
 // one block an SM: warp 0's lane 0 copies chunks c = blockIdx.x, + gridDim.x, ... (CHUNK bytes, the last of an
-// expert shorter) into a ring of STAGES stages; warps 1.. read each stage and free it
-extern "C" __global__ void __launch_bounds__(288, 1)
-bulk_read(const unsigned char* w, const long long* ids, int k, long long eb, u32* out, int pdl, int chunk,
-          int stages) {
+// expert shorter) into a ring of STAGES stages; warps 1.. read each stage and free it. WALK: chunk c's expert and
+// place in it walked (Walk) rather than divided out of c.
+template <bool WALK>
+__device__ void bulk_ring_read(const unsigned char* w, const long long* ids, int k, long long eb, u32* out,
+                               int pdl, int chunk, int stages) {
   extern __shared__ __align__(128) unsigned char ring[];
   __shared__ __align__(8) unsigned long long full[32], empty[32];
   __shared__ long long base[64];
-  __shared__ u32 red[32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, consumers = (blockDim.x >> 5) - 1;
   if (threadIdx.x == 0) {
     for (int i = 0; i < stages; ++i) {
@@ -107,11 +174,13 @@ bulk_read(const unsigned char* w, const long long* ids, int k, long long eb, u32
   __syncthreads();
   if (pdl) asm volatile("griddepcontrol.launch_dependents;");
   const long long per = (eb + chunk - 1) / chunk, total = per * k;
+  const Walk walk((u32)per, gridDim.x);
   u32 acc = 0;
   if (warp == 0) {
     if (lane == 0) {
       u32 n = 0;
-      for (long long c = blockIdx.x; c < total; c += gridDim.x, ++n) {
+      Place p = walk.at(blockIdx.x);
+      for (long long c = blockIdx.x; c < total; c += gridDim.x, ++n, p = walk.next(p)) {
         const u32 s = n % stages;
         if (n >= (u32)stages) {  // wait until the consumers freed this stage's previous use
           const u32 bar = smem_addr(&empty[s]), parity = (n / stages - 1) & 1;
@@ -120,23 +189,24 @@ bulk_read(const unsigned char* w, const long long* ids, int k, long long eb, u32
             asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
                          : "=r"(done) : "r"(bar), "r"(parity) : "memory");
         }
-        const long long off = (c % per) * chunk;
+        const long long e = WALK ? p.e : c / per, off = (WALK ? p.u : c % per) * chunk;
         const u32 bytes = (u32)min((long long)chunk, eb - off), bar = smem_addr(&full[s]);
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
         asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                     :: "r"(smem_addr(ring + (size_t)s * chunk)), "l"(w + base[c / per] + off), "r"(bytes), "r"(bar)
+                     :: "r"(smem_addr(ring + (size_t)s * chunk)), "l"(w + base[e] + off), "r"(bytes), "r"(bar)
                      : "memory");
       }
     }
   } else {
     u32 n = 0;
-    for (long long c = blockIdx.x; c < total; c += gridDim.x, ++n) {
+    Place p = walk.at(blockIdx.x);
+    for (long long c = blockIdx.x; c < total; c += gridDim.x, ++n, p = walk.next(p)) {
       const u32 s = n % stages, bar = smem_addr(&full[s]), parity = (n / stages) & 1;
       u32 done = 0;
       while (!done)
         asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
                      : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-      const long long off = (c % per) * chunk;
+      const long long off = (WALK ? p.u : c % per) * chunk;
       const int vecs = (int)(min((long long)chunk, eb - off) / 16);
       const uint4* st = (const uint4*)(ring + (size_t)s * chunk);
       for (int i = (warp - 1) * 32 + lane; i < vecs; i += consumers * 32) {
@@ -147,13 +217,16 @@ bulk_read(const unsigned char* w, const long long* ids, int k, long long eb, u32
       if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem_addr(&empty[s])) : "memory");
     }
   }
-  for (int o = 16; o; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
-  if (lane == 0) red[warp] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int i = 1; i < (int)(blockDim.x >> 5); ++i) acc ^= red[i];
-    out[blockIdx.x] = acc;
-  }
+  block_xor(acc, out);
+}
+extern "C" __global__ void __launch_bounds__(288, 1)
+bulk_read(const unsigned char* w, const long long* ids, int k, long long eb, u32* out, int pdl, int chunk, int stages) {
+  bulk_ring_read<false>(w, ids, k, eb, out, pdl, chunk, stages);
+}
+extern "C" __global__ void __launch_bounds__(288, 1)
+bulk_walk_read(const unsigned char* w, const long long* ids, int k, long long eb, u32* out, int pdl, int chunk,
+               int stages) {
+  bulk_ring_read<true>(w, ids, k, eb, out, pdl, chunk, stages);
 }
 
 // W warps a block, each with its own ring of STAGES stages of CH chunks of 512 bytes: every lane copies its own 16
@@ -163,7 +236,6 @@ template <int CH, int STAGES>
 __device__ void async_read(const unsigned char* w, const long long* ids, int k, long long eb, u32* out, int pdl) {
   extern __shared__ __align__(128) unsigned char ring[];
   __shared__ long long base[64];
-  __shared__ u32 red[32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, W = blockDim.x >> 5;
   if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
   if (threadIdx.x < k) base[threadIdx.x] = ids[threadIdx.x] * eb;
@@ -199,13 +271,7 @@ __device__ void async_read(const unsigned char* w, const long long* ids, int k, 
     issue(n + STAGES - 1);
   }
   asm volatile("cp.async.wait_all;" ::: "memory");
-  for (int o = 16; o; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
-  if (lane == 0) red[warp] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int i = 1; i < W; ++i) acc ^= red[i];
-    out[blockIdx.x] = acc;
-  }
+  block_xor(acc, out);
 }
 extern "C" __global__ void async_read4x10(const unsigned char* w, const long long* ids, int k, long long eb, u32* out,
                                           int pdl) { async_read<4, 10>(w, ids, k, eb, out, pdl); }
@@ -213,20 +279,75 @@ extern "C" __global__ void async_read2x10(const unsigned char* w, const long lon
                                           int pdl) { async_read<2, 10>(w, ids, k, eb, out, pdl); }
 extern "C" __global__ void async_read4x5(const unsigned char* w, const long long* ids, int k, long long eb, u32* out,
                                          int pdl) { async_read<4, 5>(w, ids, k, eb, out, pdl); }
+
+// async_read's copies (the same chunks, in the same order) with the warp's next stage walking its place, from the
+// experts' addresses in shared memory; 32-bit counts.
+template <int CH, int STAGES>
+__device__ void async_walk_read(const unsigned char* w, const long long* ids, int k, long long eb, u32* out, int pdl) {
+  extern __shared__ __align__(128) unsigned char ring[];
+  __shared__ const unsigned char* src[64];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, W = blockDim.x >> 5;
+  if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (threadIdx.x < k) src[threadIdx.x] = w + ids[threadIdx.x] * eb;
+  __syncthreads();
+  if (pdl) asm volatile("griddepcontrol.launch_dependents;");
+  const u32 per = (u32)(eb / 512), total = per * k, step = gridDim.x * W * CH, first = (blockIdx.x * W + warp) * CH;
+  const Walk walk(per, step);
+  Place next = walk.at(first);  // the first chunk of the next stage to issue
+  unsigned char* mine = ring + (size_t)warp * STAGES * CH * 512;
+  auto issue = [&](u32 n) {  // stage n of this warp: the CH chunks from `next` (at most two experts), then it moves on
+    unsigned char* dst = mine + (n % STAGES) * CH * 512 + lane * 16;
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const bool over = next.u + i >= per;
+      const u32 e = next.e + over, u = next.u + i - (over ? per : 0);
+      if (e < (u32)k)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst + i * 512)),
+                     "l"(src[e] + (size_t)u * 512 + lane * 16) : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    next = walk.next(next);
+  };
+  const u32 stages_total = first < total ? (total - first + step - 1) / step : 0;
+#pragma unroll
+  for (int n = 0; n < STAGES - 1; ++n) issue(n);
+  u32 acc = 0;
+  for (u32 n = 0; n < stages_total; ++n) {
+    asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory");
+    const unsigned char* from = mine + (n % STAGES) * CH * 512 + lane * 16;
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const uint4 v = *(const uint4*)(from + i * 512);
+      acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    issue(n + STAGES - 1);
+  }
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  block_xor(acc, out);
+}
+extern "C" __global__ void async_walk_read4x10(const unsigned char* w, const long long* ids, int k, long long eb,
+                                               u32* out, int pdl) { async_walk_read<4, 10>(w, ids, k, eb, out, pdl); }
+extern "C" __global__ void async_walk_read2x10(const unsigned char* w, const long long* ids, int k, long long eb,
+                                               u32* out, int pdl) { async_walk_read<2, 10>(w, ids, k, eb, out, pdl); }
+extern "C" __global__ void async_walk_read4x5(const unsigned char* w, const long long* ids, int k, long long eb,
+                                              u32* out, int pdl) { async_walk_read<4, 5>(w, ids, k, eb, out, pdl); }
 """
 
 
 def variants(sms: int) -> list[dict]:
     out = []
     for pdl in (True, False):
-        for blocks in (1, 2, 4, 8):
-            for threads, unroll in ((256, 4), (256, 8), (512, 4)):
-                out.append({"kind": "ldg", "blocks": blocks * sms, "threads": threads, "unroll": unroll, "pdl": pdl})
-        for ch, stages, warps in ((4, 10, 8), (2, 10, 16), (4, 5, 16), (4, 5, 8)):
-            out.append({"kind": "async", "blocks": sms, "threads": 32 * warps, "chunks": ch, "stages": stages,
-                        "pdl": pdl})
-        for chunk, stages in ((16384, 4), (16384, 8), (8192, 8), (4096, 16), (32768, 4), (16384, 12)):
-            out.append({"kind": "bulk", "blocks": sms, "threads": 288, "chunk": chunk, "stages": stages, "pdl": pdl})
+        for walk in (False, True):
+            for blocks in (1, 2, 4, 8):
+                for threads, unroll in ((256, 4), (256, 8), (512, 4)):
+                    out.append({"kind": "ldg", "walk": walk, "blocks": blocks * sms, "threads": threads,
+                                "unroll": unroll, "pdl": pdl})
+            for ch, stages, warps in ((4, 10, 8), (2, 10, 16), (4, 5, 16), (4, 5, 8)):
+                out.append({"kind": "async", "walk": walk, "blocks": sms, "threads": 32 * warps, "chunks": ch,
+                            "stages": stages, "pdl": pdl})
+            for chunk, stages in ((16384, 4), (16384, 8), (8192, 8), (4096, 16), (32768, 4), (16384, 12)):
+                out.append({"kind": "bulk", "walk": walk, "blocks": sms, "threads": 288, "chunk": chunk,
+                            "stages": stages, "pdl": pdl})
     return out
 
 
@@ -237,7 +358,18 @@ def name_of(v: dict) -> str:
         tail = f"chunks={v['chunks']} stages={v['stages']}"
     else:
         tail = f"chunk={v['chunk'] // 1024}K stages={v['stages']}"
-    return f"{v['kind']} blocks={v['blocks']} threads={v['threads']} {tail} pdl={v['pdl']}"
+    kind = f"{v['kind']} walk" if v["walk"] else v["kind"]
+    return f"{kind} blocks={v['blocks']} threads={v['threads']} {tail} pdl={v['pdl']}"
+
+
+def kernel_of(v: dict) -> str:
+    """The variant's kernel in SOURCE."""
+    walk = "walk_" if v["walk"] else ""
+    if v["kind"] == "ldg":
+        return f"ldg_{walk}read{v['unroll']}"
+    if v["kind"] == "async":
+        return f"async_{walk}read{v['chunks']}x{v['stages']}"
+    return f"bulk_{walk}read"
 
 
 def main() -> None:
@@ -280,10 +412,10 @@ def main() -> None:
         print(f"\n{k} experts: {nbytes / 1e6:.2f} MB a call; 70% of copy = {run['goal_us_at_70pct']:.2f} us")
         for row in sorted(rows, key=lambda r: r.get("us", 1e9)):
             if "us" in row:
-                print(f"{row['variant']:60s} {row['us']:7.2f} us {row['GBps']:6.0f} GB/s "
+                print(f"{row['variant']:66s} {row['us']:7.2f} us {row['GBps']:6.0f} GB/s "
                       f"{100 * row['fraction_of_copy_bw']:5.1f}% xor {'ok' if row.get('xor_ok') else 'WRONG'}")
             else:
-                print(f"{row['variant']:60s} {row.get('error')}")
+                print(f"{row['variant']:66s} {row.get('error')}")
     common.write_json(Path(args.out) / "read_floor.json", result)
     print(f"wrote {Path(args.out) / 'read_floor.json'}")
 
@@ -296,12 +428,12 @@ def measure(module, out, layers, ids, k, eb, sms, args) -> list[dict]:
     def call(v: dict, w: torch.Tensor, i: torch.Tensor):
         args_ = [pointer(w), pointer(i), ctypes.c_int32(k), ctypes.c_int64(eb), pointer(out), ctypes.c_int32(v["pdl"])]
         if v["kind"] == "ldg":
-            module.launch(f"ldg_read{v['unroll']}", (v["blocks"],), v["threads"], args_, device, pdl=v["pdl"])
+            module.launch(kernel_of(v), (v["blocks"],), v["threads"], args_, device, pdl=v["pdl"])
         elif v["kind"] == "async":
-            module.launch(f"async_read{v['chunks']}x{v['stages']}", (v["blocks"],), v["threads"], args_, device,
-                          pdl=v["pdl"], smem=v["threads"] // 32 * v["stages"] * v["chunks"] * 512)
+            module.launch(kernel_of(v), (v["blocks"],), v["threads"], args_, device, pdl=v["pdl"],
+                          smem=v["threads"] // 32 * v["stages"] * v["chunks"] * 512)
         else:
-            module.launch("bulk_read", (v["blocks"],), v["threads"],
+            module.launch(kernel_of(v), (v["blocks"],), v["threads"],
                           args_ + [ctypes.c_int32(v["chunk"]), ctypes.c_int32(v["stages"])], device, pdl=v["pdl"],
                           smem=v["chunk"] * v["stages"])
 
