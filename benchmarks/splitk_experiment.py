@@ -31,12 +31,14 @@ from timeline_experts import BLOCKS, FIELDS, percentiles  # noqa: E402
 
 from tilec.codegen import mma_layout  # noqa: E402
 from tilec.codegen.cuda_build import CudaModule, pointer  # noqa: E402
-from tilec.codegen.plans_moe import experts_context  # noqa: E402
+from tilec.codegen.plans_moe import experts_context, fused_context  # noqa: E402
 from tilec.codegen.tuning import device_info  # noqa: E402
 
 KERNEL = Path(__file__).with_name("splitk_kernel.cu")
 # the kernel's timeline stamps, in its point order (splitk_kernel.cu)
 POINTS = ("start", "table", "units_done", "barrier", "end", "first_in", "first_done", "last_in")
+# (stages, consumer warps, tail) of the variants timed: the last one times the stream and the units alone
+VARIANTS = ((4, 8, True), (3, 8, True), (3, 16, True), (4, 8, False))
 
 
 def split_down(words: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,20 +59,30 @@ def stage_bytes(shape: dict) -> int:
     return 2 * (shape["H"] // 64) * 544 + 9 * shape["H"]
 
 
-def splitk_source(shape: dict, dev, plan: dict, stages: int, timeline: bool = False) -> str:
-    """The experts template as the planner renders it (its device functions), with splitk_kernel appended."""
+def cuda_context(shape: dict, dev, plan: dict, warps: int | None = None) -> dict:
+    """The planner's CUDA context; with ``warps``, experts_kernel's (and so splitk_kernel's) consumer warps."""
     ctx = experts_context("mxfp4", shape["H"], shape["I"], shape["E"], dev, **plan)
     if not (ctx["cuda"] and ctx["cuda"]["fused"]):
         raise SystemExit("the planner does not pick experts_kernel here: nothing to compare against")
-    base = kernel_module("mxfp4", shape, dev, **plan, cuda={**ctx["cuda"], "timeline": timeline})
-    return f"#define SK_STAGES {stages}\n" + base.CUDA_SOURCE + "\n" + KERNEL.read_text()
+    cuda = ctx["cuda"]
+    return {**cuda, "fused": fused_context(shape["H"], shape["I"], dev, warps=warps)} if warps else cuda
 
 
-def splitk_launcher(shape: dict, dev, plan: dict, relaid: dict, device, stages: int, timeline: bool = False):
+def splitk_source(shape: dict, dev, plan: dict, stages: int, timeline: bool = False, warps: int | None = None,
+                  tail: bool = True) -> str:
+    """The experts template as the planner renders it (its device functions), with splitk_kernel appended.
+    ``tail`` False: timing only (no partial sums, no reduction; wrong outputs)."""
+    cuda = cuda_context(shape, dev, plan, warps)
+    base = kernel_module("mxfp4", shape, dev, **plan, cuda={**cuda, "timeline": timeline})
+    return f"#define SK_STAGES {stages}\n#define SK_TAIL {int(tail)}\n" + base.CUDA_SOURCE + "\n" + KERNEL.read_text()
+
+
+def splitk_launcher(shape: dict, dev, plan: dict, relaid: dict, device, stages: int, timeline: bool = False,
+                    warps: int | None = None, tail: bool = True):
     """A launch function (as bench_mxfp4_experts.launcher's) of splitk_kernel, and its module. relaid: per layer
     (by its first tensor) gate_up's words and scales (mma_layout) and down's (split_down)."""
-    module = CudaModule(splitk_source(shape, dev, plan, stages, timeline), f"splitk_s{stages}")
-    warps = experts_context("mxfp4", shape["H"], shape["I"], shape["E"], dev, **plan)["cuda"]["fused"]["warps"]
+    module = CudaModule(splitk_source(shape, dev, plan, stages, timeline, warps, tail), "splitk")
+    warps = cuda_context(shape, dev, plan, warps)["fused"]["warps"]
     stage = stage_bytes(shape)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     sync = torch.zeros(2, dtype=torch.int32, device=device)
@@ -125,7 +137,6 @@ def main() -> None:
     parser.add_argument("--out", help="directory for splitk.json")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--stages", type=int, nargs="*", default=[3, 4])
     args = parser.parse_args()
     device = torch.device("cuda")
     shape, dev = MINI, device_info(device)
@@ -138,8 +149,9 @@ def main() -> None:
     relaid = {key: (gw, gs, *split_down(dw, ds)) for key, (gw, gs, dw, ds) in fragments.items()}
     planner = launcher(kernel_module("mxfp4", shape, dev, **plan), fragments)
     variants = [("experts_kernel (planner)", planner)]
-    variants += [(f"split-K, {s} stages", splitk_launcher(shape, dev, plan, relaid, device, s)[0])
-                 for s in args.stages]
+    for stages, warps, tail in VARIANTS:
+        name = f"split-K {stages} stages {warps} warps" + ("" if tail else " (no tail: timing only)")
+        variants.append((name, splitk_launcher(shape, dev, plan, relaid, device, stages, False, warps, tail)[0]))
     for name, fn in variants[1:]:  # the same inputs through both kernels: how far apart (their sums differ in order)
         for rows, regime in ((1, "same"), (8, "random")):
             w, ids = routing(rows, regime, shape, device, cpu_gen)
@@ -163,7 +175,7 @@ def main() -> None:
             results.append(r)
             print(f"  {'read floor':28s} rows={r['rows']} {r['regime']:6s} {r['us']:7.1f} us "
                   f"{100 * r['fraction_of_copy_bw']:5.1f}%", flush=True)
-    stamps = timeline(*splitk_launcher(shape, dev, plan, relaid, device, args.stages[-1], timeline=True), shape,
+    stamps = timeline(*splitk_launcher(shape, dev, plan, relaid, device, *VARIANTS[0][:1], timeline=True), shape,
                       layers, device, cpu_gen)
     if args.out:
         common.write_json(Path(args.out) / "splitk.json", {"copy_bandwidth_Bps": copy_bw, "results": results,
