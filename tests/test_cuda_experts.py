@@ -52,6 +52,11 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
                                                "smem": 4 * 64 * 544, "pdl": True, "by_slot": 16, "range": 16}
     assert odd["fused"]["range"] == 12  # down by slot: one range of all H's 12 tiles
+    # H = 6144 (MiMo-V2.5-Pro): 8 warps would hold 12 chunks of x each (and spill): 12 warps, 8 chunks each, three
+    # down slots a stage (one gate_up tile's 52 KB of room) of 4 warps each
+    assert fused_context(6144, 2048, H100) == {"warps": 12, "stages": 3, "stage_bytes": 96 * 544, "du": 3,
+                                               "smem": 3 * 96 * 544, "pdl": True, "by_slot": 16, "range": 12}
+    assert fused_context(8192, 2048, H100)["warps"] == 16
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4
     assert fused_context(2048, 768, DeviceInfo(False, 108, (8, 0), 166912)) is None
@@ -110,11 +115,11 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 @pytest.mark.parametrize("h,i,fold,d_split", [(2048, 768, True, 2), (2048, 768, False, 2), (4096, 2048, True, 2),
                                                (192, 192, True, 2), (2048, 768, True, 1), (1024, 4096, True, 2),
-                                               (512, 64, True, 2)])
+                                               (512, 64, True, 2), (6144, 2048, True, 2)])
 def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_split):
     """The generated CUDA compiles for sm_90a (mini, the MiMo-V2-Flash expert shape, odd chunk counts, I larger or much
-    smaller than H, down's I in one or two pieces), with no local-memory spills (registers hold the loads in
-    flight)."""
+    smaller than H, down's I in one or two pieces, MiMo-V2.5-Pro's H = 6144 with 12 consumer warps), with no
+    local-memory spills (registers hold the loads in flight)."""
     ctx = experts_context("mxfp4", h, i, 16, H100, scale_fold=fold)
     assert ctx["cuda"] is not None and ctx["cuda"]["fused"] is not None
     ctx["cuda"] = with_down(ctx["cuda"], i, d_split)

@@ -140,7 +140,9 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
                   max_stages: int = 4, by_slot: int = 16) -> dict | None:
     """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
     of shared-memory stages by bulk copies), or None where it does not fit. ``warps`` consumer warps (by default the
-    most, up to 8, that divide H's chunks of 64) split H's chunks in gate_up and each down slot's chunks of I; a
+    most, up to 8, that divide H's chunks of 64; where that leaves a warp more than 8 chunks, the fewest up to 16 that
+    leave it 8 or fewer: each warp holds its chunks of x in registers, and 12 chunks spill, at H = 6144) split H's
+    chunks in gate_up and each down slot's chunks of I; a
     stage holds one gate_up tile (16 rows by H) or ``du`` down slots of one tile (16 rows by I each), the most that
     fit a gate_up tile's room and split I's chunks evenly (else the fewest that split them, the stage made larger);
     as many stages as fit beside the static shared memory, up to ``max_stages``. Where more than ``by_slot`` slots are
@@ -163,7 +165,9 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     copies (15.2 / 17.0 / 69.4) and down's act loads of 4 units issued together (act loads one unit at a time:
     15.2 / 16.6 / 70.7) gained nothing beyond the spread between rounds, so neither is in the template."""
     chunks, d_chunks = hidden // 64, inter // 64
-    warps = warps or next(w for w in range(8, 0, -1) if chunks % w == 0)
+    if not warps:
+        warps = next(w for w in range(8, 0, -1) if chunks % w == 0)
+        warps = next((w for w in range(8, 17) if chunks % w == 0 and chunks // w <= 8), warps)
     if dev.capability < (9, 0) or chunks % warps:
         return None
     gu, d_slot = chunks * (512 + 32), d_chunks * (512 + 32)
