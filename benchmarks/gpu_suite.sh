@@ -7,7 +7,7 @@
 #   benchmarks/gpu_suite.sh profile -> GPU time per kernel inside the decode step's CUDA graph (profile_step.json)
 #   benchmarks/gpu_suite.sh dflash  -> DFlash oracle / random draft vs plain decoding (bench_dflash.json)
 #   benchmarks/gpu_suite.sh logits  -> triton and the bf16 reference, each against fp32 truth (logits_error.json)
-#   benchmarks/gpu_suite.sh floor   -> plain reads of one experts call's bytes, every way (read_floor.json)
+#   benchmarks/gpu_suite.sh floor   -> plain reads of one row's experts call, every way, fastest first (read_floor.json)
 #   benchmarks/gpu_suite.sh splitk  -> the split-K experiment beside experts_kernel and the floor (splitk.json)
 # Each stage writes JSON and a log under ${OUT:-out}/ and prints a short table last.
 set -uo pipefail
@@ -34,7 +34,7 @@ for stage in "$@"; do
     profile) timeout 150 python3 benchmarks/profile_step.py --out "$OUT" 2>&1 | grep -v -i warn | tail -40 ;;
     dflash) timeout 300 python3 benchmarks/bench_dflash.py --out "$OUT" 2>&1 | tail -30 ;;
     logits) timeout 200 python3 benchmarks/logits_error.py --out "$OUT" 2>&1 | tail -12 ;;
-    floor) timeout 300 python3 benchmarks/read_floor.py --out "$OUT" > "$OUT/read_floor.log" 2>&1; tail -30 "$OUT/read_floor.log" ;;
+    floor) timeout 400 python3 benchmarks/read_floor.py --out "$OUT" --experts 8 --repeats 2 > "$OUT/read_floor.log" 2>&1; head -12 "$OUT/read_floor.log" ;;
     splitk) timeout 300 python3 benchmarks/splitk_experiment.py --out "$OUT" > "$OUT/splitk.log" 2>&1; tail -40 "$OUT/splitk.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
