@@ -9,6 +9,14 @@ partial sums stored per (pair, slice); one grid barrier at the end, then each bl
 order, pairs in router order. Timed as bench_mxfp4_experts.py times kernels (CUDA-graph replays over 12 layers), in
 the same run as the planner's experts_kernel and the read floor, for 1 row, 8 rows on the same experts and 8 rows on
 independent routes. Writes DIR/splitk.json.
+
+Not yet run on a GPU (written in a session without one). Its sums are not the planner kernel's bits: it adds down's
+k16 steps in another grouping. If it wins at one row, a product version must give every path the same bits (a row's
+output may not depend on the batch: DFlash's verify against plain decoding). One way: every path computes each k16 step
+from zero and adds the steps in one fixed order, and gate_up's tiles are re-laid so that two tiles hold the columns of
+one step of down's chunk layout. The cost is a fifth re-laid copy of down (a third more MXFP4 expert memory), because
+split-K reads down by columns of I and the other paths read it by rows of H. Alternatively, split-K at one row could
+stay a compile option that gives up batch invariance.
 """
 
 from __future__ import annotations
