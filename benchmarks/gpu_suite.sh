@@ -34,8 +34,10 @@ for stage in "$@"; do
     profile) timeout 150 python3 benchmarks/profile_step.py --out "$OUT" 2>&1 | grep -v -i warn | tail -40 ;;
     dflash) timeout 300 python3 benchmarks/bench_dflash.py --out "$OUT" 2>&1 | tail -30 ;;
     logits) timeout 200 python3 benchmarks/logits_error.py --out "$OUT" 2>&1 | tail -12 ;;
-    floor) timeout 400 python3 benchmarks/read_floor.py --out "$OUT" --experts 8 --repeats 2 > "$OUT/read_floor.log" 2>&1; head -12 "$OUT/read_floor.log" ;;
-    splitk) timeout 300 python3 benchmarks/splitk_experiment.py --out "$OUT" > "$OUT/splitk.log" 2>&1; tail -40 "$OUT/splitk.log" ;;
+    floor) timeout 400 python3 benchmarks/read_floor.py --out "$OUT" --experts 8 --repeats 2 > "$OUT/read_floor.log" 2>&1
+           head -12 "$OUT/read_floor.log" ;;
+    splitk) timeout 300 python3 benchmarks/splitk_experiment.py --out "$OUT" > "$OUT/splitk.log" 2>&1
+            tail -40 "$OUT/splitk.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -1,4 +1,4 @@
-"""Experiment: experts_kernel without the exchange in the middle of the stream (split-K down, benchmarks/splitk_kernel.cu).
+"""Experiment: experts_kernel with no exchange in the middle of the stream (split-K down, benchmarks/splitk_kernel.cu).
 
     python3 benchmarks/splitk_experiment.py --out out/splitk          # GPU: mini shapes, beside the planner's kernel
 
