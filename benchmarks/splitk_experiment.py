@@ -8,7 +8,10 @@ unit is (slot, 16 columns of I): gate_up for those columns, then down's k16 step
 partial sums stored per (pair, slice); one grid barrier at the end, then each block sums its columns of H, slices in
 order, pairs in router order. Timed as bench_mxfp4_experts.py times kernels (CUDA-graph replays over 12 layers), in
 the same run as the planner's experts_kernel and the read floor, for 1 row, 8 rows on the same experts and 8 rows on
-independent routes. Writes DIR/splitk.json.
+independent routes, in variants (VARIANTS): the units' bytes by a producer warp's bulk copies (as experts_kernel) or by
+each consumer warp's own 16-byte cp.async (the way the read floor reads fastest), 3 or 4 stages, 8 or 16 consumer
+warps, and timing-only ones without the tail (no partials, barrier or sums: what the stream and the units cost
+alone). Then a per-block timeline of the bulk and async kernels. Writes DIR/splitk.json.
 
 Not yet run on a GPU (written in a session without one). Its sums are not the planner kernel's bits: it adds down's
 k16 steps in another grouping. If it wins at one row, a product version must give every path the same bits (a row's
@@ -45,8 +48,9 @@ from tilec.codegen.tuning import device_info  # noqa: E402
 KERNEL = Path(__file__).with_name("splitk_kernel.cu")
 # the kernel's timeline stamps, in its point order (splitk_kernel.cu)
 POINTS = ("start", "table", "units_done", "barrier", "end", "first_in", "first_done", "last_in")
-# (stages, consumer warps, tail) of the variants timed: the last one times the stream and the units alone
-VARIANTS = ((4, 8, True), (3, 8, True), (3, 16, True), (4, 8, False))
+# (stages, consumer warps, tail, copies) of the variants timed; without the tail, the stream and the units alone
+VARIANTS = ((4, 8, True, "bulk"), (3, 8, True, "bulk"), (3, 16, True, "bulk"), (4, 8, False, "bulk"),
+            (3, 8, True, "async"), (3, 8, False, "async"))
 
 
 def split_down(words: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,19 +81,21 @@ def cuda_context(shape: dict, dev, plan: dict, warps: int | None = None) -> dict
 
 
 def splitk_source(shape: dict, dev, plan: dict, stages: int, timeline: bool = False, warps: int | None = None,
-                  tail: bool = True) -> str:
+                  tail: bool = True, copies: str = "bulk") -> str:
     """The experts template as the planner renders it (its device functions), with splitk_kernel appended.
-    ``tail`` False: timing only (no partial sums, no reduction; wrong outputs)."""
+    ``tail`` False: timing only (no partial sums, no reduction; wrong outputs). ``copies``: "bulk" (a producer warp's
+    bulk copies) or "async" (each consumer warp's own 16-byte copies)."""
     cuda = cuda_context(shape, dev, plan, warps)
     base = kernel_module("mxfp4", shape, dev, **plan, cuda={**cuda, "timeline": timeline})
-    return f"#define SK_STAGES {stages}\n#define SK_TAIL {int(tail)}\n" + base.CUDA_SOURCE + "\n" + KERNEL.read_text()
+    defines = f"#define SK_STAGES {stages}\n#define SK_TAIL {int(tail)}\n#define SK_ASYNC {int(copies == 'async')}\n"
+    return defines + base.CUDA_SOURCE + "\n" + KERNEL.read_text()
 
 
 def splitk_launcher(shape: dict, dev, plan: dict, relaid: dict, device, stages: int, timeline: bool = False,
-                    warps: int | None = None, tail: bool = True):
+                    warps: int | None = None, tail: bool = True, copies: str = "bulk"):
     """A launch function (as bench_mxfp4_experts.launcher's) of splitk_kernel, and its module. relaid: per layer
     (by its first tensor) gate_up's words and scales (mma_layout) and down's (split_down)."""
-    module = CudaModule(splitk_source(shape, dev, plan, stages, timeline, warps, tail), "splitk")
+    module = CudaModule(splitk_source(shape, dev, plan, stages, timeline, warps, tail, copies), "splitk")
     warps = cuda_context(shape, dev, plan, warps)["fused"]["warps"]
     stage = stage_bytes(shape)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -157,9 +163,10 @@ def main() -> None:
     relaid = {key: (gw, gs, *split_down(dw, ds)) for key, (gw, gs, dw, ds) in fragments.items()}
     planner = launcher(kernel_module("mxfp4", shape, dev, **plan), fragments)
     variants = [("experts_kernel (planner)", planner)]
-    for stages, warps, tail in VARIANTS:
-        name = f"split-K {stages} stages {warps} warps" + ("" if tail else " (no tail: timing only)")
-        variants.append((name, splitk_launcher(shape, dev, plan, relaid, device, stages, False, warps, tail)[0]))
+    for stages, warps, tail, copies in VARIANTS:
+        name = f"split-K {copies} {stages} stages {warps} warps" + ("" if tail else " (no tail: timing only)")
+        variants.append((name, splitk_launcher(shape, dev, plan, relaid, device, stages, False, warps, tail,
+                                               copies)[0]))
     for name, fn in variants[1:]:  # the same inputs through both kernels: how far apart (their sums differ in order)
         for rows, regime in ((1, "same"), (8, "random")):
             w, ids = routing(rows, regime, shape, device, cpu_gen)
@@ -183,8 +190,12 @@ def main() -> None:
             results.append(r)
             print(f"  {'read floor':28s} rows={r['rows']} {r['regime']:6s} {r['us']:7.1f} us "
                   f"{100 * r['fraction_of_copy_bw']:5.1f}%", flush=True)
-    stamps = timeline(*splitk_launcher(shape, dev, plan, relaid, device, *VARIANTS[0][:1], timeline=True), shape,
-                      layers, device, cpu_gen)
+    stamps = {}
+    for stages, warps, _, copies in (VARIANTS[0], VARIANTS[4]):  # bulk and async copies, with their tails
+        print(f"timeline: split-K {copies} {stages} stages {warps} warps", flush=True)
+        stamps[f"{copies} {stages} stages {warps} warps"] = timeline(
+            *splitk_launcher(shape, dev, plan, relaid, device, stages, True, warps, True, copies), shape, layers,
+            device, cpu_gen)
     if args.out:
         common.write_json(Path(args.out) / "splitk.json", {"copy_bandwidth_Bps": copy_bw, "results": results,
                                                             "timeline_ns": stamps,

@@ -27,6 +27,20 @@
 static_assert(HIDDEN / 64 % F_WARPS == 0, "down groups");
 static_assert(SK_STAGE % 128 == 0, "aligned stages");
 
+// SK_ASYNC 1: no producer; each consumer warp copies its own bytes of a unit (16-byte cp.async, each lane its own
+// words, some lanes the warp's scales) into its own ring of SK_STAGES stages of SK_W_STAGE bytes: gate_up's words
+// (2 tiles x FA_CHUNKS chunks, 512 bytes each), their scales (32 bytes a chunk), down's words (SK_GROUPS x 512) and
+// scales (SK_GROUPS x 64).
+#ifndef SK_ASYNC
+#define SK_ASYNC 0
+#endif
+#define SK_W_STAGE (2 * FA_CHUNKS * 544 + SK_GROUPS * 576)
+static_assert(SK_W_STAGE * F_WARPS == SK_STAGE && FA_CHUNKS <= 8 && SK_GROUPS <= 8, "a warp's share of a unit");
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
+}
+
 struct SkRing {
   unsigned char* base;
   unsigned long long* full;
@@ -79,7 +93,7 @@ splitk_kernel(const u32* __restrict__ x, const uint4* __restrict__ gw, const u16
   const int u0 = (int)((long long)b * U / G), u1 = (int)((long long)(b + 1) * U / G);
 
   if (warp == F_WARPS) {  // the producer
-    if (lane == 0) {
+    if (!SK_ASYNC && lane == 0) {
       u32 n = 0;
       for (int u = u0; u < u1; ++u, ++n) {
         const int e = t.expert[t.by_rank[u / SK_SLICES]], s = u % SK_SLICES;
@@ -103,14 +117,67 @@ splitk_kernel(const u32* __restrict__ x, const uint4* __restrict__ gw, const u16
     }
     u32 n = 0;
     float keep = 0.f;  // (SK_TAIL 0: what keeps the compiler from dropping the down sums)
+#if SK_ASYNC
+    unsigned char* mine = stages + (size_t)warp * SK_STAGES * SK_W_STAGE;
+    auto issue = [&](int u, int slot) {  // unit u's bytes for this warp into its stage `slot`; then a group (empty
+      if (u < u1) {                      // past the block's units, so the waits below count alike)
+        const int e = t.expert[t.by_rank[u / SK_SLICES]], s = u % SK_SLICES;
+        const u32 dst = smem_addr(mine + slot * SK_W_STAGE);
+        const size_t tile = (size_t)e * (INTER / 8) + 2 * s;
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int i = 0; i < FA_CHUNKS; ++i)
+            cp_async16(dst + (j * FA_CHUNKS + i) * 512 + lane * 16,
+                       gw + ((tile + j) * (HIDDEN / 64) + c0 + i) * 32 + lane);
+        if (lane < 4 * FA_CHUNKS) {
+          const int j = lane / (2 * FA_CHUNKS), piece = lane % (2 * FA_CHUNKS);
+          cp_async16(dst + 2 * FA_CHUNKS * 512 + lane * 16,
+                     reinterpret_cast<const unsigned char*>(gs) + ((tile + j) * (HIDDEN / 64) + c0) * 32 + piece * 16);
+        }
+        const size_t slice = (size_t)e * SK_SLICES + s;
+#pragma unroll
+        for (int i = 0; i < SK_GROUPS; ++i)
+          cp_async16(dst + 2 * FA_CHUNKS * 544 + i * 512 + lane * 16,
+                     dw + (slice * (HIDDEN / 64) + warp * SK_GROUPS + i) * 32 + lane);
+        if (lane < 4 * SK_GROUPS)
+          cp_async16(dst + 2 * FA_CHUNKS * 544 + SK_GROUPS * 512 + lane * 16,
+                     ds + ((size_t)e * (INTER / 32) + s / 2) * HIDDEN + warp * SK_GROUPS * 64 + lane * 16);
+      }
+      asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    for (int k = 0; k < SK_STAGES; ++k) issue(u0 + k, k);
+#endif
     for (int u = u0; u < u1; ++u, ++n) {
       const int r = u / SK_SLICES, s = u % SK_SLICES;
-      const unsigned char* stage = ring.wait(n);
-      if (u == u0) STAMP(2, 5);
-      if (u == u1 - 1) STAMP(2, 7);
       uint4 a[2][FA_CHUNKS], dwr[SK_GROUPS];
       u32 sc[2][FA_CHUNKS];
       uint2 dsr[SK_GROUPS];
+#if SK_ASYNC
+      asm volatile("cp.async.wait_group %0;" :: "n"(SK_STAGES - 1) : "memory");  // unit n's group is in
+      __syncwarp();  // and every lane's copies (the scales) are seen by the warp
+      if (u == u0) STAMP(2, 5);
+      if (u == u1 - 1) STAMP(2, 7);
+      const unsigned char* st = mine + n % SK_STAGES * SK_W_STAGE;
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int i = 0; i < FA_CHUNKS; ++i) {
+          a[j][i] = reinterpret_cast<const uint4*>(st)[(j * FA_CHUNKS + i) * 32 + lane];
+          const u16* scales = reinterpret_cast<const u16*>(st + 2 * FA_CHUNKS * 512);
+          sc[j][i] = scales[(j * FA_CHUNKS + i) * 16 + g * 2 + (q >> 1)];
+        }
+#pragma unroll
+      for (int i = 0; i < SK_GROUPS; ++i) {
+        dwr[i] = reinterpret_cast<const uint4*>(st + 2 * FA_CHUNKS * 544)[i * 32 + lane];
+        dsr[i] = reinterpret_cast<const uint2*>(st + 2 * FA_CHUNKS * 544 + SK_GROUPS * 512)[i * 8 + g];
+      }
+      __syncwarp();  // every lane has read the stage: it takes unit n + SK_STAGES
+      issue(u + SK_STAGES, n % SK_STAGES);
+#else
+      const unsigned char* stage = ring.wait(n);
+      if (u == u0) STAMP(2, 5);
+      if (u == u1 - 1) STAMP(2, 7);
 #pragma unroll
       for (int j = 0; j < 2; ++j)
 #pragma unroll
@@ -126,6 +193,7 @@ splitk_kernel(const u32* __restrict__ x, const uint4* __restrict__ gw, const u16
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(ring.empty_bar(n));
+#endif
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         float c[2][4] = { {0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f} };
@@ -183,6 +251,9 @@ splitk_kernel(const u32* __restrict__ x, const uint4* __restrict__ gw, const u16
     }
 #if !SK_TAIL
     if (keep == 12345.f) partial[threadIdx.x] = keep;
+#endif
+#if SK_ASYNC
+    asm volatile("cp.async.wait_all;" ::: "memory");  // (only empty groups are left)
 #endif
   }
 #if !SK_TAIL

@@ -49,8 +49,8 @@ def test_split_down_decodes_back(e, h, i):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_splitk_source_compiles_without_spills(tmp_path):
     shape = {"E": 128, "H": 2048, "I": 768}
-    for stages, warps, tail, timeline in [(*v, False) for v in VARIANTS] + [(*VARIANTS[0], True)]:
-        (tmp_path / "k.cu").write_text(splitk_source(shape, H100, {}, stages, timeline, warps, tail))
+    for stages, warps, tail, copies, timeline in [(*v, False) for v in VARIANTS] + [(*VARIANTS[0], True)]:
+        (tmp_path / "k.cu").write_text(splitk_source(shape, H100, {}, stages, timeline, warps, tail, copies))
         proc = subprocess.run(["nvcc", "-cubin", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a",
                                "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
                               capture_output=True, text=True)
@@ -58,5 +58,5 @@ def test_splitk_source_compiles_without_spills(tmp_path):
         info = re.search(r"Compiling entry function 'splitk_kernel'.*?(\d+) bytes spill stores.*?Used \d+ "
                          r"registers.*?(\d+) bytes smem", proc.stderr, re.S)
         assert info, proc.stderr[-2000:]
-        assert int(info.group(1)) == 0, (stages, warps, tail, timeline)
+        assert int(info.group(1)) == 0, (stages, warps, tail, copies, timeline)
         assert int(info.group(2)) + stages * stage_bytes(shape) <= H100.smem_optin
