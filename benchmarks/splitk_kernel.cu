@@ -41,23 +41,7 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
 }
 
-struct SkRing {
-  unsigned char* base;
-  unsigned long long* full;
-  unsigned long long* empty;
-  __device__ __forceinline__ u32 stage(u32 n) const { return smem_addr(base + n % SK_STAGES * SK_STAGE); }
-  __device__ __forceinline__ u32 fill(u32 n, u32 bytes) const {
-    if (n >= SK_STAGES) mbar_wait(smem_addr(&empty[n % SK_STAGES]), (n / SK_STAGES - 1) & 1);
-    const u32 bar = smem_addr(&full[n % SK_STAGES]);
-    mbar_expect_tx(bar, bytes);
-    return bar;
-  }
-  __device__ __forceinline__ const unsigned char* wait(u32 n) const {
-    mbar_wait(smem_addr(&full[n % SK_STAGES]), (n / SK_STAGES) & 1);
-    return base + n % SK_STAGES * SK_STAGE;
-  }
-  __device__ __forceinline__ u32 empty_bar(u32 n) const { return smem_addr(&empty[n % SK_STAGES]); }
-};
+using SkRing = RingOf<SK_STAGES, SK_STAGE>;
 
 extern "C" __global__ void __launch_bounds__((F_WARPS + 1) * 32, 1)
 splitk_kernel(const u32* __restrict__ x, const uint4* __restrict__ gw, const u16* __restrict__ gs,
