@@ -11,7 +11,9 @@ the same run as the planner's experts_kernel and the read floor, for 1 row, 8 ro
 independent routes, in variants (VARIANTS): the units' bytes by a producer warp's bulk copies (as experts_kernel) or by
 each consumer warp's own 16-byte cp.async (the way the read floor reads fastest), 3 or 4 stages, 8 or 16 consumer
 warps, and timing-only ones without the tail (no partials, barrier or sums: what the stream and the units cost
-alone). Then a per-block timeline of the bulk and async kernels. Writes DIR/splitk.json.
+alone). Each variant is first checked against the reference op at the three cases (one that is wrong is reported and
+not timed); every variant then sees the same routes. Then a per-block timeline of the bulk and async kernels. Writes
+DIR/splitk.json.
 
 Not yet run on a GPU (written in a session without one). Its sums are not the planner kernel's bits: it adds down's
 k16 steps in another grouping. If it wins at one row, a product version must give every path the same bits (a row's
@@ -167,28 +169,38 @@ def main() -> None:
         name = f"split-K {copies} {stages} stages {warps} warps" + ("" if tail else " (no tail: timing only)")
         variants.append((name, splitk_launcher(shape, dev, plan, relaid, device, stages, False, warps, tail,
                                                copies)[0]))
-    for name, fn in variants[1:]:  # the same inputs through both kernels: how far apart (their sums differ in order)
-        for rows, regime in ((1, "same"), (8, "random")):
+    wrong = []
+    for (name, fn), tail in zip(variants[1:], [v[2] for v in VARIANTS]):
+        for rows, regime in ((1, "same"), (8, "same"), (8, "random")):  # the same inputs through both kernels
             w, ids = routing(rows, regime, shape, device, cpu_gen)
             x = torch.randn(1, rows, shape["H"], generator=cpu_gen).to(device, torch.bfloat16)
-            print(f"  {name} against experts_kernel, {rows} {regime}: rel err "
-                  f"{rel_err(fn(x, w, ids, *layers[0]), planner(x, w, ids, *layers[0])):.1e}", flush=True)
+            got, ref = fn(x, w, ids, *layers[0]), reference("mxfp4")(x, w, ids, *layers[0])
+            err, apart = rel_err(got, ref), rel_err(got, planner(x, w, ids, *layers[0]))
+            print(f"  {name}, {rows} {regime}: rel err {err:.1e} against the reference, {apart:.1e} against "
+                  f"experts_kernel", flush=True)
+            if tail and not err < 1e-2:  # (NaN too) a wrong kernel is reported, not timed
+                wrong.append(name)
+    wrong = sorted(set(wrong))
+    if wrong:
+        print(f"WRONG RESULTS, not timed: {wrong}", flush=True)
+    variants = [(name, fn) for name, fn in variants if name not in wrong]
     results = []
     for round_ in range(args.repeats):
         for rows, regime in ((1, "same"), (8, "same"), (8, "random")):
-            for name, fn in variants:
-                r = measure(name, fn, "mxfp4", layers, shape, rows, regime, device, cpu_gen, args.reps, True,
+            for name, fn in variants:  # every variant sees the same routes and inputs (a generator per case)
+                case_gen = torch.Generator().manual_seed(1000 * round_ + 10 * rows + (regime == "random"))
+                r = measure(name, fn, "mxfp4", layers, shape, rows, regime, device, case_gen, args.reps, True,
                             reference("mxfp4"))
                 r["round"] = round_
                 r["fraction_of_copy_bw"] = r["GBps"] * 1e9 / copy_bw
                 results.append(r)
-                print(f"  {name:28s} rows={rows} {regime:6s} {r['us']:7.1f} us {100 * r['fraction_of_copy_bw']:5.1f}%"
+                print(f"  {name:52s} rows={rows} {regime:6s} {r['us']:7.1f} us {100 * r['fraction_of_copy_bw']:5.1f}%"
                       f"  err {r['rel_err_vs_reference']:.1e}", flush=True)
         for r in measure_read_floor(shape, ((1, "same"), (8, "same"), (8, "random")), device, cpu_gen, args.reps):
             r["round"] = round_
             r["fraction_of_copy_bw"] = r["GBps"] * 1e9 / copy_bw
             results.append(r)
-            print(f"  {'read floor':28s} rows={r['rows']} {r['regime']:6s} {r['us']:7.1f} us "
+            print(f"  {'read floor':52s} rows={r['rows']} {r['regime']:6s} {r['us']:7.1f} us "
                   f"{100 * r['fraction_of_copy_bw']:5.1f}%", flush=True)
     stamps = {}
     for stages, warps, _, copies in (VARIANTS[0], VARIANTS[4]):  # bulk and async copies, with their tails
@@ -197,7 +209,8 @@ def main() -> None:
             *splitk_launcher(shape, dev, plan, relaid, device, stages, True, warps, True, copies), shape, layers,
             device, cpu_gen)
     if args.out:
-        common.write_json(Path(args.out) / "splitk.json", {"copy_bandwidth_Bps": copy_bw, "results": results,
+        common.write_json(Path(args.out) / "splitk.json", {"copy_bandwidth_Bps": copy_bw, "wrong": wrong,
+                                                            "results": results,
                                                             "timeline_ns": stamps,
                                                             "environment": common.environment(device)})
     print(json.dumps({"copy_GBps": copy_bw / 1e9}))
