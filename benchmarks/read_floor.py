@@ -138,8 +138,8 @@ __device__ void ldg_walk_read(const unsigned char* w, const long long* ids, int 
   }
   block_xor(acc, out);
 }
-// (the bounds leave ptxas room for every load of a round in flight: without them it kept 2 or 3 of 8 in flight, each
-// load's XOR before the next load, to stay at 32 to 40 registers)
+// (the bounds give ptxas room for a round's loads in flight: without them ldg_walk_read8 compiled to 32 registers,
+// fewer than its 8 16-byte loads' 32 registers of data alone; with them, 63, so at most 4 blocks of 256 threads an SM)
 extern "C" __global__ void __launch_bounds__(512, 1)
 ldg_walk_read4(const unsigned char* w, const long long* ids, int k, long long eb, u32* out, int pdl) {
   ldg_walk_read<4>(w, ids, k, eb, out, pdl);
@@ -231,59 +231,10 @@ bulk_walk_read(const unsigned char* w, const long long* ids, int k, long long eb
 
 // W warps a block, each with its own ring of STAGES stages of CH chunks of 512 bytes: every lane copies its own 16
 // bytes of a chunk with cp.async (no registers held while in flight), waits for its oldest group, reads what it copied.
-// Chunks c = (blockIdx.x * W + warp) * CH + (0 .. CH-1), + gridDim.x * W * CH, ...
-template <int CH, int STAGES>
+// Chunks c = (blockIdx.x * W + warp) * CH + (0 .. CH-1), + gridDim.x * W * CH, ... WALK: the warp's next stage walks
+// its place (Walk) rather than dividing each chunk's expert and place out of c.
+template <int CH, int STAGES, bool WALK>
 __device__ void async_read(const unsigned char* w, const long long* ids, int k, long long eb, u32* out, int pdl) {
-  extern __shared__ __align__(128) unsigned char ring[];
-  __shared__ long long base[64];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, W = blockDim.x >> 5;
-  if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
-  if (threadIdx.x < k) base[threadIdx.x] = ids[threadIdx.x] * eb;
-  __syncthreads();
-  if (pdl) asm volatile("griddepcontrol.launch_dependents;");
-  const long long per = eb / 512, total = per * k, step = (long long)gridDim.x * W * CH;
-  const long long first = ((long long)blockIdx.x * W + warp) * CH;
-  unsigned char* mine = ring + (size_t)warp * STAGES * CH * 512;
-  auto issue = [&](long long n) {  // stage n of this warp: chunks first + n * step + (0 .. CH-1)
-    const long long c0 = first + n * step;
-    unsigned char* dst = mine + (n % STAGES) * CH * 512 + lane * 16;
-#pragma unroll
-    for (int i = 0; i < CH; ++i) {
-      const long long c = c0 + i;
-      if (c < total)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst + i * 512)),
-                     "l"(w + base[c / per] + (c % per) * 512 + lane * 16) : "memory");
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-  };
-  const long long stages_total = first < total ? (total - first + step - 1) / step : 0;
-#pragma unroll
-  for (int n = 0; n < STAGES - 1; ++n) issue(n);
-  u32 acc = 0;
-  for (long long n = 0; n < stages_total; ++n) {
-    asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory");
-    const unsigned char* src = mine + (n % STAGES) * CH * 512 + lane * 16;
-#pragma unroll
-    for (int i = 0; i < CH; ++i) {
-      const uint4 v = *(const uint4*)(src + i * 512);
-      acc ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
-    issue(n + STAGES - 1);
-  }
-  asm volatile("cp.async.wait_all;" ::: "memory");
-  block_xor(acc, out);
-}
-extern "C" __global__ void async_read4x10(const unsigned char* w, const long long* ids, int k, long long eb, u32* out,
-                                          int pdl) { async_read<4, 10>(w, ids, k, eb, out, pdl); }
-extern "C" __global__ void async_read2x10(const unsigned char* w, const long long* ids, int k, long long eb, u32* out,
-                                          int pdl) { async_read<2, 10>(w, ids, k, eb, out, pdl); }
-extern "C" __global__ void async_read4x5(const unsigned char* w, const long long* ids, int k, long long eb, u32* out,
-                                         int pdl) { async_read<4, 5>(w, ids, k, eb, out, pdl); }
-
-// async_read's copies (the same chunks, in the same order) with the warp's next stage walking its place, from the
-// experts' addresses in shared memory; 32-bit counts.
-template <int CH, int STAGES>
-__device__ void async_walk_read(const unsigned char* w, const long long* ids, int k, long long eb, u32* out, int pdl) {
   extern __shared__ __align__(128) unsigned char ring[];
   __shared__ const unsigned char* src[64];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, W = blockDim.x >> 5;
@@ -291,24 +242,32 @@ __device__ void async_walk_read(const unsigned char* w, const long long* ids, in
   if (threadIdx.x < k) src[threadIdx.x] = w + ids[threadIdx.x] * eb;
   __syncthreads();
   if (pdl) asm volatile("griddepcontrol.launch_dependents;");
-  const u32 per = (u32)(eb / 512), total = per * k, step = gridDim.x * W * CH, first = (blockIdx.x * W + warp) * CH;
-  const Walk walk(per, step);
-  Place next = walk.at(first);  // the first chunk of the next stage to issue
+  const long long per = eb / 512, total = per * k, step = (long long)gridDim.x * W * CH;
+  const long long first = ((long long)blockIdx.x * W + warp) * CH;
+  const Walk walk((u32)per, (u32)step);
+  Place next = walk.at((u32)first);  // WALK: the first chunk of the next stage to issue
   unsigned char* mine = ring + (size_t)warp * STAGES * CH * 512;
-  auto issue = [&](u32 n) {  // stage n of this warp: the CH chunks from `next` (at most two experts), then it moves on
+  auto issue = [&](u32 n) {  // stage n of this warp: chunks first + n * step + (0 .. CH-1)
     unsigned char* dst = mine + (n % STAGES) * CH * 512 + lane * 16;
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
-      const bool over = next.u + i >= per;
-      const u32 e = next.e + over, u = next.u + i - (over ? per : 0);
-      if (e < (u32)k)
+      const unsigned char* from = nullptr;
+      if (WALK) {  // the CH chunks from `next` span at most two experts
+        const bool over = next.u + i >= (u32)per;
+        const u32 e = next.e + over, u = next.u + i - (over ? (u32)per : 0);
+        if (e < (u32)k) from = src[e] + (size_t)u * 512;
+      } else {
+        const long long c = first + n * step + i;
+        if (c < total) from = src[c / per] + (c % per) * 512;
+      }
+      if (from)
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst + i * 512)),
-                     "l"(src[e] + (size_t)u * 512 + lane * 16) : "memory");
+                     "l"(from + lane * 16) : "memory");
     }
     asm volatile("cp.async.commit_group;" ::: "memory");
-    next = walk.next(next);
+    if (WALK) next = walk.next(next);
   };
-  const u32 stages_total = first < total ? (total - first + step - 1) / step : 0;
+  const u32 stages_total = first < total ? (u32)((total - first + step - 1) / step) : 0;
 #pragma unroll
   for (int n = 0; n < STAGES - 1; ++n) issue(n);
   u32 acc = 0;
@@ -325,12 +284,15 @@ __device__ void async_walk_read(const unsigned char* w, const long long* ids, in
   asm volatile("cp.async.wait_all;" ::: "memory");
   block_xor(acc, out);
 }
-extern "C" __global__ void async_walk_read4x10(const unsigned char* w, const long long* ids, int k, long long eb,
-                                               u32* out, int pdl) { async_walk_read<4, 10>(w, ids, k, eb, out, pdl); }
-extern "C" __global__ void async_walk_read2x10(const unsigned char* w, const long long* ids, int k, long long eb,
-                                               u32* out, int pdl) { async_walk_read<2, 10>(w, ids, k, eb, out, pdl); }
-extern "C" __global__ void async_walk_read4x5(const unsigned char* w, const long long* ids, int k, long long eb,
-                                              u32* out, int pdl) { async_walk_read<4, 5>(w, ids, k, eb, out, pdl); }
+#define ASYNC_KERNEL(name, CH, STAGES, WALK)                                                                        \
+  extern "C" __global__ void name(const unsigned char* w, const long long* ids, int k, long long eb, u32* out,   \
+                                  int pdl) { async_read<CH, STAGES, WALK>(w, ids, k, eb, out, pdl); }
+ASYNC_KERNEL(async_read4x10, 4, 10, false)
+ASYNC_KERNEL(async_read2x10, 2, 10, false)
+ASYNC_KERNEL(async_read4x5, 4, 5, false)
+ASYNC_KERNEL(async_walk_read4x10, 4, 10, true)
+ASYNC_KERNEL(async_walk_read2x10, 2, 10, true)
+ASYNC_KERNEL(async_walk_read4x5, 4, 5, true)
 """
 
 

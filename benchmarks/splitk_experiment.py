@@ -40,7 +40,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from bench_mxfp4_experts import (MINI, kernel_module, launcher, make_layers, measure, measure_read_floor,  # noqa: E402
                                  planned, reference, rel_err, routing, time_calls)
-from timeline_experts import BLOCKS, FIELDS, percentiles  # noqa: E402
+from timeline_experts import KERNELS, point_percentiles, read_stamps  # noqa: E402
 
 from tilec.codegen import mma_layout  # noqa: E402
 from tilec.codegen.cuda_build import CudaModule, pointer  # noqa: E402
@@ -132,15 +132,8 @@ def timeline(launch, module, shape: dict, layers, device, gen) -> list[dict]:
         routes = [routing(rows, regime, shape, device, gen) for _ in layers]
         calls = [lambda w=w, ids=ids, lw=lw: launch(x, w, ids, *lw) for (w, ids), lw in zip(routes, layers)]
         us = time_calls(calls, 20, True)
-        buf = torch.zeros(3 * BLOCKS * FIELDS, dtype=torch.int64, device=device)
-        module.launch("timeline_read", (64,), 256, [pointer(buf)], device)
-        s = buf.view(3, BLOCKS, FIELDS)[2, :sms].cpu()
-        t0 = int(s[:, 0].min())
-        rec = {"rows": rows, "regime": regime, "us_per_call": us}
-        for i, point in enumerate(POINTS):
-            vals = [int(t) - t0 for t in s[:, i] if int(t) > 0]
-            if vals:
-                rec[point] = percentiles(vals)
+        s = read_stamps(module, device)[KERNELS.index("experts"), :sms]  # (the kernel stamps as experts_kernel)
+        rec = {"rows": rows, "regime": regime, "us_per_call": us, **point_percentiles(s, POINTS, int(s[:, 0].min()))}
         out.append(rec)
         print(f"  timeline {rows} {regime}: {us:.1f} us; " + ", ".join(
             f"{p} p50 {rec[p]['p50'] / 1e3:.1f} max {rec[p]['max'] / 1e3:.1f}" for p in POINTS if p in rec),

@@ -7,7 +7,7 @@
 //   columns for all of H (each warp H / F_WARPS rows), an mma from zero per tile, into partial[pair, s, :] (fp32) for
 //   each row that chose the slot's expert.
 //   a grid barrier, then each block sums its tiles of H: y = bf16(partial[p, 0] + partial[p, 1] + ...) per pair, in
-//   slice order, then each row's choices in router order, as router_sums does.
+//   slice order, then each row's choices in router order (choice_sums, as every path of the template).
 // SK_TAIL 0 (timing only, wrong outputs): no partials, no barrier, no sums: what the stream and the units cost alone.
 #ifndef SK_TAIL
 #define SK_TAIL 1
@@ -54,7 +54,8 @@ splitk_kernel(const u32* __restrict__ x, const uint4* __restrict__ gw, const u16
   __shared__ float part[2][F_WARPS][4][32];
   __shared__ __align__(16) u16 act_s[8][16];
   __shared__ int pair_of[PAIRS_MAX][8];  // live slot rank, row -> the pair whose output it is (-1: none)
-  __shared__ float ys[PAIRS_MAX][16];     // reduction: each pair's expert output for the tile (bf16-rounded)
+  __shared__ float ys[PAIRS_MAX][16];     // the sums: each pair's expert output for the tile (bf16-rounded), by the
+                                         // pair holding its partials
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
   const int G = gridDim.x, b = blockIdx.x;
   const SkRing ring{stages, full, empty};
@@ -187,21 +188,11 @@ splitk_kernel(const u32* __restrict__ x, const uint4* __restrict__ gw, const u16
         for (int i = 0; i < 4; ++i) part[j][warp][i][lane] = c[0][i] + c[1][i];
       }
       consumers_sync();
-      if (warp < 2) {  // warp j: act columns 8j .. 8j + 7 of the slice, as store_act
-        float v[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          v[i] = part[warp][0][i][lane];
-#pragma unroll
-          for (int k = 1; k < F_WARPS; ++k) v[i] += part[warp][k][i][lane];
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int m = 2 * q + i;
-          float gate = bf16_round(v[i]), up = bf16_round(v[2 + i]);
-          float silu = bf16_round(gate / (1.0f + expf(-gate)));
-          act_s[m][8 * warp + g] = m < M ? bf16_bits(silu * up) : (u16)0;
-        }
+      if (warp < 2) {  // warp j: act columns 8j .. 8j + 7 of the slice (zeros past the M rows)
+        unsigned short a2[2];
+        tile_act<F_WARPS>(part[warp], lane, a2);
+        act_s[2 * q][8 * warp + g] = 2 * q < M ? a2[0] : (u16)0;
+        act_s[2 * q + 1][8 * warp + g] = 2 * q + 1 < M ? a2[1] : (u16)0;
       }
       consumers_sync();
       const uint2 bv = *reinterpret_cast<const uint2*>(&act_s[g][4 * q]);  // columns 4t .. 4t + 3 of row g
@@ -252,8 +243,8 @@ splitk_kernel(const u32* __restrict__ x, const uint4* __restrict__ gw, const u16
   for (int T = b; T < HIDDEN / 16; T += G) {
     for (int i = threadIdx.x; i < P * 16; i += blockDim.x) {
       const int p = i >> 4, nn = i & 15;
-      const int src = pair_of[t.rank[t.first[p]]][p / K];
-      const float* col = partial + (size_t)src * SK_SLICES * HIDDEN + 16 * T + nn;
+      if (pair_of[t.rank[t.first[p]]][p / K] != p) continue;  // a pair holding no partials (a row's repeat)
+      const float* col = partial + (size_t)p * SK_SLICES * HIDDEN + 16 * T + nn;
       float v[SK_SLICES];
 #pragma unroll
       for (int s = 0; s < SK_SLICES; ++s) v[s] = __ldcg(col + (size_t)s * HIDDEN);
@@ -263,11 +254,11 @@ splitk_kernel(const u32* __restrict__ x, const uint4* __restrict__ gw, const u16
       ys[p][nn] = bf16_round(sum);
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < M * 16; i += blockDim.x) {
+    for (int i = threadIdx.x; i < M * 16; i += blockDim.x) {  // each row's choices in router order (choice_sums)
       const int m = i >> 4, nn = i & 15;
-      float total = 0.f;
-      for (int j = 0; j < K; ++j) total = __fmaf_rn(t.weight[m * K + j], ys[m * K + j][nn], total);
-      out[(size_t)m * HIDDEN + 16 * T + nn] = bf16_bits(total);
+      float total[1];
+      choice_sums(total, t, m, K, [&](int r, float (&v)[1]) { v[0] = ys[pair_of[r][m]][nn]; });
+      out[(size_t)m * HIDDEN + 16 * T + nn] = bf16_bits(total[0]);
     }
     __syncthreads();
   }

@@ -43,15 +43,30 @@ def percentiles(values: list[float]) -> dict:
     return {"min": v[0], "p10": v[len(v) // 10], "p50": v[len(v) // 2], "p90": v[len(v) * 9 // 10], "max": v[-1]}
 
 
+def read_stamps(cuda_module, dev) -> torch.Tensor:
+    """The template's stamps, int64 [kernel, block, field], read back by its timeline_read kernel."""
+    buf = torch.zeros(len(KERNELS) * BLOCKS * FIELDS, dtype=torch.int64, device=dev)
+    cuda_module.launch("timeline_read", (64,), 256, [pointer(buf)], dev)
+    return buf.view(len(KERNELS), BLOCKS, FIELDS).cpu()
+
+
+def point_percentiles(s: torch.Tensor, points, t0: int) -> dict:
+    """{point: percentiles of its stamps (ns from t0)} over the blocks of ``s`` [block, field] that stamped it."""
+    rec = {}
+    for i, point in enumerate(points):
+        vals = [int(t) - t0 for t in s[:, i] if int(t) > 0]
+        if vals:
+            rec[point] = percentiles(vals)
+    return rec
+
+
 def run(rows: int, regime: str, shape: dict, layers, fragments, module, cuda: dict, dev, gen) -> dict:
     launch = bench.launcher(module, fragments)
     x = torch.randn(1, rows, shape["H"], generator=gen).to(dev, torch.bfloat16)
     routes = [bench.routing(rows, regime, shape, dev, gen) for _ in layers]
     calls = [lambda w=w, ids=ids, lw=lw: launch(x, w, ids, *lw) for (w, ids), lw in zip(routes, layers)]
     us = bench.time_calls(calls, 20, True)
-    buf = torch.zeros(len(KERNELS) * BLOCKS * FIELDS, dtype=torch.int64, device=dev)
-    module._CUDA.launch("timeline_read", (64,), 256, [pointer(buf)], dev)
-    stamps = buf.view(len(KERNELS), BLOCKS, FIELDS).cpu()
+    stamps = read_stamps(module._CUDA, dev)
     k = shape["k"]
     p = rows * k
     if cuda.get("fused") and module.DECODE_PAIRS // k <= 8:  # grids as the module's _cuda_experts launches them
@@ -67,12 +82,8 @@ def run(rows: int, regime: str, shape: dict, layers, fragments, module, cuda: di
         s = stamps[KERNELS.index(name), :blocks]
         points = POINTS[name]
         done = s[:, 3] > 0  # blocks that ran (down blocks without slots skip the weights point)
-        rec = {"blocks": int(done.sum()), "sms": int(torch.unique(s[done, FIELDS - 1]).numel())}
-        for i, point in enumerate(points):
-            vals = [(int(t) - t0) for t in s[done, i] if int(t) > 0]
-            if vals:
-                rec[point] = percentiles(vals)
-        out[name] = rec
+        out[name] = {"blocks": int(done.sum()), "sms": int(torch.unique(s[done, FIELDS - 1]).numel()),
+                     **point_percentiles(s[done], points, t0)}
     if "down" in grids:
         gu_end = out["gate_up"]["end"]["max"]
         down_starts = [(int(t) - t0) for t in stamps[1, :grids["down"], 0] if int(t) > 0]
