@@ -186,8 +186,9 @@ def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, devi
 
 
 def measure_read_floor(shape: dict, cases, device, gen, reps: int) -> list[dict]:
-    """The plain read of the same bytes (benchmarks/read_floor.py's best kernel on the H100: 16-byte loads, 8 in flight
-    a thread, 4 blocks of 256 threads an SM, PDL), for each (rows, regime) of ``cases``: each call reads every byte of
+    """The plain read of the same bytes (benchmarks/read_floor.py's best kernel on the H100, results/h100-2026-11-23e:
+    16-byte loads, 8 in flight a thread, walking the experts with 32-bit counters, 8 blocks of 256 threads an SM, PDL;
+    8.61 us for one row's 20 MB), for each (rows, regime) of ``cases``: each call reads every byte of
     its route's distinct experts (fresh random bytes, LAYERS layers of them, allocated once for every case), timed as
     the kernels are. What no kernel reading these bytes can beat by much: the experts kernels' time beside it is what
     computing costs."""
@@ -198,12 +199,12 @@ def measure_read_floor(shape: dict, cases, device, gen, reps: int) -> list[dict]
     eb = expert_bytes("mxfp4", shape)
     module = CudaModule(SOURCE, "read_floor")
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    out = torch.empty(4 * sms, dtype=torch.int32, device=device)
+    out = torch.empty(8 * sms, dtype=torch.int32, device=device)
     flat = [torch.randint(0, 256, (shape["E"], eb), dtype=torch.uint8, device=device) for _ in range(shape["layers"])]
 
     def call(w, ids):
-        module.launch("ldg_read8", (4 * sms,), 256, [pointer(w), pointer(ids), ctypes.c_int32(ids.numel()),
-                                                     ctypes.c_int64(eb), pointer(out), ctypes.c_int32(1)],
+        module.launch("ldg_walk_read8", (8 * sms,), 256, [pointer(w), pointer(ids), ctypes.c_int32(ids.numel()),
+                                                          ctypes.c_int64(eb), pointer(out), ctypes.c_int32(1)],
                       device, pdl=True)
 
     results = []
@@ -263,9 +264,16 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
         if fused:  # experts_kernel: PDL, fewer consumer warps, other stage counts
             out.append((f"mx cuda fused pdl={not fused['pdl']}", "mxfp4",
                         {"cuda": {**cu, "fused": {**fused, "pdl": not fused["pdl"]}}}))
-            four = fused_context(shape["H"], shape["I"], dev, warps=4)
-            if four:
-                out.append(("mx cuda fused warps=4", "mxfp4", {"cuda": {**cu, "fused": four}}))
+            other = fused_context(shape["H"], shape["I"], dev, act_warp=not fused["act_warp"])
+            out.append((f"mx cuda fused act_warp={other['act_warp']}", "mxfp4", {"cuda": {**cu, "fused": other}}))
+            for warps in (4, 16):  # other numbers of consumer warps, where they split H's chunks
+                other = fused_context(shape["H"], shape["I"], dev, warps=warps)
+                if other and other["warps"] != fused["warps"]:
+                    out.append((f"mx cuda fused warps={warps}", "mxfp4", {"cuda": {**cu, "fused": other}}))
+                    most = fused_context(shape["H"], shape["I"], dev, warps=warps, max_stages=64)
+                    if most["stages"] != other["stages"]:
+                        out.append((f"mx cuda fused warps={warps} stages={most['stages']}", "mxfp4",
+                                    {"cuda": {**cu, "fused": most}}))
             for by_slot in (0, 8, 24, 32, 64):  # down by slot past this many live slots (64: never)
                 if by_slot != fused["by_slot"]:
                     out.append((f"mx cuda fused by_slot={by_slot}", "mxfp4",
@@ -297,8 +305,8 @@ def case(text: str) -> tuple[int, str]:
 
 def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: DeviceInfo, fragments: dict) -> list[dict]:
     """Time each variant at 1 row, 8 rows on the same experts and 8 rows on independent routes (and the cases of
-    ``--more-cases``), ``args.repeats`` times round-robin (so drifts of the GPU spread over all variants alike); each row holds the median times, and
-    the errors and per-kernel times of the first round."""
+    ``--more-cases``), ``args.repeats`` times round-robin (so drifts of the GPU spread over all variants alike); each
+    row holds the median times, and the errors and per-kernel times of the first round."""
     variants = [v for v in variants if not args.only or any(o in v[0] for o in args.only)]
     rows_out, modules = {}, {}
     for round_ in range(args.repeats):

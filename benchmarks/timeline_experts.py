@@ -9,9 +9,11 @@ stamps %globaltimer at points of its work, with its SM. gate_up_kernel and down_
 its slot table, after its weights are in (gate_up: the first slot's sums done; down: the wait for gate_up released)
 and when it ends. experts_kernel (the planner's choice where it fits): start, slot table, its gate_up units done,
 the grid barrier passed, end; and in down, its first unit's weights in, that unit's sums done (its act in), and the
-tile's last unit done (down by slot: the block's outputs written and fenced, before the ranges' counts). The calls run as in bench_mxfp4_experts.py (a CUDA graph over LAYERS layers' weights);
-the stamps kept are those of the last call. Times are nanoseconds from the first block's start. Writes
-DIR/timeline_experts.json and prints percentiles.
+tile's last unit done (down by slot: the block's outputs written and fenced, before the ranges' counts); and when
+its consumers have waited for its last gate_up unit, and (stamped by the producer) when the bytes of the last unit it
+copies have landed: when the stream delivered the block's share, whatever the consumers were doing. The calls run
+as in bench_mxfp4_experts.py (a CUDA graph over LAYERS layers' weights); the stamps kept are those of the last call.
+Times are nanoseconds from the first block's start. Writes DIR/timeline_experts.json and prints percentiles.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from tilec.codegen.plans_moe import with_down  # noqa: E402
 from tilec.codegen.tuning import device_info  # noqa: E402
 
 POINTS = {"gate_up": ("start", "table", "weights", "end"), "down": ("start", "table", "weights", "end"),
-          "experts": ("start", "table", "gate_up_done", "barrier", "end", "down_w_in", "down_first", "down_sums")}
+          "experts": ("start", "table", "gate_up_done", "barrier", "end", "down_w_in", "down_first", "down_sums",
+                     "gate_up_last_in", "last_unit_in")}
 KERNELS = ("gate_up", "down", "experts")  # the template's kernel numbers in its stamps
-BLOCKS, FIELDS = 8192, 9  # TIMELINE_BLOCKS and TIMELINE_FIELDS in the template
+BLOCKS, FIELDS = 8192, 11  # TIMELINE_BLOCKS and TIMELINE_FIELDS in the template
 
 
 def percentiles(values: list[float]) -> dict:

@@ -33,9 +33,10 @@ H100 = DeviceInfo(interpret=False, sms=132)
 def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     cuda = experts_context("mxfp4", 2048, 768, 128, H100)["cuda"]
     # both projections in one persistent kernel: 8 consumer warps, stages of one gate_up tile (32 chunks of 544
-    # bytes) or two down slots; 4 of them (11 would fit in 227 KB beside the static shared memory)
+    # bytes) or two down slots; 4 of them (11 would fit in 227 KB beside the static shared memory); an act warp
+    # beside the producer
     fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408, "pdl": True, "by_slot": 16,
-             "range": 16}
+             "range": 16, "act_warp": True}
     assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "d_split": 2, "d_warps": 16, "d_depth": 6,
                     "fused": fused}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
@@ -50,12 +51,16 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert odd["fused"]["warps"] == 3 and odd["fused"]["du"] == 1  # 3 warps split H's 3 chunks and a slot's 3
     # I larger than H: a stage is one down slot; a GPU with 99 KB a block has fewer stages; none before Hopper
     assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
-                                               "smem": 4 * 64 * 544, "pdl": True, "by_slot": 16, "range": 16}
+                                               "smem": 4 * 64 * 544, "pdl": True, "by_slot": 16, "range": 16,
+                                               "act_warp": True}
     assert odd["fused"]["range"] == 12  # down by slot: one range of all H's 12 tiles
     # H = 6144 (MiMo-V2.5-Pro): 8 warps would hold 12 chunks of x each (and spill): 12 warps, 8 chunks each, three
-    # down slots a stage (one gate_up tile's 52 KB of room) of 4 warps each
+    # down slots a stage (one gate_up tile's 52 KB of room) of 4 warps each; no act warp (its registers would make
+    # the consumers spill: the nvcc test below compiles this shape)
     assert fused_context(6144, 2048, H100) == {"warps": 12, "stages": 3, "stage_bytes": 96 * 544, "du": 3,
-                                               "smem": 3 * 96 * 544, "pdl": True, "by_slot": 16, "range": 12}
+                                               "smem": 3 * 96 * 544, "pdl": True, "by_slot": 16, "range": 12,
+                                               "act_warp": False}
+    assert fused_context(2048, 768, H100, act_warp=False)["act_warp"] is False
     assert fused_context(8192, 2048, H100)["warps"] == 16
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4

@@ -137,7 +137,7 @@ def fused_static_bytes(hidden: int, warps: int) -> int:
 
 
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
-                  max_stages: int = 4, by_slot: int = 16) -> dict | None:
+                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None) -> dict | None:
     """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
     of shared-memory stages by bulk copies), or None where it does not fit. ``warps`` consumer warps (by default the
     most, up to 8, that divide H's chunks of 64; where that leaves a warp more than 8 chunks, the fewest up to 16 that
@@ -159,11 +159,17 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     Measured on the H100 (2026-11-23, bench_mxfp4_experts.py --sweep --repeats 3, mini shapes, medians; us at one row /
     8 rows on the same experts / 8 independent rows; benchmarks/results/h100-2026-11-23c): 4 stages 15.4 / 17.1 / 70.4;
     2: 15.3 / 16.5 / 70.6; 3: 15.0 / 16.9 / 71.4; 6: 15.8 / 16.8 / 68.4; all 11 that fit: 15.9 / 17.3 / 76.6. More
-    bytes requested at once do not come faster: a block's bulk copies land in the order issued, at about 15 GB/s an SM
-    at one row (benchmarks/timeline_experts.py). Also measured: without PDL 16.0 / 17.3 / 70.1; 4 consumer warps
+    bytes requested at once do not come faster. Also measured: without PDL 16.0 / 17.3 / 70.1; 4 consumer warps
     16.3 / 18.2 / 73.1; two blocks an SM (5 stages each) 20.2 / 23.5 / 103.8 (sweeps/); an L2 evict_first hint on the
     copies (15.2 / 17.0 / 69.4) and down's act loads of 4 units issued together (act loads one unit at a time:
-    15.2 / 16.6 / 70.7) gained nothing beyond the spread between rounds, so neither is in the template."""
+    15.2 / 16.6 / 70.7) gained nothing beyond the spread between rounds, so neither is in the template.
+
+    ``act_warp`` (by default where there are at most 8 consumer warps): a warp of its own adds each gate_up unit's sums
+    and stores its act, handed the sums through named barriers, so the consumers go straight on to the next unit
+    instead of synchronising after each and taking turns at the act. With it, and a grid barrier of one atomic add a
+    block (H200, 2026-11-23, benchmarks/results/h100-2026-11-23e, same-run sweeps of 2 rounds, 1 row / 8 rows same / 8
+    independent rows): 13.7 / 14.0 / 56.1 us against 14.0 / 15.4 / 62.1 before. Past 8 consumer warps the extra warp
+    leaves them too few registers (H = 6144, 12 warps: 4 bytes spilled), so they keep taking turns."""
     chunks, d_chunks = hidden // 64, inter // 64
     if not warps:
         warps = next(w for w in range(8, 0, -1) if chunks % w == 0)
@@ -183,8 +189,9 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
         return None
     # du divides warps, which divides H's chunks of 64, so du itself always divides H's tiles of 16
     span = max(r for r in range(du, 17) if r % du == 0 and (hidden // 16) % r == 0)
+    act_warp = warps <= 8 if act_warp is None else act_warp
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
-            "by_slot": by_slot, "range": span}
+            "by_slot": by_slot, "range": span, "act_warp": act_warp}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
