@@ -1,7 +1,10 @@
 """Launch the MXFP4 experts kernels at `mini` shapes eagerly, for Nsight Compute to profile (no timing here).
 
-    ncu --kernel-name regex:"gate_up|down" --launch-skip 8 --launch-count 2 --set full \
+    ncu --kernel-name regex:"experts_kernel|gate_up|down" --launch-skip 8 --launch-count 2 --set full \
         python3 benchmarks/ncu_experts.py --rows 1 [--override '{"scale_fold": false}']
+
+(`experts_kernel` where the planner takes it, else the two kernels; `--page source --print-source sass --csv` lists
+the stall samples of each SASS instruction.)
 """
 
 from __future__ import annotations

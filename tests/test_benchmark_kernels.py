@@ -1,6 +1,7 @@
-"""The CUDA kernels of the benchmark scripts, which only a GPU runs, kept building on the CPU:
-benchmarks/read_floor.py's floor kernels compile for sm_90a without spills. (The split-K experiment that was tested
-here lost on the GPU and lives on the branch experiment/split-k; benchmarks/results/h100-2026-11-23e.)
+"""The GPU-only parts of the benchmark scripts, kept in step on the CPU: benchmarks/read_floor.py's floor kernels compile
+for sm_90a without spills, and timeline_experts.py reads the experts template's stamps as the template lays them out.
+(The split-K experiment that was tested here lost on the GPU and lives on the branch experiment/split-k;
+benchmarks/results/h100-2026-11-23e.)
 """
 
 from __future__ import annotations
@@ -27,3 +28,18 @@ def test_read_floor_kernels_compile_without_spills(tmp_path):
     compiled = set(re.findall(r"Compiling entry function '(\w+)'", proc.stderr))
     assert {kernel_of(v) for v in variants(132)} <= compiled  # every kernel the script launches
     assert not re.search(r"[1-9]\d* bytes spill stores", proc.stderr)
+
+
+def test_timeline_reads_the_template_stamps():
+    """timeline_experts.py reads the stamps with the template's layout, and names every point a kernel stamps (the
+    last field of a block holds its SM)."""
+    import timeline_experts as tl
+
+    src = (Path(__file__).resolve().parents[1] / "templates" / "cuda" / "moe_experts_mxfp4.cu.j2").read_text()
+    fields = int(re.search(r"#define TIMELINE_FIELDS (\d+)", src).group(1))
+    blocks = int(re.search(r"#define TIMELINE_BLOCKS (\d+)", src).group(1))
+    assert (tl.BLOCKS, tl.FIELDS) == (blocks, fields)
+    stamps = re.findall(r"STAMP(?:_ANY)?\((\d), (\d+)\);", src)
+    assert len(stamps) > 20
+    for kernel, point in stamps:
+        assert int(point) < min(len(tl.POINTS[tl.KERNELS[int(kernel)]]), fields - 1), (kernel, point)
