@@ -3,8 +3,8 @@
     ncu --kernel-name regex:"experts_kernel|gate_up|down" --launch-skip 8 --launch-count 2 --set full \
         python3 benchmarks/ncu_experts.py --rows 1 [--override '{"scale_fold": false}']
 
-(`experts_kernel` where the planner takes it, else the two kernels; `--page source --print-source sass --csv` lists
-the stall samples of each SASS instruction.)
+(`experts_kernel` where the planner takes it, else the two kernels. Nsight Compute's source page, `--page source`,
+gives the stall samples of each instruction: where the down phase's time goes.)
 """
 
 from __future__ import annotations
