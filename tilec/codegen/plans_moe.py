@@ -167,7 +167,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     ``act_warp`` (by default where there are at most 8 consumer warps): a warp of its own adds each gate_up unit's sums
     and stores its act, handed the sums through named barriers, so the consumers go straight on to the next unit
     instead of synchronising after each and taking turns at the act. With it, and a grid barrier of one atomic add a
-    block (H200, 2026-11-23, benchmarks/results/h100-2026-11-23e, same-run sweeps of 2 rounds, 1 row / 8 rows same / 8
+    block (H200, 2026-11-23, benchmarks/results/h200-2026-11-23e, same-run sweeps of 2 rounds, 1 row / 8 rows same / 8
     independent rows): 13.7 / 14.0 / 56.1 us against 14.0 / 15.4 / 62.1 before. Past 8 consumer warps the extra warp
     leaves them too few registers (H = 6144, 12 warps: 4 bytes spilled), so they keep taking turns."""
     chunks, d_chunks = hidden // 64, inter // 64
