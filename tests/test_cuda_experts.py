@@ -1,6 +1,7 @@
 """The CUDA decode kernels of mxfp4_moe_experts (templates/cuda/moe_experts_mxfp4.cu.j2).
 
-On any machine: the planner's choice, the lowering's re-laid weights (step.py passes them after the node's own
+On any machine: the planner's choice (for drawn shapes too: its experts_kernel plan fits the template's assumptions
+and the block's shared memory), the lowering's re-laid weights (step.py passes them after the node's own
 arguments), and the generated CUDA source compiling for sm_90a without spills (nvcc, where installed). On the GPU:
 the kernels against the reference op at mini expert shapes, batch invariance, and the unfolded scale path. The
 fragment layout itself is tested in tests/test_mma_layout.py.
@@ -15,6 +16,7 @@ import subprocess
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import tilec
 from tilec import mxfp4, ops
@@ -112,6 +114,33 @@ def test_no_cuda_decode_when_weights_are_not_graph_constants():
 
     ctx = json.loads(PLANNERS["mxfp4_moe_experts"](node, H100).context)
     assert ctx["cuda"] is None and "derived_weights" not in ctx
+
+
+
+@given(hidden=st.integers(1, 160).map(lambda c: 64 * c), inter=st.integers(1, 96).map(lambda c: 64 * c),
+       smem=st.sampled_from([232448, 166912, 101376]), warps=st.sampled_from([None, None, 4, 8, 12, 16]),
+       max_stages=st.sampled_from([4, 64]), act_warp=st.sampled_from([None, True, False]))
+@settings(max_examples=300, deadline=None)
+def test_fused_plan_fits_what_the_template_assumes(hidden, inter, smem, warps, max_stages, act_warp):
+    """For drawn expert shapes (held-out MiMo sizes among them), a plan for experts_kernel meets what the template's
+    static_asserts and index arithmetic assume and fits the block's shared memory and threads; without a warp count
+    given, a consumer warp holds at most 8 chunks of x wherever H's chunks allow it (more spill)."""
+    dev = DeviceInfo(interpret=False, sms=132, smem_optin=smem)
+    f = fused_context(hidden, inter, dev, warps=warps, max_stages=max_stages, act_warp=act_warp)
+    chunks, d_chunks = hidden // 64, inter // 64
+    if f is None:
+        return
+    w, du = f["warps"], f["du"]
+    assert chunks % w == 0 and w % du == 0 and d_chunks % (w // du) == 0  # FA_CHUNKS, F_WS, FB_CHUNKS whole
+    assert f["range"] % du == 0 and (hidden // 16) % f["range"] == 0 and f["range"] <= 16
+    assert f["stage_bytes"] % 128 == 0
+    assert f["stage_bytes"] >= max(chunks * 544, du * d_chunks * 544)  # a gate_up tile, or du down slots
+    assert 2 <= f["stages"] <= max_stages and f["smem"] == f["stages"] * f["stage_bytes"]
+    assert fused_static_bytes(hidden, w) + 16 * f["stages"] + f["smem"] <= smem
+    assert f["act_warp"] == (w <= 8 if act_warp is None else act_warp)
+    assert (w + 1 + f["act_warp"]) * 32 <= 1024
+    if warps is None and any(chunks % v == 0 and chunks // v <= 8 for v in range(1, 17)):
+        assert chunks // w <= 8
 
 
 NVCC = shutil.which("nvcc")
