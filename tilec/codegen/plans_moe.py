@@ -139,13 +139,15 @@ def fused_static_bytes(hidden: int, warps: int) -> int:
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
                   max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None) -> dict | None:
     """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
-    of shared-memory stages by bulk copies), or None where it does not fit. ``warps`` consumer warps (by default the
-    most, up to 8, that divide H's chunks of 64; where that leaves a warp more than 8 chunks, the fewest up to 16 that
-    leave it 8 or fewer: each warp holds its chunks of x in registers, and 12 chunks spill, at H = 6144) split H's
-    chunks in gate_up and each down slot's chunks of I; a
-    stage holds one gate_up tile (16 rows by H) or ``du`` down slots of one tile (16 rows by I each), the most that
-    fit a gate_up tile's room and split I's chunks evenly (else the fewest that split them, the stage made larger);
-    as many stages as fit beside the static shared memory, up to ``max_stages``. Where more than ``by_slot`` slots are
+    of shared-memory stages by bulk copies), or None where it does not fit. ``warps`` consumer warps split H's
+    chunks of 64 in gate_up and each down slot's chunks of I. By default: the most, up to 8, that divide H's chunks;
+    where that leaves a warp more than 8 chunks, the fewest up to 16 that leave it 8 or fewer (each warp holds its
+    chunks of x in registers, and 12 chunks spill, at H = 6144); and where that leaves a warp more than 8 chunks of I
+    in down, or no plan, the fewest more up to 16 that do neither (H = 5120, I = 2048: 16 warps, where 10 held 16
+    chunks of I and spilled 536 bytes; H = 7168, I = 2048 had no plan with 14). A stage holds one gate_up tile (16
+    rows by H) or ``du`` down slots of one tile (16 rows by I each): the most that fit a gate_up tile's room, split
+    I's chunks evenly and leave a warp at most 8 of them (else the most that fit, else the fewest that split them,
+    the stage made larger); as many stages as fit beside the static shared memory, up to ``max_stages``. Where more than ``by_slot`` slots are
     live, down is dealt by slot in ranges of ``range`` tiles of H (the most up to 16 that are whole stages of ``du``
     tiles), each slot's act read once a range; otherwise by tile of H, every slot of a tile in one block (no outputs
     through global memory). Both give every output the same bits. By tile, every block reads every live slot's act
@@ -171,22 +173,38 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     independent rows): 13.7 / 14.0 / 56.1 us against 14.0 / 15.4 / 62.1 before. Past 8 consumer warps the extra warp
     leaves them too few registers (H = 6144, 12 warps: 4 bytes spilled), so they keep taking turns."""
     chunks, d_chunks = hidden // 64, inter // 64
+    gu, d_slot = chunks * (512 + 32), d_chunks * (512 + 32)
+    room = max(gu, d_slot)
+
+    def stages_for(w: int) -> tuple[int, int, int] | None:
+        """(du, stage bytes, stages) for w consumer warps: du the most down slots that fit a gate_up tile's room and
+        split I's chunks evenly over the warps (else the fewest that split them, the stage made larger), preferring
+        those that leave a warp at most 8 chunks of I."""
+        valid = [u for u in range(1, w + 1) if w % u == 0 and d_chunks % (w // u) == 0]
+        fits = [u for u in valid if u * d_slot <= room]
+        light = [u for u in fits if d_chunks * u // w <= 8]
+        if not valid:
+            return None
+        du = max(light) if light else max(fits, default=valid[0])
+        stage = -(-max(gu, du * d_slot) // 128) * 128
+        n = min(max_stages, (dev.smem_optin - fused_static_bytes(hidden, w)) // (stage + 16))  # and 2 barriers
+        return (du, stage, n) if n >= 2 else None
+
+    def fine(w: int) -> bool:  # a plan, with at most 8 chunks of I a warp in down (more spill)
+        plan = stages_for(w)
+        return plan is not None and d_chunks * plan[0] // w <= 8
+
     if not warps:
         warps = next(w for w in range(8, 0, -1) if chunks % w == 0)
         warps = next((w for w in range(8, 17) if chunks % w == 0 and chunks // w <= 8), warps)
+        if not fine(warps):  # more warps, where they split both projections finely enough
+            warps = next((w for w in range(warps + 1, 17) if chunks % w == 0 and chunks // w <= 8 and fine(w)), warps)
     if dev.capability < (9, 0) or chunks % warps:
         return None
-    gu, d_slot = chunks * (512 + 32), d_chunks * (512 + 32)
-    valid = [u for u in range(1, warps + 1) if warps % u == 0 and d_chunks % (warps // u) == 0]
-    if not valid:
+    plan = stages_for(warps)
+    if plan is None:
         return None
-    room = max(gu, d_slot)
-    du = max((u for u in valid if u * d_slot <= room), default=valid[0])
-    stage = -(-max(gu, du * d_slot) // 128) * 128
-    static = fused_static_bytes(hidden, warps)
-    stages = min(max_stages, (dev.smem_optin - static) // (stage + 16))  # a stage and its two barriers
-    if stages < 2:
-        return None
+    du, stage, stages = plan
     # du divides warps, which divides H's chunks of 64, so du itself always divides H's tiles of 16
     span = max(r for r in range(du, 17) if r % du == 0 and (hidden // 16) % r == 0)
     act_warp = warps <= 8 if act_warp is None else act_warp
