@@ -147,10 +147,10 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     chunks of I and spilled 536 bytes; H = 7168, I = 2048 had no plan with 14). A stage holds one gate_up tile (16
     rows by H) or ``du`` down slots of one tile (16 rows by I each): the most that fit a gate_up tile's room, split
     I's chunks evenly and leave a warp at most 8 of them (else the most that fit, else the fewest that split them,
-    the stage made larger); as many stages as fit beside the static shared memory, up to ``max_stages``. Where more than ``by_slot`` slots are
-    live, down is dealt by slot in ranges of ``range`` tiles of H (the most up to 16 that are whole stages of ``du``
-    tiles), each slot's act read once a range; otherwise by tile of H, every slot of a tile in one block (no outputs
-    through global memory). Both give every output the same bits. By tile, every block reads every live slot's act
+    the stage made larger); as many stages as fit beside the static shared memory, up to ``max_stages``. Where more
+    than ``by_slot`` slots are live, down is dealt by slot in ranges of ``range`` tiles of H (the most up to 16 that
+    are whole stages of ``du`` tiles), each slot's act read once a range; otherwise by tile of H, every slot of a tile
+    in one block (no outputs through global memory). Both give every output the same bits. By tile, every block reads every live slot's act
     from L2: at 8 independent rows (about 51 slots) 83 MB a call, twice the down weights. Measured (H100, 2026-11-23,
     benchmarks/results/h100-2026-11-23d, sweeps of 2 rounds): 8 independent rows 62.8 us by slot above 16 live slots,
     68.9 by tile; at one row (8 slots, by tile either way) 15.0 against 14.8; by slot at every call 16.4 at one row.
