@@ -150,8 +150,9 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     the stage made larger); as many stages as fit beside the static shared memory, up to ``max_stages``. Where more
     than ``by_slot`` slots are live, down is dealt by slot in ranges of ``range`` tiles of H (the most up to 16 that
     are whole stages of ``du`` tiles), each slot's act read once a range; otherwise by tile of H, every slot of a tile
-    in one block (no outputs through global memory). Both give every output the same bits. By tile, every block reads every live slot's act
-    from L2: at 8 independent rows (about 51 slots) 83 MB a call, twice the down weights. Measured (H100, 2026-11-23,
+    in one block (no outputs through global memory). Both give every output the same bits. By tile, every block
+    reads every live slot's act from L2: at 8 independent rows (about 51 slots) 83 MB a call, twice the down
+    weights. Measured (H100, 2026-11-23,
     benchmarks/results/h100-2026-11-23d, sweeps of 2 rounds): 8 independent rows 62.8 us by slot above 16 live slots,
     68.9 by tile; at one row (8 slots, by tile either way) 15.0 against 14.8; by slot at every call 16.4 at one row.
     Ranges of 16 tiles against 8 / 4 / 2 (`sweep_range/`): 62.2 / 65.1 / 68.0 / 76.1 us at 8 independent rows, 39.0 /
