@@ -140,7 +140,7 @@ def test_fused_plan_fits_what_the_template_assumes(hidden, inter, smem, warps, m
     assert f["stage_bytes"] >= max(chunks * 544, du * d_chunks * 544)  # a gate_up tile, or du down slots
     assert 2 <= f["stages"] <= max_stages and f["smem"] == f["stages"] * f["stage_bytes"]
     assert fused_static_bytes(hidden, w) + 16 * f["stages"] + f["smem"] <= smem
-    assert f["act_warp"] == (w <= 8 if act_warp is None else act_warp)
+    assert f["act_warp"] == ((w <= 10 or chunks // w <= 5) if act_warp is None else act_warp)
     assert (w + 1 + f["act_warp"]) * 32 <= 1024
     if warps is None and any(chunks % v == 0 and chunks // v <= 8 for v in range(1, 17)):
         assert chunks // w <= 8

@@ -167,12 +167,14 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     copies (15.2 / 17.0 / 69.4) and down's act loads of 4 units issued together (act loads one unit at a time:
     15.2 / 16.6 / 70.7) gained nothing beyond the spread between rounds, so neither is in the template.
 
-    ``act_warp`` (by default where there are at most 8 consumer warps): a warp of its own adds each gate_up unit's sums
-    and stores its act, handed the sums through named barriers, so the consumers go straight on to the next unit
-    instead of synchronising after each and taking turns at the act. With it, and a grid barrier of one atomic add a
+    ``act_warp`` (by default where there are at most 10 consumer warps, or each holds at most 5 chunks of x): a warp
+    of its own adds each gate_up unit's sums and stores its act, handed the sums through named barriers, so the
+    consumers go straight on to the next unit instead of synchronising after each and taking turns at the act. With it, and a grid barrier of one atomic add a
     block (H200, 2026-11-23, benchmarks/results/h200-2026-11-23e, same-run sweeps of 2 rounds, 1 row / 8 rows same / 8
-    independent rows): 13.7 / 14.0 / 56.1 us against 14.0 / 15.4 / 62.1 before. Past 8 consumer warps the extra warp
-    leaves them too few registers (H = 6144, 12 warps: 4 bytes spilled), so they keep taking turns."""
+    independent rows): 13.7 / 14.0 / 56.1 us against 14.0 / 15.4 / 62.1 before (mini's 8 warps; other shapes not
+    measured). With more warps holding more chunks, the extra warp leaves them too few registers (nvcc for sm_90a:
+    12 warps of 8 chunks at H = 6144 spill 4 bytes, 16 of 6 to 8 chunks 24 to 496; 9 or 10 warps of up to 8 chunks,
+    12 of 3 and 16 of 5 do not), so they keep taking turns."""
     chunks, d_chunks = hidden // 64, inter // 64
     gu, d_slot = chunks * (512 + 32), d_chunks * (512 + 32)
     room = max(gu, d_slot)
@@ -208,7 +210,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     du, stage, stages = plan
     # du divides warps, which divides H's chunks of 64, so du itself always divides H's tiles of 16
     span = max(r for r in range(du, 17) if r % du == 0 and (hidden // 16) % r == 0)
-    act_warp = warps <= 8 if act_warp is None else act_warp
+    act_warp = (warps <= 10 or chunks // warps <= 5) if act_warp is None else act_warp
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
             "by_slot": by_slot, "range": span, "act_warp": act_warp}
 
