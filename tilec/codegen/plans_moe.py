@@ -172,9 +172,9 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     consumers go straight on to the next unit instead of synchronising after each and taking turns at the act. With
     it, and a grid barrier of one atomic add a block (H200, 2026-11-23, benchmarks/results/h200-2026-11-23e, same-run
     sweeps of 2 rounds, 1 row / 8 rows same / 8 independent rows): 13.7 / 14.0 / 56.1 us against 14.0 / 15.4 / 62.1
-    before (mini's 8 warps; other shapes not measured). With more warps holding more chunks, the extra warp leaves them too few registers (nvcc for sm_90a:
-    12 warps of 8 chunks at H = 6144 spill 4 bytes, 16 of 6 to 8 chunks 24 to 496; 9 or 10 warps of up to 8 chunks,
-    12 of 3 and 16 of 5 do not), so they keep taking turns."""
+    before (mini's 8 warps; other shapes not measured). With more warps holding more chunks, the extra warp leaves
+    them too few registers, so they keep taking turns. nvcc for sm_90a: 12 warps of 8 chunks (H = 6144) spill 4
+    bytes, 16 of 6 to 8 chunks 24 to 496; 9 or 10 warps of up to 8 chunks, 12 of 3 and 16 of 5 do not."""
     chunks, d_chunks = hidden // 64, inter // 64
     gu, d_slot = chunks * (512 + 32), d_chunks * (512 + 32)
     room = max(gu, d_slot)
