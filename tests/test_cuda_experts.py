@@ -156,11 +156,13 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 @pytest.mark.parametrize("h,i,fold,d_split", [(2048, 768, True, 2), (2048, 768, False, 2), (4096, 2048, True, 2),
                                                (192, 192, True, 2), (2048, 768, True, 1), (1024, 4096, True, 2),
-                                               (512, 64, True, 2), (6144, 2048, True, 2), (5120, 2048, True, 2)])
+                                               (512, 64, True, 2), (6144, 2048, True, 2), (5120, 2048, True, 2),
+                                               (6144, 1024, True, 2)])
 def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_split):
     """The generated CUDA compiles for sm_90a (mini, the MiMo-V2-Flash expert shape, odd chunk counts, I larger or much
     smaller than H, down's I in one or two pieces, MiMo-V2.5-Pro's H = 6144 with 12 consumer warps, H = 5120 with 16,
-    where 10 spilled), with no local-memory spills (registers hold the loads in flight)."""
+    where 10 spilled, and 6144 x 1024 with 3 down slots a stage, where 6 spilled), with no local-memory spills
+    (registers hold the loads in flight)."""
     ctx = experts_context("mxfp4", h, i, 16, H100, scale_fold=fold)
     assert ctx["cuda"] is not None and ctx["cuda"]["fused"] is not None
     ctx["cuda"] = with_down(ctx["cuda"], i, d_split)

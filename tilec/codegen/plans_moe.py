@@ -146,9 +146,10 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     in down, or no plan, the fewest more up to 16 that do neither (H = 5120, I = 2048: 16 warps, where 10 held 16
     chunks of I and spilled 536 bytes; H = 7168, I = 2048 had no plan with 14). A stage holds one gate_up tile (16
     rows by H) or ``du`` down slots of one tile (16 rows by I each): the most that fit a gate_up tile's room, split
-    I's chunks evenly and leave a warp at most 8 of them (else the most that fit, else the fewest that split them,
-    the stage made larger); as many stages as fit beside the static shared memory, up to ``max_stages``. Where more
-    than ``by_slot`` slots are live, down is dealt by slot in ranges of ``range`` tiles of H (the most up to 16 that
+    I's chunks evenly and leave a warp at most 8 of them, or 4 past 8 warps where some do (H = 6144, I = 1024: 3
+    slots, where 6 spilled 4 bytes); else the most that fit; else the fewest that split them, the stage made larger.
+    As many stages as fit beside the static shared memory, up to ``max_stages``. Where more than ``by_slot`` slots
+    are live, down is dealt by slot in ranges of ``range`` tiles of H (the most up to 16 that
     are whole stages of ``du`` tiles), each slot's act read once a range; otherwise by tile of H, every slot of a tile
     in one block (no outputs through global memory). Both give every output the same bits. By tile, every block
     reads every live slot's act from L2: at 8 independent rows (about 51 slots) 83 MB a call, twice the down
@@ -182,13 +183,14 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     def stages_for(w: int) -> tuple[int, int, int] | None:
         """(du, stage bytes, stages) for w consumer warps: du the most down slots that fit a gate_up tile's room and
         split I's chunks evenly over the warps (else the fewest that split them, the stage made larger), preferring
-        those that leave a warp at most 8 chunks of I."""
+        those that leave a warp at most 8 chunks of I, and past 8 warps at most 4 where some do."""
         valid = [u for u in range(1, w + 1) if w % u == 0 and d_chunks % (w // u) == 0]
         fits = [u for u in valid if u * d_slot <= room]
         light = [u for u in fits if d_chunks * u // w <= 8]
+        lighter = [u for u in light if d_chunks * u // w <= 4] if w > 8 else []  # more warps: fewer registers each
         if not valid:
             return None
-        du = max(light) if light else max(fits, default=valid[0])
+        du = max(lighter or light) if light else max(fits, default=valid[0])
         stage = -(-max(gu, du * d_slot) // 128) * 128
         n = min(max_stages, (dev.smem_optin - fused_static_bytes(hidden, w)) // (stage + 16))  # and 2 barriers
         return (du, stage, n) if n >= 2 else None
