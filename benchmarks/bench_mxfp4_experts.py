@@ -264,8 +264,8 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
         if fused:  # experts_kernel: PDL, fewer consumer warps, other stage counts
             out.append((f"mx cuda fused pdl={not fused['pdl']}", "mxfp4",
                         {"cuda": {**cu, "fused": {**fused, "pdl": not fused["pdl"]}}}))
-            other = fused_context(shape["H"], shape["I"], dev, act_warp=not fused["act_warp"])
-            out.append((f"mx cuda fused act_warp={other['act_warp']}", "mxfp4", {"cuda": {**cu, "fused": other}}))
+            out.append((f"mx cuda fused act_warp={not fused['act_warp']}", "mxfp4",
+                        {"cuda": {**cu, "fused": {**fused, "act_warp": not fused["act_warp"]}}}))
             for warps in (4, 16):  # other numbers of consumer warps, where they split H's chunks
                 other = fused_context(shape["H"], shape["I"], dev, warps=warps)
                 if other and other["warps"] != fused["warps"]:

@@ -62,7 +62,6 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert fused_context(6144, 2048, H100) == {"warps": 12, "stages": 3, "stage_bytes": 96 * 544, "du": 3,
                                                "smem": 3 * 96 * 544, "pdl": True, "by_slot": 16, "range": 12,
                                                "act_warp": False}
-    assert fused_context(2048, 768, H100, act_warp=False)["act_warp"] is False
     assert fused_context(8192, 2048, H100)["warps"] == 16
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4
@@ -140,7 +139,6 @@ def test_fused_plan_fits_what_the_template_assumes(hidden, inter, smem, warps, m
     assert f["stage_bytes"] >= max(chunks * 544, du * d_chunks * 544)  # a gate_up tile, or du down slots
     assert 2 <= f["stages"] <= max_stages and f["smem"] == f["stages"] * f["stage_bytes"]
     assert fused_static_bytes(hidden, w) + 16 * f["stages"] + f["smem"] <= smem
-    assert f["act_warp"] == ((w <= 10 or chunks // w <= 5) if act_warp is None else act_warp)
     assert (w + 1 + f["act_warp"]) * 32 <= 1024
     if warps is None and any(chunks % v == 0 and chunks // v <= 8 for v in range(1, 17)):
         assert chunks // w <= 8

@@ -185,11 +185,11 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
         split I's chunks evenly over the warps (else the fewest that split them, the stage made larger), preferring
         those that leave a warp at most 8 chunks of I, and past 8 warps at most 4 where some do."""
         valid = [u for u in range(1, w + 1) if w % u == 0 and d_chunks % (w // u) == 0]
+        if not valid:
+            return None
         fits = [u for u in valid if u * d_slot <= room]
         light = [u for u in fits if d_chunks * u // w <= 8]
         lighter = [u for u in light if d_chunks * u // w <= 4] if w > 8 else []  # more warps: fewer registers each
-        if not valid:
-            return None
         du = max(lighter or light) if light else max(fits, default=valid[0])
         stage = -(-max(gu, du * d_slot) // 128) * 128
         n = min(max_stages, (dev.smem_optin - fused_static_bytes(hidden, w)) // (stage + 16))  # and 2 barriers
