@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--format", default="mxfp4", choices=["mxfp4", "dense"])
     ap.add_argument("--override", default="{}", help="experts template context overrides, as JSON")
-    ap.add_argument("--calls", type=int, default=8)
+    ap.add_argument("--calls", type=int, default=12, help="calls launched (the docstring's command skips 8)")
     args = ap.parse_args()
     device = torch.device("cuda")
     dev = device_info(device)
