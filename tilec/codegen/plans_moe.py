@@ -180,10 +180,12 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
 
     ``bw``: down by tile, the consumers leave the sums of up to 4 units in shared memory and synchronise once for
     all of them (then each warp adds up one slot's), where they synchronised after every unit and two warps added up
-    its slots. Phase B is instruction-bound (Nsight Compute, H100, one row: its warps mostly issuing or waiting on
-    arithmetic, not on memory; benchmarks/results/h100-2026-11-23f), and the syncs left them idle between units.
-    Same-run sweep of 3 rounds, mini, H100 (2026-11-23): 14.1 / 14.9 / 61.9 us against 14.5 / 15.2 / 62.8 with a sync
-    a unit; each unit's act loaded during the unit before as well gained nothing (14.7 / 15.1 / 62.2)."""
+    its slots. Same-run sweeps of 3 rounds, mini, H100 (2026-11-23, benchmarks/results/h100-2026-11-23f): 14.1 /
+    14.9 / 61.9 us against 14.5 / 15.2 / 62.8 with a sync a unit, and 13.8 / 14.5 / 61.9 against 13.9 / 14.7 / 61.9
+    on another machine start: a few tenths at most. Down by tile costs about 4.2 us of the 14 at one row (the kernel
+    without it: 10 us, the read floor's time); what else was tried against it gained nothing: each unit's act loaded
+    during the unit before, every unit's act at once, the first units' fragments made while waiting at the grid
+    barrier."""
     chunks, d_chunks = hidden // 64, inter // 64
     gu, d_slot = chunks * (512 + 32), d_chunks * (512 + 32)
     room = max(gu, d_slot)
