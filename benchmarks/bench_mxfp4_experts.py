@@ -266,9 +266,6 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                         {"cuda": {**cu, "fused": {**fused, "pdl": not fused["pdl"]}}}))
             out.append((f"mx cuda fused act_warp={not fused['act_warp']}", "mxfp4",
                         {"cuda": {**cu, "fused": {**fused, "act_warp": not fused["act_warp"]}}}))
-            for bw in (1, 2):  # down by tile: units summed between the consumers' syncs
-                if bw < fused["bw"]:
-                    out.append((f"mx cuda fused bw={bw}", "mxfp4", {"cuda": {**cu, "fused": {**fused, "bw": bw}}}))
             for warps in (4, 16):  # other numbers of consumer warps, where they split H's chunks
                 other = fused_context(shape["H"], shape["I"], dev, warps=warps)
                 if other and other["warps"] != fused["warps"]:

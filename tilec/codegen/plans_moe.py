@@ -120,21 +120,20 @@ def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None
     return with_down(cuda, inter)
 
 
-# Bytes of experts_kernel's static shared memory besides its barriers: the slot table, one unit's sums (per consumer
-# warp) and the outputs of a tile's slots (templates/cuda/moe_experts_mxfp4.cu.j2; checked against ptxas by
-# tests/test_cuda_experts.py).
+# Bytes of experts_kernel's static shared memory besides its barriers: the slot table, the warps' sums of two units
+# (per consumer warp) and the outputs of a tile's slots (templates/cuda/moe_experts_mxfp4.cu.j2; checked against
+# ptxas by tests/test_cuda_experts.py).
 F_SLOTS_BYTES = 5 * 64 * 4 + 4
-F_PART_BYTES_PER_WARP = 4 * 32 * 4
+F_PART_BYTES_PER_WARP = 2 * 4 * 32 * 4
 F_Y_BYTES = 64 * 16 * 8 * 2
 
 
-def fused_static_bytes(hidden: int, warps: int, bw: int = 1) -> int:
+def fused_static_bytes(hidden: int, warps: int) -> int:
     """experts_kernel's static shared memory besides its ring's barriers, as the planner counts it: the slot table,
-    the warps' sums (of two units, or two waves of ``bw``), the tile's outputs, the by-slot lists (three ints a range
-    of H, at most one range a tile of 16) and their count, and a 1 KB margin for what the compiler adds.
-    tests/test_cuda_experts.py checks it against ptxas's count."""
-    parts = 2 * bw if bw > 1 else 2
-    return F_SLOTS_BYTES + warps * parts * F_PART_BYTES_PER_WARP + F_Y_BYTES + 12 * (hidden // 16) + 4 + 1024
+    the warps' sums, the tile's outputs, the by-slot lists (three ints a range of H, at most one range a tile of 16)
+    and their count, and a 1 KB margin for what the compiler adds. tests/test_cuda_experts.py checks it against
+    ptxas's count."""
+    return F_SLOTS_BYTES + warps * F_PART_BYTES_PER_WARP + F_Y_BYTES + 12 * (hidden // 16) + 4 + 1024
 
 
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
@@ -178,14 +177,10 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     them too few registers, so they keep taking turns. nvcc for sm_90a: 12 warps of 8 chunks (H = 6144) spill 4
     bytes, 16 of 6 to 8 chunks 24 to 496; 9 or 10 warps of up to 8 chunks, 12 of 3 and 16 of 5 do not.
 
-    ``bw``: down by tile, the consumers leave the sums of up to 4 units in shared memory and synchronise once for
-    all of them (then each warp adds up one slot's), where they synchronised after every unit and two warps added up
-    its slots. Same-run sweeps of 3 rounds, mini, H100 (2026-11-23, benchmarks/results/h100-2026-11-23f): 14.1 /
-    14.9 / 61.9 us against 14.5 / 15.2 / 62.8 with a sync a unit, and 13.8 / 14.5 / 61.9 against 13.9 / 14.7 / 61.9
-    on another machine start: a few tenths at most. Down by tile costs about 4.2 us of the 14 at one row (the kernel
-    without it: 10 us, the read floor's time); what else was tried against it gained nothing: each unit's act loaded
-    during the unit before, every unit's act at once, the first units' fragments made while waiting at the grid
-    barrier."""
+    Down by tile costs about 4.2 us of the 14 at one row (H100, 2026-11-23, benchmarks/results/h100-2026-11-23f: the
+    kernel without it takes 10 us, the read floor's time). Tried there and not kept, each within a few tenths: one
+    sync for up to 4 units, each unit's act loaded during the unit before, every unit's act at once, the first units'
+    fragments made while waiting at the grid barrier."""
     chunks, d_chunks = hidden // 64, inter // 64
     gu, d_slot = chunks * (512 + 32), d_chunks * (512 + 32)
     room = max(gu, d_slot)
@@ -223,13 +218,8 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     # du divides warps, which divides H's chunks of 64, so du itself always divides H's tiles of 16
     span = max(r for r in range(du, 17) if r % du == 0 and (hidden // 16) % r == 0)
     act_warp = (warps <= 10 or chunks // warps <= 5) if act_warp is None else act_warp
-    # down by tile: the units whose sums go in between the consumers' syncs, as many as a tile can have up to 4, where
-    # their room leaves the stages as they are
-    most = min(4, -(-by_slot // du))
-    bw = max(b for b in range(1, most + 1)
-             if b == 1 or fused_static_bytes(hidden, warps, b) + stages * (stage + 16) <= dev.smem_optin)
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
-            "by_slot": by_slot, "range": span, "act_warp": act_warp, "bw": bw}
+            "by_slot": by_slot, "range": span, "act_warp": act_warp}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
