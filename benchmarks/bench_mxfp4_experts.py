@@ -266,6 +266,8 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                         {"cuda": {**cu, "fused": {**fused, "pdl": not fused["pdl"]}}}))
             out.append((f"mx cuda fused act_warp={not fused['act_warp']}", "mxfp4",
                         {"cuda": {**cu, "fused": {**fused, "act_warp": not fused["act_warp"]}}}))
+            out.append((f"mx cuda fused sw={not fused['sw']}", "mxfp4",  # down by tile: a warp a slot, or F_WS
+                        {"cuda": {**cu, "fused": {**fused, "sw": not fused["sw"]}}}))
             for warps in (4, 16):  # other numbers of consumer warps, where they split H's chunks
                 other = fused_context(shape["H"], shape["I"], dev, warps=warps)
                 if other and other["warps"] != fused["warps"]:

@@ -218,8 +218,11 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     # du divides warps, which divides H's chunks of 64, so du itself always divides H's tiles of 16
     span = max(r for r in range(du, 17) if r % du == 0 and (hidden // 16) % r == 0)
     act_warp = (warps <= 10 or chunks // warps <= 5) if act_warp is None else act_warp
+    # down by tile a warp a slot, where a warp's first slot is at most a ring's units ahead of the stream and two
+    # pieces' act (2 x 8 registers a chunk) leave room (at 8 chunks a piece, 4096 x 2048, 332 bytes spilled)
+    sw = warps // du <= stages and d_chunks // (warps // du) <= 4
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
-            "by_slot": by_slot, "range": span, "act_warp": act_warp}
+            "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
