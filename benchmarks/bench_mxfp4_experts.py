@@ -268,6 +268,10 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                         {"cuda": {**cu, "fused": {**fused, "act_warp": not fused["act_warp"]}}}))
             out.append((f"mx cuda fused sw={not fused['sw']}", "mxfp4",  # down by tile: a warp a slot, or F_WS
                         {"cuda": {**cu, "fused": {**fused, "sw": not fused["sw"]}}}))
+            if fused["sw"]:  # a warp a slot: its pieces two at a time; all of its act loaded first
+                for kv in ({"sw_np": 2}, {"sw_all": True}, {"sw_np": 2, "sw_all": True}):
+                    name = " ".join(f"{k}={v}" for k, v in kv.items())
+                    out.append((f"mx cuda fused {name}", "mxfp4", {"cuda": {**cu, "fused": {**fused, **kv}}}))
             for warps in (4, 16):  # other numbers of consumer warps, where they split H's chunks
                 other = fused_context(shape["H"], shape["I"], dev, warps=warps)
                 if other and other["warps"] != fused["warps"]:

@@ -325,8 +325,8 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
     by_slot = cuda_module(variant="fused_by_slot")
     assert cuda["fused"]["sw"]
     by_tile = [experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(),
-                              cuda={**cuda, "fused": {**cuda["fused"], "by_slot": 64, "sw": sw}})
-               for sw in (True, False)]
+                              cuda={**cuda, "fused": {**cuda["fused"], "by_slot": 64, **sw}})
+               for sw in ({"sw": True}, {"sw": True, "sw_np": 2, "sw_all": True}, {"sw": False})]
     g = torch.Generator().manual_seed(5)
     for rows, same in ((1, True), (3, False), (8, True), (8, False)):
         w, ids = routing(rows, MINI["k"], MINI["E"], same, g)
