@@ -38,7 +38,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     # bytes) or two down slots; 4 of them (11 would fit in 227 KB beside the static shared memory); an act warp
     # beside the producer; down by tile a warp a slot (4 units of 2 slots: 8 warps, a ring of 4; 3 chunks a piece)
     fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408, "pdl": True, "by_slot": 16,
-             "range": 16, "act_warp": True, "sw": True}
+             "range": 16, "act_warp": True, "sw": True, "sw_np": 2, "sw_all": True}
     assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "d_split": 2, "d_warps": 16, "d_depth": 6,
                     "fused": fused}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
@@ -54,14 +54,15 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     # I larger than H: a stage is one down slot; a GPU with 99 KB a block has fewer stages; none before Hopper
     assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
                                                "smem": 4 * 64 * 544, "pdl": True, "by_slot": 16, "range": 16,
-                                               "act_warp": True, "sw": False}  # 8 units of a slot: not a warp a slot
+                                               "act_warp": True, "sw": False, "sw_np": 1,
+                                               "sw_all": False}  # 8 units of a slot: not a warp a slot
     assert odd["fused"]["range"] == 12  # down by slot: one range of all H's 12 tiles
     # H = 6144 (MiMo-V2.5-Pro): 8 warps would hold 12 chunks of x each (and spill): 12 warps, 8 chunks each, three
     # down slots a stage (one gate_up tile's 52 KB of room) of 4 warps each; no act warp (its registers would make
     # the consumers spill: the nvcc test below compiles this shape)
     assert fused_context(6144, 2048, H100) == {"warps": 12, "stages": 3, "stage_bytes": 96 * 544, "du": 3,
                                                "smem": 3 * 96 * 544, "pdl": True, "by_slot": 16, "range": 12,
-                                               "act_warp": False, "sw": False}
+                                               "act_warp": False, "sw": False, "sw_np": 1, "sw_all": False}
     assert fused_context(8192, 2048, H100)["warps"] == 16
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4
@@ -155,7 +156,7 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.parametrize("h,i,fold,d_split", [(2048, 768, True, 2), (2048, 768, False, 2), (4096, 2048, True, 2),
                                                (192, 192, True, 2), (2048, 768, True, 1), (1024, 4096, True, 2),
                                                (512, 64, True, 2), (6144, 2048, True, 2), (5120, 2048, True, 2),
-                                               (6144, 1024, True, 2)])
+                                               (6144, 1024, True, 2), (2048, 1024, True, 2)])
 def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_split):
     """The generated CUDA compiles for sm_90a (mini, the MiMo-V2-Flash expert shape, odd chunk counts, I larger or much
     smaller than H, down's I in one or two pieces, MiMo-V2.5-Pro's H = 6144 with 12 consumer warps, H = 5120 with 16,
@@ -326,7 +327,7 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
     assert cuda["fused"]["sw"]
     by_tile = [experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(),
                               cuda={**cuda, "fused": {**cuda["fused"], "by_slot": 64, **sw}})
-               for sw in ({"sw": True}, {"sw": True, "sw_np": 2, "sw_all": True}, {"sw": False})]
+               for sw in ({"sw_np": 1, "sw_all": False}, {"sw": False})]
     g = torch.Generator().manual_seed(5)
     for rows, same in ((1, True), (3, False), (8, True), (8, False)):
         w, ids = routing(rows, MINI["k"], MINI["E"], same, g)

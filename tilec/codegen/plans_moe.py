@@ -180,7 +180,18 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     Down by tile costs about 4.2 us of the 14 at one row (H100, 2026-11-23, benchmarks/results/h100-2026-11-23f: the
     kernel without it takes 10 us, the read floor's time). Tried there and not kept, each within a few tenths: one
     sync for up to 4 units, each unit's act loaded during the unit before, every unit's act at once, the first units'
-    fragments made while waiting at the grid barrier."""
+    fragments made while waiting at the grid barrier.
+
+    ``sw`` (a warp a slot; where a warp's first slot is at most a ring ahead, warps / du <= stages, and a piece is at
+    most 4 chunks): in down by tile each consumer warp sums all of one slot's I, in the F_WS pieces the warps of a
+    unit would take (the same bits), so there are no sums through shared memory and one sync a tile, and the units'
+    chains run side by side on the warps instead of one after another; ``sw_np`` pieces at a time (their steps
+    interleaved; 2 where pieces are at most 3 chunks), ``sw_all``: all of the slot's act loaded first (up to 12
+    chunks of I). H100, 2026-11-23 (same-run sweep, 3 rounds, mini, 1 row / 8 rows same / 8 independent): 13.4 /
+    14.4 / 61.5 us with np 2 and all, 13.8 / 14.7 / 63.5 with neither, against 14.5 / 15.3 / 62.5 for F_WS warps a
+    slot (an earlier run: 14.0 against 14.4). Its timeline: a warp's slot still takes 1.9 us after the barrier.
+    Tried on branch experiment/early-down and not kept: no grid barrier, each down unit put in the ring as soon as
+    its slots' act is complete (18.2 us: gate_up's rounds land together, not in order, so down starts no earlier)."""
     chunks, d_chunks = hidden // 64, inter // 64
     gu, d_slot = chunks * (512 + 32), d_chunks * (512 + 32)
     room = max(gu, d_slot)
@@ -221,8 +232,12 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     # down by tile a warp a slot, where a warp's first slot is at most a ring's units ahead of the stream and two
     # pieces' act (2 x 8 registers a chunk) leave room (at 8 chunks a piece, 4096 x 2048, 332 bytes spilled)
     sw = warps // du <= stages and d_chunks // (warps // du) <= 4
+    # ... its pieces two at a time where they pair up and have at most 3 chunks each (at 4, I = 1024, 124 bytes
+    # spilled), and all of its act loaded first up to 12 chunks of I (8 registers a chunk)
+    sw_np = 2 if sw and (warps // du) % 2 == 0 and d_chunks // (warps // du) <= 3 else 1
+    sw_all = sw and d_chunks <= 12
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
-            "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw}
+            "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw, "sw_np": sw_np, "sw_all": sw_all}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
