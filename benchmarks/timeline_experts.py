@@ -84,7 +84,7 @@ def run(rows: int, regime: str, shape: dict, layers, fragments, module, cuda: di
     for name, blocks in grids.items():
         s = stamps[KERNELS.index(name), :blocks]
         points = POINTS[name]
-        done = s[:, 3] > 0  # blocks that ran (down blocks without slots skip the weights point)
+        done = s[:, points.index("end")] > 0  # blocks that ran (down blocks without slots skip the weights point)
         out[name] = {"blocks": int(done.sum()), "sms": int(torch.unique(s[done, FIELDS - 1]).numel()),
                      **point_percentiles(s[done], points, t0)}
     if "down" in grids:
