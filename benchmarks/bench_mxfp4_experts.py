@@ -276,6 +276,9 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                 other = fused_context(shape["H"], shape["I"], dev, warps=warps)
                 if other and other["warps"] != fused["warps"]:
                     out.append((f"mx cuda fused warps={warps}", "mxfp4", {"cuda": {**cu, "fused": other}}))
+                    if other["sw"]:  # and with F_WS warps a slot in down by tile
+                        out.append((f"mx cuda fused warps={warps} sw=False", "mxfp4",
+                                    {"cuda": {**cu, "fused": {**other, "sw": False}}}))
                     most = fused_context(shape["H"], shape["I"], dev, warps=warps, max_stages=64)
                     if most["stages"] != other["stages"]:
                         out.append((f"mx cuda fused warps={warps} stages={most['stages']}", "mxfp4",

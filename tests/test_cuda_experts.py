@@ -359,11 +359,12 @@ def test_gpu_cuda_experts_more_than_8_rows(mini_mx):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("h,i,e,k", [(512, 64, 16, 8), (1024, 1536, 16, 8), (576, 320, 32, 16), (6144, 2048, 16, 8),
-                                     (5120, 2048, 16, 8)])
+                                     (5120, 2048, 16, 8), (4608, 768, 16, 8)])
 def test_gpu_experts_kernel_other_shapes(h, i, e, k):
     """experts_kernel where a stage holds 8, 1, 3 or 2 down slots, with 8, 3, 12 or 16 consumer warps (H = 576: 9
     chunks; H = 6144, MiMo-V2.5-Pro's: 96; H = 5120: 80, where 10 warps would spill) and top-8 or top-16, from 1 to
-    the most rows a decode step has: against the reference, and each row the bits of its own 1-row step."""
+    the most rows a decode step has: against the reference, and each row the bits of its own 1-row step. H = 4608:
+    9 warps a warp a slot (sw) over 3-slot stages, two or three tiles of H a block."""
     os.environ.pop("TRITON_INTERPRET", None)
     ctx = experts_context("mxfp4", h, i, e, gpu_device())
     assert ctx["cuda"] and ctx["cuda"]["fused"], (h, i)

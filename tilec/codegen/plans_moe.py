@@ -233,9 +233,10 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     # pieces' act (2 x 8 registers a chunk) leave room (at 8 chunks a piece, 4096 x 2048, 332 bytes spilled)
     sw = warps // du <= stages and d_chunks // (warps // du) <= 4
     # ... its pieces two at a time where they pair up and have at most 3 chunks each (at 4, I = 1024, 124 bytes
-    # spilled), and all of its act loaded first up to 12 chunks of I (8 registers a chunk)
-    sw_np = 2 if sw and (warps // du) % 2 == 0 and d_chunks // (warps // du) <= 3 else 1
-    sw_all = sw and d_chunks <= 12
+    # spilled), and all of its act loaded first up to 12 chunks of I (8 registers a chunk); both only up to 8
+    # consumer warps (164 registers at mini; 16 warps leave 113, and spilled 384 bytes)
+    sw_np = 2 if sw and warps <= 8 and (warps // du) % 2 == 0 and d_chunks // (warps // du) <= 3 else 1
+    sw_all = sw and warps <= 8 and d_chunks <= 12
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
             "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw, "sw_np": sw_np, "sw_all": sw_all}
 
