@@ -35,7 +35,8 @@ def main() -> None:
     gen, cpu_gen = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
     shape = dict(bench.MINI)
     layers = bench.make_layers(args.format, shape, device, gen)
-    module = bench.kernel_module(args.format, shape, dev, **json.loads(args.override))
+    plan = {**bench.planned(args.format, layers), **json.loads(args.override)}  # as the bench: scale_fold from weights
+    module = bench.kernel_module(args.format, shape, dev, **plan)
     launch = bench.launcher(module, bench.fragments_for(args.format, layers))  # the CUDA decode kernels' weights
     x = torch.randn(1, args.rows, shape["H"], generator=cpu_gen).to(device, torch.bfloat16)
     for c in range(args.calls):
