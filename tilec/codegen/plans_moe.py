@@ -191,7 +191,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     14.4 / 61.5 us with np 2 and all, 13.8 / 14.7 / 63.5 with neither, against 14.5 / 15.3 / 62.5 for F_WS warps a
     slot; over five machine runs about 0.8 us at one row and at 8 rows (benchmarks/results/h100-2026-11-23g). Its
     timeline: a warp's slot still takes 1.9 us after the barrier; 16 consumer warps do not shorten it (Nsight
-    Compute: those warps are issue-bound, about 20 instructions a k16 step, mostly the dequantisation; branch
+    Compute: those warps are issue-bound, about 20 instructions a k16 step folded, mostly dequantisation; branch
     experiment/pre-dequant makes half of them while the block waits at the barrier).
     Tried on branch experiment/early-down and not kept: no grid barrier, each down unit put in the ring as soon as
     its slots' act is complete (18.2 us: gate_up's rounds land together, not in order, so down starts no earlier)."""
