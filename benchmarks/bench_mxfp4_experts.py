@@ -268,8 +268,13 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                         {"cuda": {**cu, "fused": {**fused, "act_warp": not fused["act_warp"]}}}))
             out.append((f"mx cuda fused sw={not fused['sw']}", "mxfp4",  # down by tile: a warp a slot, or F_WS
                         {"cuda": {**cu, "fused": {**fused, "sw": not fused["sw"]}}}))
-            if fused["sw"]:  # a warp a slot: its pieces two at a time; all of its act loaded first
-                for kv in ({"sw_np": 2}, {"sw_all": True}, {"sw_np": 2, "sw_all": True}):
+            if fused["sw"]:  # a warp a slot: its pieces the other number at a time; its act all first or not
+                np_other = 3 - fused["sw_np"]  # 1 <-> 2, where the slot's pieces pair up
+                np_ok = (fused["warps"] // fused["du"]) % np_other == 0
+                for kv in ({"sw_np": np_other}, {"sw_all": not fused["sw_all"]},
+                           {"sw_np": np_other, "sw_all": not fused["sw_all"]}):
+                    if "sw_np" in kv and not np_ok:
+                        continue
                     name = " ".join(f"{k}={v}" for k, v in kv.items())
                     out.append((f"mx cuda fused {name}", "mxfp4", {"cuda": {**cu, "fused": {**fused, **kv}}}))
             for warps in (4, 16):  # other numbers of consumer warps, where they split H's chunks
