@@ -141,6 +141,9 @@ def test_fused_plan_fits_what_the_template_assumes(hidden, inter, smem, warps, m
     assert 2 <= f["stages"] <= max_stages and f["smem"] == f["stages"] * f["stage_bytes"]
     assert fused_static_bytes(hidden, w) + 16 * f["stages"] + f["smem"] <= smem
     assert (w + 1 + f["act_warp"]) * 32 <= 1024
+    # a warp a slot: the template's static_asserts (a warp's first place at most a ring ahead; whole turns of pieces)
+    assert not f["sw"] or w // du <= f["stages"]
+    assert (w // du) % f["sw_np"] == 0 and (f["sw"] or (f["sw_np"] == 1 and not f["sw_all"]))
     if warps is None and any(chunks % v == 0 and chunks // v <= 8 for v in range(1, 17)):
         assert chunks // w <= 8
     if warps is None and w < 16:  # more warps were not needed, or would not have helped: down's chunks of I
