@@ -189,10 +189,10 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     interleaved; 2 where pieces are at most 3 chunks), ``sw_all``: all of the slot's act loaded first (up to 12
     chunks of I). H100, 2026-11-23 (same-run sweep, 3 rounds, mini, 1 row / 8 rows same / 8 independent): 13.4 /
     14.4 / 61.5 us with np 2 and all, 13.8 / 14.7 / 63.5 with neither, against 14.5 / 15.3 / 62.5 for F_WS warps a
-    slot; over five machine runs about 0.8 us at one row and at 8 rows (benchmarks/results/h100-2026-11-23g). Its
+    slot; over five sweeps -0.1 to 1.1 us at one row, 0.5 to 0.9 at 8 rows (benchmarks/results/h100-2026-11-23g). Its
     timeline: a warp's slot still takes 1.9 us after the barrier; 16 consumer warps do not shorten it (Nsight
-    Compute: those warps are issue-bound, about 20 instructions a k16 step folded, mostly dequantisation; branch
-    experiment/pre-dequant makes half of them while the block waits at the barrier).
+    Compute: those warps are issue-bound, 29 instructions a k16 step unfolded, an estimated 20 folded, mostly
+    dequantisation; branch experiment/pre-dequant makes half of them while the block waits at the barrier).
     Tried on branch experiment/early-down and not kept: no grid barrier, each down unit put in the ring as soon as
     its slots' act is complete (18.2 us: gate_up's rounds land together, not in order, so down starts no earlier)."""
     chunks, d_chunks = hidden // 64, inter // 64
