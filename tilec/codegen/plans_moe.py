@@ -123,7 +123,7 @@ def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None
 # Bytes of experts_kernel's static shared memory besides its barriers: the slot table, the warps' sums of two units
 # (per consumer warp) and the outputs of a tile's slots (templates/cuda/moe_experts_mxfp4.cu.j2; checked against
 # ptxas by tests/test_cuda_experts.py).
-F_SLOTS_BYTES = 5 * 64 * 4 + 4
+F_SLOTS_BYTES = 4 * 64 * 4 + 4
 F_PART_BYTES_PER_WARP = 2 * 4 * 32 * 4
 F_Y_BYTES = 64 * 16 * 8 * 2
 
