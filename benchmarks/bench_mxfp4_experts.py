@@ -270,6 +270,10 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                         {"cuda": {**cu, "fused": {**fused, "sw": not fused["sw"], "pre": 0}}}))
             if fused.get("pre"):  # no operands made while waiting at the grid barrier
                 out.append(("mx cuda fused pre=0", "mxfp4", {"cuda": {**cu, "fused": {**fused, "pre": 0}}}))
+            if fused["sw"]:  # a warp a slot's turns in one loop, not unrolled (its act a turn ahead)
+                for pre in sorted({fused.get("pre", 0), 0}, reverse=True):
+                    out.append((f"mx cuda fused sw_roll pre={pre}", "mxfp4", {"cuda": {**cu, "fused": {
+                        **fused, "sw_roll": True, "sw_all": False, "pre": pre}}}))
             out.append((f"mx cuda fused trigger={not fused.get('trigger')}", "mxfp4",  # PDL: next kernel launches early
                         {"cuda": {**cu, "fused": {**fused, "trigger": not fused.get("trigger")}}}))
             if fused["sw"]:  # a warp a slot: its pieces the other number at a time; its act all first or not
