@@ -267,15 +267,7 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
             out.append((f"mx cuda fused act_warp={not fused['act_warp']}", "mxfp4",
                         {"cuda": {**cu, "fused": {**fused, "act_warp": not fused["act_warp"]}}}))
             out.append((f"mx cuda fused sw={not fused['sw']}", "mxfp4",  # down by tile: a warp a slot, or F_WS
-                        {"cuda": {**cu, "fused": {**fused, "sw": not fused["sw"], "pre": 0}}}))
-            if fused.get("pre"):  # no operands made while waiting at the grid barrier
-                out.append(("mx cuda fused pre=0", "mxfp4", {"cuda": {**cu, "fused": {**fused, "pre": 0}}}))
-            if fused["sw"]:  # a warp a slot's turns in one loop, not unrolled (its act a turn ahead)
-                for pre in sorted({fused.get("pre", 0), 0}, reverse=True):
-                    out.append((f"mx cuda fused sw_roll pre={pre}", "mxfp4", {"cuda": {**cu, "fused": {
-                        **fused, "sw_roll": True, "sw_all": False, "pre": pre}}}))
-            out.append((f"mx cuda fused trigger={not fused.get('trigger')}", "mxfp4",  # PDL: next kernel launches early
-                        {"cuda": {**cu, "fused": {**fused, "trigger": not fused.get("trigger")}}}))
+                        {"cuda": {**cu, "fused": {**fused, "sw": not fused["sw"]}}}))
             if fused["sw"]:  # a warp a slot: its pieces the other number at a time; its act all first or not
                 np_other = 3 - fused["sw_np"]  # 1 <-> 2, where the slot's pieces pair up
                 np_ok = (fused["warps"] // fused["du"]) % np_other == 0
@@ -284,15 +276,14 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                     if "sw_np" in kv and not np_ok:
                         continue
                     name = " ".join(f"{k}={v}" for k, v in kv.items())
-                    out.append((f"mx cuda fused {name} pre=0", "mxfp4",  # (compare with the pre=0 row)
-                                {"cuda": {**cu, "fused": {**fused, **kv, "pre": 0}}}))
+                    out.append((f"mx cuda fused {name}", "mxfp4", {"cuda": {**cu, "fused": {**fused, **kv}}}))
             for warps in (4, 16):  # other numbers of consumer warps, where they split H's chunks
                 other = fused_context(shape["H"], shape["I"], dev, warps=warps)
                 if other and other["warps"] != fused["warps"]:
                     out.append((f"mx cuda fused warps={warps}", "mxfp4", {"cuda": {**cu, "fused": other}}))
                     if other["sw"]:  # and with F_WS warps a slot in down by tile
                         out.append((f"mx cuda fused warps={warps} sw=False", "mxfp4",
-                                    {"cuda": {**cu, "fused": {**other, "sw": False, "pre": 0}}}))
+                                    {"cuda": {**cu, "fused": {**other, "sw": False}}}))
                     most = fused_context(shape["H"], shape["I"], dev, warps=warps, max_stages=64)
                     if most["stages"] != other["stages"]:
                         out.append((f"mx cuda fused warps={warps} stages={most['stages']}", "mxfp4",

@@ -37,10 +37,10 @@ from tilec.codegen.tuning import device_info  # noqa: E402
 POINTS = {"gate_up": ("start", "table", "weights", "end"), "down": ("start", "table", "weights", "end"),
           "experts": ("start", "table", "gate_up_done", "barrier", "end", "down_w_in", "down_first", "down_sums",
                       "gate_up_last_in", "last_unit_in", "bars_init", "dep_wait", "arrived", "flip_seen",
-                      "first_copy", "first_down_copy", "first_unit_in", "down_act_issued", "pre_made",
-                      "b_loop", "turn0_issued", "fenced")}
+                      "first_copy", "first_down_copy", "first_unit_in", "down_act_issued", "b_loop",
+                      "turn0_issued", "fenced")}
 KERNELS = ("gate_up", "down", "experts")  # the template's kernel numbers in its stamps
-BLOCKS, FIELDS = 8192, 23  # TIMELINE_BLOCKS and TIMELINE_FIELDS in the template
+BLOCKS, FIELDS = 8192, 22  # TIMELINE_BLOCKS and TIMELINE_FIELDS in the template
 
 
 def percentiles(values: list[float]) -> dict:

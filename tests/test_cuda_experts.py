@@ -37,9 +37,8 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     # both projections in one persistent kernel: 8 consumer warps, stages of one gate_up tile (32 chunks of 544
     # bytes) or two down slots; 4 of them (11 would fit in 227 KB beside the static shared memory); an act warp
     # beside the producer; down by tile a warp a slot (4 units of 2 slots: 8 warps, a ring of 4; 3 chunks a piece)
-    # while waiting at the grid barrier, each warp makes its slot's first turn (2 pieces of 3 chunks, 2 KB a chunk)
-    fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408 + 8 * 6 * 2048, "pdl": True,
-             "by_slot": 16, "range": 16, "act_warp": True, "sw": True, "sw_np": 2, "sw_all": True, "pre": 1}
+    fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408, "pdl": True, "by_slot": 16,
+             "range": 16, "act_warp": True, "sw": True, "sw_np": 2, "sw_all": True}
     assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "d_split": 2, "d_warps": 16, "d_depth": 6,
                     "fused": fused}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
@@ -55,16 +54,15 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     # I larger than H: a stage is one down slot; a GPU with 99 KB a block has fewer stages; none before Hopper
     assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
                                                "smem": 4 * 64 * 544, "pdl": True, "by_slot": 16, "range": 16,
-                                               "act_warp": True, "sw": False, "sw_np": 1, "sw_all": False,
-                                               "pre": 0}  # 8 units of a slot: not a warp a slot
+                                               "act_warp": True, "sw": False, "sw_np": 1,
+                                               "sw_all": False}  # 8 units of a slot: not a warp a slot
     assert odd["fused"]["range"] == 12  # down by slot: one range of all H's 12 tiles
     # H = 6144 (MiMo-V2.5-Pro): 8 warps would hold 12 chunks of x each (and spill): 12 warps, 8 chunks each, three
     # down slots a stage (one gate_up tile's 52 KB of room) of 4 warps each; no act warp (its registers would make
     # the consumers spill: the nvcc test below compiles this shape)
     assert fused_context(6144, 2048, H100) == {"warps": 12, "stages": 3, "stage_bytes": 96 * 544, "du": 3,
                                                "smem": 3 * 96 * 544, "pdl": True, "by_slot": 16, "range": 12,
-                                               "act_warp": False, "sw": False, "sw_np": 1, "sw_all": False,
-                                               "pre": 0}
+                                               "act_warp": False, "sw": False, "sw_np": 1, "sw_all": False}
     assert fused_context(8192, 2048, H100)["warps"] == 16
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4
@@ -140,15 +138,12 @@ def test_fused_plan_fits_what_the_template_assumes(hidden, inter, smem, warps, m
     assert f["range"] % du == 0 and (hidden // 16) % f["range"] == 0 and f["range"] <= 16
     assert f["stage_bytes"] % 128 == 0
     assert f["stage_bytes"] >= max(chunks * 544, du * d_chunks * 544)  # a gate_up tile, or du down slots
-    # the ring, then the operands a warp a slot makes while waiting at the grid barrier (2 KB a chunk a warp)
-    made = f["pre"] * w * f["sw_np"] * (d_chunks // (w // du)) * 2048
-    assert 2 <= f["stages"] <= max_stages and f["smem"] == f["stages"] * f["stage_bytes"] + made
+    assert 2 <= f["stages"] <= max_stages and f["smem"] == f["stages"] * f["stage_bytes"]
     assert fused_static_bytes(hidden, w) + 16 * f["stages"] + f["smem"] <= smem
     assert (w + 1 + f["act_warp"]) * 32 <= 1024
     # a warp a slot: the template's static_asserts (a warp's first place at most a ring ahead; whole turns of pieces)
     assert not f["sw"] or w // du <= f["stages"]
     assert (w // du) % f["sw_np"] == 0 and (f["sw"] or (f["sw_np"] == 1 and not f["sw_all"]))
-    assert f["pre"] == 0 or (f["sw"] and f["pre"] < w // du // f["sw_np"])  # the last turn releases the stage
     if warps is None and any(chunks % v == 0 and chunks // v <= 8 for v in range(1, 17)):
         assert chunks // w <= 8
     if warps is None and w < 16:  # more warps were not needed, or would not have helped: down's chunks of I
@@ -326,18 +321,16 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
     """experts_kernel's two ways of dealing the down phase (by tile of H, every slot of it in one block; by slot, in
     ranges of tiles, outputs through global memory) sum every output in the same order: equal bits from 1 to 8 rows,
     so which one a batch takes (by how many slots are live) does not change a row. By tile both ways: a warp a slot
-    (all of its I, in F_WS pieces; its first turn's operands made while waiting at the grid barrier, or not) and F_WS
-    warps a slot."""
+    (all of its I, in F_WS pieces) and F_WS warps a slot."""
     weights, frags = mini_mx
     planned = cuda_module()  # by tile up to 16 live slots, by slot past them (8 independent rows)
     cuda = experts_context("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device())["cuda"]
     assert cuda["fused"]["by_slot"] < 64
     by_slot = cuda_module(variant="fused_by_slot")
-    assert cuda["fused"]["sw"] and cuda["fused"]["pre"]
+    assert cuda["fused"]["sw"]
     by_tile = [experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(),
                               cuda={**cuda, "fused": {**cuda["fused"], "by_slot": 64, **sw}})
-               for sw in ({"sw_np": 1, "sw_all": False}, {"pre": 0}, {"sw": False, "pre": 0}, {"trigger": True},
-                          {"sw_roll": True, "sw_all": False})]
+               for sw in ({"sw_np": 1, "sw_all": False}, {"sw": False})]
     g = torch.Generator().manual_seed(5)
     for rows, same in ((1, True), (3, False), (8, True), (8, False)):
         w, ids = routing(rows, MINI["k"], MINI["E"], same, g)

@@ -240,15 +240,8 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     # consumer warps (164 registers at mini; 16 warps leave 113, and spilled 384 bytes)
     sw_np = 2 if sw and warps <= 8 and (warps // du) % 2 == 0 and d_chunks // (warps // du) <= 3 else 1
     sw_all = sw and warps <= 8 and d_chunks <= 12
-    # ... and the first turns of its first slot made while the block waits at the grid barrier: as many as fit beside
-    # the ring, all but the last (which takes the stage's words and releases it); 2 KB a chunk a warp
-    turns = warps // du // sw_np
-    room = dev.smem_optin - fused_static_bytes(hidden, warps) - stages * (stage + 16)
-    per_turn = warps * sw_np * (d_chunks // (warps // du)) * 2048
-    pre = min(turns - 1, room // per_turn) if sw else 0
-    return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage + pre * per_turn,
-            "pdl": pdl, "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw, "sw_np": sw_np,
-            "sw_all": sw_all, "pre": pre}
+    return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
+            "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw, "sw_np": sw_np, "sw_all": sw_all}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
