@@ -192,7 +192,12 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     slot; over five sweeps -0.1 to 1.1 us at one row, 0.5 to 0.9 at 8 rows (benchmarks/results/h100-2026-11-23g). Its
     timeline: a warp's slot still takes 1.9 us after the barrier; 16 consumer warps do not shorten it (Nsight
     Compute: those warps are issue-bound, 29 instructions a k16 step unfolded, an estimated 20 folded, mostly
-    dequantisation; branch experiment/pre-dequant makes half of them while the block waits at the barrier).
+    dequantisation). The timeline (h100-2026-11-23h): the barrier's release waits for the block's bulk copies in
+    flight, so the barrier flips once the whole stream has landed; down by tile then takes about 3 us at one row, its
+    first half waiting on act from L2 as much as computing. Tried there and backed out, within the spread between
+    rounds: the first half's operands made in shared memory while waiting at the barrier (12.9 against 13.0 us at
+    one row, 14.2 against 14.0 at 8; act hides the dequantisation it saves), act in 4 to 16 copies (no faster at one
+    row, slower at 8), the turns in a rolled loop, a PDL trigger past the barrier.
     Tried on branch experiment/early-down and not kept: no grid barrier, each down unit put in the ring as soon as
     its slots' act is complete (18.2 us: gate_up's rounds land together, not in order, so down starts no earlier)."""
     chunks, d_chunks = hidden // 64, inter // 64
