@@ -191,7 +191,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     14.4 / 61.5 us with np 2 and all, 13.8 / 14.7 / 63.5 with neither, against 14.5 / 15.3 / 62.5 for F_WS warps a
     slot; over five sweeps -0.1 to 1.1 us at one row, 0.5 to 0.9 at 8 rows (benchmarks/results/h100-2026-11-23g). Its
     timeline: a warp's slot still takes 1.9 us after the barrier; 16 consumer warps do not shorten it (Nsight
-    Compute: those warps are issue-bound, 29 instructions a k16 step unfolded, an estimated 20 folded, mostly
+    Compute: those warps are issue-bound, 29 instructions a k16 step unfolded, 17.7 folded (h100-2026-11-23h), mostly
     dequantisation). The timeline (h100-2026-11-23h): the barrier's release waits for the block's bulk copies in
     flight, so the barrier flips once the whole stream has landed; down by tile then takes about 3 us at one row, its
     first half waiting on act from L2 as much as computing. Tried there and backed out, within the spread between
