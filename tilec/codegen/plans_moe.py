@@ -197,7 +197,9 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     first half waiting on act from L2 as much as computing. Tried there and backed out, within the spread between
     rounds: the first half's operands made in shared memory while waiting at the barrier (12.9 against 13.0 us at
     one row, 14.2 against 14.0 at 8; act hides the dequantisation it saves), act in 4 to 16 copies (no faster at one
-    row, slower at 8), the turns in a rolled loop, a PDL trigger past the barrier.
+    row, slower at 8), the turns in a rolled loop, a PDL trigger past the barrier, the arrival as fence.release.gpu
+    then a relaxed add (benchmarks/fence_probe.py: every gpu-scope release tried waits for most or all of the
+    block's bulk copies in flight).
     Tried on branch experiment/early-down and not kept: no grid barrier, each down unit put in the ring as soon as
     its slots' act is complete (18.2 us: gate_up's rounds land together, not in order, so down starts no earlier)."""
     chunks, d_chunks = hidden // 64, inter // 64
