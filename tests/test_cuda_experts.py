@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,6 +151,44 @@ def test_fused_plan_fits_what_the_template_assumes(hidden, inter, smem, warps, m
         more = [fused_context(hidden, inter, dev, warps=v, max_stages=max_stages, act_warp=act_warp)
                 for v in range(w + 1, 17) if chunks % v == 0 and chunks // v <= 8]
         assert d_chunks * du // w <= 8 or not any(m and d_chunks * m["du"] // m["warps"] <= 8 for m in more)
+
+
+def grid_barrier_source() -> str:
+    """experts_kernel's grid_barrier, from the template."""
+    src = (Path(__file__).resolve().parents[1] / "templates" / "cuda" / "moe_experts_mxfp4.cu.j2").read_text()
+    body = src[src.index("__device__ void grid_barrier("):]
+    return body[:body.index("\n}\n")]
+
+
+@given(grid=st.integers(1, 1024), launches=st.integers(1, 4), data=st.data())
+@example(grid=132, launches=2, data=None)  # the H100's grid (block 0 first in the second launch: see below)
+@settings(max_examples=100, deadline=None)
+def test_grid_barrier_word(grid, launches, data):
+    """experts_kernel's grid barrier on one 32-bit word, emulated over launches in drawn arrival orders: block 0 adds
+    2^31 - (grid - 1) and every other block 1; each block waits until the word's top bit differs from that of the
+    value its add returned. That happens exactly when the last block has added, and the word is back at 0 or 2^31
+    (so the next launch needs no reset). Any sentinel the kernel compares the returned value with (the timeline's
+    stamp; an arrival on a barrier must never depend on it) is a value no add returns: 0xFFFFFFFF is one that does
+    (the last block, where block 0 arrived first in a launch starting at 2^31), which hung a variant on the H100."""
+    body = grid_barrier_source()
+    assert "const u32 add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;" in body  # what is emulated here
+    assert "((now ^ old) & 0x80000000u) == 0" in body
+    guards = [int(c, 16) for c in re.findall(r"old != (0x[0-9A-Fa-f]+)u", body)]  # the constants `old` is tested with
+    assert guards and 0xFFFFFFFF not in guards
+    word, seen = 0, set()
+    for _ in range(launches):
+        start = word
+        order = data.draw(st.permutations(range(grid))) if data else list(range(grid))
+        olds = {}
+        for i, block in enumerate(order):
+            add = 2 ** 31 - (grid - 1) if block == 0 else 1
+            olds[block] = word
+            word = (word + add) % 2 ** 32
+            released = [((word ^ old) >> 31) & 1 for old in olds.values()]
+            assert released == [i == grid - 1] * len(released), (i, grid)  # all go on at the last add, none before
+        assert word == start ^ 2 ** 31 and word % 2 ** 31 == 0
+        seen |= set(olds.values())
+    assert not seen & set(guards)
 
 
 NVCC = shutil.which("nvcc")
