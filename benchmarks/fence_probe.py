@@ -68,11 +68,10 @@ __device__ __forceinline__ void release(u32* word) {
   asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(word) : "memory");
 #endif
 }
-// out[block][0..4]: start, copies issued, before the release, after it, copies landed
+// out[block][0..2]: before the release, after it, the copies landed (mode 0 and 3: when the release ended)
 extern "C" __global__ void fence_probe(const unsigned char* src, u64* out, int bytes, int mode, u32* word) {
   extern __shared__ __align__(128) unsigned char buf[];
   __shared__ __align__(8) u64 bar;
-  __shared__ u64 issued;
   const u32 b = smem(&bar);
   if (threadIdx.x == 0) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(b) : "memory");
@@ -80,23 +79,18 @@ extern "C" __global__ void fence_probe(const unsigned char* src, u64* out, int b
   }
   __syncthreads();
   const unsigned char* mine = src + (size_t)blockIdx.x * bytes;
-  u64 t[5] = {0, 0, 0, 0, 0};
-  if (threadIdx.x == 32 && mode == 2) {  // other_warp: another warp issues the copies
-    issue(b, buf, mine, bytes);
-    issued = now();
-  }
+  if (threadIdx.x == 32 && mode == 2) issue(b, buf, mine, bytes);  // other_warp: another warp issues the copies
   __syncthreads();
   if (threadIdx.x == 0) {
-    t[0] = now();
     if (mode == 1 || mode == 3) issue(b, buf, mine, bytes);
-    t[1] = mode == 2 ? issued : now();
     if (mode == 3) wait_bar(b);
-    t[2] = now();
+    const u64 before = now();
     release(word);
-    t[3] = now();
+    const u64 after = now();
     if (mode == 1 || mode == 2) wait_bar(b);
-    t[4] = now();
-    for (int i = 0; i < 5; ++i) out[blockIdx.x * 5 + i] = t[i];
+    out[blockIdx.x * 3] = before;
+    out[blockIdx.x * 3 + 1] = after;
+    out[blockIdx.x * 3 + 2] = now();
   }
 }
 """
@@ -122,11 +116,13 @@ def main() -> None:
     word = torch.zeros(1, dtype=torch.int32, device=dev)
     per_round = sms * nbytes
     src = torch.randint(0, 256, (per_round * 8,), dtype=torch.uint8, device=dev)  # 8 rounds' worth, > the L2
-    out = torch.zeros(sms * 5, dtype=torch.int64, device=dev)
+    out = torch.zeros(sms * 3, dtype=torch.int64, device=dev)
+    # every mode for the first release; the others alone and with another warp's copies in flight (the kernel's case)
+    cases = [(k, mode) for k in range(len(RELEASES)) for mode in range(len(MODES))
+             if k == 0 or MODES[mode] in ("none", "other_warp")]
     results = {}
-    for (release, module), (mode, name) in ((r, m) for r in zip(RELEASES, modules) for m in enumerate(MODES)):
-        if release != RELEASES[0] and name not in ("none", "other_warp"):
-            continue  # the other releases: alone, and with another warp's copies in flight (the kernel's case)
+    for k, mode in cases:
+        release, module, name = RELEASES[k], modules[k], MODES[mode]
         fence, landed_after = [], []
         for r in range(args.rounds + 2):
             part = src[(r % 8) * per_round:]
@@ -135,10 +131,10 @@ def main() -> None:
             torch.cuda.synchronize()
             if r < 2:
                 continue  # warm-up
-            t = out.view(sms, 5).cpu()
-            fence += [int(x) for x in t[:, 3] - t[:, 2]]
+            t = out.view(sms, 3).cpu()
+            fence += [int(x) for x in t[:, 1] - t[:, 0]]
             if name in ("in_flight", "other_warp"):
-                landed_after += [int(x) for x in t[:, 4] - t[:, 3]]
+                landed_after += [int(x) for x in t[:, 2] - t[:, 1]]
         key = f"{release} {name}"
         results[key] = {"release_ns": percentiles(fence)}
         if landed_after:

@@ -1,5 +1,6 @@
 """The GPU-only parts of the benchmark scripts, kept in step on the CPU: benchmarks/read_floor.py's floor kernels compile
-for sm_90a without spills, and timeline_experts.py reads the experts template's stamps as the template lays them out.
+for sm_90a without spills, timeline_experts.py reads the experts template's stamps as the template lays them out, and
+fence_probe.py's kernels compile.
 (The split-K experiment that was tested here lost on the GPU and lives on the branch experiment/split-k;
 benchmarks/results/h100-2026-11-23e.)
 """
