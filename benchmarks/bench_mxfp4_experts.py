@@ -266,6 +266,8 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                         {"cuda": {**cu, "fused": {**fused, "pdl": not fused["pdl"]}}}))
             out.append((f"mx cuda fused act_warp={not fused['act_warp']}", "mxfp4",
                         {"cuda": {**cu, "fused": {**fused, "act_warp": not fused["act_warp"]}}}))
+            for hold in (1, 2, 3):  # the block's last down units copied once it has arrived at the grid barrier
+                out.append((f"mx cuda fused hold={hold}", "mxfp4", {"cuda": {**cu, "fused": {**fused, "hold": hold}}}))
             out.append((f"mx cuda fused sw={not fused['sw']}", "mxfp4",  # down by tile: a warp a slot, or F_WS
                         {"cuda": {**cu, "fused": {**fused, "sw": not fused["sw"]}}}))
             if fused["sw"]:  # a warp a slot: its pieces the other number at a time; its act all first or not

@@ -369,7 +369,7 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
     assert cuda["fused"]["sw"]
     by_tile = [experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(),
                               cuda={**cuda, "fused": {**cuda["fused"], "by_slot": 64, **sw}})
-               for sw in ({"sw_np": 1, "sw_all": False}, {"sw": False})]
+               for sw in ({"sw_np": 1, "sw_all": False}, {"sw": False}, {"hold": 2})]
     g = torch.Generator().manual_seed(5)
     for rows, same in ((1, True), (3, False), (8, True), (8, False)):
         w, ids = routing(rows, MINI["k"], MINI["E"], same, g)
