@@ -17,6 +17,9 @@ is the read floor: a plain read of the same bytes (read_floor.py's fastest kerne
 
 Routing regimes: ``same`` (every row picks the same top-8: the kernel's row amortisation, 8 rows should cost at most
 1.3x one row) and ``random`` (independent rows: bytes grow with the distinct experts; compare time per byte).
+Routes: ``--routes cold`` (the default) draws each layer its own route, whose small tensors the other layers' weights
+evict, so each call reads the router's choice from DRAM; ``--routes hot`` shares one route between the layers, so it
+is in L2, as in a decode step where the router has just written it (x is one tensor, in L2, either way).
 Writes DIR/bench_mxfp4_experts.json and prints a short table.
 """
 
@@ -110,6 +113,15 @@ def routing(rows: int, regime: str, shape: dict, device, gen) -> tuple[torch.Ten
     return (w / w.sum(-1, keepdim=True)).view(1, rows, k).to(device), ids.view(1, rows, k).to(device)
 
 
+def layer_routes(n: int, rows: int, regime: str, shape: dict, device, gen, hot: bool) -> list:
+    """A route for each of ``n`` layers: drawn for each (the routes' small tensors are then evicted by the other
+    layers' weights between two reads), or with ``hot`` one drawn route shared by every layer (read at every call, so
+    it stays in L2, as the router's output is when the experts read it in a decode step)."""
+    if hot:
+        return [routing(rows, regime, shape, device, gen)] * n
+    return [routing(rows, regime, shape, device, gen) for _ in range(n)]
+
+
 def reference(fmt: str):
     return ops.mxfp4_moe_experts if fmt == "mxfp4" else ops.moe_experts
 
@@ -163,9 +175,11 @@ def time_calls(calls, reps: int, graph: bool, per_kernel: dict | None = None) ->
 
 # -------------------------------------------------------------------------------------------------------- measuring
 def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, device, gen, reps: int, graph: bool,
-            check_fn=None, per_kernel: bool = False) -> dict:
-    """Check ``fn`` against the reference on layer 0, then time it over all layers."""
-    routes = [routing(rows, regime, shape, device, gen) for _ in layers]
+            check_fn=None, per_kernel: bool = False, hot_routes: bool = False) -> dict:
+    """Check ``fn`` against the reference on layer 0, then time it over all layers: each layer its own route, or with
+    ``hot_routes`` one route for every layer (still every layer's own weights), so the router's choice is in L2 at
+    each call, as in a decode step where the router has just written it."""
+    routes = layer_routes(len(layers), rows, regime, shape, device, gen, hot_routes)
     x = torch.randn(1, rows, shape["H"], generator=gen).to(device)
     x = x.to(torch.bfloat16) if device.type == "cuda" else x
     err = None
@@ -185,7 +199,7 @@ def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, devi
             "kernel_us": kernels}
 
 
-def measure_read_floor(shape: dict, cases, device, gen, reps: int) -> list[dict]:
+def measure_read_floor(shape: dict, cases, device, gen, reps: int, hot_routes: bool = False) -> list[dict]:
     """The plain read of the same bytes (benchmarks/read_floor.py's best kernel on the H100, results/h100-2026-11-23e:
     16-byte loads, 8 in flight a thread, walking the experts with 32-bit counters, 8 blocks of 256 threads an SM, PDL;
     8.61 us for one row's 20 MB), for each (rows, regime) of ``cases``: each call reads every byte of
@@ -209,7 +223,8 @@ def measure_read_floor(shape: dict, cases, device, gen, reps: int) -> list[dict]
 
     results = []
     for rows, regime in cases:
-        chosen = [torch.unique(routing(rows, regime, shape, device, gen)[1]) for _ in flat]
+        chosen = [torch.unique(ids) for _, ids in layer_routes(len(flat), rows, regime, shape, device, gen,
+                                                                  hot_routes)]
         us = time_calls([lambda w=w, ids=ids: call(w, ids) for w, ids in zip(flat, chosen)], reps, True)
         distinct = statistics.mean(ids.numel() for ids in chosen)
         nbytes = distinct * eb
@@ -266,8 +281,10 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                         {"cuda": {**cu, "fused": {**fused, "pdl": not fused["pdl"]}}}))
             out.append((f"mx cuda fused act_warp={not fused['act_warp']}", "mxfp4",
                         {"cuda": {**cu, "fused": {**fused, "act_warp": not fused["act_warp"]}}}))
-            for hold in (1, 2, 3):  # the block's last down units copied once it has arrived at the grid barrier
-                out.append((f"mx cuda fused hold={hold}", "mxfp4", {"cuda": {**cu, "fused": {**fused, "hold": hold}}}))
+            for hold in (0, 1, 2, 3):  # the block's last down units copied once it has arrived at the grid barrier
+                if hold != fused["hold"]:
+                    out.append((f"mx cuda fused hold={hold}", "mxfp4",
+                                {"cuda": {**cu, "fused": {**fused, "hold": hold}}}))
             out.append((f"mx cuda fused sw={not fused['sw']}", "mxfp4",  # down by tile: a warp a slot, or F_WS
                         {"cuda": {**cu, "fused": {**fused, "sw": not fused["sw"]}}}))
             if fused["sw"]:  # a warp a slot: its pieces the other number at a time; its act all first or not
@@ -335,7 +352,7 @@ def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: Device
                     modules[vname] = launcher(kernel_module(vfmt, shape, dev, **overrides), fragments)
                 for rows, regime in SWEEP_CASES + tuple(args.more_cases):
                     r = measure(vname, modules[vname], vfmt, layers, shape, rows, regime, device, gen, reps,
-                                True, reference(vfmt), per_kernel=round_ == 0)
+                                True, reference(vfmt), per_kernel=round_ == 0, hot_routes=args.routes == "hot")
                     tag = f"{rows}" if regime == "same" else f"{rows}r"
                     row["samples"].setdefault(tag, []).append(r["us"])
                     if round_ == 0:
@@ -361,11 +378,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], help="sweep only variants whose name contains one of these")
     parser.add_argument("--more-cases", nargs="*", default=[], type=case,
                         help="the sweep also times these row counts on independent routes, e.g. 2r 4r")
+    parser.add_argument("--routes", choices=("cold", "hot"), default="cold",
+                        help="cold: each layer its own route (read from DRAM); hot: one route for every layer (in "
+                             "L2, as in a decode step where the router has just written it)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     shape = MINI if cuda else SMOKE
     reps = args.reps if cuda else 1
+    hot = args.routes == "hot"
     dev = device_info(device)
     gen = torch.Generator(device=device).manual_seed(0)
     cpu_gen = torch.Generator().manual_seed(0)
@@ -387,19 +408,20 @@ def main() -> None:
             for rows in shape["rows"]:
                 for regime in (["same", "random"] if rows > 1 else ["same"]):
                     r = measure(name, launcher(module, fragments), fmt, layers, shape, rows, regime, device, cpu_gen,
-                                reps, True, reference(fmt), per_kernel=cuda)
+                                reps, True, reference(fmt), per_kernel=cuda, hot_routes=hot)
                     results.append(r)
                     print(f"  {r['kernel']:18s} rows={rows} {regime:6s} {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s  "
                           f"err {r['rel_err_vs_reference']:.1e}", flush=True)
         if fmt == "mxfp4" and cuda:  # the floor: a plain read of the same number of bytes
-            for r in measure_read_floor(shape, ((1, "same"), (8, "same"), (8, "random")), device, cpu_gen, reps):
+            for r in measure_read_floor(shape, ((1, "same"), (8, "same"), (8, "random")), device, cpu_gen, reps,
+                                        hot):
                 results.append(r)
                 print(f"  {r['kernel']:18s} rows={r['rows']} {r['regime']:6s} {r['us']:8.1f} us  "
                       f"{r['GBps']:7.0f} GB/s", flush=True)
         for rows in shape["rows"]:
             ref_reps = max(1, reps // 10)
             r = measure("reference", reference(fmt), fmt, layers, shape, rows, "same", device, cpu_gen, ref_reps,
-                        False)
+                        False, hot_routes=hot)
             results.append(r)
             print(f"  {r['kernel']:12s} rows={rows} same   {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s", flush=True)
         if args.sweep and cuda and fmt == "mxfp4":
@@ -426,7 +448,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu interpreter ({platform.machine()})",
         "torch": torch.__version__, "triton": __import__("triton").__version__, "shape": shape,
         "copy_bandwidth_Bps": copy_bw, "timing": "CUDA-graph replay over LAYERS layers (kernels), eager (reference); "
-        "median us per call", "planned_from_weights": plans, "results": results, "sweep": sweep,
+        "median us per call", "routes": args.routes, "planned_from_weights": plans, "results": results, "sweep": sweep,
         "seconds": time.time() - t_start,
     }
     (out_dir / "bench_mxfp4_experts.json").write_text(json.dumps(report, indent=1))

@@ -37,9 +37,10 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     cuda = experts_context("mxfp4", 2048, 768, 128, H100)["cuda"]
     # both projections in one persistent kernel: 8 consumer warps, stages of one gate_up tile (32 chunks of 544
     # bytes) or two down slots; 4 of them (11 would fit in 227 KB beside the static shared memory); an act warp
-    # beside the producer; down by tile a warp a slot (4 units of 2 slots: 8 warps, a ring of 4; 3 chunks a piece)
+    # beside the producer; down by tile a warp a slot (4 units of 2 slots: 8 warps, a ring of 4; 3 chunks a piece),
+    # its last unit copied once the block has arrived at the grid barrier (hold)
     fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408, "pdl": True, "by_slot": 16,
-             "range": 16, "act_warp": True, "sw": True, "sw_np": 2, "sw_all": True}
+             "range": 16, "act_warp": True, "sw": True, "sw_np": 2, "sw_all": True, "hold": 1}
     assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "d_split": 2, "d_warps": 16, "d_depth": 6,
                     "fused": fused}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
@@ -56,14 +57,15 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
                                                "smem": 4 * 64 * 544, "pdl": True, "by_slot": 16, "range": 16,
                                                "act_warp": True, "sw": False, "sw_np": 1,
-                                               "sw_all": False}  # 8 units of a slot: not a warp a slot
+                                               "sw_all": False, "hold": 1}  # 8 units of a slot: not a warp a slot
     assert odd["fused"]["range"] == 12  # down by slot: one range of all H's 12 tiles
     # H = 6144 (MiMo-V2.5-Pro): 8 warps would hold 12 chunks of x each (and spill): 12 warps, 8 chunks each, three
     # down slots a stage (one gate_up tile's 52 KB of room) of 4 warps each; no act warp (its registers would make
     # the consumers spill: the nvcc test below compiles this shape)
     assert fused_context(6144, 2048, H100) == {"warps": 12, "stages": 3, "stage_bytes": 96 * 544, "du": 3,
                                                "smem": 3 * 96 * 544, "pdl": True, "by_slot": 16, "range": 12,
-                                               "act_warp": False, "sw": False, "sw_np": 1, "sw_all": False}
+                                               "act_warp": False, "sw": False, "sw_np": 1, "sw_all": False,
+                                               "hold": 1}
     assert fused_context(8192, 2048, H100)["warps"] == 16
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4
@@ -360,7 +362,8 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
     """experts_kernel's two ways of dealing the down phase (by tile of H, every slot of it in one block; by slot, in
     ranges of tiles, outputs through global memory) sum every output in the same order: equal bits from 1 to 8 rows,
     so which one a batch takes (by how many slots are live) does not change a row. By tile both ways: a warp a slot
-    (all of its I, in F_WS pieces) and F_WS warps a slot."""
+    (all of its I, in F_WS pieces) and F_WS warps a slot; and with none or 3 of the block's last down units held back
+    until its grid barrier add (the planner holds 1)."""
     weights, frags = mini_mx
     planned = cuda_module()  # by tile up to 16 live slots, by slot past them (8 independent rows)
     cuda = experts_context("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device())["cuda"]
@@ -369,7 +372,7 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
     assert cuda["fused"]["sw"]
     by_tile = [experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(),
                               cuda={**cuda, "fused": {**cuda["fused"], "by_slot": 64, **sw}})
-               for sw in ({"sw_np": 1, "sw_all": False}, {"sw": False}, {"hold": 2})]
+               for sw in ({"sw_np": 1, "sw_all": False}, {"sw": False}, {"hold": 0}, {"hold": 3})]
     g = torch.Generator().manual_seed(5)
     for rows, same in ((1, True), (3, False), (8, True), (8, False)):
         w, ids = routing(rows, MINI["k"], MINI["E"], same, g)

@@ -137,7 +137,7 @@ def fused_static_bytes(hidden: int, warps: int) -> int:
 
 
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
-                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None) -> dict | None:
+                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1) -> dict | None:
     """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
     of shared-memory stages by bulk copies), or None where it does not fit. ``warps`` consumer warps split H's
     chunks of 64 in gate_up and each down slot's chunks of I. By default: the most, up to 8, that divide H's chunks;
@@ -200,6 +200,11 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     row, slower at 8), the turns in a rolled loop, a PDL trigger past the barrier, the arrival as fence.release.gpu
     then a relaxed add (benchmarks/fence_probe.py: every gpu-scope release tried waits for most or all of the
     block's bulk copies in flight).
+    ``hold``: in down by tile, the producer copies the block's last ``hold`` down units only once the block's add at the
+    grid barrier has returned. The add's release waits for the block's bulk copies in flight, so the block arrives
+    before those units land instead of after (H100, 2026-11-23, benchmarks/results/h100-2026-11-23i, timeline at one
+    row, p50: the flip 0.25 us earlier, the end 0.2 us earlier with hold 2; same-run sweep of 15 rounds, 1 row / 8 rows
+    same / 8 independent: 13.2 / 14.3 / 61.2 us with hold 1, 13.4 / 14.4 / 59.8 with 2, 13.5 / 14.3 / 60.8 without).
     Tried on branch experiment/early-down and not kept: no grid barrier, each down unit put in the ring as soon as
     its slots' act is complete (18.2 us: gate_up's rounds land together, not in order, so down starts no earlier)."""
     chunks, d_chunks = hidden // 64, inter // 64
@@ -248,7 +253,8 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     sw_np = 2 if sw and warps <= 8 and (warps // du) % 2 == 0 and d_chunks // (warps // du) <= 3 else 1
     sw_all = sw and warps <= 8 and d_chunks <= 12
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
-            "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw, "sw_np": sw_np, "sw_all": sw_all}
+            "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw, "sw_np": sw_np, "sw_all": sw_all,
+            "hold": hold}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
