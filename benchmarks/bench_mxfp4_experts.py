@@ -132,9 +132,29 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
-def time_calls(calls, reps: int, graph: bool, per_kernel: dict | None = None) -> float:
+class KernelTimes:
+    """Each kernel's GPU time per call (torch.profiler, CUPTI), taken once every timing is done: once CUPTI has been
+    used in a process, every later CUDA-graph call takes about 0.9 us longer (H100, 2026-11-23: the experts kernel
+    12.2 to 12.5 us a call at one row before, 13.3 after; the read floor 8.8 to 8.9 before, 9.7 to 9.8 after;
+    benchmarks/results/h100-2026-11-23i/run3_cupti). ``later`` keeps a timed run and the dict its times go into;
+    ``collect`` fills them all."""
+
+    def __init__(self):
+        self.pending = []
+
+    def later(self, run, calls: int, into: dict) -> None:
+        self.pending.append((run, calls, into))
+
+    def collect(self) -> None:
+        for run, calls, into in self.pending:
+            into.update({name: us / calls for name, (_, us) in common.kernel_gpu_times(run, 10).items()})
+        self.pending.clear()
+
+
+def time_calls(calls, reps: int, graph: bool, per_kernel: dict | None = None,
+               kernel_times: KernelTimes | None = None) -> float:
     """Median microseconds per call of ``calls`` (each a no-argument function), run back to back; ``per_kernel``, if
-    given, receives each kernel's GPU time per call."""
+    given, receives each kernel's GPU time per call when ``kernel_times`` collects them, after every timing."""
     if not torch.cuda.is_available():  # smoke mode: wall clock, a couple of rounds
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -168,14 +188,14 @@ def time_calls(calls, reps: int, graph: bool, per_kernel: dict | None = None) ->
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    if per_kernel is not None:
-        per_kernel.update({name: us / len(calls) for name, (_, us) in common.kernel_gpu_times(run, 10).items()})
+    if per_kernel is not None and kernel_times is not None:
+        kernel_times.later(run, len(calls), per_kernel)
     return statistics.median(times)
 
 
 # -------------------------------------------------------------------------------------------------------- measuring
 def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, device, gen, reps: int, graph: bool,
-            check_fn=None, per_kernel: bool = False, hot_routes: bool = False) -> dict:
+            check_fn=None, per_kernel: KernelTimes | None = None, hot_routes: bool = False) -> dict:
     """Check ``fn`` against the reference on layer 0, then time it over all layers: each layer its own route, or with
     ``hot_routes`` one route for every layer (still every layer's own weights), so the router's choice is in L2 at
     each call, as in a decode step where the router has just written it."""
@@ -190,8 +210,8 @@ def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, devi
         if not torch.isfinite(got).all():
             err = float("nan")
     calls = [lambda w=w, ids=ids, lw=lw: fn(x, w, ids, *lw) for (w, ids), lw in zip(routes, layers)]
-    kernels = {} if per_kernel and device.type == "cuda" else None
-    us = time_calls(calls, reps, graph, kernels)
+    kernels = {} if per_kernel is not None and device.type == "cuda" else None  # filled by per_kernel.collect()
+    us = time_calls(calls, reps, graph, kernels, per_kernel)
     distinct = statistics.mean(len(torch.unique(ids)) for _, ids in routes)
     nbytes = distinct * expert_bytes(fmt, shape)
     return {"kernel": name, "format": fmt, "rows": rows, "regime": regime, "us": us, "bytes": nbytes,
@@ -336,7 +356,8 @@ def case(text: str) -> tuple[int, str]:
     return (int(text[:-1]), "random") if text.endswith("r") else (int(text), "same")
 
 
-def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: DeviceInfo, fragments: dict) -> list[dict]:
+def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: DeviceInfo, fragments: dict,
+              kernel_times: KernelTimes) -> list[dict]:
     """Time each variant at 1 row, 8 rows on the same experts and 8 rows on independent routes (and the cases of
     ``--more-cases``), ``args.repeats`` times round-robin (so drifts of the GPU spread over all variants alike); each
     row holds the median times, and the errors and per-kernel times of the first round."""
@@ -352,7 +373,8 @@ def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: Device
                     modules[vname] = launcher(kernel_module(vfmt, shape, dev, **overrides), fragments)
                 for rows, regime in SWEEP_CASES + tuple(args.more_cases):
                     r = measure(vname, modules[vname], vfmt, layers, shape, rows, regime, device, gen, reps,
-                                True, reference(vfmt), per_kernel=round_ == 0, hot_routes=args.routes == "hot")
+                                True, reference(vfmt), per_kernel=kernel_times if round_ == 0 else None,
+                                hot_routes=args.routes == "hot")
                     tag = f"{rows}" if regime == "same" else f"{rows}r"
                     row["samples"].setdefault(tag, []).append(r["us"])
                     if round_ == 0:
@@ -397,6 +419,8 @@ def main() -> None:
     if copy_bw:
         print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
     results, sweep, plans = [], [], {}
+    kernel_times = KernelTimes()  # CUPTI once every timing is done (it slows every later call)
+    kept = []  # each format's weights, alive until then: the timed graphs read them
     for fmt in ("mxfp4", "dense"):
         layers = make_layers(fmt, shape, device, gen)
         plan = plans[fmt] = planned(fmt, layers)
@@ -408,7 +432,7 @@ def main() -> None:
             for rows in shape["rows"]:
                 for regime in (["same", "random"] if rows > 1 else ["same"]):
                     r = measure(name, launcher(module, fragments), fmt, layers, shape, rows, regime, device, cpu_gen,
-                                reps, True, reference(fmt), per_kernel=cuda, hot_routes=hot)
+                                reps, True, reference(fmt), per_kernel=kernel_times, hot_routes=hot)
                     results.append(r)
                     print(f"  {r['kernel']:18s} rows={rows} {regime:6s} {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s  "
                           f"err {r['rel_err_vs_reference']:.1e}", flush=True)
@@ -426,10 +450,10 @@ def main() -> None:
             print(f"  {r['kernel']:12s} rows={rows} same   {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s", flush=True)
         if args.sweep and cuda and fmt == "mxfp4":
             sweep += run_sweep(sweep_variants(shape, dev, plan), args, layers, shape, device, cpu_gen, reps, dev,
-                               fragments)
-        del layers, fragments
-        if cuda:
-            torch.cuda.empty_cache()
+                               fragments, kernel_times)
+        kept.append((layers, fragments))
+    kernel_times.collect()
+    del kept
 
     for r in results:
         r["fraction_of_copy_bw"] = r["GBps"] * 1e9 / copy_bw if copy_bw else None
@@ -448,7 +472,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu interpreter ({platform.machine()})",
         "torch": torch.__version__, "triton": __import__("triton").__version__, "shape": shape,
         "copy_bandwidth_Bps": copy_bw, "timing": "CUDA-graph replay over LAYERS layers (kernels), eager (reference); "
-        "median us per call", "routes": args.routes, "planned_from_weights": plans, "results": results, "sweep": sweep,
+        "median us per call; kernel_us by torch.profiler (CUPTI) after every timing", "routes": args.routes, "planned_from_weights": plans, "results": results, "sweep": sweep,
         "seconds": time.time() - t_start,
     }
     (out_dir / "bench_mxfp4_experts.json").write_text(json.dumps(report, indent=1))
