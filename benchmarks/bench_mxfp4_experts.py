@@ -136,18 +136,19 @@ class KernelTimes:
     """Each kernel's GPU time per call (torch.profiler, CUPTI), taken once every timing is done: once CUPTI has been
     used in a process, every later CUDA-graph call takes about 0.9 us longer (H100, 2026-11-23: the experts kernel
     12.2 to 12.5 us a call at one row before, 13.3 after; the read floor 8.8 to 8.9 before, 9.7 to 9.8 after;
-    benchmarks/results/h100-2026-11-23i/run3_cupti). ``later`` keeps a timed run and the dict its times go into;
-    ``collect`` fills them all."""
+    benchmarks/results/h100-2026-11-23i/run3_cupti). ``later`` keeps a timed run, its calls (which hold what the run
+    reads: a CUDA graph holds no reference to its inputs, nor to the module of its kernels) and the dict its times go
+    into; ``collect`` fills them all."""
 
     def __init__(self):
         self.pending = []
 
-    def later(self, run, calls: int, into: dict) -> None:
+    def later(self, run, calls: list, into: dict) -> None:
         self.pending.append((run, calls, into))
 
     def collect(self) -> None:
         for run, calls, into in self.pending:
-            into.update({name: us / calls for name, (_, us) in common.kernel_gpu_times(run, 10).items()})
+            into.update({name: us / len(calls) for name, (_, us) in common.kernel_gpu_times(run, 10).items()})
         self.pending.clear()
 
 
@@ -189,7 +190,7 @@ def time_calls(calls, reps: int, graph: bool, per_kernel: dict | None = None,
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / len(calls))
     if per_kernel is not None and kernel_times is not None:
-        kernel_times.later(run, len(calls), per_kernel)
+        kernel_times.later(run, calls, per_kernel)
     return statistics.median(times)
 
 

@@ -61,7 +61,9 @@ def test_fence_probe_kernel_compiles(tmp_path):
 def test_experts_bench_profiles_kernels_only_after_every_timing(monkeypatch):
     """bench_mxfp4_experts.py asks CUPTI for per-kernel times only once every timing is done (once CUPTI has run in a
     process, every later CUDA-graph call took about 0.9 us longer on the H100): a timed run is kept, not profiled,
-    and collect() profiles each kept run once, into the dict its row holds."""
+    and collect() profiles each kept run once, into the dict its row holds. The run's calls are kept with it: they
+    hold the inputs and modules a captured graph reads (replayed later without them, it read freed memory and the
+    H100 reported an illegal address)."""
     import bench_mxfp4_experts as bench
 
     profiled = []
@@ -73,8 +75,10 @@ def test_experts_bench_profiles_kernels_only_after_every_timing(monkeypatch):
     monkeypatch.setattr(bench.common, "kernel_gpu_times", fake_times)
     times = bench.KernelTimes()
     rows = [{}, {}]
-    times.later("run a", 12, rows[0])
-    times.later("run b", 6, rows[1])
+    calls_a, calls_b = [object()] * 12, [object()] * 6
+    times.later("run a", calls_a, rows[0])
+    times.later("run b", calls_b, rows[1])
+    assert times.pending[0][1] is calls_a  # alive until collected
     assert profiled == [] and rows == [{}, {}]  # nothing profiled while timing goes on
     times.collect()
     assert profiled == ["run a", "run b"]
