@@ -20,7 +20,7 @@ for stage in "$@"; do
   case "$stage" in
     # the gpu-marked tests, and the batch-invariance test that is bitwise only on a GPU (full logs under $OUT)
     tests) per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 180")  # names a hung test
-           timeout 420 python3 -m pytest -v -rs --durations=15 $per_test -m gpu tests > "$OUT/gpu_tests.log" 2>&1
+           timeout 540 python3 -m pytest -v -rs --durations=15 $per_test -m gpu tests > "$OUT/gpu_tests.log" 2>&1
            CUDA_LAUNCH_BLOCKING=1 timeout 60 python3 -m pytest -q \
              tests/test_triton_backend.py::test_verify_step_rows_equal_decode_steps > "$OUT/gpu_invariance_test.log" 2>&1
            grep -E "(PASSED|FAILED|ERROR|SKIPPED|Timeout)|passed|failed|s call" "$OUT/gpu_tests.log" "$OUT/gpu_invariance_test.log" ;;
