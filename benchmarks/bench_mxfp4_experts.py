@@ -306,8 +306,6 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                 if hold != fused["hold"]:
                     out.append((f"mx cuda fused hold={hold}", "mxfp4",
                                 {"cuda": {**cu, "fused": {**fused, "hold": hold}}}))
-            out.append((f"mx cuda fused early={not fused['early']}", "mxfp4",  # first units before the table
-                        {"cuda": {**cu, "fused": {**fused, "early": not fused["early"]}}}))
             out.append((f"mx cuda fused sw={not fused['sw']}", "mxfp4",  # down by tile: a warp a slot, or F_WS
                         {"cuda": {**cu, "fused": {**fused, "sw": not fused["sw"]}}}))
             if fused["sw"]:  # a warp a slot: its pieces the other number at a time; its act all first or not
@@ -475,8 +473,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu interpreter ({platform.machine()})",
         "torch": torch.__version__, "triton": __import__("triton").__version__, "shape": shape,
         "copy_bandwidth_Bps": copy_bw, "timing": "CUDA-graph replay over LAYERS layers (kernels), eager (reference); "
-        "median us per call; kernel_us by torch.profiler (CUPTI) after every timing", "routes": args.routes,
-        "planned_from_weights": plans, "results": results, "sweep": sweep,
+        "median us per call; kernel_us by torch.profiler (CUPTI) after every timing", "routes": args.routes, "planned_from_weights": plans, "results": results, "sweep": sweep,
         "seconds": time.time() - t_start,
     }
     (out_dir / "bench_mxfp4_experts.json").write_text(json.dumps(report, indent=1))

@@ -40,7 +40,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     # beside the producer; down by tile a warp a slot (4 units of 2 slots: 8 warps, a ring of 4; 3 chunks a piece),
     # its last unit copied once the block has arrived at the grid barrier (hold)
     fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408, "pdl": True, "by_slot": 16,
-             "range": 16, "act_warp": True, "sw": True, "sw_np": 2, "sw_all": True, "hold": 1, "early": True}
+             "range": 16, "act_warp": True, "sw": True, "sw_np": 2, "sw_all": True, "hold": 1}
     assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "d_split": 2, "d_warps": 16, "d_depth": 6,
                     "fused": fused}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
@@ -57,8 +57,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
                                                "smem": 4 * 64 * 544, "pdl": True, "by_slot": 16, "range": 16,
                                                "act_warp": True, "sw": False, "sw_np": 1,
-                                               "sw_all": False, "hold": 1,
-                                               "early": True}  # 8 units of a slot: not a warp a slot
+                                               "sw_all": False, "hold": 1}  # 8 units of a slot: not a warp a slot
     assert odd["fused"]["range"] == 12  # down by slot: one range of all H's 12 tiles
     # H = 6144 (MiMo-V2.5-Pro): 8 warps would hold 12 chunks of x each (and spill): 12 warps, 8 chunks each, three
     # down slots a stage (one gate_up tile's 52 KB of room) of 4 warps each; no act warp (its registers would make
@@ -66,7 +65,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert fused_context(6144, 2048, H100) == {"warps": 12, "stages": 3, "stage_bytes": 96 * 544, "du": 3,
                                                "smem": 3 * 96 * 544, "pdl": True, "by_slot": 16, "range": 12,
                                                "act_warp": False, "sw": False, "sw_np": 1, "sw_all": False,
-                                               "hold": 1, "early": True}
+                                               "hold": 1}
     assert fused_context(8192, 2048, H100)["warps"] == 16
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4
@@ -364,8 +363,7 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
     ranges of tiles, outputs through global memory) sum every output in the same order: equal bits from 1 to 8 rows,
     so which one a batch takes (by how many slots are live) does not change a row. By tile both ways: a warp a slot
     (all of its I, in F_WS pieces) and F_WS warps a slot; and with none or 3 of the block's last down units held back
-    until its grid barrier add (the planner holds 1); and with the first units issued only once the slot table is
-    built (the planner issues them before, from row 0's choices)."""
+    until its grid barrier add (the planner holds 1)."""
     weights, frags = mini_mx
     planned = cuda_module()  # by tile up to 16 live slots, by slot past them (8 independent rows)
     cuda = experts_context("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device())["cuda"]
@@ -374,7 +372,7 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
     assert cuda["fused"]["sw"]
     by_tile = [experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(),
                               cuda={**cuda, "fused": {**cuda["fused"], "by_slot": 64, **sw}})
-               for sw in ({"sw_np": 1, "sw_all": False}, {"sw": False}, {"hold": 0}, {"hold": 3}, {"early": False})]
+               for sw in ({"sw_np": 1, "sw_all": False}, {"sw": False}, {"hold": 0}, {"hold": 3})]
     g = torch.Generator().manual_seed(5)
     for rows, same in ((1, True), (3, False), (8, True), (8, False)):
         w, ids = routing(rows, MINI["k"], MINI["E"], same, g)
@@ -384,28 +382,6 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
         for other in outs[1:]:
             assert torch.equal(outs[0], other), (rows, same)
         assert rel(outs[0], ops.mxfp4_moe_experts(x, w, ids, *weights)) < 1e-2
-
-
-@pytest.mark.gpu
-def test_gpu_experts_kernel_repeated_choices_in_row_0(mini_mx):
-    """Row 0 choosing one expert twice or more (no top-k router does, yet the op allows it): experts_kernel's producer
-    cannot take its first units from row 0's choices and waits for the slot table. Against the reference op, and the
-    same bits as with the first units always issued after the table; rows whose choices are distinct too."""
-    weights, frags = mini_mx
-    cuda = experts_context("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device())["cuda"]
-    assert cuda["fused"]["early"]
-    planned = cuda_module()
-    late = experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(),
-                          cuda={**cuda, "fused": {**cuda["fused"], "early": False}})
-    g = torch.Generator().manual_seed(11)
-    for rows, repeats in ((1, 2), (1, 8), (3, 3), (8, 2), (2, 0)):
-        w, ids = routing(rows, MINI["k"], MINI["E"], False, g)
-        ids[0, 0, 1:repeats] = ids[0, 0, 0]  # row 0's first `repeats` choices one expert
-        x = torch.randn(1, rows, MINI["H"], generator=g).bfloat16().cuda()
-        w, ids = w.cuda(), ids.cuda()
-        out, ref = planned.launch(x, w, ids, *weights, *frags), ops.mxfp4_moe_experts(x, w, ids, *weights)
-        assert torch.equal(out, late.launch(x, w, ids, *weights, *frags)), (rows, repeats)
-        assert rel(out, ref) < 1e-2, (rows, repeats)
 
 
 @pytest.mark.gpu

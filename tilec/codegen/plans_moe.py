@@ -137,8 +137,7 @@ def fused_static_bytes(hidden: int, warps: int) -> int:
 
 
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
-                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1,
-                  early: bool = True) -> dict | None:
+                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1) -> dict | None:
     """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
     of shared-memory stages by bulk copies), or None where it does not fit. ``warps`` consumer warps split H's
     chunks of 64 in gate_up and each down slot's chunks of I. By default: the most, up to 8, that divide H's chunks;
@@ -206,9 +205,6 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     before those units land instead of after (H100, 2026-11-23, benchmarks/results/h100-2026-11-23i, timeline at one
     row, p50: the flip 0.25 us earlier, the end 0.2 us earlier with hold 2; same-run sweep of 15 rounds, 1 row / 8 rows
     same / 8 independent: 13.2 / 14.3 / 61.2 us with hold 1, 13.4 / 14.4 / 59.8 with 2, 13.5 / 14.3 / 60.8 without).
-    ``early``: the producer reads row 0's choices itself and issues its first gate_up units (up to a ring's worth)
-    while warp 0 builds the slot table: where row 0's K choices are distinct experts, the live slots of ranks below K
-    are pairs 0 .. K - 1, so those units' experts need no table (where they repeat, it waits for the table).
     Tried on branch experiment/early-down and not kept: no grid barrier, each down unit put in the ring as soon as
     its slots' act is complete (18.2 us: gate_up's rounds land together, not in order, so down starts no earlier)."""
     chunks, d_chunks = hidden // 64, inter // 64
@@ -258,7 +254,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     sw_all = sw and warps <= 8 and d_chunks <= 12
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
             "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw, "sw_np": sw_np, "sw_all": sw_all,
-            "hold": hold, "early": early}
+            "hold": hold}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
