@@ -385,6 +385,24 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_cuda_experts_repeated_choices_in_row_0(mini_mx, variant):
+    """Row 0 choosing one expert twice or more (no top-k router does, yet the op allows it: the slot table then has
+    dead pairs in row 0, and live slots of rank r that are not pair r) against the reference op; rows whose choices
+    are distinct too."""
+    weights, frags = mini_mx
+    mod = cuda_module(variant=variant)
+    g = torch.Generator().manual_seed(11)
+    for rows, repeats in ((1, 2), (1, 8), (3, 3), (8, 2), (2, 0)):
+        w, ids = routing(rows, MINI["k"], MINI["E"], False, g)
+        ids[0, 0, 1:repeats] = ids[0, 0, 0]  # row 0's first `repeats` choices one expert
+        x = torch.randn(1, rows, MINI["H"], generator=g).bfloat16().cuda()
+        w, ids = w.cuda(), ids.cuda()
+        out = mod.launch(x, w, ids, *weights, *frags)
+        assert rel(out, ops.mxfp4_moe_experts(x, w, ids, *weights)) < 1e-2, (rows, repeats)
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_experts_more_than_8_rows(mini_mx):
     """Top-4 lets decode take up to 16 rows (64 router pairs): blocks of 8 token rows (grid z). Against the reference,
     and each row equal to its own 1-row step."""
