@@ -1,8 +1,8 @@
 """The GPU-only parts of the benchmark scripts, kept in step on the CPU: benchmarks/read_floor.py's floor kernels compile
 for sm_90a without spills, timeline_experts.py reads the experts template's stamps as the template lays them out, and
 fence_probe.py's kernels compile; bench_mxfp4_experts.py profiles kernels only after its timings.
-(The split-K experiment that was tested here lost on the GPU and lives on the branch experiment/split-k;
-benchmarks/results/h100-2026-11-23e.)
+(The split-K experiment that was tested here lost on the GPU, benchmarks/results/h100-2026-11-23e; it was on the
+branch experiment/split-k, which this repository no longer has.)
 """
 
 from __future__ import annotations

@@ -204,13 +204,15 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     grid barrier has returned. The add's release waits for the block's bulk copies in flight, so the block arrives
     before those units land instead of after (H100, 2026-11-23, benchmarks/results/h100-2026-11-23i, timeline at one
     row, p50: the flip 0.25 us earlier, the end 0.2 us earlier with hold 2; same-run sweep of 15 rounds, 1 row / 8 rows
-    same / 8 independent: 13.2 / 14.3 / 61.2 us with hold 1, 13.4 / 14.4 / 59.8 with 2, 13.5 / 14.3 / 60.8 without).
+    same / 8 independent: 13.2 / 14.3 / 61.2 us with hold 1, 13.4 / 14.4 / 59.8 with 2, 13.5 / 14.3 / 60.8 without;
+    with every sweep row timed before CUPTI ran, run5_sweep: 12.5 / 13.5 / 59.5 with 1, 12.6 / 13.6 / 59.2 without).
     Tried and not kept (`32beee0`): the producer reading row 0's choices itself and issuing its first units while
     warp 0 builds the slot table (a top-k router's row 0 names K distinct experts, the live slots of ranks below K).
     Its first copy went out 0.28 us earlier (0.90 against 1.18 us, p50), but the table came 0.35 us later and the
     call was slower: 12.8 / 14.4 us against 12.4 / 13.5 at 1 / 8 rows (15 rounds; results/h100-2026-11-23i/run9_early).
-    Tried on branch experiment/early-down and not kept: no grid barrier, each down unit put in the ring as soon as
-    its slots' act is complete (18.2 us: gate_up's rounds land together, not in order, so down starts no earlier)."""
+    Tried on branch experiment/early-down (an earlier checkout's) and not kept: no grid barrier, each down unit put in
+    the ring as soon as its slots' act is complete (18.2 us: gate_up's rounds land together, not in order, so down
+    starts no earlier)."""
     chunks, d_chunks = hidden // 64, inter // 64
     gu, d_slot = chunks * (512 + 32), d_chunks * (512 + 32)
     room = max(gu, d_slot)
