@@ -127,7 +127,8 @@ def measure_bandwidth(device: torch.device, nbytes: int, repeats: int = 10, warm
 def kernel_gpu_times(run, reps: int) -> dict[str, tuple[float, float]]:
     """GPU kernel name -> (launches per ``run()``, GPU microseconds per ``run()``), from torch.profiler (CUPTI) over
     ``reps`` calls; it sees kernels inside CUDA-graph replays too. With programmatic dependent launch a kernel's time
-    includes its wait for the one before."""
+    includes its wait for the one before. Call it after any timing in the same process: once CUPTI has run, every
+    later CUDA-graph launch takes about 0.9 us longer on the H100 (results/h100-2026-11-23i/run3_cupti)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             run()
