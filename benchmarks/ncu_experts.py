@@ -4,7 +4,8 @@
         python3 benchmarks/ncu_experts.py --rows 1 [--override '{"scale_fold": false}']
 
 (`experts_kernel` where the planner takes it, else the two kernels. Nsight Compute's source page, `--page source`,
-gives the stall samples of each instruction: where the down phase's time goes.)
+gives the stall samples of each instruction: where the down phase's time goes. benchmarks/ncu_stalls.py adds them up
+by instruction and reason over the profiled launches; its docstring has the commands.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The GPU-only parts of the benchmark scripts, kept in step on the CPU: benchmarks/read_floor.py's floor kernels compile
 for sm_90a without spills, timeline_experts.py reads the experts template's stamps as the template lays them out, and
-fence_probe.py's kernels compile; bench_mxfp4_experts.py profiles kernels only after its timings.
+fence_probe.py's kernels compile; bench_mxfp4_experts.py profiles kernels only after its timings,
+and ncu_stalls.py adds Nsight Compute's samples up by instruction.
 (The split-K experiment that was tested here lost on the GPU, benchmarks/results/h100-2026-11-23e; it was on the
 branch experiment/split-k, which this repository no longer has.)
 """
@@ -85,3 +86,25 @@ def test_experts_bench_profiles_kernels_only_after_every_timing(monkeypatch):
     assert rows == [{"experts_kernel": 2.0}, {"experts_kernel": 8.0}]  # GPU us per call: per run over the calls
     times.collect()
     assert len(profiled) == 2  # each kept run once
+
+
+def test_ncu_stalls_adds_the_launches_by_instruction(tmp_path):
+    """benchmarks/ncu_stalls.py reads Nsight Compute's source page export (one block a profiled launch) and adds the
+    samples of each instruction over the launches, for every stall reason and for slices of instructions."""
+    import ncu_stalls
+
+    header = ["Address", "Source", ncu_stalls.ALL, "stall_wait", "stall_long_sb", "stall_wait (Not Issued)"]
+    launch = [["0x10", "  LDG.E R2, [R4]", "5", "1", "4", "1"], ["0x20", "  HMMA R0, R2", "3", "3", "0", "3"]]
+    again = [["0x10", "  LDG.E R2, [R4]", "2", "0", "2", "0"], ["0x20", "  HMMA R0, R2", "-", "-", "-", "-"]]
+    path = tmp_path / "source.csv"
+    with path.open("w", newline="") as f:
+        w = __import__("csv").writer(f)
+        for rows in (launch, again):
+            w.writerow(["Kernel Name", "experts_kernel"])
+            w.writerow(header)
+            w.writerows(rows)
+    sass, sums, reasons = ncu_stalls.read(path)
+    assert sass == ["LDG.E R2, [R4]", "HMMA R0, R2"] and reasons == ["stall_wait", "stall_long_sb"]
+    assert (sums[0][ncu_stalls.ALL], sums[0]["stall_long_sb"], sums[1]["stall_wait"]) == (7, 6, 3)
+    assert ncu_stalls.summary(sums, reasons, 0, 1) == (7, [("long_sb", 6), ("wait", 1)])
+    assert ncu_stalls.summary(sums, reasons, 0, 2)[0] == 10
