@@ -317,11 +317,6 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                         continue
                     name = " ".join(f"{k}={v}" for k, v in kv.items())
                     out.append((f"mx cuda fused {name}", "mxfp4", {"cuda": {**cu, "fused": {**fused, **kv}}}))
-                for np_ in (1, 2, 4):  # its words a chunk at a time, so more pieces fit side by side
-                    if (fused["warps"] // fused["du"]) % np_ == 0:
-                        kv = {"sw_np": np_, "sw_lazy": not fused.get("sw_lazy", False)}
-                        out.append((f"mx cuda fused sw_np={np_} sw_lazy={kv['sw_lazy']}", "mxfp4",
-                                    {"cuda": {**cu, "fused": {**fused, **kv}}}))
             for warps in (4, 16):  # other numbers of consumer warps, where they split H's chunks
                 other = fused_context(shape["H"], shape["I"], dev, warps=warps)
                 if other and other["warps"] != fused["warps"]:

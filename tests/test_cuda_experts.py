@@ -363,8 +363,7 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
     ranges of tiles, outputs through global memory) sum every output in the same order: equal bits from 1 to 8 rows,
     so which one a batch takes (by how many slots are live) does not change a row. By tile both ways: a warp a slot
     (all of its I, in F_WS pieces) and F_WS warps a slot; and with none or 3 of the block's last down units held back
-    until its grid barrier add (the planner holds 1); and a slot's 4 pieces side by side or 2, their words loaded
-    a chunk at a time (sw_lazy)."""
+    until its grid barrier add (the planner holds 1)."""
     weights, frags = mini_mx
     planned = cuda_module()  # by tile up to 16 live slots, by slot past them (8 independent rows)
     cuda = experts_context("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device())["cuda"]
@@ -373,8 +372,7 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
     assert cuda["fused"]["sw"]
     by_tile = [experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(),
                               cuda={**cuda, "fused": {**cuda["fused"], "by_slot": 64, **sw}})
-               for sw in ({"sw_np": 1, "sw_all": False}, {"sw": False}, {"hold": 0}, {"hold": 3},
-                          {"sw_np": 4, "sw_lazy": True}, {"sw_np": 2, "sw_lazy": True})]
+               for sw in ({"sw_np": 1, "sw_all": False}, {"sw": False}, {"hold": 0}, {"hold": 3})]
     g = torch.Generator().manual_seed(5)
     for rows, same in ((1, True), (3, False), (8, True), (8, False)):
         w, ids = routing(rows, MINI["k"], MINI["E"], same, g)
