@@ -2,6 +2,7 @@
 
     python3 benchmarks/profile_step.py --out out/prof            # bf16 `mini`, triton target, context 256
     python3 benchmarks/profile_step.py --out out/prof --mxfp4
+    python3 benchmarks/profile_step.py --out out/prof --mxfp4 --rows 8   # a DFlash verify step: 8 rows at once
 
 The step runs as decoding runs it, a CUDA graph replay; torch.profiler (CUPTI) records each kernel's GPU time inside
 the graph, grouped by kernel function (with the generated modules defining it). The graph's wall time minus the
@@ -9,6 +10,9 @@ kernels' summed time is what launches and the gaps between kernels cost: the sha
 back (with programmatic dependent launch a kernel starts early and waits inside, so that share can read negative).
 A second table gives each kernel module's launches per step and the weight bytes they read (stacked experts: only
 the experts routed to), with the HBM floor of those bytes at the measured copy bandwidth.
+
+With ``--rows`` N > 1 each step feeds N random tokens at the same positions, as DFlash's verify step does (its rows
+route to different experts), and leaves the context as it was, so every step sees the same one.
 
 Writes ``DIR/profile_step.json`` and prints both tables. Needs a GPU.
 """
@@ -58,7 +62,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mxfp4", action="store_true")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rows", type=int, default=1, help="tokens a step (DFlash's verify step: 8), at most 8")
     args = ap.parse_args(argv)
+    if not 1 <= args.rows <= 8:
+        ap.error("--rows must be 1 to 8 (the decode graph's rows)")
     if not torch.cuda.is_available():
         print("profile_step.py needs a GPU", file=sys.stderr)
         return 2
@@ -83,16 +90,22 @@ def main(argv=None) -> int:
     session = DecodeSession(program, specs, batch=1, max_seq_len=length, device=device)
     ids = torch.randint(0, cm.vocab_size, (1, args.context), device=device)
     token = session.step(ids)[:, -1:].argmax(-1)
+    block = torch.randint(0, cm.vocab_size, (1, args.rows), device=device)  # --rows > 1: the rows of a verify step
     with program.observing(count):  # weight_bytes synchronises: an eager step, never inside a graph capture
-        token = session.step(token)[:, -1:].argmax(-1)
+        token = session.step(token if args.rows == 1 else block)[:, -1:].argmax(-1)
 
     # Decode steps as CUDA graph replays (as decoding runs them): wall time, then GPU time per kernel function.
     graphed = DecodeSession(GraphedStep(program, max_rows=8), specs, batch=1, max_seq_len=length, device=device)
     graphed.step(ids)
     tok = token.clone()
-    samples = common.time_calls(lambda: graphed.step(tok), device, repeats=args.steps, warmup=5)
+    at = graphed.length
+
+    def one():  # one token a step, the context growing; or the verify rows, every step at the same positions
+        return graphed.step(tok) if args.rows == 1 else graphed.step(block, start=at, advance=0)
+
+    samples = common.time_calls(one, device, repeats=args.steps, warmup=5)
     graph_us = common.summarize(samples)["median"] * 1e3
-    times = common.kernel_gpu_times(lambda: graphed.step(tok), args.steps)
+    times = common.kernel_gpu_times(one, args.steps)
     owners = defaultdict(list)  # kernel function -> the modules defining it
     for k in program.kernels:
         for name in re.findall(r"^def (\w+)\(", k.source, flags=re.M):
@@ -104,13 +117,15 @@ def main(argv=None) -> int:
     modules_rows = [{"module": k.alias, "launches": launches[k.alias], "weight_MB": reads[k.alias] / 1e6,
                      "floor_us": reads[k.alias] / bandwidth * 1e6} for k in program.kernels]
     result = {"benchmark": "profile_step", "created": common.now_iso(), "environment": common.environment(device),
-              "preset": args.preset, "mxfp4": args.mxfp4, "context": args.context, "copy_Bps": bandwidth,
+              "preset": args.preset, "mxfp4": args.mxfp4, "context": args.context, "rows": args.rows,
+              "copy_Bps": bandwidth,
               "graph_step_us": graph_us, "kernels_gpu_us_per_step": total_gpu,
               "gaps_us_per_step": graph_us - total_gpu,
               "floor_us": sum(r["floor_us"] for r in modules_rows), "per_kernel": kernels, "per_module": modules_rows}
     args.out.mkdir(parents=True, exist_ok=True)
     common.write_json(args.out / "profile_step.json", result)
-    print(f"{args.preset} {'mxfp4' if args.mxfp4 else 'bf16'} ctx {args.context}: a CUDA-graph step takes "
+    print(f"{args.preset} {'mxfp4' if args.mxfp4 else 'bf16'} ctx {args.context}, {args.rows} row(s): a CUDA-graph "
+          f"step takes "
           f"{graph_us:.1f} us; its kernels run {total_gpu:.1f} us of it, launches and gaps "
           f"{graph_us - total_gpu:.1f} us; "
           f"weight floor {result['floor_us']:.1f} us")
