@@ -63,7 +63,6 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=1, help="tokens a step (DFlash's verify step: 8), at most 8")
-    ap.add_argument("--qkv-rows", type=int, help="token rows a qkv_rope program (plans.QKV_ROWS; default: the plan's)")
     args = ap.parse_args(argv)
     if not 1 <= args.rows <= 8:
         ap.error("--rows must be 1 to 8 (the decode graph's rows)")
@@ -71,10 +70,6 @@ def main(argv=None) -> int:
         print("profile_step.py needs a GPU", file=sys.stderr)
         return 2
     device = torch.device("cuda")
-    if args.qkv_rows:
-        import tilec.codegen.plans as plans
-
-        plans.QKV_ROWS = args.qkv_rows
     model = build_model(args.preset, device=device)
     length = args.context + 2 * args.steps + 128
     cm = tilec.compile(model, target="triton", options=tilec.Options(mxfp4=args.mxfp4, max_seq_len=length))
@@ -123,7 +118,6 @@ def main(argv=None) -> int:
                      "floor_us": reads[k.alias] / bandwidth * 1e6} for k in program.kernels]
     result = {"benchmark": "profile_step", "created": common.now_iso(), "environment": common.environment(device),
               "preset": args.preset, "mxfp4": args.mxfp4, "context": args.context, "rows": args.rows,
-              "qkv_rows": args.qkv_rows,
               "copy_Bps": bandwidth,
               "graph_step_us": graph_us, "kernels_gpu_us_per_step": total_gpu,
               "gaps_us_per_step": graph_us - total_gpu,

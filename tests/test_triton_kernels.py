@@ -47,29 +47,6 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def test_qkv_rope_rows_a_program(monkeypatch):
-    """qkv_rope with 8 token rows a program (each weight tile loaded once for them; plans.QKV_ROWS): against the
-    reference for 1 to 9 rows, and each row the same bits as when it is the step's only row (the rows past the step's
-    count are masked, so a row's sums do not depend on it)."""
-    import tilec.codegen.plans as plans
-
-    monkeypatch.setattr(plans, "QKV_ROWS", 8)
-    g = torch.Generator().manual_seed(3)
-    d, rd, hidden = 12, 8, 24
-    wq, wk, wv = (torch.randn(n, hidden, generator=g) for n in (2 * d, d, 8))
-    bs = [torch.randn(w.shape[0], generator=g) for w in (wq, wk, wv)]
-    for rows in (1, 3, 8, 9):
-        x = torch.randn(1, rows, hidden, generator=g)
-        pos = torch.tensor([17])
-        got, ref, _ = _run_single_op(ops.qkv_rope, x, wq, wk, wv, *bs, pos, d, rd, 1e4)
-        for a, b in zip(got, ref):
-            assert rel(a, b) < 1e-5, rows
-        for t in (0, rows - 1):  # row t alone, at its own position
-            alone, _, _ = _run_single_op(ops.qkv_rope, x[:, t:t + 1], wq, wk, wv, *bs, pos + t, d, rd, 1e4)
-            for a, b in zip(got, alone):
-                assert torch.equal(a[:, t:t + 1], b), (rows, t)
-
-
 @FAST
 @given(m=st.integers(1, 20), n=st.integers(1, 70), k=st.integers(1, 90), bias=st.booleans(), seed=st.integers(0, 99))
 def test_linear(m, n, k, bias, seed):

@@ -52,9 +52,6 @@ def _swiglu(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
                            H=hidden, I=inter, gate_up=gate_up, **matmul_context(hidden, inter, dev))
 
 
-QKV_ROWS = 1  # token rows a qkv_rope program (see _qkv_rope)
-
-
 @planner("qkv_rope")
 def _qkv_rope(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     nq, k = val(node.args[1]).shape
@@ -63,12 +60,8 @@ def _qkv_rope(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     kv_heads = nk // head_dim
     pairs = (nq + nk + nv) // 2
     blocks = gemv_blocks(pairs, k, dev)
-    # ROWS: token rows a program, each weight tile loaded once for them; the same at every step, whatever its row
-    # count (batch invariance). 8 would read a verify step's weights once instead of 8 times (profile_step.py --rows
-    # 8: qkv_rope 368.6 us against 123.4 at one row, H100, benchmarks/results/h100-2026-11-23i/run17_verify_profile),
-    # at the cost of 8 masked rows' sums in every 1-row step; not yet measured, so 1.
     return KernelPlan.make("triton/qkv_rope.py.j2", doc="Q/K/V projections with partial RoPE on Q and K", K=k,
-                           NQ=nq, NK=nk, NV=nv, D=head_dim, DV=nv // kv_heads, RD=rotary_dim, ROWS=QKV_ROWS,
+                           NQ=nq, NK=nk, NV=nv, D=head_dim, DV=nv // kv_heads, RD=rotary_dim,
                            BLOCK_P=clamp(blocks["BLOCK_N"], 2, 64), BLOCK_K=blocks["BLOCK_K"],
                            num_warps=blocks["num_warps"])
 
