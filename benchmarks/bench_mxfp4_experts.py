@@ -152,8 +152,8 @@ class KernelTimes:
         self.pending.clear()
 
 
-def time_calls(calls, reps: int, graph: bool, per_kernel: dict | None = None,
-               kernel_times: KernelTimes | None = None) -> float:
+def time_calls(calls, reps: int, graph: bool, kernel_times: KernelTimes | None = None,
+               per_kernel: dict | None = None) -> float:
     """Median microseconds per call of ``calls`` (each a no-argument function), run back to back; ``per_kernel``, if
     given, receives each kernel's GPU time per call when ``kernel_times`` collects them, after every timing."""
     if not torch.cuda.is_available():  # smoke mode: wall clock, a couple of rounds
@@ -196,7 +196,7 @@ def time_calls(calls, reps: int, graph: bool, per_kernel: dict | None = None,
 
 # -------------------------------------------------------------------------------------------------------- measuring
 def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, device, gen, reps: int, graph: bool,
-            check_fn=None, per_kernel: KernelTimes | None = None, hot_routes: bool = False) -> dict:
+            check_fn=None, kernel_times: KernelTimes | None = None, hot_routes: bool = False) -> dict:
     """Check ``fn`` against the reference on layer 0, then time it over all layers: each layer its own route, or with
     ``hot_routes`` one route for every layer (still every layer's own weights), so the router's choice is in L2 at
     each call, as in a decode step where the router has just written it."""
@@ -211,8 +211,8 @@ def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, devi
         if not torch.isfinite(got).all():
             err = float("nan")
     calls = [lambda w=w, ids=ids, lw=lw: fn(x, w, ids, *lw) for (w, ids), lw in zip(routes, layers)]
-    kernels = {} if per_kernel is not None and device.type == "cuda" else None  # filled by per_kernel.collect()
-    us = time_calls(calls, reps, graph, kernels, per_kernel)
+    kernels = {} if kernel_times is not None and device.type == "cuda" else None  # filled by kernel_times.collect()
+    us = time_calls(calls, reps, graph, kernel_times, kernels)
     distinct = statistics.mean(len(torch.unique(ids)) for _, ids in routes)
     nbytes = distinct * expert_bytes(fmt, shape)
     return {"kernel": name, "format": fmt, "rows": rows, "regime": regime, "us": us, "bytes": nbytes,
@@ -374,7 +374,7 @@ def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: Device
                     modules[vname] = launcher(kernel_module(vfmt, shape, dev, **overrides), fragments)
                 for rows, regime in SWEEP_CASES + tuple(args.more_cases):
                     r = measure(vname, modules[vname], vfmt, layers, shape, rows, regime, device, gen, reps,
-                                True, reference(vfmt), per_kernel=kernel_times if round_ == 0 else None,
+                                True, reference(vfmt), kernel_times=kernel_times if round_ == 0 else None,
                                 hot_routes=args.routes == "hot")
                     tag = f"{rows}" if regime == "same" else f"{rows}r"
                     row["samples"].setdefault(tag, []).append(r["us"])
@@ -433,7 +433,7 @@ def main() -> None:
             for rows in shape["rows"]:
                 for regime in (["same", "random"] if rows > 1 else ["same"]):
                     r = measure(name, launcher(module, fragments), fmt, layers, shape, rows, regime, device, cpu_gen,
-                                reps, True, reference(fmt), per_kernel=kernel_times, hot_routes=hot)
+                                reps, True, reference(fmt), kernel_times=kernel_times, hot_routes=hot)
                     results.append(r)
                     print(f"  {r['kernel']:18s} rows={rows} {regime:6s} {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s  "
                           f"err {r['rel_err_vs_reference']:.1e}", flush=True)
@@ -473,7 +473,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu interpreter ({platform.machine()})",
         "torch": torch.__version__, "triton": __import__("triton").__version__, "shape": shape,
         "copy_bandwidth_Bps": copy_bw, "timing": "CUDA-graph replay over LAYERS layers (kernels), eager (reference); "
-        "median us per call; kernel_us by torch.profiler (CUPTI) after every timing", "routes": args.routes, "planned_from_weights": plans, "results": results, "sweep": sweep,
+        "median us per call; kernel_us by torch.profiler (CUPTI) after every timing", "routes": args.routes,
+        "planned_from_weights": plans, "results": results, "sweep": sweep,
         "seconds": time.time() - t_start,
     }
     (out_dir / "bench_mxfp4_experts.json").write_text(json.dumps(report, indent=1))

@@ -211,10 +211,12 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     Its first copy went out 0.28 us earlier (0.90 against 1.18 us, p50), but the table came 0.35 us later and the
     call was slower: 12.8 / 14.4 us against 12.4 / 13.5 at 1 / 8 rows (15 rounds; results/h100-2026-11-23i/run9_early).
     Nsight Compute (results/h100-2026-11-23i/run11_ncu, benchmarks/ncu_stalls.py): in down by tile the warps issue
-    in 22% of their samples, about 45% of each scheduler's cycles. Neither more warps nor more independent chains
-    shortened it (same runs): 16 consumer warps with F_WS warps a slot (run12: phase B 3.3 us after the flip against
-    3.1, and phase A 1 us later), a slot's 4 pieces side by side with each chunk's words loaded right before its
-    steps (`cb250d3`, run13: the same bits; 12.4 us against 12.4 at one row, down 1.85 us after the ring wait).
+    in 22% of their samples over the whole phase (its waits for act and for the slowest warp included), two warps a
+    scheduler; its 1170 instructions a warp need about 1.2 us of issue against 1.85 us in the timeline. Neither more
+    warps nor more independent chains shortened it (same runs): 16 consumer warps with F_WS warps a slot (run12:
+    phase B 3.3 us after the flip against 3.1, and phase A 1 us later), a slot's 4 pieces side by side with each
+    chunk's words loaded right before its steps (`cb250d3`, run13: the same bits; 12.4 us against 12.4 at one row,
+    down 1.85 us after the ring wait).
     Tried on branch experiment/early-down (an earlier checkout's) and not kept: no grid barrier, each down unit put in
     the ring as soon as its slots' act is complete (18.2 us: gate_up's rounds land together, not in order, so down
     starts no earlier)."""
