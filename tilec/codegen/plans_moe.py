@@ -137,7 +137,8 @@ def fused_static_bytes(hidden: int, warps: int) -> int:
 
 
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
-                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1) -> dict | None:
+                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1,
+                  flags: bool = False) -> dict | None:
     """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
     of shared-memory stages by bulk copies), or None where it does not fit. ``warps`` consumer warps split H's
     chunks of 64 in gate_up and each down slot's chunks of I. By default: the most, up to 8, that divide H's chunks;
@@ -259,7 +260,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     act_warp = (warps <= 10 or chunks // warps <= 5) if act_warp is None else act_warp
     # down by tile a warp a slot, where a warp's first slot is at most a ring's units ahead of the stream and two
     # pieces' act (2 x 8 registers a chunk) leave room (at 8 chunks a piece, 4096 x 2048, 332 bytes spilled)
-    sw = warps // du <= stages and d_chunks // (warps // du) <= 4
+    sw = warps // du <= stages and d_chunks // (warps // du) <= 4 and not flags
     # ... its pieces two at a time where they pair up and have at most 3 chunks each (at 4, I = 1024, 124 bytes
     # spilled), and all of its act loaded first up to 12 chunks of I (8 registers a chunk); both only up to 8
     # consumer warps (164 registers at mini; 16 warps leave 113, and spilled 384 bytes)
@@ -267,7 +268,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     sw_all = sw and warps <= 8 and d_chunks <= 12
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
             "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw, "sw_np": sw_np, "sw_all": sw_all,
-            "hold": hold}
+            "hold": 0 if flags else hold, "flags": flags}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
