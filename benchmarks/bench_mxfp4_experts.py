@@ -306,21 +306,6 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                 if hold != fused["hold"]:
                     out.append((f"mx cuda fused hold={hold}", "mxfp4",
                                 {"cuda": {**cu, "fused": {**fused, "hold": hold}}}))
-            # act published with flags instead of a grid barrier (or back), down by tile F_WS warps a slot or a warp
-            # a slot, with the planner's ring and a deeper one
-            for sw in (False, True):
-                for stages in (4, 6):
-                    other = fused_context(shape["H"], shape["I"], dev, max_stages=stages, flags=not fused["flags"])
-                    if other and (stages == 4 or other["stages"] != fused["stages"]):
-                        # a warp a slot: its pieces and act as the barrier's plan has them, where it has sw
-                        kv = {k: fused[k] for k in ("sw_np", "sw_all")} if sw and fused["sw"] else {}
-                        out.append((f"mx cuda fused flags={other['flags']} sw={sw} stages={other['stages']}",
-                                    "mxfp4", {"cuda": {**cu, "fused": {**other, "sw": sw, **kv}}}))
-            other = fused_context(shape["H"], shape["I"], dev, flags=True)
-            for ld in (0, 1, 2):
-                for st in (0, 1):
-                    out.append((f"mx cuda fused flags ld={ld} st={st}", "mxfp4",
-                                {"cuda": {**cu, "fused": {**other, "flag_ld": ld, "flag_st": st}}}))
             out.append((f"mx cuda fused sw={not fused['sw']}", "mxfp4",  # down by tile: a warp a slot, or F_WS
                         {"cuda": {**cu, "fused": {**fused, "sw": not fused["sw"]}}}))
             if fused["sw"]:  # a warp a slot: its pieces the other number at a time; its act all first or not

@@ -40,8 +40,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     # beside the producer; down by tile a warp a slot (4 units of 2 slots: 8 warps, a ring of 4; 3 chunks a piece),
     # its last unit copied once the block has arrived at the grid barrier (hold)
     fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408, "pdl": True, "by_slot": 16,
-             "range": 16, "act_warp": True, "sw": True, "sw_np": 2, "sw_all": True, "hold": 1,
-             "flags": False}
+             "range": 16, "act_warp": True, "sw": True, "sw_np": 2, "sw_all": True, "hold": 1}
     assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "d_split": 2, "d_warps": 16, "d_depth": 6,
                     "fused": fused}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
@@ -58,7 +57,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
                                                "smem": 4 * 64 * 544, "pdl": True, "by_slot": 16, "range": 16,
                                                "act_warp": True, "sw": False, "sw_np": 1,
-                                               "sw_all": False, "hold": 1, "flags": False}  # 8 units of a slot
+                                               "sw_all": False, "hold": 1}  # 8 units of a slot: not a warp a slot
     assert odd["fused"]["range"] == 12  # down by slot: one range of all H's 12 tiles
     # H = 6144 (MiMo-V2.5-Pro): 8 warps would hold 12 chunks of x each (and spill): 12 warps, 8 chunks each, three
     # down slots a stage (one gate_up tile's 52 KB of room) of 4 warps each; no act warp (its registers would make
@@ -66,7 +65,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert fused_context(6144, 2048, H100) == {"warps": 12, "stages": 3, "stage_bytes": 96 * 544, "du": 3,
                                                "smem": 3 * 96 * 544, "pdl": True, "by_slot": 16, "range": 12,
                                                "act_warp": False, "sw": False, "sw_np": 1, "sw_all": False,
-                                               "hold": 1, "flags": False}
+                                               "hold": 1}
     assert fused_context(8192, 2048, H100)["warps"] == 16
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4
@@ -320,9 +319,8 @@ def mini_mx():
 
 # The CUDA decode paths: experts_kernel (both projections in one persistent kernel, the planner's choice where it
 # fits) as planned, the same with its down phase dealt by slot at every call (planned where more than 16 slots are
-# live), the same with act published the other way (flags or a grid barrier, whichever is not planned), and
-# gate_up_kernel + down_kernel (which decode takes where a batch may pass 8 rows).
-VARIANTS = ("fused", "fused_by_slot", "fused_other_sync", "two_kernels")
+# live), and gate_up_kernel + down_kernel (which decode takes where a batch may pass 8 rows).
+VARIANTS = ("fused", "fused_by_slot", "two_kernels")
 
 
 def cuda_module(fold: bool = True, variant: str = "fused"):
@@ -333,8 +331,6 @@ def cuda_module(fold: bool = True, variant: str = "fused"):
         cuda = {**cuda, "fused": None}
     elif variant == "fused_by_slot":
         cuda = {**cuda, "fused": {**cuda["fused"], "by_slot": 0}}
-    elif variant == "fused_other_sync":
-        cuda = {**cuda, "fused": fused_context(MINI["H"], MINI["I"], gpu_device(), flags=not cuda["fused"]["flags"])}
     mod = experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(), scale_fold=fold, cuda=cuda)
     assert hasattr(mod, "CUDA_SOURCE"), "the planner did not choose the CUDA decode kernels"
     return mod
@@ -366,22 +362,17 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
     """experts_kernel's two ways of dealing the down phase (by tile of H, every slot of it in one block; by slot, in
     ranges of tiles, outputs through global memory) sum every output in the same order: equal bits from 1 to 8 rows,
     so which one a batch takes (by how many slots are live) does not change a row. By tile both ways: a warp a slot
-    (all of its I, in F_WS pieces) and F_WS warps a slot; with a grid barrier, with none or 3 of the block's last down
-    units held back until its add; with act published with flags (no barrier), by tile both ways and by slot."""
+    (all of its I, in F_WS pieces) and F_WS warps a slot; and with none or 3 of the block's last down units held back
+    until its grid barrier add (the planner holds 1)."""
     weights, frags = mini_mx
     planned = cuda_module()  # by tile up to 16 live slots, by slot past them (8 independent rows)
     cuda = experts_context("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device())["cuda"]
     assert cuda["fused"]["by_slot"] < 64
     by_slot = cuda_module(variant="fused_by_slot")
     assert cuda["fused"]["sw"]
-    barrier = fused_context(MINI["H"], MINI["I"], gpu_device())
-    flags = fused_context(MINI["H"], MINI["I"], gpu_device(), flags=True)
-    assert barrier["sw"] and not flags["sw"] and not barrier["flags"] and flags["flags"]
     by_tile = [experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(),
-                              cuda={**cuda, "fused": {**base, "by_slot": by_slot, **kv}})
-               for base, by_slot, kv in ((barrier, 64, {"sw_np": 1, "sw_all": False}), (barrier, 64, {"sw": False}),
-                                         (barrier, 64, {"hold": 0}), (barrier, 64, {"hold": 3}), (flags, 64, {}),
-                                         (flags, 64, {"sw": True}), (flags, 0, {}))]
+                              cuda={**cuda, "fused": {**cuda["fused"], "by_slot": 64, **sw}})
+               for sw in ({"sw_np": 1, "sw_all": False}, {"sw": False}, {"hold": 0}, {"hold": 3})]
     g = torch.Generator().manual_seed(5)
     for rows, same in ((1, True), (3, False), (8, True), (8, False)):
         w, ids = routing(rows, MINI["k"], MINI["E"], same, g)

@@ -137,8 +137,7 @@ def fused_static_bytes(hidden: int, warps: int) -> int:
 
 
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
-                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1,
-                  flags: bool = False) -> dict | None:
+                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1) -> dict | None:
     """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
     of shared-memory stages by bulk copies), or None where it does not fit. ``warps`` consumer warps split H's
     chunks of 64 in gate_up and each down slot's chunks of I. By default: the most, up to 8, that divide H's chunks;
@@ -218,6 +217,11 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     phase B 3.3 us after the flip against 3.1, and phase A 1 us later), a slot's 4 pieces side by side with each
     chunk's words loaded right before its steps (`cb250d3`, run13: the same bits; 12.4 us against 12.4 at one row,
     down 1.85 us after the ring wait).
+    Tried and not kept (`6d4556c`, H100, 2026-11-24, benchmarks/results/h100-2026-11-24): no grid barrier, act stored
+    as 64-bit words carrying the launch's flag (NCCL's LL protocol), so each block goes from gate_up straight to down
+    and each read waits for its own words. The same bits, but 15.0 / 19.9 / 65.6 us against 13.1 / 13.1 / 59.9 (1 row
+    / 8 same / 8 independent): blocks reading act early slowed the others' stream (every block reads every slot's act,
+    and flagged words double it), and each down unit waited about 0.65 us for act from L2.
     Tried on branch experiment/early-down (an earlier checkout's) and not kept: no grid barrier, each down unit put in
     the ring as soon as its slots' act is complete (18.2 us: gate_up's rounds land together, not in order, so down
     starts no earlier)."""
@@ -260,7 +264,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     act_warp = (warps <= 10 or chunks // warps <= 5) if act_warp is None else act_warp
     # down by tile a warp a slot, where a warp's first slot is at most a ring's units ahead of the stream and two
     # pieces' act (2 x 8 registers a chunk) leave room (at 8 chunks a piece, 4096 x 2048, 332 bytes spilled)
-    sw = warps // du <= stages and d_chunks // (warps // du) <= 4 and not flags
+    sw = warps // du <= stages and d_chunks // (warps // du) <= 4
     # ... its pieces two at a time where they pair up and have at most 3 chunks each (at 4, I = 1024, 124 bytes
     # spilled), and all of its act loaded first up to 12 chunks of I (8 registers a chunk); both only up to 8
     # consumer warps (164 registers at mini; 16 warps leave 113, and spilled 384 bytes)
@@ -268,7 +272,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     sw_all = sw and warps <= 8 and d_chunks <= 12
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
             "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw, "sw_np": sw_np, "sw_all": sw_all,
-            "hold": 0 if flags else hold, "flags": flags}
+            "hold": hold}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
