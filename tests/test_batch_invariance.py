@@ -25,7 +25,8 @@ ROWS = 8
 FREE_KWARGS = {"gate_up_kernel": {"G", "P", "BLOCK_P"}, "down_kernel": {"G", "P", "BLOCK_P"}}
 # Grid dimensions that must not change: key chunks of attention (dim 1), column tiles of the matmuls (dim 0).
 FIXED_GRID = {"attend_kernel": (0, 1), "combine_kernel": (0,), "gate_up_kernel": (0,), "down_kernel": (0,),
-              "linear_kernel": (0,), "qkv_rope_kernel": (0,), "router_scores_kernel": (0,)}
+              "gate_up_silu_kernel": (0,), "linear_kernel": (0,), "qkv_rope_kernel": (0,),
+              "router_scores_kernel": (0,)}
 
 
 class Recording:
@@ -92,9 +93,14 @@ def test_verify_and_decode_steps_launch_the_same_tiles(mxfp4, monkeypatch):
     slots have been reused: the same kernels with the same constexprs, scalars and fixed grid dimensions."""
     cm = tilec.compile(build_model("tiny", seed=2), target="triton", options=tilec.Options(mxfp4=mxfp4))
     block, singles = launches_of_steps(cm, record_launches(cm, monkeypatch), prompt=14, seed=3)
-    assert {c[0] for c in block} >= {"attend_kernel", "gate_up_kernel", "down_kernel", "linear_kernel"}
+    assert {c[0] for c in block} >= {"attend_kernel", "gate_up_kernel", "down_kernel", "linear_kernel",
+                                      "qkv_rope_kernel", "gate_up_silu_kernel"}
     for t, single in enumerate(singles):
         compare(block, single, f"row {t}")
+    # the dense projections read each weight tile once for all of the verify step's rows: one tile of rows
+    for name, grid, _, kwargs in block:
+        if name in ("linear_kernel", "qkv_rope_kernel", "gate_up_silu_kernel"):
+            assert grid[1] == 1 and kwargs["BLOCK_M"] >= ROWS, (name, grid, kwargs)
 
 
 def test_the_check_sees_a_row_dependent_configuration(monkeypatch):

@@ -1,7 +1,7 @@
 """The GPU-only parts of the benchmark scripts, kept in step on the CPU: benchmarks/read_floor.py's floor kernels compile
 for sm_90a without spills, timeline_experts.py reads the experts template's stamps as the template lays them out, and
 fence_probe.py's kernels compile; bench_mxfp4_experts.py profiles kernels only after its timings,
-and ncu_stalls.py adds Nsight Compute's samples up by instruction.
+ncu_stalls.py adds Nsight Compute's samples up by instruction, and bench_dense_tiles.py runs (interpreter, tiny).
 (The split-K experiment that was tested here lost on the GPU, benchmarks/results/h100-2026-11-23e; it was on the
 branch experiment/split-k, which this repository no longer has.)
 """
@@ -108,3 +108,19 @@ def test_ncu_stalls_adds_the_launches_by_instruction(tmp_path):
     assert (sums[0][ncu_stalls.ALL], sums[0]["stall_long_sb"], sums[1]["stall_wait"]) == (7, 6, 3)
     assert ncu_stalls.summary(sums, reasons, 0, 1) == (7, [("long_sb", 6), ("wait", 1)])
     assert ncu_stalls.summary(sums, reasons, 0, 2)[0] == 10
+
+
+def test_dense_tiles_bench_runs_and_checks_every_variant(tmp_path):
+    """bench_dense_tiles.py --smoke: every op and variant computed in the interpreter, each within fp32 rounding of
+    the reference op (the script checks before it times), into a whole JSON file."""
+    import json
+
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" /
+                                               "bench_dense_tiles.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_dense_tiles.json").read_text())
+    seen = {(r["op"], r["variant"], r["rows"]) for r in report["results"]}
+    for op in ("qkv_rope", "swiglu", "o_proj", "lm_head"):
+        assert {(op, "planner", 1), (op, "planner", 3), (op, "vector (1 row only)", 1)} <= seen
+    assert all(r["rel_err"] < 1e-5 for r in report["results"]), report["results"]

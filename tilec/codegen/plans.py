@@ -10,7 +10,8 @@ import torch
 import torch.fx as fx
 
 from tilec.codegen.plan import KernelPlan, planner, val
-from tilec.codegen.tuning import DeviceInfo, clamp, gemv_blocks, matmul_context, pow2_ceil
+from tilec.codegen.tuning import (DeviceInfo, clamp, gemm_blocks, gemv_blocks, matmul_context, pipeline_stages,
+                                  pow2_ceil, pow2_floor)
 
 
 def _warps(width: int) -> int:
@@ -41,15 +42,57 @@ def _elementwise(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
 @planner("linear")
 def _linear(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     n, k = val(node.args[1]).shape
-    return KernelPlan.make("triton/linear.py.j2", doc="x @ W.T (+ b)", N=n, K=k, **matmul_context(n, k, dev))
+    return KernelPlan.make("triton/linear.py.j2", **linear_context(n, k, dev, val(node.args[1]).dtype.itemsize))
+
+
+def linear_context(n: int, k: int, dev: DeviceInfo, itemsize: int = 2, **overrides) -> dict:
+    """The linear template's context for a weight [n, k] of ``itemsize`` bytes; ``overrides`` replace keys. As many
+    pipeline stages as fit, up to 5: on the H100 (2026-11-24, bench_dense_tiles.py --sweep, mini) the attention output
+    projection (2048 x 2048) took 6.6 us a call with 5 against 8.5 with 3, at 1 and 8 rows; the lm_head (32768 x
+    2048, 64 columns a program) 49.6 us with 3, and 32 columns 49.8 with 3, 50.2 with 5."""
+    ctx = {"doc": "x @ W.T (+ b)", "N": n, "K": k, **matmul_context(n, k, dev)}
+    stage = (PREFILL_BLOCK_M + ctx["gemm"]["BLOCK_N"]) * ctx["gemm"]["BLOCK_K"] * itemsize
+    return {**ctx, "num_stages": pipeline_stages(stage, dev), **overrides}
+
+
+# The dense projections of qkv_rope and SwiGLU's gate/up run on the tensor cores for every row count up to 16, so a
+# verify step's rows read the weights once (pick_blocks in templates/triton/_common.j2). Their tiles, measured on the
+# H100 (2026-11-24, benchmarks/bench_dense_tiles.py --sweep, mini shapes, us a call at 1 / 8 rows;
+# results/h100-2026-11-24/run7_dense_sweep): qkv_rope 10.1 / 10.3 with 32 pairs, BLOCK_K 128, 4 warps and 5 stages,
+# against 12.0 / 12.2 with the plain gemm blocks (16, 128, 4 warps, 3 stages) and 10.8 for the one-row vector path;
+# 8 warps were slower everywhere (12.0 to 14.4). SwiGLU (gate/up and down) 46.2 / 46.5 with 32 columns, BLOCK_K 128,
+# 4 warps, 5 stages against 55.4 / 55.9, and 44.2 for the vector path at one row. BLOCK_K 256 was as fast for
+# qkv_rope (9.9 / 10.5) but its stages at prefill's 64 rows would not fit 5 in shared memory.
+DENSE_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
+PREFILL_BLOCK_M = 64  # pick_blocks' row tile past 16 rows
 
 
 @planner("swiglu")
 def _swiglu(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     inter, hidden = val(node.args[1]).shape
-    gate_up = gemv_blocks(inter, hidden, dev)
-    return KernelPlan.make("triton/swiglu.py.j2", doc="dense SwiGLU MLP: gate/up + SiLU*mul, then down",
-                           H=hidden, I=inter, gate_up=gate_up, **matmul_context(hidden, inter, dev))
+    return KernelPlan.make("triton/swiglu.py.j2",
+                           **swiglu_context(hidden, inter, dev, val(node.args[1]).dtype.itemsize))
+
+
+def swiglu_context(hidden: int, inter: int, dev: DeviceInfo, itemsize: int = 2, **overrides) -> dict:
+    """The dense SwiGLU template's context for weights of ``itemsize`` bytes; ``overrides`` replace keys
+    (benchmarks/bench_dense_tiles.py times variants). gate/up: one-row vector blocks (where a target asks for the
+    vector path) and DENSE_TILE on the tensor cores; the down projection's as `linear`'s; both kernels as many
+    pipeline stages as gate/up's fit (x's tile and two weight tiles a step)."""
+    tile = dense_tile(inter, hidden, dev)
+    stage = (PREFILL_BLOCK_M + 2 * tile["BLOCK_N"]) * tile["BLOCK_K"] * itemsize
+    ctx = {"doc": "dense SwiGLU MLP: gate/up + SiLU*mul, then down", "H": hidden, "I": inter,
+           "gate_up": gemv_blocks(inter, hidden, dev), "gate_up_gemm": tile,
+           **matmul_context(hidden, inter, dev), "num_stages": pipeline_stages(stage, dev)}
+    return {**ctx, **overrides}
+
+
+def dense_tile(n: int, k: int, dev: DeviceInfo) -> dict:
+    """DENSE_TILE over n output columns (pairs) and k, narrower where n is (tl.dot needs 16); under the interpreter
+    its own large blocks (gemm_blocks)."""
+    if dev.interpret:
+        return gemm_blocks(n, k, dev)
+    return {**DENSE_TILE, "BLOCK_N": clamp(pow2_floor(n), 16, DENSE_TILE["BLOCK_N"])}
 
 
 @planner("qkv_rope")
@@ -57,13 +100,23 @@ def _qkv_rope(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     nq, k = val(node.args[1]).shape
     nk, nv = val(node.args[2]).shape[0], val(node.args[3]).shape[0]
     head_dim, rotary_dim = node.args[8], node.args[9]
-    kv_heads = nk // head_dim
+    return KernelPlan.make("triton/qkv_rope.py.j2", **qkv_rope_context(nq, nk, nv, k, head_dim, rotary_dim, dev,
+                                                                       val(node.args[1]).dtype.itemsize))
+
+
+def qkv_rope_context(nq: int, nk: int, nv: int, k: int, head_dim: int, rotary_dim: int, dev: DeviceInfo,
+                     itemsize: int = 2, **overrides) -> dict:
+    """The fused Q/K/V + RoPE template's context for projections of nq, nk and nv rows over k, weights of
+    ``itemsize`` bytes; ``overrides`` replace keys. Blocks of output pairs (two weight rows each): one-row vector
+    blocks (where a target asks for the vector path) and DENSE_TILE on the tensor cores."""
     pairs = (nq + nk + nv) // 2
-    blocks = gemv_blocks(pairs, k, dev)
-    return KernelPlan.make("triton/qkv_rope.py.j2", doc="Q/K/V projections with partial RoPE on Q and K", K=k,
-                           NQ=nq, NK=nk, NV=nv, D=head_dim, DV=nv // kv_heads, RD=rotary_dim,
-                           BLOCK_P=clamp(blocks["BLOCK_N"], 2, 64), BLOCK_K=blocks["BLOCK_K"],
-                           num_warps=blocks["num_warps"])
+    gemv, tile = gemv_blocks(pairs, k, dev), dense_tile(pairs, k, dev)
+    stage = (PREFILL_BLOCK_M + 2 * tile["BLOCK_N"]) * tile["BLOCK_K"] * itemsize
+    ctx = {"doc": "Q/K/V projections with partial RoPE on Q and K", "K": k, "NQ": nq, "NK": nk, "NV": nv,
+           "D": head_dim, "DV": nv // (nk // head_dim), "RD": rotary_dim,
+           "gemv": {**gemv, "BLOCK_N": clamp(gemv["BLOCK_N"], 2, 64)}, "gemm": tile, "dot_dtype": dev.dot_dtype,
+           "num_stages": pipeline_stages(stage, dev)}
+    return {**ctx, **overrides}
 
 
 @planner("rope")

@@ -68,6 +68,15 @@ def gemm_blocks(n: int, k: int, dev: DeviceInfo) -> dict:
             "num_warps": 4}
 
 
+def pipeline_stages(stage_bytes: int, dev: DeviceInfo, most: int = 5) -> int:
+    """Triton's num_stages for a tensor-core loop whose stage (the tiles of one BLOCK_K step, at the largest BLOCK_M
+    it runs with) takes ``stage_bytes`` of shared memory: the most up to ``most`` that fit the block's shared memory,
+    8 KB kept for the rest; at least 2; 1 in the interpreter."""
+    if dev.interpret:
+        return 1
+    return max(2, min(most, (dev.smem_optin - 8192) // stage_bytes))
+
+
 def matmul_context(n: int, k: int, dev: DeviceInfo) -> dict:
     return {"gemv": gemv_blocks(n, k, dev), "gemm": gemm_blocks(n, k, dev), "dot_dtype": dev.dot_dtype,
             "num_stages": 1 if dev.interpret else 3}
