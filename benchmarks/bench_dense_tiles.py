@@ -1,12 +1,12 @@
 """The dense projections of a decode step and of DFlash's verify step, op by op: qkv_rope (Q/K/V with RoPE), the
-dense SwiGLU MLP (gate/up + SiLU*mul, then down), the attention output projection and the lm_head (linear) at 1 and
-8 rows, each beside its HBM floor.
+dense SwiGLU MLP (gate/up + SiLU*mul, then down), the attention output projection and the lm_head (linear), and the
+MoE router (scores GEMV, then top-k) at 1 and 8 rows, each beside its HBM floor.
 
     python3 benchmarks/bench_dense_tiles.py --out out/dense            # GPU: mini shapes, the planner's tiles
     python3 benchmarks/bench_dense_tiles.py --out out/dense --sweep    # also other tensor-core tiles
     python3 benchmarks/bench_dense_tiles.py --out out/dense --smoke    # CPU interpreter, tiny shapes (it runs)
 
-All run on the tensor cores with one tile of rows for every step of up to 16 rows, so a verify step's rows
+The projections run on the tensor cores with one tile of rows for every step of up to 16 rows, so a verify step's rows
 read the weights once, as one row does, and each row gets the same bits in either (batch invariance). ``vector``
 is the one-row path on the CUDA cores (a target's ``row_vector``), which only a 1-row step can take. Each variant
 is first checked against the reference op (tilec.ops; relative error, fp64 norms), then timed as CUDA-graph replays
@@ -35,16 +35,17 @@ import common  # noqa: E402
 
 from tilec import ops  # noqa: E402
 from tilec.codegen.plans import linear_context, qkv_rope_context, swiglu_context  # noqa: E402
+from tilec.codegen.plans_moe import router_context  # noqa: E402
 from tilec.codegen.render import load_source, render  # noqa: E402
 from tilec.codegen.tuning import device_info  # noqa: E402
 
 # mini (models/mimo.py): 16 query heads and 2 KV heads of 192 (values 128), 64 rotary dims; the dense MLP of 8192;
 # a vocabulary of 32768
-MINI = {"H": 2048, "heads": 16, "kv_heads": 2, "D": 192, "DV": 128, "RD": 64, "I": 8192, "vocab": 32768,
-        "rows": [1, 8], "bytes_cold": 150e6}
-SMOKE = {"H": 64, "heads": 4, "kv_heads": 1, "D": 16, "DV": 8, "RD": 8, "I": 96, "vocab": 80, "rows": [1, 3],
-         "bytes_cold": 0}
-OPS = ("qkv_rope", "swiglu", "o_proj", "lm_head")
+MINI = {"H": 2048, "heads": 16, "kv_heads": 2, "D": 192, "DV": 128, "RD": 64, "I": 8192, "vocab": 32768, "E": 128,
+        "k": 8, "rows": [1, 8], "bytes_cold": 150e6}
+SMOKE = {"H": 64, "heads": 4, "kv_heads": 1, "D": 16, "DV": 8, "RD": 8, "I": 96, "vocab": 80, "E": 16, "k": 4,
+         "rows": [1, 3], "bytes_cold": 0}
+OPS = ("qkv_rope", "swiglu", "o_proj", "lm_head", "router")
 
 
 def linear_shape(op: str, shape: dict) -> tuple[int, int]:
@@ -56,7 +57,7 @@ THETA = 1e4
 def module_for(op: str, shape: dict, dev, **overrides):
     """The op's kernel module as the planner configures it, with ``overrides`` in its context."""
     ctx = op_context(op, shape, dev, **overrides)
-    template = op if op in ("qkv_rope", "swiglu") else "linear"
+    template = {"qkv_rope": "qkv_rope", "swiglu": "swiglu", "router": "moe_router"}.get(op, "linear")
     return load_source(render(f"triton/{template}.py.j2", ctx={**ctx, "nodes": ["bench"]}), template)
 
 
@@ -67,6 +68,8 @@ def op_context(op: str, shape: dict, dev, **overrides) -> dict:
                                 shape["kv_heads"] * shape["DV"], shape["H"], shape["D"], shape["RD"], dev, **overrides)
     if op == "swiglu":
         return swiglu_context(shape["H"], shape["I"], dev, **overrides)
+    if op == "router":
+        return {**router_context(shape["E"], shape["H"], dev), **overrides}
     return linear_context(*linear_shape(op, shape), dev, **overrides)
 
 
@@ -77,6 +80,8 @@ def make_layers(op: str, shape: dict, device, gen) -> list[tuple]:
         dims = [(shape["heads"] * d, h), (shape["kv_heads"] * d, h), (shape["kv_heads"] * dv, h)]
     elif op == "swiglu":
         dims = [(shape["I"], h), (shape["I"], h), (h, shape["I"])]
+    elif op == "router":
+        dims = [(shape["E"], h), (1, shape["E"])]  # the gate's weight, its correction bias
     else:
         dims = [linear_shape(op, shape)]
     per_layer = sum(2 * n * k for n, k in dims)
@@ -89,6 +94,8 @@ def make_layers(op: str, shape: dict, device, gen) -> list[tuple]:
 def call_for(op: str, module, x, layer, shape: dict, start_pos):
     if op == "qkv_rope":
         return lambda: module.launch(x, *layer, None, None, None, start_pos, shape["D"], shape["RD"], THETA)
+    if op == "router":  # MiMo's: sigmoid, top-k of all experts (one group), renormalised
+        return lambda: module.launch(x, layer[0], layer[1][0].float(), shape["k"], 1, 1, True, 1.0)
     return lambda: module.launch(x, *layer)  # swiglu's three weights, or a linear's one (no bias)
 
 
@@ -98,6 +105,9 @@ def reference(op: str, x, layer, shape: dict, start_pos):
                                                              shape["RD"], THETA)])
     if op == "swiglu":
         return ops.swiglu(x, *layer).flatten()
+    if op == "router":
+        weights, ids = ops.moe_router(x, layer[0], layer[1][0].float(), shape["k"], 1, 1, True, 1.0)
+        return torch.cat([weights.flatten(), ids.flatten().to(weights.dtype)])
     return ops.linear(x, layer[0], None).flatten()
 
 
@@ -130,6 +140,15 @@ def time_us(calls, reps: int) -> float | None:
 
 def variants(op: str, shape: dict, dev, sweep: bool) -> list[tuple[str, dict]]:
     """(name, context overrides): the planner's tiles, the one-row vector path, and with --sweep other tiles."""
+    if op == "router":  # its scores' blocks, and warps of each kernel
+        ctx = op_context(op, shape, dev)
+        out = [("planner", {})]
+        for kv in ({"topk_warps": 1}, {"topk_warps": 2}, {"BLOCK_E": 2}, {"BLOCK_E": 1}, {"BLOCK_E": 8},
+                   {"BLOCK_K": 2048}, {"BLOCK_K": 256}, {"num_warps": 1, "topk_warps": 1}, {"num_warps": 2},
+                   {"BLOCK_E": 2, "topk_warps": 1}, {"BLOCK_E": 1, "topk_warps": 1, "BLOCK_K": 1024}):
+            if sweep and any(ctx.get(k) != v for k, v in kv.items()):
+                out.append((" ".join(f"{k}={v}" for k, v in kv.items()), kv))
+        return out
     out = [("planner", {}), ("vector (1 row only)", {"row_vector": True})]
     if sweep:
         key = "gate_up_gemm" if op == "swiglu" else "gemm"
@@ -153,6 +172,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in the CPU interpreter")
     ap.add_argument("--sweep", action="store_true", help="also time other tensor-core tiles (GPU)")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS, help="the ops to time (default: all)")
     args = ap.parse_args()
     log = common.Log()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -161,7 +181,7 @@ def main() -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     copy_bps = common.measure_bandwidth(device, 1 << 30)["copy"]["bytes_per_s"] if device.type == "cuda" else None
     results = []
-    for op in OPS:
+    for op in args.ops:
         layers = make_layers(op, shape, device, gen)
         weight_bytes = sum(t.numel() * t.element_size() for t in layers[0])
         floor_us = weight_bytes / copy_bps * 1e6 if copy_bps else None

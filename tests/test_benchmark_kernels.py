@@ -123,4 +123,5 @@ def test_dense_tiles_bench_runs_and_checks_every_variant(tmp_path):
     seen = {(r["op"], r["variant"], r["rows"]) for r in report["results"]}
     for op in ("qkv_rope", "swiglu", "o_proj", "lm_head"):
         assert {(op, "planner", 1), (op, "planner", 3), (op, "vector (1 row only)", 1)} <= seen
+    assert {("router", "planner", 1), ("router", "planner", 3)} <= seen
     assert all(r["rel_err"] < 1e-5 for r in report["results"]), report["results"]

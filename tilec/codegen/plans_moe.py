@@ -40,13 +40,18 @@ def _moe_router(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
 
 
 def router_context(experts: int, hidden: int, dev: DeviceInfo) -> dict:
+    """The router template's context. On the GPU a program per expert row (up to 511 experts) reading H in blocks of
+    up to 1024, and the top-k in one warp (its reductions need no shared memory). H100, 2026-11-24
+    (benchmarks/bench_dense_tiles.py --sweep --ops router, mini: 128 experts, H 2048, results/h100-2026-11-24/
+    run13_router): both kernels 7.1 / 7.4 us a call at 1 / 8 rows against 9.0 / 9.0 with 4 experts a program, blocks
+    of 512 and 4 warps for the top-k; the top-k in one warp alone 7.4 / 8.5."""
     if dev.interpret:
         block_e, block_k = clamp(pow2_ceil(experts), 16, 64), clamp(pow2_ceil(hidden), 16, 256)
-    else:  # a few programs per SM over the experts, long contiguous reads along H
-        block_e, block_k = clamp(pow2_floor(experts // 32), 2, 16), clamp(pow2_ceil(hidden), 16, 512)
+    else:
+        block_e, block_k = clamp(pow2_floor(experts // 256), 1, 16), clamp(pow2_ceil(hidden), 16, 1024)
     return {"doc": "MoE router: fp32 sigmoid scores GEMV, then per-row (grouped) top-k and renormalisation",
             "E": experts, "H": hidden, "BLOCK_E": block_e, "BLOCK_K": block_k, "BLOCK_ALL": pow2_ceil(experts),
-            "num_warps": 4}
+            "num_warps": 4, "topk_warps": 4 if dev.interpret else 1}
 
 
 @planner("moe_experts")
