@@ -81,21 +81,24 @@ def make_layers(op: str, shape: dict, device, gen) -> list[tuple]:
     elif op == "swiglu":
         dims = [(shape["I"], h), (shape["I"], h), (h, shape["I"])]
     elif op == "router":
-        dims = [(shape["E"], h), (1, shape["E"])]  # the gate's weight, its correction bias
+        dims = [(shape["E"], h)]  # the gate's weight (its fp32 correction bias is added below)
     else:
         dims = [linear_shape(op, shape)]
     per_layer = sum(2 * n * k for n, k in dims)
     count = max(1, int(-(-shape["bytes_cold"] // per_layer)))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return [tuple((torch.randn(n, k, generator=gen, device=device) / k ** 0.5).to(dtype) for n, k in dims)
-            for _ in range(count)]
+    layers = [tuple((torch.randn(n, k, generator=gen, device=device) / k ** 0.5).to(dtype) for n, k in dims)
+              for _ in range(count)]
+    if op == "router":
+        layers = [(w, 0.1 * torch.randn(shape["E"], generator=gen, device=device)) for (w,) in layers]
+    return layers
 
 
 def call_for(op: str, module, x, layer, shape: dict, start_pos):
     if op == "qkv_rope":
         return lambda: module.launch(x, *layer, None, None, None, start_pos, shape["D"], shape["RD"], THETA)
     if op == "router":  # MiMo's: sigmoid, top-k of all experts (one group), renormalised
-        return lambda: module.launch(x, layer[0], layer[1][0].float(), shape["k"], 1, 1, True, 1.0)
+        return lambda: module.launch(x, *layer, shape["k"], 1, 1, True, 1.0)
     return lambda: module.launch(x, *layer)  # swiglu's three weights, or a linear's one (no bias)
 
 
@@ -106,7 +109,7 @@ def reference(op: str, x, layer, shape: dict, start_pos):
     if op == "swiglu":
         return ops.swiglu(x, *layer).flatten()
     if op == "router":
-        weights, ids = ops.moe_router(x, layer[0], layer[1][0].float(), shape["k"], 1, 1, True, 1.0)
+        weights, ids = ops.moe_router(x, *layer, shape["k"], 1, 1, True, 1.0)
         return torch.cat([weights.flatten(), ids.flatten().to(weights.dtype)])
     return ops.linear(x, layer[0], None).flatten()
 

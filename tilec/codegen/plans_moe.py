@@ -43,8 +43,11 @@ def router_context(experts: int, hidden: int, dev: DeviceInfo) -> dict:
     """The router template's context. On the GPU a program per expert row (up to 511 experts) reading H in blocks of
     up to 1024, and the top-k in one warp (its reductions need no shared memory). H100, 2026-11-24
     (benchmarks/bench_dense_tiles.py --sweep --ops router, mini: 128 experts, H 2048, results/h100-2026-11-24/
-    run13_router): both kernels 7.1 / 7.4 us a call at 1 / 8 rows against 9.0 / 9.0 with 4 experts a program, blocks
-    of 512 and 4 warps for the top-k; the top-k in one warp alone 7.4 / 8.5."""
+    run13_router, each call with a small extra kernel in every variant): both kernels 7.1 / 7.4 us a call at 1 / 8
+    rows against 9.0 / 9.0 with 4 experts a program, blocks of 512 and 4 warps for the top-k; the top-k in one warp
+    alone 7.4 / 8.5. Without the extra kernel (run15_router_clean): 4.9 / 5.1 us; 2 experts a program 6.4 / 6.5,
+    blocks of 2048 5.0 / 5.5, of 256 9.1 / 9.1, the top-k in 2 warps 6.1 / 7.0, the scores in 1 or 2 warps 5.6 to
+    5.8."""
     if dev.interpret:
         block_e, block_k = clamp(pow2_ceil(experts), 16, 64), clamp(pow2_ceil(hidden), 16, 256)
     else:
