@@ -146,12 +146,9 @@ def variants(op: str, shape: dict, dev, sweep: bool) -> list[tuple[str, dict]]:
     if op == "router":  # its scores' blocks, and warps of each kernel
         ctx = op_context(op, shape, dev)
         out = [("planner", {})]
-        fused = not ctx.get("fused")  # the other form: one launch (the top-k by the row's last program) or two
         for kv in ({"topk_warps": 1}, {"topk_warps": 2}, {"BLOCK_E": 2}, {"BLOCK_E": 1}, {"BLOCK_E": 8},
                    {"BLOCK_K": 2048}, {"BLOCK_K": 256}, {"num_warps": 1, "topk_warps": 1}, {"num_warps": 2},
-                   {"BLOCK_E": 2, "topk_warps": 1}, {"BLOCK_E": 1, "topk_warps": 1, "BLOCK_K": 1024},
-                   {"fused": fused}, {"fused": fused, "num_warps": 1}, {"fused": fused, "num_warps": 2},
-                   {"fused": fused, "BLOCK_E": 2}, {"fused": fused, "BLOCK_E": 2, "num_warps": 2}):
+                   {"BLOCK_E": 2, "topk_warps": 1}, {"BLOCK_E": 1, "topk_warps": 1, "BLOCK_K": 1024}):
             if sweep and any(ctx.get(k) != v for k, v in kv.items()):
                 out.append((" ".join(f"{k}={v}" for k, v in kv.items()), kv))
         return out

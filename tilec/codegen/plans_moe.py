@@ -47,7 +47,8 @@ def router_context(experts: int, hidden: int, dev: DeviceInfo) -> dict:
     rows against 9.0 / 9.0 with 4 experts a program, blocks of 512 and 4 warps for the top-k; the top-k in one warp
     alone 7.4 / 8.5. Without the extra kernel (run15_router_clean): 4.9 / 5.1 us; 2 experts a program 6.4 / 6.5,
     blocks of 2048 5.0 / 5.5, of 256 9.1 / 9.1, the top-k in 2 warps 6.1 / 7.0, the scores in 1 or 2 warps 5.6 to
-    5.8."""
+    5.8. Tried and not kept (`5679818`, run16_router_fused): one launch, the row's last program to store its scores
+    (an acquire-release counter) taking the top-k: 5.2 / 5.8 us at best (1 warp), 6.8 / 8.1 with 4."""
     if dev.interpret:
         block_e, block_k = clamp(pow2_ceil(experts), 16, 64), clamp(pow2_ceil(hidden), 16, 256)
     else:
