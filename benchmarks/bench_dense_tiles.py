@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -130,15 +129,7 @@ def time_us(calls, reps: int) -> float | None:
     with torch.cuda.graph(graph):
         for call in calls:
             call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times)
+    return common.event_us(graph.replay, reps, len(calls))
 
 
 def variants(op: str, shape: dict, dev, sweep: bool) -> list[tuple[str, dict]]:

@@ -181,17 +181,10 @@ def time_calls(calls, reps: int, graph: bool, kernel_times: KernelTimes | None =
         def run():
             for call in calls:
                 call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    us = common.event_us(run, reps, len(calls))
     if per_kernel is not None and kernel_times is not None:
         kernel_times.later(run, calls, per_kernel)
-    return statistics.median(times)
+    return us
 
 
 # -------------------------------------------------------------------------------------------------------- measuring

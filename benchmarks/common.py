@@ -106,6 +106,20 @@ def time_calls(fn, device: torch.device, repeats: int, warmup: int) -> list[floa
     return timer.times_ms()
 
 
+def event_us(run, reps: int, calls: int = 1) -> float:
+    """Median microseconds a call over ``reps`` runs of ``run`` (each making ``calls`` calls, a CUDA graph's replay for
+    example), each run timed alone with CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return percentile(times, 50)
+
+
 def measure_bandwidth(device: torch.device, nbytes: int, repeats: int = 10, warmup: int = 3) -> dict:
     """Device memory bandwidth from a large copy (bytes read + bytes written) and a sum (bytes read), both over
     random data; medians of ``repeats`` timed runs."""
