@@ -151,6 +151,9 @@ def _attention(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
         # reference is (logits_error.json).
         BLOCK_S=16 if dev.interpret else (32 if head_dim > 128 else 64), CHUNK=64,
         MAX_SPLIT=4 if dev.interpret else 64, BLOCK_Q_MAX=64 if head_dim <= 128 else 32, num_warps=4,
+        # the combine's blocks: 8 query rows and 32 value dims a program (more programs for a step's few rows); 4
+        # value dims in the interpreter, so its tests split the tests' narrow values too
+        COMBINE_Q=8, COMBINE_DV=4 if dev.interpret else 32,
         skip_dead_tiles=not dev.interpret,
         num_stages=1 if dev.interpret else 2,
         # bf16 caches: bf16 products on the tensor cores, fp32 accumulation (HF casts probabilities to bf16 too);
