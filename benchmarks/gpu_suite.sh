@@ -8,6 +8,7 @@
 #   benchmarks/gpu_suite.sh dflash  -> DFlash oracle / random draft vs plain decoding (bench_dflash.json)
 #   benchmarks/gpu_suite.sh logits  -> triton and the bf16 reference, each against fp32 truth (logits_error.json)
 #   benchmarks/gpu_suite.sh floor   -> plain reads of one row's experts call, every way, fastest first (read_floor.json)
+#   benchmarks/gpu_suite.sh dense   -> the dense projections and the router at 1 and 8 rows (bench_dense_tiles.json)
 # Each stage writes JSON and a log under ${OUT:-out}/ and prints a short table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,7 @@ for stage in "$@"; do
     logits) timeout 200 python3 benchmarks/logits_error.py --out "$OUT" 2>&1 | tail -12 ;;
     floor) timeout 400 python3 benchmarks/read_floor.py --out "$OUT" --experts 8 --repeats 2 > "$OUT/read_floor.log" 2>&1
            head -12 "$OUT/read_floor.log" ;;
+    dense) timeout 300 python3 benchmarks/bench_dense_tiles.py --out "$OUT" 2>&1 | grep -v "^\[" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
