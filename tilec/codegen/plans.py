@@ -10,8 +10,8 @@ import torch
 import torch.fx as fx
 
 from tilec.codegen.plan import KernelPlan, planner, val
-from tilec.codegen.tuning import (DeviceInfo, clamp, gemm_blocks, gemv_blocks, matmul_context, pipeline_stages,
-                                  pow2_ceil, pow2_floor)
+from tilec.codegen.tuning import (PREFILL_ROW_TILE, ROW_TILE, DeviceInfo, clamp, gemm_blocks, gemv_blocks,
+                                  matmul_context, pipeline_stages, pow2_ceil, pow2_floor)
 
 
 def _warps(width: int) -> int:
@@ -51,7 +51,7 @@ def linear_context(n: int, k: int, dev: DeviceInfo, itemsize: int = 2, **overrid
     projection (2048 x 2048) took 6.6 us a call with 5 against 8.5 with 3, at 1 and 8 rows; the lm_head (32768 x
     2048, 64 columns a program) 49.6 us with 3, and 32 columns 49.8 with 3, 50.2 with 5."""
     ctx = {"doc": "x @ W.T (+ b)", "N": n, "K": k, **matmul_context(n, k, dev)}
-    stage = (PREFILL_BLOCK_M + ctx["gemm"]["BLOCK_N"]) * ctx["gemm"]["BLOCK_K"] * itemsize
+    stage = (PREFILL_ROW_TILE + ctx["gemm"]["BLOCK_N"]) * ctx["gemm"]["BLOCK_K"] * itemsize
     return {**ctx, "num_stages": pipeline_stages(stage, dev), **overrides}
 
 
@@ -64,7 +64,6 @@ def linear_context(n: int, k: int, dev: DeviceInfo, itemsize: int = 2, **overrid
 # 4 warps, 5 stages against 55.4 / 55.9, and 44.2 for the vector path at one row. BLOCK_K 256 was as fast for
 # qkv_rope (9.9 / 10.5) but its stages at prefill's 64 rows would not fit 5 in shared memory.
 DENSE_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
-PREFILL_BLOCK_M = 64  # pick_blocks' row tile past 16 rows
 
 
 @planner("swiglu")
@@ -80,7 +79,7 @@ def swiglu_context(hidden: int, inter: int, dev: DeviceInfo, itemsize: int = 2, 
     vector path) and DENSE_TILE on the tensor cores; the down projection's as `linear`'s; both kernels as many
     pipeline stages as gate/up's fit (x's tile and two weight tiles a step)."""
     tile = dense_tile(inter, hidden, dev)
-    stage = (PREFILL_BLOCK_M + 2 * tile["BLOCK_N"]) * tile["BLOCK_K"] * itemsize
+    stage = (PREFILL_ROW_TILE + 2 * tile["BLOCK_N"]) * tile["BLOCK_K"] * itemsize
     ctx = {"doc": "dense SwiGLU MLP: gate/up + SiLU*mul, then down", "H": hidden, "I": inter,
            "gate_up": gemv_blocks(inter, hidden, dev), "gate_up_gemm": tile,
            **matmul_context(hidden, inter, dev), "num_stages": pipeline_stages(stage, dev)}
@@ -111,11 +110,11 @@ def qkv_rope_context(nq: int, nk: int, nv: int, k: int, head_dim: int, rotary_di
     blocks (where a target asks for the vector path) and DENSE_TILE on the tensor cores."""
     pairs = (nq + nk + nv) // 2
     gemv, tile = gemv_blocks(pairs, k, dev), dense_tile(pairs, k, dev)
-    stage = (PREFILL_BLOCK_M + 2 * tile["BLOCK_N"]) * tile["BLOCK_K"] * itemsize
+    stage = (PREFILL_ROW_TILE + 2 * tile["BLOCK_N"]) * tile["BLOCK_K"] * itemsize
     ctx = {"doc": "Q/K/V projections with partial RoPE on Q and K", "K": k, "NQ": nq, "NK": nk, "NV": nv,
            "D": head_dim, "DV": nv // (nk // head_dim), "RD": rotary_dim,
            "gemv": {**gemv, "BLOCK_N": clamp(gemv["BLOCK_N"], 2, 64)}, "gemm": tile, "dot_dtype": dev.dot_dtype,
-           "num_stages": pipeline_stages(stage, dev)}
+           "num_stages": pipeline_stages(stage, dev), "row_tile": ROW_TILE, "prefill_row_tile": PREFILL_ROW_TILE}
     return {**ctx, **overrides}
 
 

@@ -77,6 +77,12 @@ def pipeline_stages(stage_bytes: int, dev: DeviceInfo, most: int = 5) -> int:
     return max(2, min(most, (dev.smem_optin - 8192) // stage_bytes))
 
 
+# Rows a tensor-core program takes (pick_blocks in templates/triton/_common.j2): one tile for every step of up to
+# ROW_TILE rows (decode and DFlash's verify steps: the same configuration for each, so a row's bits do not depend on
+# the step), PREFILL_ROW_TILE past it.
+ROW_TILE, PREFILL_ROW_TILE = 16, 64
+
+
 def matmul_context(n: int, k: int, dev: DeviceInfo) -> dict:
     return {"gemv": gemv_blocks(n, k, dev), "gemm": gemm_blocks(n, k, dev), "dot_dtype": dev.dot_dtype,
-            "num_stages": 1 if dev.interpret else 3}
+            "num_stages": 1 if dev.interpret else 3, "row_tile": ROW_TILE, "prefill_row_tile": PREFILL_ROW_TILE}
