@@ -199,11 +199,6 @@ def decode(prefill, step, prompt: torch.Tensor, warmup: int, steps: int, device:
                    first_logits)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
-
-
 # ---------------------------------------------------------------------------------------------- torch.compile
 INLINE_OVERRIDES = {
     # Their references begin with a shape check that calls torch.result_type, which dynamo cannot trace; these are
@@ -368,8 +363,8 @@ class Bench:
             n = min(AGREE_TOKENS, len(ref.tokens), len(out.tokens))
             prefix = next((i for i in range(n) if ref.tokens[i] != out.tokens[i]), n)
             run["agreement"] = {"with": "reference", "compared": n, "matching_prefix": prefix, "agree": prefix == n}
-            run["logits_rel_err"] = {"prefill": rel_err(out.prefill_logits, ref.prefill_logits),
-                                     "first_decode": rel_err(out.first_logits, ref.first_logits)}
+            run["logits_rel_err"] = {"prefill": common.rel_err(out.prefill_logits, ref.prefill_logits),
+                                     "first_decode": common.rel_err(out.first_logits, ref.first_logits)}
             if precision == "mxfp4":
                 run["agreement"]["note"] = "quantised experts against the unquantised reference: agreement not expected"
         ms = stats["median"]

@@ -113,23 +113,11 @@ def reference(op: str, x, layer, shape: dict, start_pos):
     return ops.linear(x, layer[0], None).flatten()
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def time_us(calls, reps: int) -> float | None:
     """Median microseconds a call: CUDA-graph replays of the calls back to back (None on the CPU: not timed)."""
-    for call in calls:
-        call()
     if not torch.cuda.is_available():
         return None
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return common.event_us(graph.replay, reps, len(calls))
+    return common.event_us(common.capture(calls), reps, len(calls))
 
 
 def variants(op: str, shape: dict, dev, sweep: bool) -> list[tuple[str, dict]]:
@@ -189,7 +177,7 @@ def main() -> None:
                 start_pos = torch.tensor([37], dtype=torch.int64, device=device)
                 out = call_for(op, module, x, layers[0], shape, start_pos)()
                 got = torch.cat([t.flatten() for t in out]) if isinstance(out, tuple) else out.flatten()
-                err = rel_err(got, reference(op, x, layers[0], shape, start_pos))
+                err = common.rel_err(got, reference(op, x, layers[0], shape, start_pos))
                 us = time_us([call_for(op, module, x, layer, shape, start_pos) for layer in layers], args.reps)
                 row = {"op": op, "variant": name, "rows": rows, "us": us, "rel_err": err, "weight_bytes": weight_bytes,
                        "floor_us": floor_us, "x_floor": us / floor_us if us and floor_us else None,

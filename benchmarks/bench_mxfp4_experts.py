@@ -126,11 +126,6 @@ def reference(fmt: str):
     return ops.mxfp4_moe_experts if fmt == "mxfp4" else ops.moe_experts
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 # ---------------------------------------------------------------------------------------------------------- timing
 class KernelTimes:
     """Each kernel's GPU time per call (torch.profiler, CUPTI), taken once every timing is done: once CUPTI has been
@@ -162,25 +157,18 @@ def time_calls(calls, reps: int, graph: bool, kernel_times: KernelTimes | None =
             for call in calls:
                 call()
         return (time.perf_counter() - t0) / (reps * len(calls)) * 1e6
-    for call in calls:  # compile and warm up
-        call()
-    torch.cuda.synchronize()
     run = None
     if graph:
         try:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for call in calls:
-                    call()
-            g.replay()
-            torch.cuda.synchronize()
-            run = g.replay
+            run = common.capture(calls)
         except Exception as exc:  # noqa: BLE001 - report and fall back to eager launches
             print(f"  (CUDA graph capture failed: {type(exc).__name__}: {exc}; timing eager launches)")
     if run is None:
         def run():
             for call in calls:
                 call()
+        run()  # compile and warm up
+        torch.cuda.synchronize()
     us = common.event_us(run, reps, len(calls))
     if per_kernel is not None and kernel_times is not None:
         kernel_times.later(run, calls, per_kernel)
@@ -200,7 +188,7 @@ def measure(name: str, fn, fmt: str, layers, shape, rows: int, regime: str, devi
     if check_fn is not None:
         w, ids = routes[0]
         got, ref = fn(x, w, ids, *layers[0]), check_fn(x, w, ids, *layers[0])
-        err = rel_err(got, ref)
+        err = common.rel_err(got, ref)
         if not torch.isfinite(got).all():
             err = float("nan")
     calls = [lambda w=w, ids=ids, lw=lw: fn(x, w, ids, *lw) for (w, ids), lw in zip(routes, layers)]

@@ -106,6 +106,28 @@ def time_calls(fn, device: torch.device, repeats: int, warmup: int) -> list[floa
     return timer.times_ms()
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| over all elements, in fp64 (0 / 0 reads as 0)."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def capture(calls):
+    """The calls (no-argument functions) captured into one CUDA graph, after a warm-up run of each (compiles
+    kernels); returns its replay. The caller keeps the calls alive while it replays: a graph holds no reference to
+    its inputs, nor to the module of its kernels."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
 def event_us(run, reps: int, calls: int = 1) -> float:
     """Median microseconds a call over ``reps`` runs of ``run`` (each making ``calls`` calls, a CUDA graph's replay for
     example), each run timed alone with CUDA events."""

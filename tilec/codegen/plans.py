@@ -10,8 +10,8 @@ import torch
 import torch.fx as fx
 
 from tilec.codegen.plan import KernelPlan, planner, val
-from tilec.codegen.tuning import (PREFILL_ROW_TILE, ROW_TILE, DeviceInfo, clamp, gemm_blocks, gemv_blocks,
-                                  matmul_context, pipeline_stages, pow2_ceil, pow2_floor)
+from tilec.codegen.tuning import (DeviceInfo, clamp, gemm_blocks, gemv_blocks, matmul_context, pipeline_stages,
+                                  pow2_ceil, pow2_floor)
 
 
 def _warps(width: int) -> int:
@@ -49,10 +49,9 @@ def linear_context(n: int, k: int, dev: DeviceInfo, itemsize: int = 2, **overrid
     """The linear template's context for a weight [n, k] of ``itemsize`` bytes; ``overrides`` replace keys. As many
     pipeline stages as fit, up to 5: on the H100 (2026-11-24, bench_dense_tiles.py --sweep, mini) the attention output
     projection (2048 x 2048) took 6.6 us a call with 5 against 8.5 with 3, at 1 and 8 rows; the lm_head (32768 x
-    2048, 64 columns a program) 49.6 us with 3, and 32 columns 49.8 with 3, 50.2 with 5."""
-    ctx = {"doc": "x @ W.T (+ b)", "N": n, "K": k, **matmul_context(n, k, dev)}
-    stage = (PREFILL_ROW_TILE + ctx["gemm"]["BLOCK_N"]) * ctx["gemm"]["BLOCK_K"] * itemsize
-    return {**ctx, "num_stages": pipeline_stages(stage, dev), **overrides}
+    2048, 64 columns a program) 49.6 us with 3 and 49.7 / 50.1 with 5 (run9_dense_profile); 32 columns 49.8 with 3,
+    50.2 with 5."""
+    return {"doc": "x @ W.T (+ b)", "N": n, "K": k, **matmul_context(n, k, dev, itemsize), **overrides}
 
 
 # The dense projections of qkv_rope and SwiGLU's gate/up run on the tensor cores for every row count up to 16, so a
@@ -79,10 +78,9 @@ def swiglu_context(hidden: int, inter: int, dev: DeviceInfo, itemsize: int = 2, 
     vector path) and DENSE_TILE on the tensor cores; the down projection's as `linear`'s; both kernels as many
     pipeline stages as gate/up's fit (x's tile and two weight tiles a step)."""
     tile = dense_tile(inter, hidden, dev)
-    stage = (PREFILL_ROW_TILE + 2 * tile["BLOCK_N"]) * tile["BLOCK_K"] * itemsize
     ctx = {"doc": "dense SwiGLU MLP: gate/up + SiLU*mul, then down", "H": hidden, "I": inter,
            "gate_up": gemv_blocks(inter, hidden, dev), "gate_up_gemm": tile,
-           **matmul_context(hidden, inter, dev), "num_stages": pipeline_stages(stage, dev)}
+           **matmul_context(hidden, inter, dev), "num_stages": pipeline_stages(tile, 2, itemsize, dev)}
     return {**ctx, **overrides}
 
 
@@ -109,12 +107,11 @@ def qkv_rope_context(nq: int, nk: int, nv: int, k: int, head_dim: int, rotary_di
     ``itemsize`` bytes; ``overrides`` replace keys. Blocks of output pairs (two weight rows each): one-row vector
     blocks (where a target asks for the vector path) and DENSE_TILE on the tensor cores."""
     pairs = (nq + nk + nv) // 2
-    gemv, tile = gemv_blocks(pairs, k, dev), dense_tile(pairs, k, dev)
-    stage = (PREFILL_ROW_TILE + 2 * tile["BLOCK_N"]) * tile["BLOCK_K"] * itemsize
-    ctx = {"doc": "Q/K/V projections with partial RoPE on Q and K", "K": k, "NQ": nq, "NK": nk, "NV": nv,
+    base, tile = matmul_context(pairs, k, dev), dense_tile(pairs, k, dev)
+    ctx = {**base, "doc": "Q/K/V projections with partial RoPE on Q and K", "K": k, "NQ": nq, "NK": nk, "NV": nv,
            "D": head_dim, "DV": nv // (nk // head_dim), "RD": rotary_dim,
-           "gemv": {**gemv, "BLOCK_N": clamp(gemv["BLOCK_N"], 2, 64)}, "gemm": tile, "dot_dtype": dev.dot_dtype,
-           "num_stages": pipeline_stages(stage, dev), "row_tile": ROW_TILE, "prefill_row_tile": PREFILL_ROW_TILE}
+           "gemv": {**base["gemv"], "BLOCK_N": clamp(base["gemv"]["BLOCK_N"], 2, 64)}, "gemm": tile,
+           "num_stages": pipeline_stages(tile, 2, itemsize, dev)}
     return {**ctx, **overrides}
 
 

@@ -68,21 +68,26 @@ def gemm_blocks(n: int, k: int, dev: DeviceInfo) -> dict:
             "num_warps": 4}
 
 
-def pipeline_stages(stage_bytes: int, dev: DeviceInfo, most: int = 5) -> int:
-    """Triton's num_stages for a tensor-core loop whose stage (the tiles of one BLOCK_K step, at the largest BLOCK_M
-    it runs with) takes ``stage_bytes`` of shared memory: the most up to ``most`` that fit the block's shared memory,
-    8 KB kept for the rest; at least 2; 1 in the interpreter."""
-    if dev.interpret:
-        return 1
-    return max(2, min(most, (dev.smem_optin - 8192) // stage_bytes))
-
-
 # Rows a tensor-core program takes (pick_blocks in templates/triton/_common.j2): one tile for every step of up to
 # ROW_TILE rows (decode and DFlash's verify steps: the same configuration for each, so a row's bits do not depend on
 # the step), PREFILL_ROW_TILE past it.
 ROW_TILE, PREFILL_ROW_TILE = 16, 64
 
 
-def matmul_context(n: int, k: int, dev: DeviceInfo) -> dict:
-    return {"gemv": gemv_blocks(n, k, dev), "gemm": gemm_blocks(n, k, dev), "dot_dtype": dev.dot_dtype,
-            "num_stages": 1 if dev.interpret else 3, "row_tile": ROW_TILE, "prefill_row_tile": PREFILL_ROW_TILE}
+def pipeline_stages(tile: dict, weight_tiles: int, itemsize: int, dev: DeviceInfo, most: int = 5) -> int:
+    """Triton's num_stages for a tensor-core loop over K whose step loads x's tile (PREFILL_ROW_TILE rows, the most it
+    runs with) and ``weight_tiles`` weight tiles of tile's BLOCK_N x BLOCK_K, of ``itemsize`` bytes: the most up to
+    ``most`` that fit the block's shared memory, 8 KB kept for the rest; at least 2; 1 in the interpreter."""
+    if dev.interpret:
+        return 1
+    stage = (PREFILL_ROW_TILE + weight_tiles * tile["BLOCK_N"]) * tile["BLOCK_K"] * itemsize
+    return max(2, min(most, (dev.smem_optin - 8192) // stage))
+
+
+def matmul_context(n: int, k: int, dev: DeviceInfo, itemsize: int = 2) -> dict:
+    """An x @ W.T kernel's blocks for a weight [n, k] of ``itemsize`` bytes: one row's vector blocks, the tensor-core
+    tiles and as many pipeline stages as fit (one weight tile a step), and the row tiles."""
+    gemm = gemm_blocks(n, k, dev)
+    return {"gemv": gemv_blocks(n, k, dev), "gemm": gemm, "dot_dtype": dev.dot_dtype,
+            "num_stages": pipeline_stages(gemm, 1, itemsize, dev), "row_tile": ROW_TILE,
+            "prefill_row_tile": PREFILL_ROW_TILE}
