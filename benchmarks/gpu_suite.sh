@@ -26,8 +26,8 @@ for stage in "$@"; do
              tests/test_triton_backend.py::test_verify_step_rows_equal_decode_steps > "$OUT/gpu_invariance_test.log" 2>&1
            grep -E "(PASSED|FAILED|ERROR|SKIPPED|Timeout)|passed|failed|s call" "$OUT/gpu_tests.log" "$OUT/gpu_invariance_test.log" ;;
     # op by op: the first kernel whose rows differ between an 8-row step and 1-row steps (bf16 and MXFP4 mini)
-    invariance) timeout 120 python3 benchmarks/check_batch_invariance.py --out "$OUT/inv_bf16" 2>&1 | tail -14
-                timeout 120 python3 benchmarks/check_batch_invariance.py --mxfp4 --out "$OUT/inv_mxfp4" 2>&1 | tail -14 ;;
+    invariance) timeout 200 python3 benchmarks/check_batch_invariance.py --out "$OUT/inv_bf16" 2>&1 | tail -14
+                timeout 200 python3 benchmarks/check_batch_invariance.py --mxfp4 --out "$OUT/inv_mxfp4" 2>&1 | tail -14 ;;
     kernels) timeout 420 python3 -m pytest -q tests/test_triton_kernels.py 2>&1 | tail -20 | tee "$OUT/kernels.log" ;;
     experts) timeout 240 python3 benchmarks/bench_mxfp4_experts.py --out "$OUT" 2>&1 | tail -40 ;;
     decode) timeout 560 python3 benchmarks/bench_decode.py --out "$OUT" 2>&1 | tail -60 ;;
