@@ -125,7 +125,7 @@ def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None
     chunks = hidden // 64
     gu_warps = next(w for w in (4, 2, 1) if chunks % w == 0)
     cuda = {"gu_warps": gu_warps, "gu_depth": max(d for d in (1, 2, 4) if (chunks // gu_warps) % d == 0),
-            "groups": 16, "fused": fused_context(hidden, inter, dev)}
+            "groups": 16, "sums_unroll": 4, "fused": fused_context(hidden, inter, dev)}
     return with_down(cuda, inter)
 
 
@@ -146,7 +146,8 @@ def fused_static_bytes(hidden: int, warps: int) -> int:
 
 
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
-                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1) -> dict | None:
+                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1,
+                  act_copies: int = 1) -> dict | None:
     """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
     of shared-memory stages by bulk copies), or None where it does not fit. ``warps`` consumer warps split H's
     chunks of 64 in gate_up and each down slot's chunks of I. By default: the most, up to 8, that divide H's chunks;
@@ -281,7 +282,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     sw_all = sw and warps <= 8 and d_chunks <= 12
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
             "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw, "sw_np": sw_np, "sw_all": sw_all,
-            "hold": hold}
+            "hold": hold, "act_copies": act_copies}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
