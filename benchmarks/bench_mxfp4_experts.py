@@ -287,14 +287,6 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                 if hold != fused["hold"]:
                     out.append((f"mx cuda fused hold={hold}", "mxfp4",
                                 {"cuda": {**cu, "fused": {**fused, "hold": hold}}}))
-            for unroll in (1, 8):  # the final sums' loop over a row's choices, unrolled
-                out.append((f"mx cuda sums_unroll={unroll}", "mxfp4", {"cuda": {**cu, "sums_unroll": unroll}}))
-            out.append((f"mx cuda fused arrive_red={not fused.get('arrive_red')}", "mxfp4",
-                        {"cuda": {**cu, "fused": {**fused, "arrive_red": not fused.get("arrive_red")}}}))
-            for copies in (4, 16):  # act in copies, each block of down by tile reading one
-                if copies != fused["act_copies"]:
-                    out.append((f"mx cuda fused act_copies={copies}", "mxfp4",
-                                {"cuda": {**cu, "fused": {**fused, "act_copies": copies}}}))
             out.append((f"mx cuda fused sw={not fused['sw']}", "mxfp4",  # down by tile: a warp a slot, or F_WS
                         {"cuda": {**cu, "fused": {**fused, "sw": not fused["sw"]}}}))
             if fused["sw"]:  # a warp a slot: its pieces the other number at a time; its act all first or not

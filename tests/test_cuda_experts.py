@@ -40,9 +40,8 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     # beside the producer; down by tile a warp a slot (4 units of 2 slots: 8 warps, a ring of 4; 3 chunks a piece),
     # its last unit copied once the block has arrived at the grid barrier (hold)
     fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408, "pdl": True, "by_slot": 16,
-             "range": 16, "act_warp": True, "sw": True, "sw_np": 2, "sw_all": True, "hold": 1,
-             "act_copies": 1}
-    assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "sums_unroll": 4, "d_split": 2, "d_warps": 16, "d_depth": 6,
+             "range": 16, "act_warp": True, "sw": True, "sw_np": 2, "sw_all": True, "hold": 1}
+    assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "d_split": 2, "d_warps": 16, "d_depth": 6,
                     "fused": fused}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(False, 108, (8, 0)))["cuda"] is None  # A100
@@ -52,14 +51,13 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     # odd chunk counts: fewer warps over H, no split of I
     odd = cuda_decode_context(192, 192, H100)
     assert {k: v for k, v in odd.items() if k != "fused"} == {
-        "gu_warps": 1, "gu_depth": 1, "groups": 16, "sums_unroll": 4, "d_split": 1, "d_warps": 8, "d_depth": 3}
+        "gu_warps": 1, "gu_depth": 1, "groups": 16, "d_split": 1, "d_warps": 8, "d_depth": 3}
     assert odd["fused"]["warps"] == 3 and odd["fused"]["du"] == 1  # 3 warps split H's 3 chunks and a slot's 3
     # I larger than H: a stage is one down slot; a GPU with 99 KB a block has fewer stages; none before Hopper
     assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
                                                "smem": 4 * 64 * 544, "pdl": True, "by_slot": 16, "range": 16,
                                                "act_warp": True, "sw": False, "sw_np": 1,
-                                               "sw_all": False, "hold": 1,
-                                               "act_copies": 1}  # 8 units of a slot: not a warp a slot
+                                               "sw_all": False, "hold": 1}  # 8 units of a slot: not a warp a slot
     assert odd["fused"]["range"] == 12  # down by slot: one range of all H's 12 tiles
     # H = 6144 (MiMo-V2.5-Pro): 8 warps would hold 12 chunks of x each (and spill): 12 warps, 8 chunks each, three
     # down slots a stage (one gate_up tile's 52 KB of room) of 4 warps each; no act warp (its registers would make
@@ -67,7 +65,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert fused_context(6144, 2048, H100) == {"warps": 12, "stages": 3, "stage_bytes": 96 * 544, "du": 3,
                                                "smem": 3 * 96 * 544, "pdl": True, "by_slot": 16, "range": 12,
                                                "act_warp": False, "sw": False, "sw_np": 1, "sw_all": False,
-                                               "hold": 1, "act_copies": 1}
+                                               "hold": 1}
     assert fused_context(8192, 2048, H100)["warps"] == 16
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4

@@ -125,7 +125,7 @@ def cuda_decode_context(hidden: int, inter: int, dev: DeviceInfo) -> dict | None
     chunks = hidden // 64
     gu_warps = next(w for w in (4, 2, 1) if chunks % w == 0)
     cuda = {"gu_warps": gu_warps, "gu_depth": max(d for d in (1, 2, 4) if (chunks // gu_warps) % d == 0),
-            "groups": 16, "sums_unroll": 4, "fused": fused_context(hidden, inter, dev)}
+            "groups": 16, "fused": fused_context(hidden, inter, dev)}
     return with_down(cuda, inter)
 
 
@@ -146,8 +146,7 @@ def fused_static_bytes(hidden: int, warps: int) -> int:
 
 
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
-                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1,
-                  act_copies: int = 1) -> dict | None:
+                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1) -> dict | None:
     """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
     of shared-memory stages by bulk copies), or None where it does not fit. ``warps`` consumer warps split H's
     chunks of 64 in gate_up and each down slot's chunks of I. By default: the most, up to 8, that divide H's chunks;
@@ -232,6 +231,17 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     and each read waits for its own words. The same bits, but 15.0 / 19.9 / 65.6 us against 13.1 / 13.1 / 59.9 (1 row
     / 8 same / 8 independent): blocks reading act early slowed the others' stream (every block reads every slot's act,
     and flagged words double it), and each down unit waited about 0.65 us for act from L2.
+    Where the time goes at one row (H100, 2026-11-24, benchmarks/results/h100-2026-11-24/run19_hold_all, timeline,
+    p50 us): the slot table 0.9 (reading the router's choice), the first copy 1.2, the last gate_up unit in 6.1,
+    act done 6.9, the release 7.3, the add back 7.6 (the slowest block 8.2), the flip 8.3, the last down weights in
+    8.5; then act loads 8.7, the first turn's mmas 10.0, the slot's sums 10.7, the end 11.4. So the stream ends near
+    8.5 us, and down by tile after it needs at least act from L2 (about 0.5), its dequantisation (about 0.75 us of
+    issue on every SM at full rate) and the sums: this design cannot come under about 10 us a call. Tried there
+    and not kept (`824236d`, runs 19 to 21, same-run sweeps of 7 to 11 rounds, one row): hold of every down unit
+    (the flip 8.2, but the down weights streamed after it, landing at 10.1: 12.9 to 13.2 us against 12.5); act in 4
+    or 16 copies, each block reading one (the wait for act unchanged, so not contention on hot L2 lines; the extra
+    stores slowed phase A: 12.6 / 12.7 us); the add as a reduction polled at once (the flip unchanged: it follows the
+    slowest block's release; 12.3 against 12.4); the final sums' loads unrolled (12.1 to 12.3 against 12.4).
     Tried on branch experiment/early-down (an earlier checkout's) and not kept: no grid barrier, each down unit put in
     the ring as soon as its slots' act is complete (18.2 us: gate_up's rounds land together, not in order, so down
     starts no earlier)."""
@@ -282,7 +292,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     sw_all = sw and warps <= 8 and d_chunks <= 12
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
             "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw, "sw_np": sw_np, "sw_all": sw_all,
-            "hold": hold, "act_copies": act_copies}
+            "hold": hold}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
