@@ -71,6 +71,62 @@ def test_compile_writes_kernels_without_a_gpu(tmp_path, monkeypatch):
             cm(torch.tensor([[1, 2]]))
 
 
+def _pdl_use(source: str) -> tuple[list[str], list[str], list[str]]:
+    """Of a rendered kernel module: the kernels that call gdc_wait() at their top level before any load, store or
+    atomic (what comes before it only computes indices and prefetches into L2), those that do not, and the kernels
+    launched without launch_pdl=True."""
+    import ast
+
+    def calls(node, name):
+        return any(isinstance(n, ast.Call) and (getattr(n.func, "id", None) == name or
+                                                getattr(n.func, "attr", None) == name) for n in ast.walk(node))
+
+    tree = ast.parse(source)
+    waiting, not_waiting, plain = [], [], []
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef) and fn.name.endswith("_kernel") and fn.decorator_list:
+            first_wait = next((i for i, st in enumerate(fn.body) if calls(st, "gdc_wait")), None)
+            touches = [i for i, st in enumerate(fn.body)
+                       if any(calls(st, op) for op in ("load", "store", "atomic_add", "atomic_cas", "atomic_xchg"))]
+            ok = first_wait is not None and all(i > first_wait for i in touches)
+            (waiting if ok else not_waiting).append(fn.name)
+        if isinstance(fn, ast.Call) and isinstance(fn.func, ast.Subscript) and \
+                getattr(fn.func.value, "id", "").endswith("_kernel"):
+            if not any(k.arg == "launch_pdl" and getattr(k.value, "value", None) is True for k in fn.keywords):
+                plain.append(fn.func.value.id)
+    return waiting, not_waiting, plain
+
+
+@pytest.mark.parametrize("pdl", ["1", "0"])
+def test_gpu_kernels_wait_for_the_one_before(monkeypatch, pdl):
+    """Rendered for a GPU, every Triton kernel of a decode step is launched with programmatic dependent launch and
+    waits for the kernel before it before touching memory (templates/triton/_common.j2); TILEC_PDL=0 renders neither.
+    The experts' own kernels are excluded: the MXFP4 decode ones are CUDA (they wait in their prologue), the Triton
+    ones chain gate_up and down with PDL of their own."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TILEC_PDL", pdl)
+    model = build_model("mini", device="meta", num_hidden_layers=2)
+    cm = tilec.compile(model, target="triton", options=tilec.Options(mxfp4=True))
+    kinds = set()
+    for kernel in cm.program.kernels:
+        if "moe_experts" in kernel.alias:
+            continue
+        waiting, not_waiting, plain = _pdl_use(kernel.source)
+        kinds.update(waiting + not_waiting)
+        if pdl == "1":
+            assert waiting and not not_waiting and not plain, (kernel.alias, not_waiting, plain)
+        else:
+            assert not waiting and "gdc_wait" not in kernel.source and plain, kernel.alias
+    assert {"rms_norm_kernel", "qkv_rope_kernel", "attend_kernel", "combine_kernel", "linear_kernel",
+            "router_scores_kernel", "router_topk_kernel", "embedding_kernel"} <= kinds
+    # the weight-streaming kernels prefetch their first weight lines into L2 before the wait
+    streaming = [k for k in cm.program.kernels if any(s in k.alias for s in ("qkv_rope", "linear", "moe_router"))]
+    assert streaming and all((k.source.count("prefetch.global.L2") > 0) == (pdl == "1") for k in streaming)
+    for k in streaming:
+        if pdl == "1":
+            assert k.source.index("prefetch.global.L2") < k.source.index("gdc_wait()")
+
+
 def test_auto_picks_reference_on_cpu():
     assert tilec.compile(build_model("tiny"), target="auto").target == ("triton" if torch.cuda.is_available()
                                                                        else "reference")

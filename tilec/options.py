@@ -70,3 +70,9 @@ class Options:
 def triton_interpret_requested() -> bool:
     """True when Triton kernels are to run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+
+
+def pdl_requested() -> bool:
+    """False when ``TILEC_PDL=0``: the Triton target then launches a step's kernels one after another, without
+    programmatic dependent launch (for comparison, or where a driver mishandles it)."""
+    return os.environ.get("TILEC_PDL", "1") not in ("0", "false", "no", "")

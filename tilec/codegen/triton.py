@@ -25,10 +25,10 @@ from tilec.codegen.tuning import DeviceInfo, device_info
 from tilec.errors import TargetError
 from tilec.graph import attr, info, module_path
 from tilec.ops import op_name
-from tilec.options import triton_interpret_requested
+from tilec.options import pdl_requested, triton_interpret_requested
 
 # Rendering for a GPU on a machine without one: the H100 this project measures on.
-H100 = DeviceInfo(interpret=False, sms=132)
+H100 = DeviceInfo(interpret=False, sms=132, pdl=True)
 
 
 @dataclasses.dataclass
@@ -51,7 +51,8 @@ class Kernel:
 def target_device_info(device: torch.device) -> DeviceInfo:
     if device.type == "cuda" and not triton_interpret_requested():
         return device_info(device)
-    return DeviceInfo(interpret=True, sms=1) if triton_interpret_requested() else H100
+    return DeviceInfo(interpret=True, sms=1) if triton_interpret_requested() else \
+        dataclasses.replace(H100, pdl=pdl_requested())
 
 
 def lower(gm: fx.GraphModule, device: torch.device, stage: str) -> "TritonProgram":
@@ -72,7 +73,8 @@ def lower(gm: fx.GraphModule, device: torch.device, stage: str) -> "TritonProgra
         by_plan[plan].nodes.append(node.name)
         node_kernel[node] = by_plan[plan]
     for kernel in by_plan.values():
-        ctx = kernel.plan.ctx(kernel.nodes)
+        # every kernel of the step waits for the one before it inside the kernel, not at its launch (_common.j2)
+        ctx = {**kernel.plan.ctx(kernel.nodes), "launch_pdl": dev.pdl}
         kernel.source = render(kernel.plan.template, ctx=ctx)
         if ctx.get("cuda_template"):  # written beside the module in artifacts, for reading
             kernel.cuda_source = render(ctx["cuda_template"], ctx=ctx)
