@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from tilec.codegen.plan import KernelPlan, planner, val
 from tilec.codegen.tuning import (DeviceInfo, clamp, gemm_blocks, gemv_blocks, matmul_context, pipeline_stages,
-                                  pow2_ceil, pow2_floor, prefetch)
+                                  pow2_ceil, pow2_floor)
 
 
 def _warps(width: int) -> int:
@@ -80,8 +80,7 @@ def swiglu_context(hidden: int, inter: int, dev: DeviceInfo, itemsize: int = 2, 
     tile = dense_tile(inter, hidden, dev)
     ctx = {"doc": "dense SwiGLU MLP: gate/up + SiLU*mul, then down", "H": hidden, "I": inter,
            "gate_up": gemv_blocks(inter, hidden, dev), "gate_up_gemm": tile,
-           **matmul_context(hidden, inter, dev, itemsize), "num_stages": pipeline_stages(tile, 2, itemsize, dev),
-           "prefetch_gate_up": prefetch(2 * inter, hidden, itemsize, dev)}
+           **matmul_context(hidden, inter, dev, itemsize), "num_stages": pipeline_stages(tile, 2, itemsize, dev)}
     return {**ctx, **overrides}
 
 
@@ -112,7 +111,7 @@ def qkv_rope_context(nq: int, nk: int, nv: int, k: int, head_dim: int, rotary_di
     ctx = {**base, "doc": "Q/K/V projections with partial RoPE on Q and K", "K": k, "NQ": nq, "NK": nk, "NV": nv,
            "D": head_dim, "DV": nv // (nk // head_dim), "RD": rotary_dim,
            "gemv": {**base["gemv"], "BLOCK_N": clamp(base["gemv"]["BLOCK_N"], 2, 64)}, "gemm": tile,
-           "num_stages": pipeline_stages(tile, 2, itemsize, dev), "prefetch": prefetch(2 * pairs, k, itemsize, dev)}
+           "num_stages": pipeline_stages(tile, 2, itemsize, dev)}
     return {**ctx, **overrides}
 
 
@@ -171,8 +170,7 @@ def _lm_head_argmax(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     blocks = gemv_blocks(n, k, dev)
     return KernelPlan.make("triton/argmax.py.j2", doc="lm_head GEMV reduced to the argmax (logits never stored)",
                            fused=True, N=n, K=k, BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
-                           num_warps=blocks["num_warps"], BLOCK_R=clamp(pow2_ceil(n // blocks["BLOCK_N"]), 16, 1024),
-                           prefetch=prefetch(n, k, val(node.args[1]).dtype.itemsize, dev))
+                           num_warps=blocks["num_warps"], BLOCK_R=clamp(pow2_ceil(n // blocks["BLOCK_N"]), 16, 1024))
 
 
 @planner("argmax")

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from tilec.codegen import mma_layout
 from tilec.codegen.plan import KernelPlan, planner, val
-from tilec.codegen.tuning import DeviceInfo, clamp, pow2_ceil, pow2_floor, prefetch
+from tilec.codegen.tuning import DeviceInfo, clamp, pow2_ceil, pow2_floor
 from tilec.graph import attr
 from tilec.ops.moe import GATHER_LIMIT
 
@@ -36,8 +36,7 @@ PREFILL_ROWS = 256
 @planner("moe_router")
 def _moe_router(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     experts, hidden = val(node.args[1]).shape
-    return KernelPlan.make("triton/moe_router.py.j2", **router_context(experts, hidden, dev),
-                           prefetch=prefetch(experts, hidden, val(node.args[1]).dtype.itemsize, dev))
+    return KernelPlan.make("triton/moe_router.py.j2", **router_context(experts, hidden, dev))
 
 
 def router_context(experts: int, hidden: int, dev: DeviceInfo) -> dict:

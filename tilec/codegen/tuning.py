@@ -86,30 +86,10 @@ def pipeline_stages(tile: dict, weight_tiles: int, itemsize: int, dev: DeviceInf
     return max(2, min(most, (dev.smem_optin - 8192) // stage))
 
 
-# Weights of a kernel up to this many bytes are prefetched into L2 whole before its wait (prefetch below); past it, the
-# first STREAM_LINES lines of each row (the 50 MB L2 would not keep more until the kernel reads them).
-PREFETCH_ALL_BYTES = 16 << 20
-STREAM_LINES = 8
-
-
-def prefetch(rows: int, k: int, itemsize: int, dev: DeviceInfo) -> dict | None:
-    """What a weight-streaming kernel launched with programmatic dependent launch prefetches into L2 before it waits
-    for the kernel before (templates/triton/_common.j2, pdl_prefetch), for weights of ``rows`` rows of ``k`` elements
-    of ``itemsize`` bytes: ``lines`` of 128 bytes from each row's start (a power of two: all of a row's, or the
-    largest power of two under, where the weights are at most PREFETCH_ALL_BYTES; else STREAM_LINES) and
-    ``line_elems``, the elements a line holds. None without PDL (the interpreter, GPUs before Hopper, TILEC_PDL=0)."""
-    row_lines = k * itemsize // 128
-    if not dev.pdl or row_lines == 0 or 128 % itemsize:
-        return None
-    lines = pow2_floor(row_lines) if rows * k * itemsize <= PREFETCH_ALL_BYTES else min(STREAM_LINES,
-                                                                                         pow2_floor(row_lines))
-    return {"lines": lines, "line_elems": 128 // itemsize}
-
-
 def matmul_context(n: int, k: int, dev: DeviceInfo, itemsize: int = 2) -> dict:
     """An x @ W.T kernel's blocks for a weight [n, k] of ``itemsize`` bytes: one row's vector blocks, the tensor-core
-    tiles and as many pipeline stages as fit (one weight tile a step), the row tiles, and what it prefetches."""
+    tiles and as many pipeline stages as fit (one weight tile a step), and the row tiles."""
     gemm = gemm_blocks(n, k, dev)
     return {"gemv": gemv_blocks(n, k, dev), "gemm": gemm, "dot_dtype": dev.dot_dtype,
             "num_stages": pipeline_stages(gemm, 1, itemsize, dev), "row_tile": ROW_TILE,
-            "prefill_row_tile": PREFILL_ROW_TILE, "prefetch": prefetch(n, k, itemsize, dev)}
+            "prefill_row_tile": PREFILL_ROW_TILE}
