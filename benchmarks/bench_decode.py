@@ -2,7 +2,7 @@
 
     python3 benchmarks/bench_decode.py --out DIR [--preset mini] [--contexts 256,4096]
         [--entries hf,reference,compile,triton,triton-mxfp4] [--steps 64] [--device cuda] [--seed 0]
-    python3 benchmarks/bench_decode.py --preset tiny --device cpu --contexts 16,32 --steps 4 \
+    TRITON_INTERPRET=1 python3 benchmarks/bench_decode.py --preset tiny --device cpu --contexts 16,32 --steps 4 \
         --entries hf,reference,triton --out /tmp/benchsmoke          # smoke test without a GPU
 
 Entries (each at each context: prefill a random prompt of ``context`` tokens, then greedy steps of one token):

@@ -21,14 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from a source checkout
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
+from common import rel_err  # noqa: E402
 import tilec  # noqa: E402
 from tilec.models import build_model  # noqa: E402
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
 
 
 def main() -> None:
@@ -48,8 +45,8 @@ def main() -> None:
         rows = []
         for chunk in (ids, ids[:, -1:], ids[:, :8]):
             fp32, bf16, mine = (s.step(chunk).float() for s in sessions)
-            rows.append({"rows": chunk.shape[1], "ref_vs_fp32": rel(bf16, fp32), "triton_vs_fp32": rel(mine, fp32),
-                         "triton_vs_ref": rel(mine, bf16)})
+            rows.append({"rows": chunk.shape[1], "ref_vs_fp32": rel_err(bf16, fp32), "triton_vs_fp32": rel_err(mine, fp32),
+                         "triton_vs_ref": rel_err(mine, bf16)})
             print(f"prompt {n:5d} rows {chunk.shape[1]:4d}: bf16 reference {rows[-1]['ref_vs_fp32']:.4f}, "
                   f"triton {rows[-1]['triton_vs_fp32']:.4f} from fp32; triton {rows[-1]['triton_vs_ref']:.4f} "
                   f"from the reference", flush=True)
