@@ -197,7 +197,9 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(device=props.name, sm_count=props.multi_processor_count,
-                   memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}")
+                   memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}",
+                   # whether the triton target launches a step's kernels with programmatic dependent launch
+                   pdl=props.major >= 9 and _pdl_requested())
     else:
         env["device"] = platform.processor() or platform.machine()
     commit = _git("rev-parse", "HEAD")
@@ -206,6 +208,14 @@ def environment(device: torch.device) -> dict:
         env["git_commit"] = commit
         env["git_dirty_files"] = len(dirty.splitlines()) if dirty else 0
     return env
+
+
+def _pdl_requested() -> bool | None:
+    try:
+        from tilec.options import pdl_requested
+    except ImportError:  # tilec not importable here: not known
+        return None
+    return pdl_requested()
 
 
 def now_iso() -> str:
