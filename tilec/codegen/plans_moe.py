@@ -148,103 +148,31 @@ def fused_static_bytes(hidden: int, warps: int) -> int:
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
                   max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1) -> dict | None:
     """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
-    of shared-memory stages by bulk copies), or None where it does not fit. ``warps`` consumer warps split H's
-    chunks of 64 in gate_up and each down slot's chunks of I. By default: the most, up to 8, that divide H's chunks;
-    where that leaves a warp more than 8 chunks, the fewest up to 16 that leave it 8 or fewer (each warp holds its
-    chunks of x in registers, and 12 chunks spill, at H = 6144); and where that leaves a warp more than 8 chunks of I
-    in down, or no plan, the fewest more up to 16 that do neither (H = 5120, I = 2048: 16 warps, where 10 held 16
-    chunks of I and spilled 536 bytes; H = 7168, I = 2048 had no plan with 14). A stage holds one gate_up tile (16
-    rows by H) or ``du`` down slots of one tile (16 rows by I each): the most that fit a gate_up tile's room, split
-    I's chunks evenly and leave a warp at most 8 of them, or 4 past 8 warps where some do (H = 6144, I = 1024: 3
-    slots, where 6 spilled 4 bytes); else the most that fit; else the fewest that split them, the stage made larger.
-    As many stages as fit beside the static shared memory, up to ``max_stages``. Where more than ``by_slot`` slots
-    are live, down is dealt by slot in ranges of ``range`` tiles of H (the most up to 16 that
-    are whole stages of ``du`` tiles), each slot's act read once a range; otherwise by tile of H, every slot of a tile
-    in one block (no outputs through global memory). Both give every output the same bits. By tile, every block
-    reads every live slot's act from L2: at 8 independent rows (about 51 slots) 83 MB a call, twice the down
-    weights. Measured (H100, 2026-11-23,
-    benchmarks/results/h100-2026-11-23d, sweeps of 2 rounds): 8 independent rows 62.8 us by slot above 16 live slots,
-    68.9 by tile; at one row (8 slots, by tile either way) 15.0 against 14.8; by slot at every call 16.4 at one row.
-    Ranges of 16 tiles against 8 / 4 / 2 (`sweep_range/`): 62.2 / 65.1 / 68.0 / 76.1 us at 8 independent rows, 39.0 /
-    39.3 / 40.8 / 44.0 at 4; by slot past 8 / 16 / 24 / 32 live slots: 27.8 / 23.6 / 24.1 / 24.0 us at 2 independent
-    rows (about 16 slots), 39.6 / 39.3 / 40.2 / 40.5 at 4 (about 28).
+    of shared-memory stages by bulk copies), or None where it does not fit. The keys:
 
-    Measured on the H100 (2026-11-23, bench_mxfp4_experts.py --sweep --repeats 3, mini shapes, medians; us at one row /
-    8 rows on the same experts / 8 independent rows; benchmarks/results/h100-2026-11-23c): 4 stages 15.4 / 17.1 / 70.4;
-    2: 15.3 / 16.5 / 70.6; 3: 15.0 / 16.9 / 71.4; 6: 15.8 / 16.8 / 68.4; all 11 that fit: 15.9 / 17.3 / 76.6. More
-    bytes requested at once do not come faster. Also measured: without PDL 16.0 / 17.3 / 70.1; 4 consumer warps
-    16.3 / 18.2 / 73.1; two blocks an SM (5 stages each) 20.2 / 23.5 / 103.8 (sweeps/); an L2 evict_first hint on the
-    copies (15.2 / 17.0 / 69.4) and down's act loads of 4 units issued together (act loads one unit at a time:
-    15.2 / 16.6 / 70.7) gained nothing beyond the spread between rounds, so neither is in the template.
+    - ``warps`` consumer warps split H's chunks of 64 in gate_up and each down slot's chunks of I: by default the
+      most, up to 8, that divide H's chunks; more, up to 16, where a warp would hold more than 8 chunks of x or of I
+      (they spill: 12 chunks of x at H = 6144), or where there is no plan otherwise.
+    - ``du``, ``stage_bytes``, ``stages``: a stage holds one gate_up tile (16 rows by H) or ``du`` down slots of one
+      tile (16 rows by I each): the most that fit a gate_up tile's room, split I's chunks evenly and leave a warp at
+      most 8 of them (4 past 8 warps where some do); as many stages as fit beside the static shared memory, up to
+      ``max_stages`` (more bytes requested at once do not come faster).
+    - ``by_slot``, ``range``: where more than ``by_slot`` slots are live, down is dealt by slot in ranges of
+      ``range`` tiles of H, each slot's act read once a range; otherwise by tile of H, every slot of a tile in one
+      block (no outputs through global memory). Both give every output the same bits.
+    - ``act_warp``: a warp of its own adds each gate_up unit's sums and stores its act, so the consumers go straight
+      on (where there are at most 10 consumer warps, or each holds at most 5 chunks of x: otherwise its registers
+      make the consumers spill).
+    - ``sw``, ``sw_np``, ``sw_all``: in down by tile, a warp a slot summing all of its I in the pieces F_WS warps
+      would take (the same bits), ``sw_np`` pieces at a time, all of the slot's act loaded first; where registers
+      allow.
+    - ``hold``: the producer copies the block's last ``hold`` down units only once the block's add at the grid
+      barrier has returned (the add's release waits for the block's bulk copies in flight).
+    - ``pdl``: launched with programmatic dependent launch.
 
-    ``act_warp`` (by default where there are at most 10 consumer warps, or each holds at most 5 chunks of x): a warp
-    of its own adds each gate_up unit's sums and stores its act, handed the sums through named barriers, so the
-    consumers go straight on to the next unit instead of synchronising after each and taking turns at the act. With
-    it, and a grid barrier of one atomic add a block (H200, 2026-11-23, benchmarks/results/h200-2026-11-23e, same-run
-    sweeps of 2 rounds, 1 row / 8 rows same / 8 independent rows): 13.7 / 14.0 / 56.1 us against 14.0 / 15.4 / 62.1
-    before (mini's 8 warps; other shapes not measured). With more warps holding more chunks, the extra warp leaves
-    them too few registers, so they keep taking turns. nvcc for sm_90a: 12 warps of 8 chunks (H = 6144) spill 4
-    bytes, 16 of 6 to 8 chunks 24 to 496; 9 or 10 warps of up to 8 chunks, 12 of 3 and 16 of 5 do not.
-
-    Down by tile costs about 4.2 us of the 14 at one row (H100, 2026-11-23, benchmarks/results/h100-2026-11-23f: the
-    kernel without it takes 10 us, the read floor's time). Tried there and not kept, each within a few tenths: one
-    sync for up to 4 units, each unit's act loaded during the unit before, every unit's act at once, the first units'
-    fragments made while waiting at the grid barrier.
-
-    ``sw`` (a warp a slot; where a warp's first slot is at most a ring ahead, warps / du <= stages, and a piece is at
-    most 4 chunks): in down by tile each consumer warp sums all of one slot's I, in the F_WS pieces the warps of a
-    unit would take (the same bits), so there are no sums through shared memory and one sync a tile, and the units'
-    chains run side by side on the warps instead of one after another; ``sw_np`` pieces at a time (their steps
-    interleaved; 2 where pieces are at most 3 chunks), ``sw_all``: all of the slot's act loaded first (up to 12
-    chunks of I). H100, 2026-11-23 (same-run sweep, 3 rounds, mini, 1 row / 8 rows same / 8 independent): 13.4 /
-    14.4 / 61.5 us with np 2 and all, 13.8 / 14.7 / 63.5 with neither, against 14.5 / 15.3 / 62.5 for F_WS warps a
-    slot; over five sweeps -0.1 to 1.1 us at one row, 0.5 to 0.9 at 8 rows (benchmarks/results/h100-2026-11-23g). Its
-    timeline: a warp's slot still takes 1.9 us after the barrier; 16 consumer warps do not shorten it (Nsight
-    Compute: those warps are issue-bound, 29 instructions a k16 step unfolded, 17.7 folded (h100-2026-11-23h), mostly
-    dequantisation). The timeline (h100-2026-11-23h): the barrier's release waits for the block's bulk copies in
-    flight, so the barrier flips once the whole stream has landed; down by tile then takes about 3 us at one row, its
-    first half waiting on act from L2 as much as computing. Tried there and backed out, within the spread between
-    rounds: the first half's operands made in shared memory while waiting at the barrier (12.9 against 13.0 us at
-    one row, 14.2 against 14.0 at 8; act hides the dequantisation it saves), act in 4 to 16 copies (no faster at one
-    row, slower at 8), the turns in a rolled loop, a PDL trigger past the barrier, the arrival as fence.release.gpu
-    then a relaxed add (benchmarks/fence_probe.py: every gpu-scope release tried waits for most or all of the
-    block's bulk copies in flight).
-    ``hold``: in down by tile, the producer copies the block's last ``hold`` down units only once the block's add at the
-    grid barrier has returned. The add's release waits for the block's bulk copies in flight, so the block arrives
-    before those units land instead of after (H100, 2026-11-23, benchmarks/results/h100-2026-11-23i, timeline at one
-    row, p50: the flip 0.25 us earlier, the end 0.2 us earlier with hold 2; same-run sweep of 15 rounds, 1 row / 8 rows
-    same / 8 independent: 13.2 / 14.3 / 61.2 us with hold 1, 13.4 / 14.4 / 59.8 with 2, 13.5 / 14.3 / 60.8 without;
-    with every sweep row timed before CUPTI ran, run5_sweep: 12.5 / 13.5 / 59.5 with 1, 12.6 / 13.6 / 59.2 without).
-    Tried and not kept (`32beee0`): the producer reading row 0's choices itself and issuing its first units while
-    warp 0 builds the slot table (a top-k router's row 0 names K distinct experts, the live slots of ranks below K).
-    Its first copy went out 0.28 us earlier (0.90 against 1.18 us, p50), but the table came 0.35 us later and the
-    call was slower: 12.8 / 14.4 us against 12.4 / 13.5 at 1 / 8 rows (15 rounds; results/h100-2026-11-23i/run9_early).
-    Nsight Compute (results/h100-2026-11-23i/run11_ncu, benchmarks/ncu_stalls.py): in down by tile the warps issue
-    in 22% of their samples over the whole phase (its waits for act and for the slowest warp included), two warps a
-    scheduler; its 1170 instructions a warp need about 1.2 us of issue against 1.85 us in the timeline. Neither more
-    warps nor more independent chains shortened it (same runs): 16 consumer warps with F_WS warps a slot (run12:
-    phase B 3.3 us after the flip against 3.1, and phase A 1 us later), a slot's 4 pieces side by side with each
-    chunk's words loaded right before its steps (`cb250d3`, run13: the same bits; 12.4 us against 12.4 at one row,
-    down 1.85 us after the ring wait).
-    Tried and not kept (`6d4556c`, H100, 2026-11-24, benchmarks/results/h100-2026-11-24): no grid barrier, act stored
-    as 64-bit words carrying the launch's flag (NCCL's LL protocol), so each block goes from gate_up straight to down
-    and each read waits for its own words. The same bits, but 15.0 / 19.9 / 65.6 us against 13.1 / 13.1 / 59.9 (1 row
-    / 8 same / 8 independent): blocks reading act early slowed the others' stream (every block reads every slot's act,
-    and flagged words double it), and each down unit waited about 0.65 us for act from L2.
-    Where the time goes at one row (H100, 2026-11-24, benchmarks/results/h100-2026-11-24/run19_hold_all, timeline,
-    p50 us): the slot table 0.9 (reading the router's choice), the first copy 1.2, the last gate_up unit in 6.1,
-    act done 6.9, the release 7.3, the add back 7.6 (the slowest block 8.2), the flip 8.3, the last down weights in
-    8.5; then act loads 8.7, the first turn's mmas 10.0, the slot's sums 10.7, the end 11.4. So the stream ends near
-    8.5 us, and down by tile after it needs at least act from L2 (about 0.5), its dequantisation (about 0.75 us of
-    issue on every SM at full rate) and the sums: this design cannot come under about 10 us a call. Tried there
-    and not kept (`824236d`, runs 19 to 21, same-run sweeps of 7 to 11 rounds, one row): hold of every down unit
-    (the flip 8.2, but the down weights streamed after it, landing at 10.1: 12.9 to 13.2 us against 12.5); act in 4
-    or 16 copies, each block reading one (the wait for act unchanged, so not contention on hot L2 lines; the extra
-    stores slowed phase A: 12.6 / 12.7 us); the add as a reduction polled at once (the flip unchanged: it follows the
-    slowest block's release; 12.3 against 12.4); the final sums' loads unrolled (12.1 to 12.3 against 12.4).
-    Tried on branch experiment/early-down (an earlier checkout's) and not kept: no grid barrier, each down unit put in
-    the ring as soon as its slots' act is complete (18.2 us: gate_up's rounds land together, not in order, so down
-    starts no earlier)."""
+    On the H100 at mini shapes this plan takes about 12.4 us a call at one row, 13.5 at 8 rows on the same experts
+    and 60 at 8 independent rows (2026-11-24). Where that time goes, why this design stays above about 10 us at one
+    row, and every variant measured and not kept, with its numbers and runs: benchmarks/results/experts_kernel.md."""
     chunks, d_chunks = hidden // 64, inter // 64
     gu, d_slot = chunks * (512 + 32), d_chunks * (512 + 32)
     room = max(gu, d_slot)
