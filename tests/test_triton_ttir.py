@@ -75,8 +75,8 @@ def _compile_for(fn, args, kwargs, built):
     built.add(key)
 
 
-def build_all(variant: str, rows_list: tuple[int, ...]) -> int:
-    """Lower a 3-layer `mini` (bf16, meta device) for an H100 and compile every kernel it launches for rows in
+def build_all(variant: str, rows_list: tuple[int, ...], preset: str = "mini") -> int:
+    """Lower a 3-layer ``preset`` (bf16, meta device) for an H100 and compile every kernel it launches for rows in
     ``rows_list``; returns how many distinct kernels were compiled."""
     from triton.runtime.jit import JITFunction
 
@@ -86,7 +86,7 @@ def build_all(variant: str, rows_list: tuple[int, ...]) -> int:
     JITFunction.run = lambda self, *args, grid, warmup, **kwargs: _compile_for(self, args, kwargs, built)
     options = {"logits": tilec.Options(), "greedy+hidden": tilec.Options(greedy=True, hidden_layers=(1, 2)),
                "mxfp4": tilec.Options(mxfp4=True)}[variant]
-    model = build_model("mini", device="meta", num_hidden_layers=3, layer_types=[FULL, SLIDING, SLIDING],
+    model = build_model(preset, device="meta", num_hidden_layers=3, layer_types=[FULL, SLIDING, SLIDING],
                         mlp_layer_types=[DENSE, SPARSE, SPARSE])
     cm = tilec.compile(model, target="triton", options=options)
     program = cm.program
@@ -104,11 +104,12 @@ def build_all(variant: str, rows_list: tuple[int, ...]) -> int:
     return len(built)
 
 
-@pytest.mark.parametrize("variant", ["logits", "greedy+hidden", "mxfp4"])
-def test_every_kernel_compiles_for_sm90(variant):
+@pytest.mark.parametrize("variant,preset", [("logits", "mini"), ("greedy+hidden", "mini"), ("mxfp4", "mini"),
+                                            ("mxfp4", "v2-flash")])  # the full model's shapes: H 4096, 256 experts
+def test_every_kernel_compiles_for_sm90(variant, preset):
     # A fresh process without TRITON_INTERPRET: Triton decides interpreted vs compiled once per process.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import test_triton_ttir as t; print('built', t.build_all({variant!r}, (1, 8, 300)))"
+    code = f"import test_triton_ttir as t; print('built', t.build_all({variant!r}, (1, 8, 300), {preset!r}))"
     done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
