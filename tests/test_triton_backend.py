@@ -119,6 +119,11 @@ def test_gpu_kernels_wait_for_the_one_before(monkeypatch, pdl):
             assert not waiting and "gdc_wait" not in kernel.source and plain, kernel.alias
     assert {"rms_norm_kernel", "qkv_rope_kernel", "attend_kernel", "combine_kernel", "linear_kernel",
             "router_scores_kernel", "router_topk_kernel", "embedding_kernel"} <= kinds
+    # the report says how the kernels are launched
+    from tilec.report import render_markdown
+
+    assert cm.report["launch"]["pdl"] == (pdl == "1")
+    assert ("with programmatic dependent launch" in render_markdown(cm.report)) == (pdl == "1")
 
 
 def test_auto_picks_reference_on_cpu():

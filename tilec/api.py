@@ -70,6 +70,7 @@ def compile(model, *, target: str = "reference", options: Options | None = None,
         rep["kernels"] = [{"file": k.filename, "template": k.plan.template, "nodes": len(k.nodes),
                            **({"cuda": k.cuda_filename} if k.cuda_source is not None else {})}
                           for k in program.kernels]
+        rep["launch"] = {"pdl": program.dev.pdl, "interpret": program.dev.interpret}
         if program.derived:  # re-laid copies (the same bytes as their source) computed when the program loads
             rep["derived_weights"] = {name: {"from": target, "layout": layout,
                                              "bytes": cost.nbytes(attr(records[-1].graph, target))}

@@ -93,6 +93,12 @@ def _kernels_section(rep: dict) -> list[str]:
     lines = ["## Kernels", "", "| file | template | nodes | CUDA C++ |", "|---|---|---:|---|"]
     for k in rep["kernels"]:
         lines.append(f"| {k['file']} | {k['template']} | {k['nodes']} | {k.get('cuda', '-')} |")
+    launch = rep.get("launch")
+    if launch and not launch.get("interpret"):
+        lines += ["", "The Triton kernels are launched with programmatic dependent launch: each starts while the one "
+                      "before it runs and waits for it inside (TILEC_PDL=0 at compile time turns this off)."
+                  if launch.get("pdl") else "The Triton kernels are launched one after another (no programmatic "
+                                            "dependent launch: a GPU before Hopper, or TILEC_PDL=0)."]
     derived = rep.get("derived_weights")
     if derived:
         total = sum(d["bytes"] for d in derived.values())
