@@ -127,6 +127,9 @@ def main(argv=None) -> int:
     print(f"{args.preset} {'mxfp4' if args.mxfp4 else 'bf16'} ctx {args.context}, {args.rows} row(s): a CUDA-graph "
           f"step takes {graph_us:.1f} us; its kernels run {total_gpu:.1f} us of it, launches and gaps "
           f"{graph_us - total_gpu:.1f} us; weight floor {result['floor_us']:.1f} us")
+    if program.dev.pdl:
+        print("(programmatic dependent launch: CUPTI counts each kernel from its early start, so its time includes "
+              "waiting for the one before; TILEC_PDL=0 gives per-kernel times without it)")
     print(common.format_table(["kernel", "modules", "per_step", "gpu_us", "share"],
                               [[r["kernel"][:40], ",".join(r["modules"])[:40], r["per_step"], r["gpu_us_per_step"],
                                 r["gpu_us_per_step"] / total_gpu] for r in kernels[:20]]))
