@@ -9,6 +9,7 @@
 #   benchmarks/gpu_suite.sh logits  -> triton and the bf16 reference, each against fp32 truth (logits_error.json)
 #   benchmarks/gpu_suite.sh floor   -> plain reads of one row's experts call, every way, fastest first (read_floor.json)
 #   benchmarks/gpu_suite.sh dense   -> the dense projections and the router at 1 and 8 rows (bench_dense_tiles.json)
+#   benchmarks/gpu_suite.sh pdl     -> the MXFP4 step at 1 and 8 rows with programmatic dependent launch off, then on
 # Each stage writes JSON and a log under ${OUT:-out}/ and prints a short table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,11 @@ for stage in "$@"; do
     floor) timeout 400 python3 benchmarks/read_floor.py --out "$OUT" --experts 8 --repeats 2 > "$OUT/read_floor.log" 2>&1
            head -12 "$OUT/read_floor.log" ;;
     dense) timeout 300 python3 benchmarks/bench_dense_tiles.py --out "$OUT" 2>&1 | grep -v "^\[" ;;
+    pdl) for rows in 1 8; do for pdl in 0 1; do
+           TILEC_PDL=$pdl timeout 140 python3 benchmarks/profile_step.py --mxfp4 --rows $rows \
+             --out "$OUT/pdl${pdl}_rows$rows" > "$OUT/pdl${pdl}_rows$rows.log" 2>&1
+           echo "TILEC_PDL=$pdl: $(grep -m1 "CUDA-graph step" "$OUT/pdl${pdl}_rows$rows.log")"
+         done; done ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
