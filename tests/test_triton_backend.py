@@ -126,6 +126,31 @@ def test_gpu_kernels_wait_for_the_one_before(monkeypatch, pdl):
     assert ("with programmatic dependent launch" in render_markdown(cm.report)) == (pdl == "1")
 
 
+def test_every_template_kernel_waits_before_pdl_launches():
+    """Every @triton.jit kernel a template defines calls pdl_wait (templates/triton/_common.j2), so a kernel added
+    later cannot be launched early (launch_pdl) without waiting for the one before: its loads would race. The
+    experts template is the exception: its Triton kernels chain gate_up and down with PDL of their own."""
+    import re
+    from pathlib import Path
+
+    import tilec
+
+    root = Path(tilec.__file__).resolve().parent / "templates" / "triton"
+    if not root.is_dir():  # an editable checkout maps templates/ beside the package
+        root = Path(__file__).resolve().parents[1] / "templates" / "triton"
+    missing = []
+    for path in sorted(root.glob("*.j2")):
+        if path.name == "moe_experts.py.j2":
+            continue
+        text = path.read_text()
+        for m in re.finditer(r"@triton\.jit\ndef (\w+_kernel)\(", text):
+            # the kernel's text: up to the next kernel, top-level function or end of macro
+            body = re.split(r"\n(?:@triton\.jit|def |\{% endmacro %\})", text[m.end():], maxsplit=1)[0]
+            if "c.pdl_wait()" not in body:
+                missing.append(f"{path.name}:{m.group(1)}")
+    assert not missing, missing
+
+
 def test_auto_picks_reference_on_cpu():
     assert tilec.compile(build_model("tiny"), target="auto").target == ("triton" if torch.cuda.is_available()
                                                                        else "reference")
