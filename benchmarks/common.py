@@ -199,7 +199,7 @@ def environment(device: torch.device) -> dict:
         env.update(device=props.name, sm_count=props.multi_processor_count,
                    memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}",
                    # whether the triton target launches a step's kernels with programmatic dependent launch
-                   pdl=props.major >= 9 and _pdl_requested())
+                   pdl=_pdl(device))
     else:
         env["device"] = platform.processor() or platform.machine()
     commit = _git("rev-parse", "HEAD")
@@ -210,12 +210,14 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def _pdl_requested() -> bool | None:
+def _pdl(device: torch.device) -> bool | None:
+    """Whether the triton target launches a step's kernels with programmatic dependent launch on ``device`` (None
+    where tilec is not importable)."""
     try:
-        from tilec.options import pdl_requested
-    except ImportError:  # tilec not importable here: not known
+        from tilec.codegen.tuning import device_info
+    except ImportError:
         return None
-    return pdl_requested()
+    return device_info(device).pdl
 
 
 def now_iso() -> str:

@@ -98,13 +98,17 @@ def _pdl_use(source: str) -> tuple[list[str], list[str], list[str]]:
 
 
 @pytest.mark.parametrize("pdl", ["1", "0"])
-def test_gpu_kernels_wait_for_the_one_before(monkeypatch, pdl):
+def test_kernels_rendered_for_a_gpu_wait_for_the_one_before(monkeypatch, pdl):
     """Rendered for a GPU, every Triton kernel of a decode step is launched with programmatic dependent launch and
     waits for the kernel before it before touching memory (templates/triton/_common.j2); TILEC_PDL=0 renders neither.
     The experts' own kernels are excluded: the MXFP4 decode ones are CUDA (they wait in their prologue), the Triton
     ones chain gate_up and down with PDL of their own."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("TILEC_PDL", pdl)
+    from tilec.codegen.tuning import DeviceInfo, with_pdl
+
+    assert with_pdl(DeviceInfo(False, 132, (9, 0))).pdl == (pdl == "1")
+    assert not with_pdl(DeviceInfo(False, 108, (8, 0))).pdl and not with_pdl(DeviceInfo(True, 1)).pdl  # A100, CPU
     model = build_model("mini", device="meta", num_hidden_layers=2)
     cm = tilec.compile(model, target="triton", options=tilec.Options(mxfp4=True))
     kinds = set()

@@ -21,14 +21,14 @@ import torch.fx as fx
 from tilec.codegen import mma_layout, plans as _plans, plans_moe as _plans_moe  # noqa: F401  (register planners)
 from tilec.codegen.plan import PLANNERS, KernelPlan
 from tilec.codegen.render import load_source, render, source_hash
-from tilec.codegen.tuning import DeviceInfo, device_info
+from tilec.codegen.tuning import DeviceInfo, device_info, with_pdl
 from tilec.errors import TargetError
 from tilec.graph import attr, info, module_path
 from tilec.ops import op_name
-from tilec.options import pdl_requested, triton_interpret_requested
+from tilec.options import triton_interpret_requested
 
 # Rendering for a GPU on a machine without one: the H100 this project measures on.
-H100 = DeviceInfo(interpret=False, sms=132, pdl=True)
+H100 = DeviceInfo(interpret=False, sms=132)
 
 
 @dataclasses.dataclass
@@ -51,8 +51,7 @@ class Kernel:
 def target_device_info(device: torch.device) -> DeviceInfo:
     if device.type == "cuda" and not triton_interpret_requested():
         return device_info(device)
-    return DeviceInfo(interpret=True, sms=1) if triton_interpret_requested() else \
-        dataclasses.replace(H100, pdl=pdl_requested())
+    return DeviceInfo(interpret=True, sms=1) if triton_interpret_requested() else with_pdl(H100)
 
 
 def lower(gm: fx.GraphModule, device: torch.device, stage: str) -> "TritonProgram":

@@ -38,8 +38,14 @@ def device_info(device: torch.device) -> DeviceInfo:
         props = torch.cuda.get_device_properties(device)
         cap = (props.major, props.minor)
         smem = getattr(props, "shared_memory_per_block_optin", None) or SMEM_OPTIN.get(cap, 101376)
-        return DeviceInfo(False, props.multi_processor_count, cap, smem, pdl=cap >= (9, 0) and pdl_requested())
+        return with_pdl(DeviceInfo(False, props.multi_processor_count, cap, smem))
     return DeviceInfo(True, 1)
+
+
+def with_pdl(dev: DeviceInfo) -> DeviceInfo:
+    """``dev`` with ``pdl`` as the triton target decides it: on a GPU (not the interpreter) of compute capability 9.0
+    or newer, unless TILEC_PDL=0."""
+    return dataclasses.replace(dev, pdl=not dev.interpret and dev.capability >= (9, 0) and pdl_requested())
 
 
 def pow2_floor(n: int) -> int:
