@@ -61,42 +61,21 @@ def kernel_module(fmt: str, shape: dict, dev: DeviceInfo, **overrides):
     return load_source(render("triton/moe_experts.py.j2", ctx={**ctx, "nodes": ["bench"]}), "moe_experts")
 
 
-class Fragments:
-    """Each layer's weights re-laid for the CUDA decode kernels (tilec/codegen/mma_layout.py), as a compiled program
-    derives them when it loads: per weight and layout, derived once and shared by every module that reads it (the
-    modules of slice_kernel read down by chunk of I, the others by tile)."""
-
-    def __init__(self, layers):
-        self.layers, self.derived = layers, {}
-
-    def by_layer(self, layouts: tuple[str, ...]) -> dict:
-        """{id of the layer's first tensor: its four re-laid tensors in ``layouts``}, all derived now (not inside a
-        CUDA graph's capture)."""
-        out = {}
-        for layer in self.layers:
-            for layout, t in zip(layouts, layer):
-                if (id(t), layout) not in self.derived:
-                    self.derived[(id(t), layout)] = mma_layout.DERIVED[layout](t)
-            out[id(layer[0])] = tuple(self.derived[(id(t), layout)] for layout, t in zip(layouts, layer))
-        return out
-
-
-def fragments_for(fmt: str, layers) -> Fragments | None:
-    """The layers' re-laid weights for the CUDA decode kernels, or None where they do not run (dense, no GPU)."""
+def fragments_for(fmt: str, layers) -> dict:
+    """The weights re-laid for the CUDA decode kernels (tilec/codegen/mma_layout.py), per layer (by its first
+    tensor), as a compiled program derives them when it loads."""
     if fmt != "mxfp4" or not torch.cuda.is_available():
-        return None
-    return Fragments(layers)
+        return {}
+    return {id(layer[0]): mma_layout.relay_experts(*layer) for layer in layers}
 
 
-def launcher(module, fragments: Fragments | None):
-    """module.launch with each layer's re-laid weights (in the layouts the module reads) appended where the module
-    has the CUDA decode kernels."""
-    if not hasattr(module, "CUDA_SOURCE") or fragments is None:
+def launcher(module, fragments: dict):
+    """module.launch with each layer's re-laid weights appended where the module has the CUDA decode kernels."""
+    if not hasattr(module, "CUDA_SOURCE"):
         return module.launch
-    frags = fragments.by_layer(module.FRAGMENT_LAYOUTS)
 
     def launch(x, w, ids, *layer):
-        return module.launch(x, w, ids, *layer, *frags[id(layer[0])])
+        return module.launch(x, w, ids, *layer, *fragments[id(layer[0])])
     return launch
 
 
@@ -320,13 +299,13 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                     name = " ".join(f"{k}={v}" for k, v in kv.items())
                     out.append((f"mx cuda fused {name}", "mxfp4", {"cuda": {**cu, "fused": {**fused, **kv}}}))
             for warps in (4, 16):  # other numbers of consumer warps, where they split H's chunks
-                other = fused_context(shape["H"], shape["I"], dev, warps=warps, slice_i=fused["slice"])
+                other = fused_context(shape["H"], shape["I"], dev, warps=warps)
                 if other and other["warps"] != fused["warps"]:
                     out.append((f"mx cuda fused warps={warps}", "mxfp4", {"cuda": {**cu, "fused": other}}))
                     if other["sw"]:  # and with F_WS warps a slot in down by tile
                         out.append((f"mx cuda fused warps={warps} sw=False", "mxfp4",
                                     {"cuda": {**cu, "fused": {**other, "sw": False}}}))
-                    most = fused_context(shape["H"], shape["I"], dev, warps=warps, max_stages=64, slice_i=fused["slice"])
+                    most = fused_context(shape["H"], shape["I"], dev, warps=warps, max_stages=64)
                     if most["stages"] != other["stages"]:
                         out.append((f"mx cuda fused warps={warps} stages={most['stages']}", "mxfp4",
                                     {"cuda": {**cu, "fused": most}}))
@@ -338,13 +317,8 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
                 if span != fused["range"] and span % fused["du"] == 0 and (shape["H"] // 16) % span == 0:
                     out.append((f"mx cuda fused range={span}", "mxfp4",
                                 {"cuda": {**cu, "fused": {**fused, "range": span}}}))
-            for stages in (4, 6, 12):  # the experts by slice of I (slice_kernel, or experts_kernel), ring stages
-                other = fused_context(shape["H"], shape["I"], dev, max_stages=stages, slice_i=not fused["slice"])
-                if other and other["slice"] != fused["slice"]:
-                    out.append((f"mx cuda fused slice={other['slice']} stages={other['stages']}", "mxfp4",
-                                {"cuda": {**cu, "fused": other}}))
             for stages in (2, 3, 6, 11):
-                more = fused_context(shape["H"], shape["I"], dev, max_stages=stages, slice_i=fused["slice"])
+                more = fused_context(shape["H"], shape["I"], dev, max_stages=stages)
                 if more and more["stages"] != fused["stages"]:
                     out.append((f"mx cuda fused stages={more['stages']}", "mxfp4", {"cuda": {**cu, "fused": more}}))
         cu = {**cu, "fused": None}  # the rest: gate_up_kernel and down_kernel
@@ -364,7 +338,7 @@ def case(text: str) -> tuple[int, str]:
     return (int(text[:-1]), "random") if text.endswith("r") else (int(text), "same")
 
 
-def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: DeviceInfo, fragments: Fragments | None,
+def run_sweep(variants, args, layers, shape, device, gen, reps: int, dev: DeviceInfo, fragments: dict,
               kernel_times: KernelTimes) -> list[dict]:
     """Time each variant at 1 row, 8 rows on the same experts and 8 rows on independent routes (and the cases of
     ``--more-cases``), ``args.repeats`` times round-robin (so drifts of the GPU spread over all variants alike); each

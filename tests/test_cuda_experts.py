@@ -40,7 +40,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     # beside the producer; down by tile a warp a slot (4 units of 2 slots: 8 warps, a ring of 4; 3 chunks a piece),
     # its last unit copied once the block has arrived at the grid barrier (hold)
     fused = {"warps": 8, "stages": 4, "stage_bytes": 17408, "du": 2, "smem": 4 * 17408, "pdl": True, "by_slot": 16,
-             "range": 16, "act_warp": True, "sw": True, "sw_np": 2, "sw_all": True, "hold": 1, "slice": False}
+             "range": 16, "act_warp": True, "sw": True, "sw_np": 2, "sw_all": True, "hold": 1}
     assert cuda == {"gu_warps": 4, "gu_depth": 4, "groups": 16, "d_split": 2, "d_warps": 16, "d_depth": 6,
                     "fused": fused}
     assert experts_context("mxfp4", 2048, 768, 128, DeviceInfo(True, 1))["cuda"] is None  # interpreter
@@ -57,7 +57,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert fused_context(1024, 4096, H100) == {"warps": 8, "stages": 4, "stage_bytes": 64 * 544, "du": 1,
                                                "smem": 4 * 64 * 544, "pdl": True, "by_slot": 16, "range": 16,
                                                "act_warp": True, "sw": False, "sw_np": 1,
-                                               "sw_all": False, "hold": 1, "slice": False}  # 8 units of a slot: not a warp a slot
+                                               "sw_all": False, "hold": 1}  # 8 units of a slot: not a warp a slot
     assert odd["fused"]["range"] == 12  # down by slot: one range of all H's 12 tiles
     # H = 6144 (MiMo-V2.5-Pro): 8 warps would hold 12 chunks of x each (and spill): 12 warps, 8 chunks each, three
     # down slots a stage (one gate_up tile's 52 KB of room) of 4 warps each; no act warp (its registers would make
@@ -65,9 +65,7 @@ def test_planner_uses_cuda_decode_where_it_applies(monkeypatch):
     assert fused_context(6144, 2048, H100) == {"warps": 12, "stages": 3, "stage_bytes": 96 * 544, "du": 3,
                                                "smem": 3 * 96 * 544, "pdl": True, "by_slot": 16, "range": 12,
                                                "act_warp": False, "sw": False, "sw_np": 1, "sw_all": False,
-                                               "hold": 1, "slice": False}
-    assert not fused_context(6144, 2048, H100, slice_i=True)["slice"]  # slice_kernel needs the act warp
-    assert fused_context(2048, 768, H100, slice_i=True)["slice"]
+                                               "hold": 1}
     assert fused_context(8192, 2048, H100)["warps"] == 16
     assert fused_context(2048, 768, H100, max_stages=64)["stages"] == 11
     assert fused_context(2048, 768, DeviceInfo(False, 188, (12, 0), 101376), max_stages=64)["stages"] == 4
@@ -203,27 +201,21 @@ NVCC = shutil.which("nvcc")
                                                (192, 192, True, 2), (2048, 768, True, 1), (1024, 4096, True, 2),
                                                (512, 64, True, 2), (6144, 2048, True, 2), (5120, 2048, True, 2),
                                                (6144, 1024, True, 2), (2048, 1024, True, 2)])
-@pytest.mark.parametrize("slice_i", [False, True])
-def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_split, slice_i):
+def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_split):
     """The generated CUDA compiles for sm_90a (mini, the MiMo-V2-Flash expert shape, odd chunk counts, I larger or much
     smaller than H, down's I in one or two pieces, MiMo-V2.5-Pro's H = 6144 with 12 consumer warps, H = 5120 with 16,
     where 10 spilled, and 6144 x 1024 with 3 down slots a stage, where 6 spilled), with no local-memory spills
-    (registers hold the loads in flight); with slice_i, slice_kernel too, where its plan has an act warp."""
+    (registers hold the loads in flight)."""
     ctx = experts_context("mxfp4", h, i, 16, H100, scale_fold=fold)
     assert ctx["cuda"] is not None and ctx["cuda"]["fused"] is not None
     ctx["cuda"] = with_down(ctx["cuda"], i, d_split)
-    if slice_i:
-        ctx["cuda"]["fused"] = fused_context(h, i, H100, slice_i=True)
-        if not ctx["cuda"]["fused"]["slice"]:
-            assert not ctx["cuda"]["fused"]["act_warp"]
-            pytest.skip("no act warp in this plan: no slice_kernel")
     src = render("cuda/moe_experts_mxfp4.cu.j2", ctx=ctx)
     (tmp_path / "k.cu").write_text(src)
     proc = subprocess.run([NVCC, "-cubin", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas",
                            "-v", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for kernel in ("gate_up_kernel", "down_kernel", "experts_kernel") + (("slice_kernel",) if slice_i else ()):
+    for kernel in ("gate_up_kernel", "down_kernel", "experts_kernel"):
         assert f"Compiling entry function '{kernel}'" in proc.stderr
     assert "spill stores" in proc.stderr and not re.search(r"[1-9]\d* bytes spill stores", proc.stderr)
     # experts_kernel's static shared memory as ptxas counts it, against the planner's count (fused_static_bytes and 16
@@ -234,10 +226,6 @@ def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_split, slic
     assert used, proc.stderr[-2000:]
     assert int(used.group(1)) <= fused_static_bytes(h, f["warps"]) + 16 * f["stages"]
     assert int(used.group(1)) + f["smem"] <= H100.smem_optin
-    if slice_i:  # slice_kernel's static shared memory is less than experts_kernel's
-        used = re.search(r"Compiling entry function 'slice_kernel'.*?Used \d+ registers.*?(\d+) bytes smem",
-                         proc.stderr, re.S)
-        assert used and int(used.group(1)) <= fused_static_bytes(h, f["warps"]) + 16 * f["stages"]
 
 
 def test_fused_call_allocates_the_by_slot_outputs_only_where_the_kernel_may_write_them(monkeypatch):
@@ -325,22 +313,14 @@ def random_experts(seed: int, gate_up_codes: tuple[int, int], down_codes: tuple[
 
 @pytest.fixture(scope="module")
 def mini_mx():
-    """mini experts, and their re-laid weights in the layouts a module reads (slice_kernel's down by chunk of I)."""
     weights = random_experts(0, (118, 125), (118, 125))
-    relaid = {}
-
-    def frags(mod) -> tuple:
-        if mod.FRAGMENT_LAYOUTS not in relaid:
-            relaid[mod.FRAGMENT_LAYOUTS] = mma_layout.relay_experts(*weights, layouts=mod.FRAGMENT_LAYOUTS)
-        return relaid[mod.FRAGMENT_LAYOUTS]
-    return weights, frags
+    return weights, mma_layout.relay_experts(*weights)
 
 
 # The CUDA decode paths: experts_kernel (both projections in one persistent kernel, the planner's choice where it
 # fits) as planned, the same with its down phase dealt by slot at every call (planned where more than 16 slots are
-# live), slice_kernel (the experts by slice of I), and gate_up_kernel + down_kernel (which decode takes where a batch
-# may pass 8 rows).
-VARIANTS = ("fused", "fused_by_slot", "fused_slice", "two_kernels")
+# live), and gate_up_kernel + down_kernel (which decode takes where a batch may pass 8 rows).
+VARIANTS = ("fused", "fused_by_slot", "two_kernels")
 
 
 def cuda_module(fold: bool = True, variant: str = "fused"):
@@ -350,12 +330,7 @@ def cuda_module(fold: bool = True, variant: str = "fused"):
     if variant == "two_kernels":
         cuda = {**cuda, "fused": None}
     elif variant == "fused_by_slot":
-        cuda = {**cuda, "fused": {**cuda["fused"], "by_slot": 0, "slice": False}}
-    elif variant == "fused_slice":
-        cuda = {**cuda, "fused": fused_context(MINI["H"], MINI["I"], gpu_device(), slice_i=True)}
-        assert cuda["fused"]["slice"]
-    elif variant == "fused":
-        cuda = {**cuda, "fused": {**cuda["fused"], "slice": False}}
+        cuda = {**cuda, "fused": {**cuda["fused"], "by_slot": 0}}
     mod = experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(), scale_fold=fold, cuda=cuda)
     assert hasattr(mod, "CUDA_SOURCE"), "the planner did not choose the CUDA decode kernels"
     return mod
@@ -373,7 +348,7 @@ def test_gpu_cuda_experts_mini(mini_mx, variant):
         w, ids = routing(rows, MINI["k"], MINI["E"], same, g)
         x = torch.randn(1, rows, MINI["H"], generator=g).bfloat16().cuda()
         w, ids = w.cuda(), ids.cuda()
-        out = mod.launch(x, w, ids, *weights, *frags(mod))
+        out = mod.launch(x, w, ids, *weights, *frags)
         ref = ops.mxfp4_moe_experts(x, w, ids, *weights)
         tri = mod.launch(x, w, ids, *weights)  # no fragments: the Triton kernels
         assert torch.isfinite(out).all()
@@ -403,7 +378,7 @@ def test_gpu_down_by_tile_and_by_slot_give_the_same_bits(mini_mx):
         w, ids = routing(rows, MINI["k"], MINI["E"], same, g)
         x = torch.randn(1, rows, MINI["H"], generator=g).bfloat16().cuda()
         w, ids = w.cuda(), ids.cuda()
-        outs = [m.launch(x, w, ids, *weights, *frags(m)) for m in (planned, by_slot, *by_tile)]
+        outs = [m.launch(x, w, ids, *weights, *frags) for m in (planned, by_slot, *by_tile)]
         for other in outs[1:]:
             assert torch.equal(outs[0], other), (rows, same)
         assert rel(outs[0], ops.mxfp4_moe_experts(x, w, ids, *weights)) < 1e-2
@@ -423,7 +398,7 @@ def test_gpu_cuda_experts_repeated_choices_in_row_0(mini_mx, variant):
         ids[0, 0, 1:repeats] = ids[0, 0, 0]  # row 0's first `repeats` choices one expert
         x = torch.randn(1, rows, MINI["H"], generator=g).bfloat16().cuda()
         w, ids = w.cuda(), ids.cuda()
-        out = mod.launch(x, w, ids, *weights, *frags(mod))
+        out = mod.launch(x, w, ids, *weights, *frags)
         assert rel(out, ops.mxfp4_moe_experts(x, w, ids, *weights)) < 1e-2, (rows, repeats)
 
 
@@ -438,32 +413,27 @@ def test_gpu_cuda_experts_more_than_8_rows(mini_mx):
         w, ids = routing(rows, 4, MINI["E"], same, g)
         x = torch.randn(1, rows, MINI["H"], generator=g).bfloat16().cuda()
         w, ids = w.cuda(), ids.cuda()
-        out = mod.launch(x, w, ids, *weights, *frags(mod))
+        out = mod.launch(x, w, ids, *weights, *frags)
         assert rel(out, ops.mxfp4_moe_experts(x, w, ids, *weights)) < 1e-2, (rows, same)
         for r in (0, 7, 8, rows - 1):
-            one = mod.launch(x[:, r:r + 1], w[:, r:r + 1], ids[:, r:r + 1], *weights, *frags(mod))
+            one = mod.launch(x[:, r:r + 1], w[:, r:r + 1], ids[:, r:r + 1], *weights, *frags)
             assert torch.equal(one[0, 0], out[0, r]), (rows, same, r)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("h,i,e,k", [(512, 64, 16, 8), (1024, 1536, 16, 8), (576, 320, 32, 16), (6144, 2048, 16, 8),
                                      (5120, 2048, 16, 8), (4608, 768, 16, 8)])
-@pytest.mark.parametrize("slice_i", [False, True])
-def test_gpu_experts_kernel_other_shapes(h, i, e, k, slice_i):
+def test_gpu_experts_kernel_other_shapes(h, i, e, k):
     """experts_kernel where a stage holds 8, 1, 3 or 2 down slots, with 8, 3, 12 or 16 consumer warps (H = 576: 9
     chunks; H = 6144, MiMo-V2.5-Pro's: 96; H = 5120: 80, where 10 warps would spill) and top-8 or top-16, from 1 to
     the most rows a decode step has: against the reference, and each row the bits of its own 1-row step. H = 4608:
-    9 warps a warp a slot (sw) over 3-slot stages, two or three tiles of H a block. With slice_i, slice_kernel at the
-    same shapes, where its plan has an act warp (one chunk of I at I = 64; 5 at 320)."""
+    9 warps a warp a slot (sw) over 3-slot stages, two or three tiles of H a block."""
     os.environ.pop("TRITON_INTERPRET", None)
     ctx = experts_context("mxfp4", h, i, e, gpu_device())
     assert ctx["cuda"] and ctx["cuda"]["fused"], (h, i)
-    fused = fused_context(h, i, gpu_device(), slice_i=slice_i)
-    if slice_i and not fused["slice"]:
-        pytest.skip("no act warp in this plan: no slice_kernel")
-    mod = experts_module("mxfp4", h, i, e, gpu_device(), cuda={**ctx["cuda"], "fused": fused})
+    mod = experts_module("mxfp4", h, i, e, gpu_device())
     weights = random_experts(h + i, (118, 125), (118, 125), e, h, i)
-    frags = mma_layout.relay_experts(*weights, layouts=mod.FRAGMENT_LAYOUTS)
+    frags = mma_layout.relay_experts(*weights)
     cg = torch.Generator().manual_seed(3)
     for rows, same in ((1, True), (3, False), (64 // k, False), (64 // k, True)):
         w, ids = routing(rows, k, e, same, cg)
@@ -486,8 +456,7 @@ def test_gpu_cuda_experts_unfolded_scales():
     cg = torch.Generator().manual_seed(2)
     w, ids = routing(3, MINI["k"], MINI["E"], False, cg)
     x = (1e-3 * torch.randn(1, 3, h, generator=cg)).bfloat16().cuda()
-    out = mod.launch(x, w.cuda(), ids.cuda(), *weights, *mma_layout.relay_experts(*weights,
-                                                                                   layouts=mod.FRAGMENT_LAYOUTS))
+    out = mod.launch(x, w.cuda(), ids.cuda(), *weights, *mma_layout.relay_experts(*weights))
     ref = ops.mxfp4_moe_experts(x, w.cuda(), ids.cuda(), *weights)
     assert torch.isfinite(out).all() and rel(out, ref) < 1e-2
 
@@ -504,7 +473,7 @@ def test_gpu_cuda_experts_batch_invariant(mini_mx, variant):
     w, ids = w.cuda(), ids.cuda()
 
     def call(rows):
-        return (mod.launch(x[rows][None], w[rows][None], ids[rows][None], *weights, *frags(mod))[0],)
+        return (mod.launch(x[rows][None], w[rows][None], ids[rows][None], *weights, *frags)[0],)
 
     ref = ops.mxfp4_moe_experts(x[None], w[None], ids[None], *weights)[0]
     assert rel(call(list(range(8)))[0], ref) < 1e-2
@@ -513,9 +482,8 @@ def test_gpu_cuda_experts_batch_invariant(mini_mx, variant):
 
 @pytest.mark.gpu
 def test_gpu_cuda_experts_wrong_fragments_raise(mini_mx):
-    weights, relaid = mini_mx
+    weights, frags = mini_mx
     mod = cuda_module()
-    frags = relaid(mod)
     x = torch.randn(1, 1, MINI["H"], device="cuda").bfloat16()
     w, ids = routing(1, MINI["k"], MINI["E"], True, torch.Generator().manual_seed(0))
     from tilec.errors import ShapeError

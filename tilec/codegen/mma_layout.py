@@ -109,13 +109,6 @@ def unpack_fragment_words(words: Tensor, gate_up: bool = False) -> Tensor:
     return codes
 
 
-def by_chunk(fragments: Tensor) -> Tensor:
-    """Fragments [E, N/16, K/64, ...] -> [E, K/64, N/16, ...]: the same words and scales, each chunk of K's tiles
-    contiguous. The CUDA decode kernel that deals the experts by slice of I (``slice_kernel``) reads the down
-    projection so: one chunk of 64 of I for all of H in one run of bytes."""
-    return fragments.transpose(1, 2).contiguous()
-
-
 # Weights derived from a graph's own by name (``<weight>@<layout>``): what plans ask for in ``derived_weights`` and
 # a program computes once when it loads (tilec/codegen/triton.py).
 DERIVED = {
@@ -123,18 +116,12 @@ DERIVED = {
     "mma_scales_gate_up": functools.partial(fragment_scales, gate_up=True),
     "mma_words": fragment_words,
     "mma_scales": fragment_scales,
-    "mma_words_by_chunk": lambda blocks: by_chunk(fragment_words(blocks)),
-    "mma_scales_by_chunk": lambda scales: by_chunk(fragment_scales(scales)),
 }
 # mxfp4_moe_experts' (gate_up blocks, gate_up scales, down blocks, down scales), re-laid, in that order
 EXPERT_LAYOUTS = ("mma_words_gate_up", "mma_scales_gate_up", "mma_words", "mma_scales")
-# ... for slice_kernel: down by chunk of I
-EXPERT_LAYOUTS_BY_CHUNK = ("mma_words_gate_up", "mma_scales_gate_up", "mma_words_by_chunk", "mma_scales_by_chunk")
 
 
-def relay_experts(gate_up_blocks: Tensor, gate_up_scales: Tensor, down_blocks: Tensor, down_scales: Tensor,
-                  layouts: tuple[str, ...] = EXPERT_LAYOUTS) -> tuple:
-    """The four tensors the CUDA decode kernels read after an experts op's own arguments, as a program derives them
-    (``layouts``: the rendered module's FRAGMENT_LAYOUTS)."""
+def relay_experts(gate_up_blocks: Tensor, gate_up_scales: Tensor, down_blocks: Tensor, down_scales: Tensor) -> tuple:
+    """The four tensors the CUDA decode kernels read after an experts op's own arguments, as a program derives them."""
     return tuple(DERIVED[layout](t) for layout, t in
-                 zip(layouts, (gate_up_blocks, gate_up_scales, down_blocks, down_scales)))
+                 zip(EXPERT_LAYOUTS, (gate_up_blocks, gate_up_scales, down_blocks, down_scales)))

@@ -75,13 +75,7 @@ def _mxfp4_moe_experts(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     weights = node.args[3:7]
     if ctx["cuda"] and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in weights):
         # the CUDA decode kernels read the weights re-laid (mma_layout), derived once when the program loads
-        fused = ctx["cuda"]["fused"]
-        if fused and fused["slice"] and GATHER_LIMIT // val(node.args[2]).shape[-1] > 8:
-            # slice_kernel serves decode batches of at most 8 rows; more take the two kernels (down by tile)
-            ctx["cuda"] = {**ctx["cuda"], "fused": {**fused, "slice": False}}
-        layouts = mma_layout.EXPERT_LAYOUTS_BY_CHUNK if fused and ctx["cuda"]["fused"]["slice"] else \
-            mma_layout.EXPERT_LAYOUTS
-        ctx["derived_weights"] = [[3 + i, layout] for i, layout in enumerate(layouts)]
+        ctx["derived_weights"] = [[3 + i, layout] for i, layout in enumerate(mma_layout.EXPERT_LAYOUTS)]
         ctx["cuda_template"] = "cuda/moe_experts_mxfp4.cu.j2"
     else:
         ctx["cuda"] = None
@@ -152,8 +146,7 @@ def fused_static_bytes(hidden: int, warps: int) -> int:
 
 
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
-                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1,
-                  slice_i: bool = False) -> dict | None:
+                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1) -> dict | None:
     """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
     of shared-memory stages by bulk copies), or None where it does not fit. The keys:
 
@@ -176,10 +169,6 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     - ``hold``: the producer copies the block's last ``hold`` down units only once the block's add at the grid
       barrier has returned (the add's release waits for the block's bulk copies in flight).
     - ``pdl``: launched with programmatic dependent launch.
-    - ``slice`` (``slice_i``, where there is an act warp): slice_kernel instead, the experts by slice of I (units of
-      one live slot and 64 columns of I: gate_up, act in shared memory, then down's partial sums for all of H, added
-      after a grid barrier), reading down by chunk of I (``mma_layout.EXPERT_LAYOUTS_BY_CHUNK``). Its bits are not
-      experts_kernel's: one of the two serves every decode batch of a top-k.
 
     On the H100 at mini shapes this plan takes about 12.4 us a call at one row, 13.5 at 8 rows on the same experts
     and 60 at 8 independent rows (2026-11-24). Where that time goes, why this design stays above about 10 us at one
@@ -231,7 +220,7 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     sw_all = sw and warps <= 8 and d_chunks <= 12
     return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
             "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw, "sw_np": sw_np, "sw_all": sw_all,
-            "hold": hold, "slice": bool(slice_i and act_warp)}
+            "hold": hold}
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
