@@ -125,3 +125,20 @@ def test_dense_tiles_bench_runs_and_checks_every_variant(tmp_path):
         assert {(op, "planner", 1), (op, "planner", 3), (op, "vector (1 row only)", 1)} <= seen
     assert {("router", "planner", 1), ("router", "planner", 3)} <= seen
     assert all(r["rel_err"] < 1e-5 for r in report["results"]), report["results"]
+
+
+def test_attention_bench_runs_and_checks_every_variant(tmp_path):
+    """bench_attention.py --smoke: the planner's attention and the one that launches append_kernel, over a ring and
+    a full cache, each within fp32 rounding of the reference op and leaving the same cache, into a whole JSON
+    file."""
+    import json
+
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" /
+                                               "bench_attention.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_attention.json").read_text())
+    seen = {(r["kind"], r["variant"]) for r in report["results"]}
+    assert {(k, v) for k in ("sliding", "full") for v in ("planner", "append launched")} <= seen
+    assert all("error" not in r and r["rel_err"] < 1e-5 and r["cache_equal"] for r in report["results"]), \
+        report["results"]

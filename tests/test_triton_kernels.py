@@ -135,3 +135,41 @@ def test_small_ops(fn, shapes):
         assert torch.equal(got, ref)
     else:
         assert rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("rows,appends", [(1, 0), (8, 0), (9, 1)])
+def test_decode_attention_stores_its_rows_without_an_append_launch(monkeypatch, rows, appends):
+    """A decode or verify step (up to SPEC_ROWS = 8 rows) stores its new keys and values from attend_kernel itself,
+    reading them from k and v: no append_kernel launch, and the same cache bits as the reference (values scaled and
+    rounded as append_kernel stores them). A longer step still launches append_kernel first, for a ring as well."""
+    g = torch.Generator().manual_seed(rows)
+    kv, group, d, dv, window = 2, 2, 16, 8, 6
+    heads = kv * group
+    for cap in (48, window - 1 + 9):  # full cache, and a ring with the slack of a 9-row step
+        q = torch.randn(1, rows, heads * d, generator=g)
+        k, v = torch.randn(1, rows, kv * d, generator=g), torch.randn(1, rows, kv * dv, generator=g)
+        kc, vc = torch.randn(1, kv, cap, d, generator=g), torch.randn(1, kv, cap, dv, generator=g)
+        args = [a.to(DEVICE) for a in (q, k, v, kc, vc, torch.tensor([20]))]
+        gm, inputs = single_op_graph(ops.attention, [*args, None, heads, d, dv, window, d ** -0.5, 0.7, True])
+        program = lower(gm, torch.device(DEVICE), "test")
+        program.load()
+        module = program.kernel_module(program.kernels[0].alias)
+        launched = []
+        real = module.append_kernel
+        monkeypatch.setattr(module, "append_kernel", _Counting(real, launched))
+        mine, theirs = [t.clone() for t in inputs], [t.clone() for t in inputs]
+        got, ref = program(*mine), gm(*theirs)
+        assert rel(got, ref) < 1e-5
+        assert torch.equal(mine[3], theirs[3]) and torch.allclose(mine[4], theirs[4]), cap
+        assert len(launched) == appends, (cap, launched)
+
+
+class _Counting:
+    """Stands in for a @triton.jit kernel: counts its launches, then makes them."""
+
+    def __init__(self, kernel, log: list):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(grid)
+        return self.kernel[grid]

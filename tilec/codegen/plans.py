@@ -133,11 +133,19 @@ def _attention(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     kc = val(node.args[3])
     heads, head_dim, v_head_dim, window, scale, value_scale = node.args[7:13]
     causal = node.args[13] if len(node.args) > 13 else node.kwargs.get("causal", True)
-    return KernelPlan.make(
-        "triton/attention.py.j2", doc="GQA over the KV cache (flash-decoding chunks), then append the new rows",
-        HQ=heads, HKV=kc.shape[1], G=heads // kc.shape[1], D=head_dim, DV=v_head_dim, WINDOW=window,
-        SPEC_ROWS=_spec_rows(node),
-        CAUSAL=bool(causal), scale=scale, value_scale=value_scale,
+    return KernelPlan.make("triton/attention.py.j2", **attention_context(
+        heads, kc.shape[1], head_dim, v_head_dim, window, scale, value_scale, bool(causal), _spec_rows(node),
+        kc.dtype, dev))
+
+
+def attention_context(heads: int, kv_heads: int, head_dim: int, v_head_dim: int, window: int, scale: float,
+                      value_scale: float, causal: bool, spec_rows: int, cache_dtype: torch.dtype,
+                      dev: DeviceInfo) -> dict:
+    """The attention template's context (benchmarks/bench_attention.py times it and its variants)."""
+    return dict(
+        doc="GQA over the KV cache (flash-decoding chunks), then append the new rows",
+        HQ=heads, HKV=kv_heads, G=heads // kv_heads, D=head_dim, DV=v_head_dim, WINDOW=window,
+        SPEC_ROWS=spec_rows, CAUSAL=causal, scale=scale, value_scale=value_scale,
         # Tiles of q [BLOCK_Q, D] and k [BLOCK_S, D] (D padded to a power of two, 256 for MiMo's 192) must fit
         # shared memory with the pipeline's buffers: halve the key block for wide heads.
         # Chunks of 64 keys (at least two tiles: the launcher's rule), and on the GPU only the key tiles that meet
@@ -151,10 +159,12 @@ def _attention(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
         # value dims in the interpreter, so its tests split the tests' narrow values too
         COMBINE_Q=8, COMBINE_DV=4 if dev.interpret else 32,
         skip_dead_tiles=not dev.interpret,
+        # a decode or verify step's new keys and values stored by attend_kernel (no append launch)
+        fused_append=True,
         num_stages=1 if dev.interpret else 2,
         # bf16 caches: bf16 products on the tensor cores, fp32 accumulation (HF casts probabilities to bf16 too);
         # fp32 (and the interpreter): exact fp32 dots.
-        dot_dtype="tl.bfloat16" if kc.dtype == torch.bfloat16 and not dev.interpret else "tl.float32")
+        dot_dtype="tl.bfloat16" if cache_dtype == torch.bfloat16 and not dev.interpret else "tl.float32")
 
 
 @planner("kv_append")
