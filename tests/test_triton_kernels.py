@@ -135,3 +135,32 @@ def test_small_ops(fn, shapes):
         assert torch.equal(got, ref)
     else:
         assert rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("window", [0, 40])
+def test_attention_merges_only_the_live_chunks(monkeypatch, window):
+    """A cache far larger than the context: the key chunks from the step's last key on are dead, attend_kernel stores
+    nothing for them and combine_kernel merges only the live ones (here 1 to all 4 of 4). The scratch starts as NaN,
+    so reading a chunk that was not stored would show. Against the reference, and the first row of an 8-row step the
+    same bits as its own 1-row step, also where the 8 rows cross a chunk's end (the 8-row step then merges one more
+    chunk than the 1-row step: for that row, it holds nothing)."""
+    real_empty = torch.empty
+
+    def nan_empty(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    g = torch.Generator().manual_seed(window)
+    kv, group, d, dv, cap = 2, 2, 16, 8, 300
+    heads = kv * group
+    kc, vc = torch.randn(1, kv, cap, d, generator=g), torch.randn(1, kv, cap, dv, generator=g)
+    q = torch.randn(1, 8, heads * d, generator=g)
+    k, v = torch.randn(1, 8, kv * d, generator=g), torch.randn(1, 8, kv * dv, generator=g)
+    for start in (3, 75, 150, 285):
+        def step(rows):
+            args = (q[:, rows], k[:, rows], v[:, rows], kc.clone(), vc.clone(), torch.tensor([start + rows[0]]),
+                    None, heads, d, dv, window, d ** -0.5, 0.7, True)
+            got, ref, _ = _run_single_op(ops.attention, *args)
+            assert not got.isnan().any() and rel(got, ref) < 1e-5, (start, rows)
+            return got
+        assert torch.equal(step([0])[0, 0], step(list(range(8)))[0, 0]), start
