@@ -164,3 +164,21 @@ def test_attention_merges_only_the_live_chunks(monkeypatch, window):
             assert not got.isnan().any() and rel(got, ref) < 1e-5, (start, rows)
             return got
         assert torch.equal(step([0])[0, 0], step(list(range(8)))[0, 0]), start
+
+
+def test_attention_tiles_for_short_windows():
+    """On a GPU, a short sliding window (at most SHORT_WINDOW keys) takes chunks of 32 keys in tiles of 16; full
+    attention and long windows keep chunks of 64 (tiles of 32 for heads wider than 128, else 64); the interpreter
+    takes tiles of 16 in chunks of 64 whatever the window."""
+    from tilec.codegen.plans import SHORT_WINDOW, attention_context
+    from tilec.codegen.tuning import DeviceInfo
+
+    h100, cpu = DeviceInfo(False, 132, (9, 0)), DeviceInfo(True, 1)
+
+    def tiles(window, head_dim, dev):
+        ctx = attention_context(16, 2, head_dim, 128, window, 0.1, 1.0, True, 8, torch.bfloat16, dev)
+        return ctx["BLOCK_S"], ctx["CHUNK"]
+    assert tiles(129, 192, h100) == tiles(SHORT_WINDOW, 128, h100) == (16, 32)
+    assert tiles(0, 192, h100) == tiles(SHORT_WINDOW + 1, 192, h100) == (32, 64)
+    assert tiles(0, 128, h100) == (64, 64)
+    assert tiles(129, 192, cpu) == tiles(0, 192, cpu) == (16, 64)

@@ -138,6 +138,10 @@ def _attention(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
         kc.dtype, dev))
 
 
+# Sliding windows of at most this many keys take the small key tiles (attention_context).
+SHORT_WINDOW = 512
+
+
 def attention_context(heads: int, kv_heads: int, head_dim: int, v_head_dim: int, window: int, scale: float,
                       value_scale: float, causal: bool, spec_rows: int, cache_dtype: torch.dtype,
                       dev: DeviceInfo) -> dict:
@@ -153,7 +157,12 @@ def attention_context(heads: int, kv_heads: int, head_dim: int, v_head_dim: int,
         # a few tiles. Measured on the H100 (2026-11-23, results/h100-2026-11-23/bench_decode_chunk64.json): mini
         # decode 1.015 ms against 1.108 with chunks of 256; prefill logits as far from fp32 truth as the bf16
         # reference is (logits_error.json).
-        BLOCK_S=16 if dev.interpret else (32 if head_dim > 128 else 64), CHUNK=64,
+        # A short sliding window (MiMo's 128 keys) in chunks of 32 keys, tiles of 16: more programs for the few keys
+        # it holds. H100, 2026-11-24 (bench_attention.py --sweep, mini, head dims 192 / 128, results/
+        # h100-2026-11-24b/run5_live_chunks): 9.7 / 10.7 us a call at 1 / 8 rows against 11.1 / 12.1 with chunks of
+        # 64 in tiles of 32; for full attention the latter stay (ctx 256: 12.2 / 14.3 against 13.7 / 15.3).
+        BLOCK_S=16 if dev.interpret or 0 < window <= SHORT_WINDOW else (32 if head_dim > 128 else 64),
+        CHUNK=32 if 0 < window <= SHORT_WINDOW and not dev.interpret else 64,
         MAX_SPLIT=4 if dev.interpret else 64, BLOCK_Q_MAX=64 if head_dim <= 128 else 32, num_warps=4,
         # the combine's blocks: 8 query rows and 32 value dims a program (more programs for a step's few rows); 4
         # value dims in the interpreter, so its tests split the tests' narrow values too
