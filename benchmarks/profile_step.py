@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=1, help="tokens a step (DFlash's verify step: 8), at most 8")
+    ap.add_argument("--max-seq-len", type=int, default=None,
+                    help="the cache's positions (default: the context plus 2 x steps + 128); bench_decode.py's is "
+                         "its largest context plus 78, so a short context there decodes in a large cache")
     args = ap.parse_args(argv)
     if not 1 <= args.rows <= 8:
         ap.error("--rows must be 1 to 8 (the decode graph's rows)")
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda")
     model = build_model(args.preset, device=device)
-    length = args.context + 2 * args.steps + 128
+    length = args.max_seq_len or args.context + 2 * args.steps + 128
     cm = tilec.compile(model, target="triton", options=tilec.Options(mxfp4=args.mxfp4, max_seq_len=length))
     program = cm.program
     program.load()
