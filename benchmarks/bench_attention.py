@@ -9,8 +9,7 @@
 Each variant is first checked against the reference op (tilec.ops.attention): its output (relative error, fp64
 norms) and the cache after the call (the step's rows stored). It is then timed as CUDA-graph replays of one call
 per layer, 12 layers each with its own cache, back to back; the figure is the median microseconds a call. The
-kernels of a call (append, attend and, where the plan does not merge in attend, combine) are launched as a compiled
-step launches them: with programmatic dependent launch on Hopper. The floor is the bytes that must move (the
+kernels of a call (append, attend, combine) are launched as a compiled step launches them: with programmatic dependent launch on Hopper. The floor is the bytes that must move (the
 visible keys and values, the queries and the output) over the copy bandwidth measured here. Writes
 DIR/bench_attention.json and prints a table.
 """
@@ -92,7 +91,7 @@ def visible_bytes(shape: dict, kind: str, rows: int, ctx_len: int, elem: int) ->
 
 def variants(shape: dict, kind: str, dev, sweep: bool) -> list[tuple[str, dict]]:
     """(name, context overrides) around the planner's tiles."""
-    out = [("planner", {}), ("combine launched", {"merge_in_attend": False})]
+    out = [("planner", {})]
     if not sweep:
         return out
     base = context(shape, kind, dev)

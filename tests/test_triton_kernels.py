@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -184,39 +182,3 @@ def test_attention_tiles_for_short_windows():
     assert tiles(0, 192, h100) == tiles(SHORT_WINDOW + 1, 192, h100) == (32, 64)
     assert tiles(0, 128, h100) == (64, 64)
     assert tiles(129, 192, cpu) == tiles(0, 192, cpu) == (16, 64)
-
-
-@pytest.mark.parametrize("window", [0, 40])
-def test_attention_merge_in_attend_is_the_combine_kernels_bits(monkeypatch, window):
-    """The plan's merge (the last live chunk's program of each kv head merges the chunks, merge_in_attend) gives the
-    same bits as combine_kernel launched after attend_kernel, at 1 and 8 rows with 1 to 4 live chunks of 4, with and
-    without sinks; and launches no combine_kernel. The counters are left at 0 for the next call."""
-    from tilec.codegen.plans import attention_context
-    from tilec.codegen.render import load_source, render
-    from tilec.codegen.tuning import device_info
-
-    g = torch.Generator().manual_seed(window + 1)
-    kv, group, d, dv, cap = 2, 2, 16, 8, 300
-    heads = kv * group
-    dev = device_info(torch.device(DEVICE))
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    modules = {}
-    for merge in (True, False):
-        ctx = attention_context(heads, kv, d, dv, window, d ** -0.5, 0.7, True, 8, dtype, dev)
-        ctx.update(merge_in_attend=merge, launch_pdl=dev.pdl)
-        modules[merge] = load_source(render("triton/attention.py.j2", ctx={**ctx, "nodes": ["test"]}), "attention")
-    combines = []
-    real = modules[True].combine_kernel
-    monkeypatch.setattr(modules[True], "combine_kernel", types.SimpleNamespace(
-        __getitem__=lambda grid: combines.append(grid) or real[grid]))
-    kc, vc = (torch.randn(1, kv, cap, n, generator=g).to(DEVICE, dtype) for n in (d, dv))
-    for rows in (1, 8):
-        for start in (3, 150, 285):
-            q = torch.randn(1, rows, heads * d, generator=g).to(DEVICE, dtype)
-            k, v = (torch.randn(1, rows, kv * n, generator=g).to(DEVICE, dtype) for n in (d, dv))
-            for sinks in (None, torch.randn(heads, generator=g).to(DEVICE, dtype)):
-                pos = torch.tensor([start], device=DEVICE)
-                a, b = (modules[m].launch(q, k, v, kc.clone(), vc.clone(), pos, sinks) for m in (True, False))
-                assert torch.equal(a, b), (rows, start)
-    assert not combines
-    assert not modules[True]._COUNTERS[torch.device(DEVICE)].any()

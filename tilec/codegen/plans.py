@@ -168,8 +168,6 @@ def attention_context(heads: int, kv_heads: int, head_dim: int, v_head_dim: int,
         # value dims in the interpreter, so its tests split the tests' narrow values too
         COMBINE_Q=8, COMBINE_DV=4 if dev.interpret else 32,
         skip_dead_tiles=not dev.interpret,
-        # the last live chunk's program merges the chunks (no combine launch)
-        merge_in_attend=True,
         num_stages=1 if dev.interpret else 2,
         # bf16 caches: bf16 products on the tensor cores, fp32 accumulation (HF casts probabilities to bf16 too);
         # fp32 (and the interpreter): exact fp32 dots.
