@@ -6,8 +6,7 @@ run in this order; each lives in its own file under ``passes/`` and says in its 
 
 from __future__ import annotations
 
-from tilec.passes import (dead_code, fuse_add_rms_norm, fuse_norm_qkv_rope, fuse_qkv_rope, fuse_swiglu, greedy_head,
-                          mxfp4_experts)
+from tilec.passes import dead_code, fuse_add_rms_norm, fuse_qkv_rope, fuse_swiglu, greedy_head, mxfp4_experts
 from tilec.options import Options
 from tilec.passmanager import Pass
 
@@ -19,8 +18,6 @@ def stages(options: Options, target: str) -> list[Pass]:
         passes += [
             Pass("fuse_add_rms_norm", fuse_add_rms_norm.run, "residual add + RMSNorm -> add_rms_norm"),
             Pass("fuse_qkv_rope", fuse_qkv_rope.run, "Q/K/V projections + partial RoPE -> qkv_rope"),
-            Pass("fuse_norm_qkv_rope", fuse_norm_qkv_rope.run, "residual add + RMSNorm before an attention + its "
-                 "qkv_rope -> add_rms_norm_qkv_rope"),
             Pass("fuse_swiglu", fuse_swiglu.run, "dense gate/up projections + SiLU*mul + down -> swiglu"),
         ]
     if options.mxfp4:

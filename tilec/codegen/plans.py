@@ -92,15 +92,13 @@ def dense_tile(n: int, k: int, dev: DeviceInfo) -> dict:
     return {**DENSE_TILE, "BLOCK_N": clamp(pow2_floor(n), 16, DENSE_TILE["BLOCK_N"])}
 
 
-@planner("qkv_rope", "add_rms_norm_qkv_rope")
+@planner("qkv_rope")
 def _qkv_rope(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
-    norm = node.target._opname == "add_rms_norm_qkv_rope"
-    args = node.args[3:] if norm else node.args  # as qkv_rope's: x, residual and weight come before eps, wq
-    nq, k = val(args[1]).shape
-    nk, nv = val(args[2]).shape[0], val(args[3]).shape[0]
-    head_dim, rotary_dim = args[8], args[9]
+    nq, k = val(node.args[1]).shape
+    nk, nv = val(node.args[2]).shape[0], val(node.args[3]).shape[0]
+    head_dim, rotary_dim = node.args[8], node.args[9]
     return KernelPlan.make("triton/qkv_rope.py.j2", **qkv_rope_context(nq, nk, nv, k, head_dim, rotary_dim, dev,
-                                                                       val(args[1]).dtype.itemsize, norm=norm))
+                                                                       val(node.args[1]).dtype.itemsize))
 
 
 def qkv_rope_context(nq: int, nk: int, nv: int, k: int, head_dim: int, rotary_dim: int, dev: DeviceInfo,

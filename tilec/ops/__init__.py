@@ -16,7 +16,6 @@ cat = OPS["cat"].overload
 linear = OPS["linear"].overload
 rope = OPS["rope"].overload
 qkv_rope = OPS["qkv_rope"].overload
-add_rms_norm_qkv_rope = OPS["add_rms_norm_qkv_rope"].overload
 silu_mul = OPS["silu_mul"].overload
 swiglu = OPS["swiglu"].overload
 attention = OPS["attention"].overload

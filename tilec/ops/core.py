@@ -209,34 +209,9 @@ def qkv_rope(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Q, K, V projections with partial RoPE applied to Q and K in the epilogue: returns ``(q, k, v)``."""
     _qkv_rope_fake(x, wq, wk, wv, bq, bk, bv, start_pos, head_dim, rotary_dim, theta)
-    return _qkv_rope_math(x, wq, wk, wv, bq, bk, bv, start_pos, head_dim, rotary_dim, theta)
-
-
-def _qkv_rope_math(x, wq, wk, wv, bq, bk, bv, start_pos, head_dim, rotary_dim, theta):
     q, k, v = F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)
     cos, sin = rope_cos_sin(start_pos, x.shape[1], rotary_dim, theta, q.dtype)
     return apply_rope(q, cos, sin, head_dim), apply_rope(k, cos, sin, head_dim), v
-
-
-def _add_rms_norm_qkv_rope_fake(x, residual, norm_weight, eps, wq, wk, wv, bq, bk, bv, start_pos, head_dim,
-                                rotary_dim, theta):
-    normed, summed = _add_rms_norm_fake(x, residual, norm_weight, eps)
-    return (*_qkv_rope_fake(normed, wq, wk, wv, bq, bk, bv, start_pos, head_dim, rotary_dim, theta), summed)
-
-
-@define("add_rms_norm_qkv_rope", fake=_add_rms_norm_qkv_rope_fake)
-def add_rms_norm_qkv_rope(
-    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, wq: Tensor, wk: Tensor, wv: Tensor,
-    bq: Optional[Tensor], bk: Optional[Tensor], bv: Optional[Tensor], start_pos: Tensor, head_dim: int,
-    rotary_dim: int, theta: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The residual add and RMSNorm before attention, then its Q, K, V projections with partial RoPE: returns
-    ``(*qkv_rope(rms_norm(x + residual), ...), x + residual)``."""
-    _add_rms_norm_qkv_rope_fake(x, residual, norm_weight, eps, wq, wk, wv, bq, bk, bv, start_pos, head_dim,
-                                rotary_dim, theta)
-    summed = x + residual
-    normed = _rms_norm_math(summed, norm_weight, eps)
-    return (*_qkv_rope_math(normed, wq, wk, wv, bq, bk, bv, start_pos, head_dim, rotary_dim, theta), summed)
 
 
 # ------------------------------------------------------------------------------------------------------- swiglu
