@@ -9,9 +9,9 @@
 Each variant is first checked against the reference op (tilec.ops.attention): its output (relative error, fp64
 norms) and the cache after the call (the step's rows stored). It is then timed as CUDA-graph replays of one call
 per layer, 12 layers each with its own cache, back to back; the figure is the median microseconds a call. The
-kernels of a call (append, attend, combine) are launched as a compiled step launches them: with programmatic dependent launch on Hopper. The floor is the bytes that must move (the
-visible keys and values, the queries and the output) over the copy bandwidth measured here. Writes
-DIR/bench_attention.json and prints a table.
+kernels of a call (append, attend, combine) are launched as a compiled step launches them: with programmatic
+dependent launch on Hopper. The floor is the bytes that must move (the visible keys and values, the queries and the
+output) over the copy bandwidth measured here. Writes DIR/bench_attention.json and prints a table.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tilec import ops  # noqa: E402
 from tilec.codegen.plans import attention_context  # noqa: E402
 from tilec.codegen.render import load_source, render  # noqa: E402
 from tilec.codegen.tuning import device_info  # noqa: E402
+from tilec.runtime.kv_cache import ring_capacity  # noqa: E402
 
 MINI = {"heads": 16, "kv": 2, "D": 192, "DV": 128, "window": 129, "value_scale": 0.707, "layers": 12,
         "max_seq": 4352, "cases": [("sliding", 256, 1), ("sliding", 256, 8), ("full", 256, 1), ("full", 256, 8),
@@ -45,9 +46,13 @@ SMOKE = {"heads": 4, "kv": 2, "D": 16, "DV": 8, "window": 9, "value_scale": 0.70
 SPEC_ROWS = 8
 
 
+def window_of(shape: dict, kind: str) -> int:
+    return shape["window"] if kind == "sliding" else 0
+
+
 def context(shape: dict, kind: str, dev, **overrides) -> dict:
-    window = shape["window"] if kind == "sliding" else 0
-    ctx = attention_context(shape["heads"], shape["kv"], shape["D"], shape["DV"], window, shape["D"] ** -0.5,
+    ctx = attention_context(shape["heads"], shape["kv"], shape["D"], shape["DV"], window_of(shape, kind),
+                            shape["D"] ** -0.5,
                             shape["value_scale"], True, SPEC_ROWS, torch.bfloat16 if not dev.interpret else
                             torch.float32, dev)
     return {**ctx, "launch_pdl": dev.pdl, **overrides}
@@ -58,14 +63,9 @@ def module_for(shape: dict, kind: str, dev, **overrides):
     return load_source(render("triton/attention.py.j2", ctx={**ctx, "nodes": ["bench"]}), "attention")
 
 
-def capacity(shape: dict, kind: str) -> int:
-    """Cache slots as the model lays them out (runtime/kv_cache.ring_capacity)."""
-    return shape["window"] - 1 + SPEC_ROWS if kind == "sliding" else shape["max_seq"]
-
-
 def make_layers(shape: dict, kind: str, rows: int, ctx_len: int, device, gen, dtype) -> list[tuple]:
     """(q, k, v, k_cache, v_cache, start_pos, sinks) for each layer: random caches, the step at position ctx_len."""
-    cap = capacity(shape, kind)
+    cap = ring_capacity(window_of(shape, kind), shape["max_seq"], SPEC_ROWS)  # as the model lays its caches out
     hq, hkv, d, dv = shape["heads"], shape["kv"], shape["D"], shape["DV"]
     out = []
     for _ in range(shape["layers"]):
@@ -77,8 +77,7 @@ def make_layers(shape: dict, kind: str, rows: int, ctx_len: int, device, gen, dt
 
 
 def reference(shape: dict, kind: str, layer: tuple):
-    window = shape["window"] if kind == "sliding" else 0
-    return ops.attention(*layer, shape["heads"], shape["D"], shape["DV"], window, shape["D"] ** -0.5,
+    return ops.attention(*layer, shape["heads"], shape["D"], shape["DV"], window_of(shape, kind), shape["D"] ** -0.5,
                          shape["value_scale"], True)
 
 

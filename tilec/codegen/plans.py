@@ -138,7 +138,8 @@ def _attention(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
         kc.dtype, dev))
 
 
-# Sliding windows of at most this many keys take the small key tiles (attention_context).
+# Sliding windows of at most this many keys take the small key tiles (attention_context). Measured at MiMo's 129
+# only; 512 (16 chunks of 32) is where the tiles' extra programs were judged still cheap, not a measured edge.
 SHORT_WINDOW = 512
 
 
@@ -146,6 +147,7 @@ def attention_context(heads: int, kv_heads: int, head_dim: int, v_head_dim: int,
                       value_scale: float, causal: bool, spec_rows: int, cache_dtype: torch.dtype,
                       dev: DeviceInfo) -> dict:
     """The attention template's context (benchmarks/bench_attention.py times it and its variants)."""
+    short = 0 < window <= SHORT_WINDOW and not dev.interpret
     return dict(
         doc="GQA over the KV cache (flash-decoding chunks), then append the new rows",
         HQ=heads, HKV=kv_heads, G=heads // kv_heads, D=head_dim, DV=v_head_dim, WINDOW=window,
@@ -161,8 +163,7 @@ def attention_context(heads: int, kv_heads: int, head_dim: int, v_head_dim: int,
         # it holds. H100, 2026-11-24 (bench_attention.py --sweep, mini, head dims 192 / 128, results/
         # h100-2026-11-24b/run5_live_chunks): 9.7 / 10.7 us a call at 1 / 8 rows against 11.1 / 12.1 with chunks of
         # 64 in tiles of 32; for full attention the latter stay (ctx 256: 12.2 / 14.3 against 13.7 / 15.3).
-        BLOCK_S=16 if dev.interpret or 0 < window <= SHORT_WINDOW else (32 if head_dim > 128 else 64),
-        CHUNK=32 if 0 < window <= SHORT_WINDOW and not dev.interpret else 64,
+        BLOCK_S=16 if dev.interpret or short else (32 if head_dim > 128 else 64), CHUNK=32 if short else 64,
         MAX_SPLIT=4 if dev.interpret else 64, BLOCK_Q_MAX=64 if head_dim <= 128 else 32, num_warps=4,
         # the combine's blocks: 8 query rows and 32 value dims a program (more programs for a step's few rows); 4
         # value dims in the interpreter, so its tests split the tests' narrow values too
