@@ -50,10 +50,10 @@ def test_timeline_reads_the_template_stamps():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_fence_probe_kernel_compiles(tmp_path):
     """benchmarks/fence_probe.py's kernel (a release timed with bulk copies in flight) compiles for sm_90a."""
-    from fence_probe import CHUNK, RELEASES, SOURCE
+    from fence_probe import RELEASES, SOURCE, defines
 
     for k in range(len(RELEASES)):  # each release it times
-        (tmp_path / "f.cu").write_text(f"#define CHUNK {CHUNK}\n#define RELEASE {k}\n" + SOURCE)
+        (tmp_path / "f.cu").write_text(defines(k) + SOURCE)
         proc = subprocess.run(["nvcc", "-cubin", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-o",
                                str(tmp_path / "f.cubin"), str(tmp_path / "f.cu")], capture_output=True, text=True)
         assert proc.returncode == 0, (RELEASES[k], proc.stderr[-3000:])

@@ -280,6 +280,15 @@ def test_kernel_attribute_is_set_again_when_another_value_was_set_in_between(mon
     assert calls == [("max_smem", 163840), ("max_smem", 81920), ("max_smem", 163840)]
 
 
+def test_clustered_launch_needs_whole_clusters():
+    """A clustered launch whose grid is not whole clusters is refused with a TilecError before anything loads."""
+    from tilec.codegen.cuda_build import CudaModule
+    from tilec.errors import TilecError
+
+    with pytest.raises(TilecError, match="a grid of 131 blocks is not whole clusters of 2"):
+        CudaModule("", "m").launch("k", (131,), 64, [], torch.device("cuda", 0), cluster=2)
+
+
 def test_bad_cuda_source_is_a_clear_error(tmp_path, monkeypatch):
     """A compiler error comes back as a TilecError naming the source and holding the compiler's message; nothing is
     cached."""

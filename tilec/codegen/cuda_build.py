@@ -121,17 +121,24 @@ class CudaModule:
         return self._kernels[key]
 
     def launch(self, fn: str, grid: tuple, block: int, args: list, device: torch.device, pdl: bool = False,
-               smem: int = 0) -> None:
+               smem: int = 0, cluster: int = 1) -> None:
         """Launch ``fn`` on PyTorch's current stream; ``args`` as ctypes values (`pointer`, ctypes.c_int32, ...).
         ``pdl``: programmatic dependent launch (the kernel may start before the previous one ends; it must wait with
-        griddepcontrol.wait before reading that kernel's output). ``smem``: bytes of dynamic shared memory."""
+        griddepcontrol.wait before reading that kernel's output). ``smem``: bytes of dynamic shared memory.
+        ``cluster``: blocks a thread-block cluster along x (``grid`` still counts blocks, and must be a multiple)."""
+        if cluster > 1 and grid[0] % cluster:
+            raise TilecError(f"{self.name}.{fn}: a grid of {grid[0]} blocks is not whole clusters of {cluster}")
         from cuda.core import LaunchConfig, Stream, launch
 
         kernel = self.kernel(fn, device)
         if smem:  # needed past 48 KB of static and dynamic shared memory together, so always
             self._set(kernel, fn, device, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", smem)
         stream = Stream.from_handle(torch.cuda.current_stream(device).cuda_stream)
-        config = LaunchConfig(grid=grid, block=block, shmem_size=smem, programmatic_stream_serialization=pdl)
+        if cluster > 1:  # cuda.core's grid counts clusters, not blocks, in a clustered launch
+            config = LaunchConfig(grid=(grid[0] // cluster, *grid[1:]), cluster=cluster, block=block,
+                                  shmem_size=smem, programmatic_stream_serialization=pdl)
+        else:
+            config = LaunchConfig(grid=grid, block=block, shmem_size=smem, programmatic_stream_serialization=pdl)
         launch(stream, config, kernel, *args)
 
     def _set(self, kernel, fn: str, device: torch.device, attribute: str, value: int) -> None:
