@@ -281,9 +281,6 @@ def sweep_variants(shape: dict, dev: DeviceInfo, plan: dict) -> list[tuple[str, 
         if fused:  # experts_kernel: PDL, fewer consumer warps, other stage counts
             out.append((f"mx cuda fused pdl={not fused['pdl']}", "mxfp4",
                         {"cuda": {**cu, "fused": {**fused, "pdl": not fused["pdl"]}}}))
-            clustered = fused_context(shape["H"], shape["I"], dev, cluster=8)
-            if clustered and not fused.get("cluster"):  # act through clusters' shared memory, no grid barrier
-                out.append(("mx cuda fused cluster=8", "mxfp4", {"cuda": {**cu, "fused": clustered}}))
             out.append((f"mx cuda fused act_warp={not fused['act_warp']}", "mxfp4",
                         {"cuda": {**cu, "fused": {**fused, "act_warp": not fused["act_warp"]}}}))
             for hold in (0, 1, 2, 3, 4, 8):  # the block's last down units copied once it has arrived at the grid barrier

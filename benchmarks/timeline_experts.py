@@ -31,7 +31,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import bench_mxfp4_experts as bench  # noqa: E402
 import common  # noqa: E402
 from tilec.codegen.cuda_build import pointer  # noqa: E402
-from tilec.codegen.plans_moe import fused_context, with_down  # noqa: E402
+from tilec.codegen.plans_moe import with_down  # noqa: E402
 from tilec.codegen.tuning import device_info  # noqa: E402
 
 POINTS = {"gate_up": ("start", "table", "weights", "end"), "down": ("start", "table", "weights", "end"),
@@ -101,8 +101,6 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--cuda", default="{}", help="changes to the planner's `cuda` context, as JSON (d_split goes "
                                                    "through plans_moe.with_down; fused: null for the two kernels)")
-    ap.add_argument("--cluster", type=int, default=0, help="experts_kernel planned with act handed over through "
-                                                            "clusters of this many blocks (plans_moe.fused_context)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("timeline_experts.py needs a CUDA GPU")
@@ -120,9 +118,6 @@ def main() -> None:
     cuda = {**ctx["cuda"], **{k: v for k, v in change.items() if k not in ("d_split", "fused")}}
     if "fused" in change:  # null: the two kernels; an object: changes to the planner's experts_kernel
         cuda["fused"] = change["fused"] and {**cuda["fused"], **change["fused"]}
-    if args.cluster:
-        cuda["fused"] = {**fused_context(shape["H"], shape["I"], info, cluster=args.cluster),
-                         **{k: v for k, v in (change.get("fused") or {}).items()}}
     if "d_split" in change:
         cuda = with_down(cuda, shape["I"], change["d_split"])
     ctx["cuda"] = cuda

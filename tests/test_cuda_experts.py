@@ -228,28 +228,6 @@ def test_cuda_source_compiles_without_spills(tmp_path, h, i, fold, d_split):
     assert int(used.group(1)) + f["smem"] <= H100.smem_optin
 
 
-@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
-@pytest.mark.parametrize("h,i", [(2048, 768), (6144, 2048), (512, 64)])
-def test_cuda_source_with_clusters_compiles_without_spills(tmp_path, h, i):
-    """experts_kernel with act handed over through clusters of 8 blocks (cluster=8: flagged act words, st.async into
-    the cluster's shared memory) compiles for sm_90a without spills, and its shared memory, act's room included, fits
-    the GPU."""
-    ctx = experts_context("mxfp4", h, i, 16, H100)
-    f = fused_context(h, i, H100, cluster=8)
-    assert f["cluster"] == 8 and f["act_smem"] >= 8 * i * 2  # one row's act at least (top-8)
-    assert f["smem"] == f["stages"] * f["stage_bytes"] + f["act_smem"]
-    ctx["cuda"] = {**ctx["cuda"], "fused": f}
-    (tmp_path / "k.cu").write_text(render("cuda/moe_experts_mxfp4.cu.j2", ctx=ctx))
-    proc = subprocess.run([NVCC, "-cubin", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas",
-                           "-v", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "spill stores" in proc.stderr and not re.search(r"[1-9]\d* bytes spill stores", proc.stderr)
-    used = re.search(r"Compiling entry function 'experts_kernel'.*?Used \d+ registers.*?(\d+) bytes smem", proc.stderr,
-                     re.S)
-    assert used and int(used.group(1)) + f["smem"] <= H100.smem_optin, proc.stderr[-2000:]
-
-
 def test_fused_call_allocates_the_by_slot_outputs_only_where_the_kernel_may_write_them(monkeypatch):
     """experts_kernel writes its by-slot outputs only where more than by_slot slots are live, so never in a call of
     by_slot router pairs or fewer: there the launch gets `out` in their place (a pointer it never follows) and no
@@ -265,7 +243,7 @@ def test_fused_call_allocates_the_by_slot_outputs_only_where_the_kernel_may_writ
     launches = []
     monkeypatch.setattr(mod, "_CUDA", types.SimpleNamespace(launch=lambda fn, grid, block, args, device, **kw:
                                                             launches.append((fn, args))))
-    monkeypatch.setattr(mod, "_grid", lambda device: 132)
+    monkeypatch.setattr(mod, "_sms", lambda device: 132)
     frags = [torch.empty(shape, dtype=torch.int32) for shape in mod.FRAGMENT_SHAPES]
     g = torch.Generator().manual_seed(0)
     for rows, own_buffer in ((1, False), (2, False), (3, True)):  # 8, 16 and 24 router pairs
@@ -274,8 +252,8 @@ def test_fused_call_allocates_the_by_slot_outputs_only_where_the_kernel_may_writ
         out = torch.empty_like(x)
         mod._cuda_experts(x, torch.rand(rows, k, generator=g), ids, out, frags)
         fn, args = launches[-1]
-        assert fn == "experts_kernel" and len(args) == 16
-        assert (args[11].value != out.data_ptr()) == own_buffer, rows  # ybuf
+        assert fn == "experts_kernel" and len(args) == 15
+        assert (args[10].value != out.data_ptr()) == own_buffer, rows  # ybuf
 
 
 def test_kernel_attribute_is_set_again_when_another_value_was_set_in_between(monkeypatch):
@@ -351,8 +329,7 @@ def mini_mx():
 # The CUDA decode paths: experts_kernel (both projections in one persistent kernel, the planner's choice where it
 # fits) as planned, the same with its down phase dealt by slot at every call (planned where more than 16 slots are
 # live), and gate_up_kernel + down_kernel (which decode takes where a batch may pass 8 rows).
-# fused_cluster: act handed over through clusters of 8 blocks' shared memory instead of a grid barrier (a variant).
-VARIANTS = ("fused", "fused_by_slot", "fused_cluster", "two_kernels")
+VARIANTS = ("fused", "fused_by_slot", "two_kernels")
 
 
 def cuda_module(fold: bool = True, variant: str = "fused"):
@@ -363,8 +340,6 @@ def cuda_module(fold: bool = True, variant: str = "fused"):
         cuda = {**cuda, "fused": None}
     elif variant == "fused_by_slot":
         cuda = {**cuda, "fused": {**cuda["fused"], "by_slot": 0}}
-    elif variant == "fused_cluster":
-        cuda = {**cuda, "fused": fused_context(MINI["H"], MINI["I"], gpu_device(), cluster=8)}
     mod = experts_module("mxfp4", MINI["H"], MINI["I"], MINI["E"], gpu_device(), scale_fold=fold, cuda=cuda)
     assert hasattr(mod, "CUDA_SOURCE"), "the planner did not choose the CUDA decode kernels"
     return mod

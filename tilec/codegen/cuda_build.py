@@ -141,19 +141,6 @@ class CudaModule:
             config = LaunchConfig(grid=grid, block=block, shmem_size=smem, programmatic_stream_serialization=pdl)
         launch(stream, config, kernel, *args)
 
-    def max_active_clusters(self, fn: str, device: torch.device, block: int, smem: int, cluster: int) -> int:
-        """How many clusters of ``cluster`` blocks of ``fn`` (``block`` threads, ``smem`` bytes of dynamic shared
-        memory) the GPU can hold at once: a kernel whose blocks wait on each other needs all of its clusters resident.
-        """
-        from cuda.core import LaunchConfig, Stream
-
-        kernel = self.kernel(fn, device)
-        if smem:
-            self._set(kernel, fn, device, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", smem)
-        stream = Stream.from_handle(torch.cuda.current_stream(device).cuda_stream)
-        config = LaunchConfig(grid=1, cluster=cluster, block=block, shmem_size=smem)
-        return int(kernel.occupancy.max_active_clusters(config, stream=stream))
-
     def _set(self, kernel, fn: str, device: torch.device, attribute: str, value: int) -> None:
         """Set a kernel attribute on a device where it does not hold this value already (as this module set it)."""
         key = (fn, device.index, attribute)

@@ -146,8 +146,7 @@ def fused_static_bytes(hidden: int, warps: int) -> int:
 
 
 def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = None, pdl: bool = True,
-                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1,
-                  cluster: int = 0) -> dict | None:
+                  max_stages: int = 4, by_slot: int = 16, act_warp: bool | None = None, hold: int = 1) -> dict | None:
     """experts_kernel's configuration (both projections in one persistent kernel, the weights streamed into a ring
     of shared-memory stages by bulk copies), or None where it does not fit. The keys:
 
@@ -170,10 +169,6 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     - ``hold``: the producer copies the block's last ``hold`` down units only once the block's add at the grid
       barrier has returned (the add's release waits for the block's bulk copies in flight).
     - ``pdl``: launched with programmatic dependent launch.
-    - ``cluster``, ``act_smem`` (a variant, 0 by default): launched in clusters of ``cluster`` blocks; where down is
-      by tile and the live slots' act fits ``act_smem`` bytes of shared memory (what the ring leaves, at least one
-      top-8 row's), act goes out as flagged words and each block hands its share to its cluster's shared memory,
-      instead of through a grid barrier.
 
     On the H100 at mini shapes this plan takes about 12.4 us a call at one row, 13.5 at 8 rows on the same experts
     and 60 at 8 independent rows (2026-11-24). Where that time goes, why this design stays above about 10 us at one
@@ -223,21 +218,9 @@ def fused_context(hidden: int, inter: int, dev: DeviceInfo, warps: int | None = 
     # consumer warps (164 registers at mini; 16 warps leave 113, and spilled 384 bytes)
     sw_np = 2 if sw and warps <= 8 and (warps // du) % 2 == 0 and d_chunks // (warps // du) <= 3 else 1
     sw_all = sw and warps <= 8 and d_chunks <= 12
-    plan = {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
+    return {"warps": warps, "stages": stages, "stage_bytes": stage, "du": du, "smem": stages * stage, "pdl": pdl,
             "by_slot": by_slot, "range": span, "act_warp": act_warp, "sw": sw, "sw_np": sw_np, "sw_all": sw_all,
             "hold": hold}
-    if cluster:
-        def act_room(n: int) -> int:  # what n stages leave of the shared memory (and the act barrier), in whole KB
-            return (dev.smem_optin - fused_static_bytes(hidden, warps) - n * (stage + 16) - 16) // 1024 * 1024
-
-        one_row = 8 * inter * 2  # a top-8 row's act, bf16
-        while stages > 2 and act_room(stages) < one_row:
-            stages -= 1
-        if act_room(stages) < one_row:
-            return None
-        plan.update(stages=stages, smem=stages * stage + act_room(stages), cluster=cluster,
-                    act_smem=act_room(stages))
-    return plan
 
 
 def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
