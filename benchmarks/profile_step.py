@@ -64,8 +64,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=1, help="tokens a step (DFlash's verify step: 8), at most 8")
     ap.add_argument("--max-seq-len", type=int, default=None,
-                    help="the cache's positions (default: the context plus 2 x steps + 128); bench_decode.py's is "
-                         "its largest context plus 78, so a short context there decodes in a large cache")
+                    help="the cache's positions (default: the context plus 2 x steps + 128). bench_decode.py "
+                         "sizes each session's cache to its context plus 78, so it never decodes a short context "
+                         "in a large cache; this option does (a server's max_seq_len)")
     args = ap.parse_args(argv)
     if not 1 <= args.rows <= 8:
         ap.error("--rows must be 1 to 8 (the decode graph's rows)")
