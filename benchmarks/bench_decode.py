@@ -79,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=6, help="untimed decode steps first (>= 3; default 6)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompts")
+    p.add_argument("--cache-positions", type=int, default=0,
+                   help="positions of every session's KV cache, as a server's max_seq_len (default 0: each "
+                        "context's own, the context + warm-up + steps + 8). tilec and torch.compile entries only: "
+                        "hf grows its cache as it goes. Changes that skip a cache's unused part show only here")
     p.add_argument("--bw-mib", type=int, default=None,
                    help="size of the bandwidth test's buffer (default 4096 MiB on cuda, 256 on cpu)")
     p.add_argument("--hf-experts", default=None,
@@ -98,6 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("contexts, --steps and --hf-steps must be positive")
     if args.warmup < 3:
         p.error("--warmup must be >= 3 (torch.compile's CUDA graphs are recorded on the second call)")
+    need = max(args.contexts) + args.warmup + max(args.steps, args.hf_steps) + 8
+    if args.cache_positions and args.cache_positions < need:
+        p.error(f"--cache-positions {args.cache_positions} is too few for context {max(args.contexts)} with "
+                f"{args.warmup} warm-up and {max(args.steps, args.hf_steps)} timed steps: at least {need}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no GPU; use --device cpu for a smoke test")
     if args.bw_mib is None:
@@ -279,13 +287,14 @@ class Bench:
         self.json_path = args.out / "bench_decode.json"
         self.png_path = args.out / "bench_decode.png"
         steps_max = max(args.steps, args.hf_steps)
-        self.max_seq_len = max(args.contexts) + args.warmup + steps_max + 8
+        self.max_seq_len = max(max(args.contexts) + args.warmup + steps_max + 8, args.cache_positions)
         self.result: dict = {
             "benchmark": "bench_decode", "status": "running", "created": common.now_iso(),
             "environment": common.environment(self.device),
             "config": {"preset": args.preset, "contexts": args.contexts, "entries": args.entries,
                        "steps": args.steps, "hf_steps": args.hf_steps, "warmup": args.warmup, "seed": args.seed,
                        "device": args.device, "batch": 1, "options_max_seq_len": self.max_seq_len,
+                       "cache_positions": args.cache_positions or "context + warmup + steps + 8",
                        "budget_s": args.budget_s},
             "method": {
                 "timing": "CUDA events around each decode step (argmax included), no host sync between steps; "
@@ -432,6 +441,10 @@ class Bench:
             self.note(f"no MXFP4 floor: {type(exc).__name__}: {exc}")
 
     # -- entries
+    def cache_positions(self, context: int) -> int:
+        """The KV cache's positions for a session at ``context``: --cache-positions, else just what it uses."""
+        return self.args.cache_positions or context + self.args.warmup + self.args.steps + 8
+
     def run_session_entry(self, entry: str) -> None:
         precision = "mxfp4" if entry.endswith("mxfp4") else self.base
         if entry == "triton-mxfp4" and not has_mxfp4_option():
@@ -468,7 +481,7 @@ class Bench:
                     continue
                 self.begin(entry, context)
                 try:
-                    session = cm.new_session(1, context + self.args.warmup + self.args.steps + 8)
+                    session = cm.new_session(1, self.cache_positions(context))
                     with torch.inference_mode():
                         out = decode(session.step, session.step, self.prompt(context), self.args.warmup,
                                      self.args.steps, self.device)
@@ -546,7 +559,7 @@ class Bench:
                     if decoder is None:
                         torch._dynamo.reset()
                         decoder = CompiledDecoder(self.model, mode, inline)
-                    seq = context + self.args.warmup + self.args.steps + 8
+                    seq = self.cache_positions(context)
                     before = inductor_counts()
                     out = decoder.run(self.prompt(context), seq, self.args.warmup, self.args.steps, self.device)
                     counts = {k: v - before[k] for k, v in inductor_counts().items()}

@@ -1,7 +1,8 @@
 """The GPU-only parts of the benchmark scripts, kept in step on the CPU: benchmarks/read_floor.py's floor kernels compile
 for sm_90a without spills, timeline_experts.py reads the experts template's stamps as the template lays them out, and
 fence_probe.py's kernels compile; bench_mxfp4_experts.py profiles kernels only after its timings,
-ncu_stalls.py adds Nsight Compute's samples up by instruction, and bench_dense_tiles.py runs (interpreter, tiny).
+ncu_stalls.py adds Nsight Compute's samples up by instruction, bench_dense_tiles.py runs (interpreter, tiny), and
+bench_decode.py sizes its sessions' caches as asked.
 (The split-K experiment that was tested here lost on the GPU, benchmarks/results/h100-2026-11-23e; it was on the
 branch experiment/split-k, which this repository no longer has.)
 """
@@ -141,3 +142,20 @@ def test_attention_bench_runs_and_checks_every_variant(tmp_path):
     assert {("sliding", "planner"), ("full", "planner")} <= seen
     assert all("error" not in r and r["rel_err"] < 1e-5 and r["cache_equal"] for r in report["results"]), \
         report["results"]
+
+
+def test_bench_decode_cache_positions(tmp_path):
+    """bench_decode.py --cache-positions: every session's cache gets that many positions (a server's max_seq_len,
+    where changes that skip a cache's unused part show), the compile option at least as many; too few for the
+    largest context and its steps is refused with the count that would do."""
+    from bench_decode import Bench, parse_args
+
+    args = parse_args(["--out", str(tmp_path), "--device", "cpu", "--contexts", "16,32", "--steps", "4",
+                       "--cache-positions", "256"])
+    bench = Bench(args)
+    assert [bench.cache_positions(c) for c in (16, 32)] == [256, 256] and bench.max_seq_len == 256
+    plain = Bench(parse_args(["--out", str(tmp_path), "--device", "cpu", "--contexts", "16,32", "--steps", "4"]))
+    assert [plain.cache_positions(c) for c in (16, 32)] == [16 + 6 + 4 + 8, 32 + 6 + 4 + 8]
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path), "--device", "cpu", "--contexts", "16,32", "--steps", "4",
+                    "--cache-positions", "60"])  # 32 + 6 + 32 (hf steps) + 8 = 78 needed
