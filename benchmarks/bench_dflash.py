@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import sys
 import time
@@ -33,6 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from a source checkout
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 import tilec  # noqa: E402
 from tilec.models import build_model  # noqa: E402
@@ -137,8 +139,7 @@ def main(argv=None) -> int:
         "build_seconds": round(built_s, 2), "compile_seconds": round(compile_s, 2), "runs": results,
     }
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_dflash.json").write_text(json.dumps(report, indent=2) + "\n")
+    common.write_json(out_dir / "bench_dflash.json", report)  # whole or not at all
 
     print(f"{report['model']} on {report['device']}, target {cm.target}{', MXFP4 experts' if args.mxfp4 else ''}, "
           f"block {BLOCK}, {args.tokens} new tokens, median of {args.repeats} timed runs")

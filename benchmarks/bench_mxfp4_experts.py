@@ -458,7 +458,7 @@ def main() -> None:
         "planned_from_weights": plans, "results": results, "sweep": sweep,
         "seconds": time.time() - t_start,
     }
-    (out_dir / "bench_mxfp4_experts.json").write_text(json.dumps(report, indent=1))
+    common.write_json(out_dir / "bench_mxfp4_experts.json", report)
     print_table(results, sweep)
     print(f"wrote {out_dir / 'bench_mxfp4_experts.json'} ({time.time() - t_start:.0f} s)")
 

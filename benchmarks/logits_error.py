@@ -13,7 +13,6 @@ Writes DIR/logits_error.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from a source checkout
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
-from common import rel_err  # noqa: E402
+from common import rel_err, write_json  # noqa: E402
 import tilec  # noqa: E402
 from tilec.models import build_model  # noqa: E402
 
@@ -51,9 +50,8 @@ def main() -> None:
                   f"triton {rows[-1]['triton_vs_fp32']:.4f} from fp32; triton {rows[-1]['triton_vs_ref']:.4f} "
                   f"from the reference", flush=True)
         results[n] = rows
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "logits_error.json").write_text(json.dumps(
-        {"benchmark": "logits_error", "device": torch.cuda.get_device_name(0), "results": results}, indent=1))
+    write_json(args.out / "logits_error.json",
+               {"benchmark": "logits_error", "device": torch.cuda.get_device_name(0), "results": results})
 
 
 if __name__ == "__main__":

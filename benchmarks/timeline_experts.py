@@ -129,7 +129,7 @@ def main() -> None:
               "cuda": ctx["cuda"], "units": "ns from the first block's start", "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "timeline_experts.json").write_text(json.dumps(report, indent=1))
+    common.write_json(out / "timeline_experts.json", report)
     for r in results:
         print(f"\n{r['rows']} rows {r['regime']}: {r['us_per_call']:.1f} us a call (graph); grids {r['grids']}")
         if "down_blocks_started_before_gate_up_ended" in r:
