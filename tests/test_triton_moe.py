@@ -135,6 +135,24 @@ def test_experts_prefill(fmt):
     assert rel(got, ref) < 1e-5
 
 
+def test_outgrown_counters_stay_alive():
+    """The kernels' tile counters grow for a long prefill; the buffer they outgrow stays allocated, because a CUDA
+    graph captured before (decode steps) still holds its address: freed, the allocator could give that memory to
+    another tensor, which every replay would then overwrite."""
+    import gc
+    import weakref
+
+    mod = experts_module("mxfp4", 32, 32, 4)
+    device = torch.device("cpu")
+    first = mod._counters(device, 16)
+    assert mod._counters(device, 16) is first  # reused while it is large enough
+    alive = weakref.ref(first)
+    del first
+    grown = mod._counters(device, 10 * 4096)
+    gc.collect()
+    assert grown.numel() >= 10 * 4096 and alive() is not None and alive() is not grown
+
+
 @pytest.mark.parametrize("fmt,split", [("dense", 1), ("mxfp4", 1), ("dense", 2), ("mxfp4", 4)])
 def test_experts_repeated_choices(fmt, split):
     """Rows sharing experts, a row choosing one expert twice, and a zero router weight: each expert's weights are
