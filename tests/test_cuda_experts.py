@@ -412,6 +412,37 @@ def test_gpu_cuda_experts_repeated_choices_in_row_0(mini_mx, variant):
 
 
 @pytest.mark.gpu
+def test_gpu_graph_replay_after_the_counters_regrow(mini_mx):
+    """A decode call captured in a CUDA graph, then a prefill long enough to regrow the kernels' tile counters, then
+    the graph replayed: the replay computes what the call computed, and a tensor allocated after the prefill (where
+    the allocator would put a freed counters buffer) is untouched. (Down by slot at every call, so the decode call
+    counts its ranges in the counters. Before the outgrown buffer was kept alive, the replay wrote into the guard.)"""
+    weights, frags = mini_mx
+    mod = cuda_module(variant="fused_by_slot")
+    g = torch.Generator().manual_seed(3)
+    w, ids = routing(1, MINI["k"], MINI["E"], True, g)
+    x = torch.randn(1, 1, MINI["H"], generator=g).bfloat16().cuda()
+    w, ids = w.cuda(), ids.cuda()
+    eager = mod.launch(x, w, ids, *weights, *frags)  # compiles, and sizes the counters for decode
+    torch.cuda.synchronize()
+    before = mod._counters(x.device, 1).numel()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mod.launch(x, w, ids, *weights, *frags)
+    rows = 1024  # a prefill: the Triton kernels, with a counter per expert, tile and block of rows
+    pw, pids = routing(rows, MINI["k"], MINI["E"], False, g)
+    px = torch.randn(1, rows, MINI["H"], generator=g).bfloat16().cuda()
+    mod.launch(px, pw.cuda(), pids.cuda(), *weights)
+    torch.cuda.synchronize()
+    assert mod._counters(x.device, 1).numel() > before, "the prefill did not regrow the counters"
+    guard = torch.full((before,), 12345, dtype=torch.int32, device=x.device)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    assert bool((guard == 12345).all()), "the replay wrote into memory the graph's old counters had held"
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_experts_more_than_8_rows(mini_mx):
     """Top-4 lets decode take up to 16 rows (64 router pairs): blocks of 8 token rows (grid z). Against the reference,
     and each row equal to its own 1-row step."""
