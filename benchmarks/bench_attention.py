@@ -5,6 +5,8 @@
     python3 benchmarks/bench_attention.py --out out/attention            # GPU: the planner's tiles
     python3 benchmarks/bench_attention.py --out out/attention --sweep    # and the variants
     python3 benchmarks/bench_attention.py --out out/attention --smoke    # CPU interpreter, one small case (it runs)
+    python3 benchmarks/bench_attention.py --out out/attention --max-seq 16384 --cases full:256:1,full:4096:1 \
+        --variant MAX_SPLIT=256                                           # a server's cache, a named variant
 
 Each variant is first checked against the reference op (tilec.ops.attention): its output (relative error, fp64
 norms) and the cache after the call (the step's rows stored). It is then timed as CUDA-graph replays of one call
@@ -109,11 +111,33 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, small shapes")
     ap.add_argument("--sweep", action="store_true", help="also time other tiles (GPU)")
     ap.add_argument("--reps", type=int, default=50, help="graph replays a measurement")
+    ap.add_argument("--max-seq", type=int, default=0,
+                    help="positions the caches are laid out for, as the compile option max_seq_len (default: the "
+                         "shape's, 4352 on the GPU); the full-attention plan's chunks depend on it")
+    ap.add_argument("--cases", default="", help="kind:context:rows,... (default: the shape's six)")
+    ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[ KEY=VALUE]",
+                    help="also time the plan with these context overrides (integers), beside the planner's; "
+                         "repeatable")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     dev = device_info(device)
-    shape = MINI if cuda else SMOKE
+    shape = dict(MINI if cuda else SMOKE)
+    if args.max_seq:
+        shape["max_seq"] = args.max_seq
+    if args.cases:
+        try:
+            shape["cases"] = [(kind, int(c), int(r)) for kind, c, r in (x.split(":") for x in args.cases.split(","))]
+        except ValueError:
+            ap.error(f"--cases {args.cases!r}: expected kind:context:rows,... such as full:256:1,sliding:256:8")
+        if any(kind not in ("full", "sliding") for kind, _, _ in shape["cases"]):
+            ap.error(f"--cases {args.cases!r}: the kinds are full and sliding")
+        if any(c + r > shape["max_seq"] for _, c, r in shape["cases"]):
+            ap.error(f"--cases {args.cases!r}: a context plus its rows exceeds --max-seq {shape['max_seq']}")
+    try:
+        named = [(v, {k: int(x) for k, x in (kv.split("=") for kv in v.split())}) for v in args.variant]
+    except ValueError:
+        ap.error(f"--variant {args.variant}: expected KEY=VALUE pairs with integer values, such as MAX_SPLIT=128")
     dtype = torch.bfloat16 if cuda else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
     t0 = time.time()
@@ -122,7 +146,7 @@ def main() -> None:
     for kind, ctx_len, rows in shape["cases"]:
         layers = make_layers(shape, kind, rows, ctx_len, device, gen, dtype)
         nbytes = visible_bytes(shape, kind, rows, ctx_len, 2 if cuda else 4)
-        for name, overrides in variants(shape, kind, dev, args.sweep and cuda):
+        for name, overrides in variants(shape, kind, dev, args.sweep and cuda) + named:
             row = {"kind": kind, "ctx": ctx_len, "rows": rows, "variant": name, "overrides": overrides,
                    "bytes": nbytes, "floor_us": nbytes / copy_bw * 1e6 if copy_bw else None}
             try:

@@ -414,9 +414,13 @@ def test_gpu_cuda_experts_repeated_choices_in_row_0(mini_mx, variant):
 @pytest.mark.gpu
 def test_gpu_graph_replay_after_the_counters_regrow(mini_mx):
     """A decode call captured in a CUDA graph, then a prefill long enough to regrow the kernels' tile counters, then
-    the graph replayed: the replay computes what the call computed, and a tensor allocated after the prefill (where
-    the allocator would put a freed counters buffer) is untouched. (Down by slot at every call, so the decode call
-    counts its ranges in the counters. Before the outgrown buffer was kept alive, the replay wrote into the guard.)"""
+    the graph replayed. The counters' old memory must still be allocated (the caching allocator's own record says
+    so), no tensor allocated afterwards may be given it, and the replay computes what the call computed and leaves
+    those tensors untouched. (Down by slot at every call, so the decode call counts its ranges in the counters.
+    Before the outgrown buffer was kept alive, the allocator held it as free, and handed it to the next tensor of
+    its size.)"""
+    import gc
+
     weights, frags = mini_mx
     mod = cuda_module(variant="fused_by_slot")
     g = torch.Generator().manual_seed(3)
@@ -426,6 +430,7 @@ def test_gpu_graph_replay_after_the_counters_regrow(mini_mx):
     eager = mod.launch(x, w, ids, *weights, *frags)  # compiles, and sizes the counters for decode
     torch.cuda.synchronize()
     before = mod._counters(x.device, 1).numel()
+    old_ptr = mod._counters(x.device, 1).data_ptr()  # the address only: a reference here would keep it alive
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = mod.launch(x, w, ids, *weights, *frags)
@@ -434,12 +439,17 @@ def test_gpu_graph_replay_after_the_counters_regrow(mini_mx):
     px = torch.randn(1, rows, MINI["H"], generator=g).bfloat16().cuda()
     mod.launch(px, pw.cuda(), pids.cuda(), *weights)
     torch.cuda.synchronize()
+    gc.collect()
     assert mod._counters(x.device, 1).numel() > before, "the prefill did not regrow the counters"
-    guard = torch.full((before,), 12345, dtype=torch.int32, device=x.device)
+    blocks = [b for seg in torch.cuda.memory_snapshot() for b in seg["blocks"]
+              if b["address"] <= old_ptr < b["address"] + b["size"]]
+    assert blocks and blocks[0]["state"] == "active_allocated", f"the outgrown counters were freed: {blocks}"
+    guards = [torch.full((before,), 12345, dtype=torch.int32, device=x.device) for _ in range(64)]
+    assert all(t.data_ptr() != old_ptr for t in guards), "a new tensor was given the outgrown counters' memory"
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
-    assert bool((guard == 12345).all()), "the replay wrote into memory the graph's old counters had held"
+    assert all(bool((t == 12345).all()) for t in guards), "the replay wrote into a tensor allocated after the prefill"
 
 
 @pytest.mark.gpu
