@@ -166,6 +166,39 @@ def test_attention_merges_only_the_live_chunks(monkeypatch, window):
         assert torch.equal(step([0])[0, 0], step(list(range(8)))[0, 0]), start
 
 
+@pytest.mark.parametrize("window", [0, 9])
+def test_attention_prefill_splits_keys_only_as_far_as_needed(monkeypatch, window):
+    """A prefill (more rows than a verify step) whose blocks of rows already make the plan's PREFILL_PROGRAMS does not
+    split its keys into chunks: it allocates no scratch for partial states (a long prompt's would be n_split x rows x
+    DV floats a kv head: gigabytes). Each causal block of rows goes over only the keys its own rows see; against the
+    reference, after a cache history and with the step's rows in several blocks."""
+    real_empty = torch.empty
+    scratch = []
+
+    def recording_empty(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        if t.dtype == torch.float32 and t.dim() <= 2:
+            scratch.append(tuple(t.shape))
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    g = torch.Generator().manual_seed(window)
+    kv, group, d, dv, cap, rows, start = 2, 2, 16, 8, 300, 40, 100
+    heads = kv * group
+    kc, vc = torch.randn(1, kv, cap, d, generator=g), torch.randn(1, kv, cap, dv, generator=g)
+    q = torch.randn(1, rows, heads * d, generator=g)
+    k, v = torch.randn(1, rows, kv * d, generator=g), torch.randn(1, rows, kv * dv, generator=g)
+    got, ref, _ = _run_single_op(ops.attention, q, k, v, kc, vc, torch.tensor([start]), None, heads, d, dv, window,
+                                 d ** -0.5, 0.7, True)
+    assert not got.isnan().any() and rel(got, ref) < 1e-5
+    if DEVICE == "cpu":
+        # The interpreter's plan: 2 programs; 2 kv heads x 2 blocks of 64 rows (80 rows) are more. A sliding window's
+        # keys are one chunk and the one it may straddle, so its prefill has 2 (the float32 outputs of 1 x 40 x 32 are
+        # not scratch: 3 dims). Before: 4 chunks (MAX_SPLIT) for full attention. (On a GPU, the test checks the
+        # values: there only, each block of rows skips the key tiles its rows cannot see.)
+        splits = {n // (kv * rows * group) for shape in scratch for n in [shape[0]] if len(shape) == 1}
+        assert splits == (set() if window == 0 else {2}), scratch
+
+
 def test_attention_tiles_for_short_windows():
     """On a GPU, a short sliding window (at most SHORT_WINDOW keys) takes chunks of 32 keys in tiles of 16; full
     attention and long windows keep chunks of 64 (tiles of 32 for heads wider than 128, else 64); the interpreter
