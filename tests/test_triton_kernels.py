@@ -199,6 +199,40 @@ def test_attention_prefill_splits_keys_only_as_far_as_needed(monkeypatch, window
         assert splits == (set() if window == 0 else {2}), scratch
 
 
+def test_attention_launches_no_chunk_past_the_cache(monkeypatch):
+    """Full attention whose key tiles are 64 wide (heads of at most 128): the rule of two tiles a chunk makes chunks of
+    128 keys, so the launch counts its chunks again rather than keep MAX_SPLIT's, which would leave chunks that start
+    past the whole cache (programs and scratch for nothing). Against the reference, on the interpreter."""
+    from tilec.codegen.plans import attention_context
+    from tilec.codegen.render import load_source, render
+    from tilec.codegen.tuning import device_info
+
+    real_empty = torch.empty
+    scratch = []
+
+    def recording_empty(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        if t.dtype == torch.float32 and t.dim() == 1:
+            scratch.append(t.numel())
+        return t
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    kv, group, d, dv, cap = 2, 2, 16, 8, 300
+    ctx = {**attention_context(kv * group, kv, d, dv, 0, d ** -0.5, 0.7, True, 8, torch.float32,
+                               device_info(torch.device("cpu"))), "BLOCK_S": 64, "CHUNK": 64, "MAX_SPLIT": 8}
+    module = load_source(render("triton/attention.py.j2", ctx={**ctx, "nodes": ["test"]}), "attention")
+    g = torch.Generator().manual_seed(4)
+    layer = (torch.randn(1, 1, kv * group * d, generator=g), torch.randn(1, 1, kv * d, generator=g),
+             torch.randn(1, 1, kv * dv, generator=g), torch.randn(1, kv, cap, d, generator=g),
+             torch.randn(1, kv, cap, dv, generator=g), torch.tensor([250]), None)
+    got = module.launch(*[t.clone() if t is not None else None for t in layer])
+    want = ops.attention(*[t.clone() if t is not None else None for t in layer], kv * group, d, dv, 0, d ** -0.5,
+                         0.7, True)
+    assert rel(got, want) < 1e-5
+    # 308 positions (the cache and a verify step's 8 rows) in chunks of 128: 3 chunks; 8 rows a step's plan (rows x
+    # groups = 2 for this 1-row call). MAX_SPLIT's count, min(8, 308 / 64) = 5, would leave 2 chunks past the cache.
+    assert scratch and all(n == kv * 3 * group for n in scratch), scratch
+
+
 def test_attention_tiles_for_short_windows():
     """On a GPU, a short sliding window (at most SHORT_WINDOW keys) takes chunks of 32 keys in tiles of 16; full
     attention and long windows keep chunks of 64 (tiles of 32 for heads wider than 128, else 64); the interpreter
