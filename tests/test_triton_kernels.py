@@ -202,7 +202,7 @@ def test_attention_prefill_splits_keys_only_as_far_as_needed(monkeypatch, window
 def test_attention_launches_no_chunk_past_the_cache(monkeypatch):
     """Full attention whose key tiles are 64 wide (heads of at most 128): the rule of two tiles a chunk makes chunks of
     128 keys, so the launch counts its chunks again rather than keep MAX_SPLIT's, which would leave chunks that start
-    past the whole cache (programs and scratch for nothing). Against the reference, on the interpreter."""
+    past the whole cache (programs and scratch for nothing). Against the reference."""
     from tilec.codegen.plans import attention_context
     from tilec.codegen.render import load_source, render
     from tilec.codegen.tuning import device_info
@@ -218,12 +218,13 @@ def test_attention_launches_no_chunk_past_the_cache(monkeypatch):
     monkeypatch.setattr(torch, "empty", recording_empty)
     kv, group, d, dv, cap = 2, 2, 16, 8, 300
     ctx = {**attention_context(kv * group, kv, d, dv, 0, d ** -0.5, 0.7, True, 8, torch.float32,
-                               device_info(torch.device("cpu"))), "BLOCK_S": 64, "CHUNK": 64, "MAX_SPLIT": 8}
+                               device_info(torch.device(DEVICE))), "BLOCK_S": 64, "CHUNK": 64, "MAX_SPLIT": 8}
     module = load_source(render("triton/attention.py.j2", ctx={**ctx, "nodes": ["test"]}), "attention")
     g = torch.Generator().manual_seed(4)
-    layer = (torch.randn(1, 1, kv * group * d, generator=g), torch.randn(1, 1, kv * d, generator=g),
-             torch.randn(1, 1, kv * dv, generator=g), torch.randn(1, kv, cap, d, generator=g),
-             torch.randn(1, kv, cap, dv, generator=g), torch.tensor([250]), None)
+    layer = tuple(t.to(DEVICE) for t in (
+        torch.randn(1, 1, kv * group * d, generator=g), torch.randn(1, 1, kv * d, generator=g),
+        torch.randn(1, 1, kv * dv, generator=g), torch.randn(1, kv, cap, d, generator=g),
+        torch.randn(1, kv, cap, dv, generator=g), torch.tensor([250]))) + (None,)
     got = module.launch(*[t.clone() if t is not None else None for t in layer])
     want = ops.attention(*[t.clone() if t is not None else None for t in layer], kv * group, d, dv, 0, d ** -0.5,
                          0.7, True)
