@@ -14,6 +14,11 @@ The oracle's continuation is the target's own greedy output. In bf16 the verify 
 from plain decoding (1 row) and flip a near-tie; then the run continues from the verify step's choice and the oracle
 is re-derived from that output until it is a fixed point (at most a few passes, reported as ``oracle_passes``).
 
+For the two drafted runs, one more generation is taken apart round by round (``phases``): each round's wall time
+(it ends with the host reading how many proposals were accepted), the GPU's span of the draft's forward and of the
+target's verify step (CUDA events around each; on the CPU, wall time), and what is left: accepting, the rollback, and
+the host's launches the GPU waited for. Medians over the rounds, in ms.
+
 Writes ``DIR/bench_dflash.json`` and prints a short table. Timings exclude compilation; each run is done once untimed
 first (warm-up) and then timed ``--repeats`` times (5 by default): the table shows the median run, the JSON every
 run's tokens/s too. (One timed run of 129 tokens lasts 40 to 150 ms of host-driven rounds; single runs of the same
@@ -39,7 +44,7 @@ import common  # noqa: E402
 import tilec  # noqa: E402
 from tilec.models import build_model  # noqa: E402
 from tilec.models.dflash import build_draft  # noqa: E402
-from tilec.runtime.dflash import OracleDraft  # noqa: E402
+from tilec.runtime.dflash import OracleDraft, Sampler, SpeculativeDecoder, as_drafter  # noqa: E402
 
 BLOCK = 8
 
@@ -74,6 +79,58 @@ def run(cm, prompt, tokens, draft=None, repeats: int = 1):
     timed = [cm.generate(prompt, tokens, draft=draft, return_stats=True) for _ in range(max(1, repeats))]
     out, stats = sorted(timed, key=lambda run_: run_[1].seconds)[len(timed) // 2]
     return out, stats, [round(s.tokens_per_s, 3) for _, s in timed]
+
+
+def round_phases(cm, prompt, tokens: int, draft) -> dict:
+    """Medians over the rounds of one greedy generation (after a warm-up one): the round's wall time and the spans of
+    its draft forward and verify step, in ms (see the module's docstring)."""
+    gpu = prompt.is_cuda
+
+    def span(fn, into: list):
+        def timed(*args, **kwargs):
+            if gpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args, **kwargs)
+                end.record()
+                into.append((start, end))
+            else:
+                t = time.perf_counter()
+                out = fn(*args, **kwargs)
+                into.append(time.perf_counter() - t)
+            return out
+        return timed
+
+    for _ in range(2):  # a warm-up generation, then the timed one
+        decoder = SpeculativeDecoder(cm, as_drafter(draft, cm), 1, prompt.shape[1] + tokens + BLOCK,
+                                     Sampler(0.0, 1.0, None))
+        decoder.prefill(prompt)
+        produced, drafts, verifies, rounds = 1, [], [], []
+        decoder.drafter.propose = span(decoder.drafter.propose, drafts)
+        decoder.session.step = span(decoder.session.step, verifies)
+        while produced < tokens:
+            marks = len(drafts), len(verifies)
+            t = time.perf_counter()
+            new, _ = decoder.round(min(BLOCK, tokens - produced))  # ends on the host reading the acceptance
+            # (wall, the round's draft span or None: a 1-row round drafts nothing, its verify span)
+            rounds.append((time.perf_counter() - t, drafts[marks[0]:], verifies[marks[1]:]))
+            produced += new.shape[1]
+        if gpu:
+            torch.cuda.synchronize()
+
+    def seconds(timed: list) -> float:
+        if len(timed) != 1:
+            raise RuntimeError(f"a round timed {len(timed)} calls where one was expected")
+        return timed[0][0].elapsed_time(timed[0][1]) / 1e3 if gpu else timed[0]
+    walls = [wall for wall, _, _ in rounds]
+    drafts = [seconds(d) if d else 0.0 for _, d, _ in rounds]
+    verifies = [seconds(v) for _, _, v in rounds]
+    rest = [w - d - v for w, d, v in zip(walls, drafts, verifies)]
+
+    def ms(xs):
+        return round(1e3 * sorted(xs)[len(xs) // 2], 4)
+    return {"rounds": len(walls), "round_ms": ms(walls), "draft_ms": ms(drafts), "verify_ms": ms(verifies),
+            "rest_ms": ms(rest), "timing": "CUDA events" if gpu else "wall clock (CPU)"}
 
 
 def main(argv=None) -> int:
@@ -126,6 +183,9 @@ def main(argv=None) -> int:
     results["random_draft"] = {**stats.as_dict(), "tokens_per_s_runs": samples,
                                "same_tokens_as_plain": _same_prefix(out, plain, args.prompt_len)}
 
+    results["oracle"]["phases"] = round_phases(cm, prompt, args.tokens, OracleDraft(continuation, BLOCK))
+    results["random_draft"]["phases"] = round_phases(cm, prompt, args.tokens, draft_cm)
+
     base = results["plain"]["tokens_per_s"]
     for r in results.values():
         r["speedup_vs_plain"] = round(r["tokens_per_s"] / base, 3) if base else None
@@ -149,6 +209,10 @@ def main(argv=None) -> int:
         same = r.get("same_tokens_as_plain", args.tokens)
         print(f"{name:<14}{r['tokens_per_s']:>10.1f}{ms:>10.2f}{r['speedup_vs_plain']:>9.2f}"
               f"{r['mean_acceptance']:>10.2f}{r['rounds']:>8}  {same}/{args.tokens}")
+    print(f"{'per round (median ms)':<24}{'round':>8}{'draft':>8}{'verify':>8}{'rest':>8}")
+    for name in ("oracle", "random_draft"):
+        p = results[name]["phases"]
+        print(f"{name:<24}{p['round_ms']:>8.3f}{p['draft_ms']:>8.3f}{p['verify_ms']:>8.3f}{p['rest_ms']:>8.3f}")
     print(f"wrote {out_dir / 'bench_dflash.json'}")
     return 0
 

@@ -579,3 +579,23 @@ def test_cli_generate_text_prompt_needs_the_tokenizers_library(tmp_path, capsys,
     monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)
     assert main(["generate", str(ckpt), "--prompt", "hello"]) == 2
     assert "needs the `tokenizers` library" in capsys.readouterr().err
+
+
+def test_bench_dflash_times_every_round(tiny_cm, draft_cm):
+    """benchmarks/bench_dflash.py's round_phases: one draft span per drafted round (none for a 1-row round), one verify
+    span per round, and the round's wall time at least their sum's verify part; the oracle's rounds are the ones a
+    generation with it takes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_dflash import BLOCK, round_phases
+
+    prompt = random_ids(1, 6, 512, seed=5)
+    plain = tiny_cm.generate(prompt, 17)
+    oracle = OracleDraft(plain, BLOCK)
+    _, stats = tiny_cm.generate(prompt, 17, draft=oracle, return_stats=True)
+    timed = round_phases(tiny_cm, prompt, 17, oracle)
+    assert timed["rounds"] == stats.rounds
+    for phases in (timed, round_phases(tiny_cm, prompt, 17, draft_cm)):
+        assert phases["verify_ms"] > 0 and phases["draft_ms"] >= 0 and phases["round_ms"] >= phases["verify_ms"]
