@@ -17,7 +17,8 @@ is re-derived from that output until it is a fixed point (at most a few passes, 
 For the two drafted runs, one more generation is taken apart round by round (``phases``): each round's wall time
 (it ends with the host reading how many proposals were accepted), the GPU's span of the draft's forward and of the
 target's verify step (CUDA events around each; on the CPU, wall time), and what is left: accepting, the rollback, and
-the host's launches the GPU waited for. Medians over the rounds, in ms.
+the host's launches the GPU waited for. Medians over the rounds, in ms; beside them the prefill's wall time (its
+kernels launched from Python) and how many CUDA graphs the target captured during that generation.
 
 Writes ``DIR/bench_dflash.json`` and prints a short table. Timings exclude compilation; each run is done once untimed
 first (warm-up) and then timed ``--repeats`` times (5 by default): the table shows the median run, the JSON every
@@ -72,13 +73,21 @@ def random_model(preset: str, device: str, seed: int):
     return model.eval()
 
 
+def graph_captures(*models) -> int:
+    """CUDA graphs captured so far by these compiled models' steps and their variants' (0 off the GPU); anything
+    else (an oracle draft) counts 0."""
+    return sum(getattr(m._executor, "captures", 0) for cm in models if isinstance(cm, tilec.CompiledModel)
+               for m in (cm, *cm._variants.values()))
+
+
 def run(cm, prompt, tokens, draft=None, repeats: int = 1):
-    """(output, stats, every timed run's tokens/s) of a warm-up run and then ``repeats`` timed ones: the output and
-    stats of the median run (each run gives the same tokens)."""
+    """(output, stats, every timed run's tokens/s, graphs captured during the timed runs) of a warm-up run and then
+    ``repeats`` timed ones: the output and stats of the median run (each run gives the same tokens)."""
     cm.generate(prompt, tokens, draft=draft)
+    before = graph_captures(cm, draft)
     timed = [cm.generate(prompt, tokens, draft=draft, return_stats=True) for _ in range(max(1, repeats))]
     out, stats = sorted(timed, key=lambda run_: run_[1].seconds)[len(timed) // 2]
-    return out, stats, [round(s.tokens_per_s, 3) for _, s in timed]
+    return out, stats, [round(s.tokens_per_s, 3) for _, s in timed], graph_captures(cm, draft) - before
 
 
 def round_phases(cm, prompt, tokens: int, draft) -> dict:
@@ -104,7 +113,15 @@ def round_phases(cm, prompt, tokens: int, draft) -> dict:
     for _ in range(2):  # a warm-up generation, then the timed one
         decoder = SpeculativeDecoder(cm, as_drafter(draft, cm), 1, prompt.shape[1] + tokens + BLOCK,
                                      Sampler(0.0, 1.0, None))
+        executor = decoder.target._executor  # the target's GraphedStep on a GPU (its captures are counted)
+        captured = getattr(executor, "captures", 0)
+        if gpu:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
         decoder.prefill(prompt)
+        if gpu:
+            torch.cuda.synchronize()
+        prefill_s = time.perf_counter() - t
         produced, drafts, verifies, rounds = 1, [], [], []
         decoder.drafter.propose = span(decoder.drafter.propose, drafts)
         decoder.session.step = span(decoder.session.step, verifies)
@@ -117,6 +134,7 @@ def round_phases(cm, prompt, tokens: int, draft) -> dict:
             produced += new.shape[1]
         if gpu:
             torch.cuda.synchronize()
+        captured = getattr(executor, "captures", 0) - captured
 
     def seconds(timed: list) -> float:
         if len(timed) != 1:
@@ -130,7 +148,9 @@ def round_phases(cm, prompt, tokens: int, draft) -> dict:
     def ms(xs):
         return round(1e3 * sorted(xs)[len(xs) // 2], 4)
     return {"rounds": len(walls), "round_ms": ms(walls), "draft_ms": ms(drafts), "verify_ms": ms(verifies),
-            "rest_ms": ms(rest), "timing": "CUDA events" if gpu else "wall clock (CPU)"}
+            "rest_ms": ms(rest), "rounds_total_ms": round(1e3 * sum(walls), 4),
+            "prefill_ms": round(1e3 * prefill_s, 4), "target_graph_captures": captured,
+            "timing": "CUDA events" if gpu else "wall clock (CPU)"}
 
 
 def main(argv=None) -> int:
@@ -167,20 +187,22 @@ def main(argv=None) -> int:
                            generator=torch.Generator().manual_seed(args.seed)).to(device)
 
     results = {}
-    plain, stats, samples = run(cm, prompt, args.tokens, repeats=args.repeats)
-    results["plain"] = {**stats.as_dict(), "tokens_per_s_runs": samples}
+    plain, stats, samples, captures = run(cm, prompt, args.tokens, repeats=args.repeats)
+    results["plain"] = {**stats.as_dict(), "tokens_per_s_runs": samples, "graph_captures_timed": captures}
 
     continuation, passes = plain, 0
     for passes in range(1, 6):
-        out, stats, samples = run(cm, prompt, args.tokens, OracleDraft(continuation, BLOCK), args.repeats)
+        out, stats, samples, captures = run(cm, prompt, args.tokens, OracleDraft(continuation, BLOCK),
+                                            args.repeats)
         if torch.equal(out, continuation):
             break
         continuation = out
-    results["oracle"] = {**stats.as_dict(), "tokens_per_s_runs": samples, "oracle_passes": passes,
+    results["oracle"] = {**stats.as_dict(), "tokens_per_s_runs": samples, "graph_captures_timed": captures,
+                         "oracle_passes": passes,
                          "same_tokens_as_plain": _same_prefix(out, plain, args.prompt_len)}
 
-    out, stats, samples = run(cm, prompt, args.tokens, draft_cm, args.repeats)
-    results["random_draft"] = {**stats.as_dict(), "tokens_per_s_runs": samples,
+    out, stats, samples, captures = run(cm, prompt, args.tokens, draft_cm, args.repeats)
+    results["random_draft"] = {**stats.as_dict(), "tokens_per_s_runs": samples, "graph_captures_timed": captures,
                                "same_tokens_as_plain": _same_prefix(out, plain, args.prompt_len)}
 
     results["oracle"]["phases"] = round_phases(cm, prompt, args.tokens, OracleDraft(continuation, BLOCK))
@@ -203,16 +225,19 @@ def main(argv=None) -> int:
 
     print(f"{report['model']} on {report['device']}, target {cm.target}{', MXFP4 experts' if args.mxfp4 else ''}, "
           f"block {BLOCK}, {args.tokens} new tokens, median of {args.repeats} timed runs")
-    print(f"{'run':<14}{'tokens/s':>10}{'ms/token':>10}{'speedup':>9}{'mean acc':>10}{'rounds':>8}  same as plain")
+    print(f"{'run':<14}{'tokens/s':>10}{'ms/token':>10}{'speedup':>9}{'mean acc':>10}{'rounds':>8}  same as plain"
+          f"  (graphs captured in the timed runs)")
     for name, r in results.items():
         ms = 1e3 / r["tokens_per_s"] if r["tokens_per_s"] else float("nan")
         same = r.get("same_tokens_as_plain", args.tokens)
         print(f"{name:<14}{r['tokens_per_s']:>10.1f}{ms:>10.2f}{r['speedup_vs_plain']:>9.2f}"
-              f"{r['mean_acceptance']:>10.2f}{r['rounds']:>8}  {same}/{args.tokens}")
-    print(f"{'per round (median ms)':<24}{'round':>8}{'draft':>8}{'verify':>8}{'rest':>8}")
+              f"{r['mean_acceptance']:>10.2f}{r['rounds']:>8}  {same}/{args.tokens}  ({r['graph_captures_timed']})")
+    print(f"{'per round (median ms)':<24}{'round':>8}{'draft':>8}{'verify':>8}{'rest':>8}{'all rounds':>11}"
+          f"{'prefill':>9}  captures")
     for name in ("oracle", "random_draft"):
         p = results[name]["phases"]
-        print(f"{name:<24}{p['round_ms']:>8.3f}{p['draft_ms']:>8.3f}{p['verify_ms']:>8.3f}{p['rest_ms']:>8.3f}")
+        print(f"{name:<24}{p['round_ms']:>8.3f}{p['draft_ms']:>8.3f}{p['verify_ms']:>8.3f}{p['rest_ms']:>8.3f}"
+              f"{p['rounds_total_ms']:>11.3f}{p['prefill_ms']:>9.3f}  {p['target_graph_captures']}")
     print(f"wrote {out_dir / 'bench_dflash.json'}")
     return 0
 

@@ -19,7 +19,7 @@ class GraphedStep:
     def __init__(self, step: Callable, max_rows: int = 8, max_graphs: int = 8):
         self.step, self.max_rows, self.max_graphs = step, max_rows, max_graphs
         self._graphs: dict[tuple, tuple] = {}
-        self.replays = 0
+        self.replays = self.captures = 0  # counters, for benchmarks and tests
 
     def __call__(self, input_ids: torch.Tensor, start_pos: torch.Tensor, *tensors: torch.Tensor):
         if not input_ids.is_cuda or input_ids.shape[1] > self.max_rows:
@@ -30,6 +30,7 @@ class GraphedStep:
             if len(self._graphs) >= self.max_graphs:
                 self._graphs.pop(next(iter(self._graphs)))
             entry = self._graphs[key] = self._capture(input_ids, start_pos, tensors)
+            self.captures += 1
         graph, static_ids, static_pos, outputs = entry
         static_ids.copy_(input_ids)
         static_pos.copy_(start_pos)
