@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import platform
 import sys
 import time
@@ -111,8 +112,10 @@ def round_phases(cm, prompt, tokens: int, draft) -> dict:
         return timed
 
     for _ in range(2):  # a warm-up generation, then the timed one
-        decoder = SpeculativeDecoder(cm, as_drafter(draft, cm), 1, prompt.shape[1] + tokens + BLOCK,
-                                     Sampler(0.0, 1.0, None))
+        decoder = None  # gone first (the timing wrappers make cycles: collected), so the new one's session takes
+        gc.collect()  # its caches and CUDA graphs
+        length = cm.generation_length(prompt.shape[1] + tokens + BLOCK - 1)  # as dflash_generate sizes it
+        decoder = SpeculativeDecoder(cm, as_drafter(draft, cm), 1, length, Sampler(0.0, 1.0, None))
         executor = decoder.target._executor  # the target's GraphedStep on a GPU (its captures are counted)
         captured = getattr(executor, "captures", 0)
         if gpu:
@@ -128,7 +131,7 @@ def round_phases(cm, prompt, tokens: int, draft) -> dict:
         while produced < tokens:
             marks = len(drafts), len(verifies)
             t = time.perf_counter()
-            new, _ = decoder.round(min(BLOCK, tokens - produced))  # ends on the host reading the acceptance
+            new, _ = decoder.round(BLOCK)  # whole blocks, as dflash_generate; ends on the host reading the acceptance
             # (wall, the round's draft span or None: a 1-row round drafts nothing, its verify span)
             rounds.append((time.perf_counter() - t, drafts[marks[0]:], verifies[marks[1]:]))
             produced += new.shape[1]

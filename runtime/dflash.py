@@ -154,6 +154,7 @@ class DFlashDrafter:
         self._context_start: Tensor | None = None
 
     def reset(self, batch: int, max_seq_len: int) -> None:
+        self.session = None  # gone first, so the new session may take its caches (CompiledModel.new_session)
         self.session = self.cm.new_session(batch, max_seq_len)
         self._context = {}
         self._context_start = torch.empty((batch,), dtype=torch.int64, device=self.cm.device)
@@ -323,7 +324,9 @@ def dflash_generate(target_cm, draft, ids: Tensor, max_new_tokens: int, *, tempe
     emitted eos keeps emitting it, and decoding stops once all rows have. ``on_tokens`` gets each round's tokens."""
     drafter = as_drafter(draft, target_cm)
     batch, prompt = ids.shape
-    length = max_seq_len or prompt + max_new_tokens
+    # Room for a whole block at every round: a last round of fewer rows would be a step of a new shape, and on a GPU a
+    # new shape is a CUDA graph captured on the spot (tens of ms). Tokens past max_new_tokens are verified and dropped.
+    length = max_seq_len or target_cm.generation_length(prompt + max_new_tokens + drafter.block_size - 1)
     sampler = Sampler(temperature, top_p, generator)
     stats = GenerationStats()
     has_eos = eos is not None and eos.numel() > 0
@@ -353,12 +356,13 @@ def dflash_generate(target_cm, draft, ids: Tensor, max_new_tokens: int, *, tempe
     begin = time.perf_counter()
     finished = emit(decoder.prefill(ids)[:, None])
     while not finished:
-        # The last round verifies only as many rows as tokens are still wanted, so the target's cache needs no
-        # more room than plain decoding's.
-        rows = min(drafter.block_size, max_new_tokens - stats.new_tokens)
+        # A whole block while the cache has room for it (always, at the default length); where a caller's
+        # max_seq_len leaves less, as many rows as fit, which is never fewer than the tokens still wanted.
+        rows = min(drafter.block_size, length - decoder.session.length)
         new, _ = decoder.round(rows, done if has_eos else None)
-        stats.record_round(new.shape[1])
+        before = stats.new_tokens
         finished = emit(new)
+        stats.record_round(stats.new_tokens - before)  # the tokens kept
     _sync(ids)
     stats.seconds = time.perf_counter() - begin
     return torch.cat(out, dim=1), stats

@@ -46,10 +46,18 @@ def ring_capacity(window: int, max_seq_len: int, spec_rows: int) -> int:
 class KVCache:
     """The allocated cache tensors of one model instance, in graph-input order, plus the filled length."""
 
-    def __init__(self, specs: list[CacheSpec], device: torch.device | str, max_seq_len: int):
+    def __init__(self, specs: list[CacheSpec], device: torch.device | str, max_seq_len: int,
+                 tensors: list[torch.Tensor] | None = None):
+        """Zeroed tensors for ``specs``; ``tensors`` (of exactly those shapes and dtypes) are zeroed and used instead of
+        new ones (a finished session's, see CompiledModel.new_session)."""
         self.specs = list(specs)
         self.max_seq_len = max_seq_len
-        self.tensors = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in self.specs]
+        if tensors is None:
+            self.tensors = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in self.specs]
+        else:
+            if [(tuple(t.shape), t.dtype) for t in tensors] != [(tuple(s.shape), s.dtype) for s in self.specs]:
+                raise ValueError("reused cache tensors do not match the cache's layout")
+            self.tensors = [t.zero_() for t in tensors]
 
     @property
     def nbytes(self) -> int:

@@ -18,10 +18,10 @@ from tilec.runtime.kv_cache import CacheSpec, KVCache
 
 class DecodeSession:
     def __init__(self, step: Callable, specs: list[CacheSpec], *, batch: int, max_seq_len: int,
-                 device: torch.device):
+                 device: torch.device, cache_tensors: list[torch.Tensor] | None = None):
         self._step = step
         self.batch, self.device = batch, device
-        self.cache = KVCache(specs, device, max_seq_len)
+        self.cache = KVCache(specs, device, max_seq_len, cache_tensors)
         self.length = 0
         self.hidden: torch.Tensor | None = None
 

@@ -203,6 +203,34 @@ def test_rollback_fuzz(tiny_cm, accepted, block, seed):
 
 
 # ------------------------------------------------------------------------------------------------------ report
+def test_a_finished_sessions_caches_go_to_the_next_session_of_its_layout(tiny):
+    """new_session gives a gone session's cache tensors, zeroed, to the next session of the same layout (on a GPU its
+    CUDA graphs were captured on them); a live session's are never shared; at most SPARE_CACHES layouts are kept; and
+    a session on reused caches steps exactly as one on new caches does."""
+    import gc
+
+    cm = tilec.compile(tiny, options=tilec.Options(max_seq_len=64))
+    ids = random_ids(1, 5, 512, seed=2)
+    first = cm.new_session(1, 32)
+    want = first.step(ids)
+    ptrs = [t.data_ptr() for t in first.cache.tensors]
+    live = cm.new_session(1, 32)
+    assert not set(ptrs) & {t.data_ptr() for t in live.cache.tensors}
+    del first
+    gc.collect()
+    again = cm.new_session(1, 32)
+    assert [t.data_ptr() for t in again.cache.tensors] == ptrs
+    assert all(not t.any() for t in again.cache.tensors)  # zeroed: the first session had stepped
+    assert torch.equal(again.step(ids), want)
+    del live, again
+    for length in (16, 24, 40):
+        cm.new_session(1, length)  # gone at once
+    gc.collect()
+    assert len(cm._spare_caches) == cm.SPARE_CACHES
+    assert [key[0] for key in cm._spare_caches] == [24, 40]  # the newest
+    assert cm.generation_length(10) == 10  # on the CPU just what is needed (on a GPU at least max_seq_len)
+
+
 def test_report_of_tiny_counts_every_weight(tiny, tiny_cm):
     rep = tiny_cm.report
     numel = sum(t.numel() for t in list(tiny.parameters()) + list(tiny.buffers()))

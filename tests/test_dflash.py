@@ -599,3 +599,28 @@ def test_bench_dflash_times_every_round(tiny_cm, draft_cm):
     assert timed["rounds"] == stats.rounds
     for phases in (timed, round_phases(tiny_cm, prompt, 17, draft_cm)):
         assert phases["verify_ms"] > 0 and phases["draft_ms"] >= 0 and phases["round_ms"] >= phases["verify_ms"]
+
+
+def test_every_round_verifies_a_whole_block(tiny_cm, draft, draft_cm, monkeypatch):
+    """Every verify step has the block's rows, the last ones too (a round of fewer rows would be a new step shape:
+    on a GPU, a CUDA graph captured mid-generation). The tokens past max_new_tokens are dropped, the round statistics
+    count only the tokens kept, and the output is plain decoding's; with a caller's max_seq_len that leaves no room
+    for whole blocks, rounds take the rows that fit."""
+    rows_seen = []
+    real_round = SpeculativeDecoder.round
+
+    def spy(self, rows=None, done=None):
+        rows_seen.append(rows)
+        return real_round(self, rows, done)
+    monkeypatch.setattr(SpeculativeDecoder, "round", spy)
+    prompt = random_ids(1, 5, 512, seed=11)
+    plain = tiny_cm.generate(prompt, 21)
+    out, stats = tiny_cm.generate(prompt, 21, draft=draft_cm, return_stats=True)
+    block = draft.config.block_size
+    assert torch.equal(out, plain)
+    assert rows_seen and set(rows_seen) == {block}, rows_seen
+    assert stats.new_tokens == 21 and sum(int(k) * v for k, v in stats.as_dict()["acceptance_histogram"].items()) \
+        == 20  # the prefill's token is not a round's
+    rows_seen.clear()
+    out = tiny_cm.generate(prompt, 21, draft=draft_cm, max_seq_len=5 + 21)
+    assert torch.equal(out, plain) and max(rows_seen) == block and min(rows_seen) < block

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import time
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -100,6 +102,9 @@ class CompiledModel:
         self.program = program
         self._executor = self.graph if program is None else (
             GraphedStep(program, max_rows=options.spec_rows) if self.device.type == "cuda" else program)
+        # The caches of finished sessions, by layout (the SPARE_CACHES most recent), for the next session of that
+        # layout: its steps then find the CUDA graphs captured on those very tensors.
+        self._spare_caches: collections.OrderedDict[tuple, list[torch.Tensor]] = collections.OrderedDict()
 
     # ------------------------------------------------------------------------------------------- inspection
     @property
@@ -139,13 +144,30 @@ class CompiledModel:
             raise ShapeError(f"token ids must be in 0..{vocab - 1}; got min {int(ids.min())}, max {int(ids.max())}")
         return ids.to(torch.int64).to(self.device)
 
+    SPARE_CACHES = 2
+
     def new_session(self, batch: int = 1, max_seq_len: int | None = None) -> DecodeSession | RecomputeSession:
-        """A fresh KV cache for ``batch`` sequences of up to ``max_seq_len`` tokens, ready to step."""
+        """A fresh (zeroed) KV cache for ``batch`` sequences of up to ``max_seq_len`` tokens, ready to step.
+
+        Once a session is gone (no references left), the model keeps its cache tensors, for up to SPARE_CACHES
+        layouts, and gives them, zeroed, to the next session of the same layout. On a GPU each step shape's CUDA graph
+        is captured on the cache tensors it was given, so a new session on new tensors would capture its graphs again
+        (tens of ms each); on the same ones it replays them."""
         max_seq_len = max_seq_len or self.options.max_seq_len
         if self.info.kind != "decoder":
             return RecomputeSession(self._executor, batch, max_seq_len)
         specs = layout_from_graph(self.graph, batch, max_seq_len, self.options.spec_rows)
-        return DecodeSession(self._executor, specs, batch=batch, max_seq_len=max_seq_len, device=self.device)
+        key = (max_seq_len, tuple((tuple(s.shape), s.dtype) for s in specs))
+        session = DecodeSession(self._executor, specs, batch=batch, max_seq_len=max_seq_len, device=self.device,
+                                cache_tensors=self._spare_caches.pop(key, None))
+        weakref.finalize(session, _keep_spare, self._spare_caches, key, session.cache.tensors, self.SPARE_CACHES)
+        return session
+
+    def generation_length(self, needed: int) -> int:
+        """The cache length generate() gives a session that needs ``needed`` positions: on a GPU at least
+        Options.max_seq_len, so that calls of any prompt length share one cache layout, and with it (new_session's
+        spare caches) the same cache tensors and CUDA graphs; elsewhere just what it needs."""
+        return max(needed, self.options.max_seq_len) if self.device.type == "cuda" else needed
 
     def with_hidden_layers(self, layers: Sequence[int]) -> "CompiledModel":
         """This model compiled again to also return the hidden states after ``layers`` (cached; weights shared)."""
@@ -198,7 +220,8 @@ class CompiledModel:
                                             generator=generator, eos=eos, max_seq_len=max_seq_len,
                                             on_tokens=on_tokens)
         else:
-            session = self.new_session(ids.shape[0], max_seq_len or ids.shape[1] + max_new_tokens)
+            session = self.new_session(ids.shape[0],
+                                       max_seq_len or self.generation_length(ids.shape[1] + max_new_tokens))
             tokens, stats = generate_plain(session, ids, max_new_tokens, temperature=temperature, top_p=top_p,
                                            generator=generator, eos=eos, on_tokens=on_tokens)
         return (tokens, stats) if return_stats else tokens
@@ -228,6 +251,14 @@ class CompiledModel:
         """Write the artifact (stages, report, manifest) to ``directory``, atomically."""
         self.saved_to = write_atomic(directory, self.artifact_files())
         return self.saved_to
+
+
+def _keep_spare(spares: collections.OrderedDict, key: tuple, tensors: list[torch.Tensor], most: int) -> None:
+    """A finished session's cache tensors become the spare of their layout (the newest first to stay)."""
+    spares[key] = tensors
+    spares.move_to_end(key)
+    while len(spares) > most:
+        spares.popitem(last=False)
 
 
 def _version() -> str:
