@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from typing import Callable, Protocol
 
 import torch
@@ -149,15 +150,12 @@ class DFlashDrafter:
         self.block_size = cfg.block_size
         self.target_layer_ids = tuple(cfg.target_layer_ids)
         self.session = None
-        # Inputs kept at fixed addresses, so that a step captured as a CUDA graph replays (one per context length).
-        self._context: dict[int, Tensor] = {}
         self._context_start: Tensor | None = None
 
     def reset(self, batch: int, max_seq_len: int) -> None:
         self.session = None  # gone first, so the new session may take its caches (CompiledModel.new_session)
         self.session = self.cm.new_session(batch, max_seq_len)
-        self._context = {}
-        self._context_start = torch.empty((batch,), dtype=torch.int64, device=self.cm.device)
+        self._context_start = _step_input(self.cm, (batch,), torch.int64)
 
     def propose(self, tokens: Tensor, context: Tensor | None, sampler: Sampler) -> Proposal:
         if context is None:
@@ -173,10 +171,7 @@ class DFlashDrafter:
         block[:, 0] = tokens[:, -1]
         rows = context.shape[1]
         if rows <= self.block_size:  # every round's context; a prefill's is used once and passed as it is
-            buffer = self._context.get(rows)
-            if buffer is None or buffer.dtype != context.dtype:
-                buffer = self._context[rows] = torch.empty(context.shape, dtype=context.dtype, device=self.cm.device)
-            context = buffer.copy_(context)
+            context = _step_input(self.cm, tuple(context.shape), context.dtype).copy_(context)
         self._context_start.fill_(start)
         out = self.session.step(block, context.contiguous(), self._context_start, start=p, advance=rows)
         if not out.is_floating_point():  # compiled with greedy=True: the graph returns ids
@@ -185,6 +180,21 @@ class DFlashDrafter:
                                  "its logits: compile it without greedy")
             return Proposal(out[:, 1:])
         return sampler.draw(out[:, 1:])
+
+
+# The draft's step inputs other than its tokens, at fixed addresses per compiled draft and shape, for as long as the
+# draft lives: a step captured as a CUDA graph replays only with the tensors it was captured with, and each
+# generation's drafter is new. (Filled right before each step, which reads them before the next fill, in stream
+# order: drafters of one draft may share them.)
+_STEP_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_input(cm, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    buffers = _STEP_INPUTS.setdefault(cm, {})
+    key = (shape, dtype)
+    if key not in buffers:
+        buffers[key] = torch.empty(shape, dtype=dtype, device=cm.device)
+    return buffers[key]
 
 
 class OracleDraft:

@@ -624,3 +624,25 @@ def test_every_round_verifies_a_whole_block(tiny_cm, draft, draft_cm, monkeypatc
     rows_seen.clear()
     out = tiny_cm.generate(prompt, 21, draft=draft_cm, max_seq_len=5 + 21)
     assert torch.equal(out, plain) and max(rows_seen) == block and min(rows_seen) < block
+
+
+def test_the_drafts_step_inputs_keep_their_addresses_across_generations(tiny_cm, draft_cm, monkeypatch):
+    """Every tensor a draft step gets (its caches, the context, the context's start) is at the same address in the
+    next generation as in the first: on a GPU each step shape's CUDA graph, captured once, then replays instead of
+    being captured again each generation."""
+    from tilec.runtime.session import DecodeSession
+
+    calls = []
+
+    real_step = DecodeSession.step
+
+    def spy(self, input_ids, *extra, **kw):
+        if extra:  # the draft's steps (the target's have no extra inputs)
+            calls.append(tuple(t.data_ptr() for t in (*self.cache.tensors, *extra)))
+        return real_step(self, input_ids, *extra, **kw)
+    monkeypatch.setattr(DecodeSession, "step", spy)
+    prompt = random_ids(1, 5, 512, seed=13)
+    first = tiny_cm.generate(prompt, 12, draft=draft_cm)
+    seen, calls[:] = list(calls), []
+    assert torch.equal(tiny_cm.generate(prompt, 12, draft=draft_cm), first)
+    assert calls == seen and len(set(calls)) >= 2  # the prefill's context and a round's: different inputs
