@@ -132,7 +132,7 @@ def round_phases(cm, prompt, tokens: int, draft) -> dict:
             marks = len(drafts), len(verifies)
             t = time.perf_counter()
             new, _ = decoder.round(BLOCK)  # whole blocks, as dflash_generate; ends on the host reading the acceptance
-            # (wall, the round's draft span or None: a 1-row round drafts nothing, its verify span)
+            # (wall, the round's draft spans (none for a 1-row round, which drafts nothing), its verify spans)
             rounds.append((time.perf_counter() - t, drafts[marks[0]:], verifies[marks[1]:]))
             produced += new.shape[1]
         if gpu:
