@@ -170,10 +170,11 @@ class DFlashDrafter:
                            device=tokens.device)
         block[:, 0] = tokens[:, -1]
         rows = context.shape[1]
-        if rows <= self.block_size:  # every round's context; a prefill's is used once and passed as it is
+        once = rows > self.block_size  # a prefill's context: used once, passed as it is, run outside the graphs
+        if not once:  # every round's context
             context = _step_input(self.cm, tuple(context.shape), context.dtype).copy_(context)
         self._context_start.fill_(start)
-        out = self.session.step(block, context.contiguous(), self._context_start, start=p, advance=rows)
+        out = self.session.step(block, context.contiguous(), self._context_start, start=p, advance=rows, once=once)
         if not out.is_floating_point():  # compiled with greedy=True: the graph returns ids
             if not sampler.greedy:
                 raise TilecError("the draft was compiled with greedy=True (it returns token ids); sampling needs "

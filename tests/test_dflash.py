@@ -638,11 +638,34 @@ def test_the_drafts_step_inputs_keep_their_addresses_across_generations(tiny_cm,
 
     def spy(self, input_ids, *extra, **kw):
         if extra:  # the draft's steps (the target's have no extra inputs)
-            calls.append(tuple(t.data_ptr() for t in (*self.cache.tensors, *extra)))
+            once.append(kw.get("once", False))
+            if not once[-1]:
+                calls.append(tuple(t.data_ptr() for t in (*self.cache.tensors, *extra)))
         return real_step(self, input_ids, *extra, **kw)
+    once = []
     monkeypatch.setattr(DecodeSession, "step", spy)
-    prompt = random_ids(1, 5, 512, seed=13)
+    prompt = random_ids(1, 12, 512, seed=13)  # a context longer than the block: the draft's first step runs once
     first = tiny_cm.generate(prompt, 12, draft=draft_cm)
     seen, calls[:] = list(calls), []
     assert torch.equal(tiny_cm.generate(prompt, 12, draft=draft_cm), first)
-    assert calls == seen and len(set(calls)) >= 2  # the prefill's context and a round's: different inputs
+    assert calls == seen and len(seen) >= 2
+    # each generation's first draft step (the prompt's 12 positions of context) outside the graphs, the rest in them
+    assert once[0] and once[len(once) // 2] and not any(once[1:len(once) // 2]) and not any(once[len(once) // 2 + 1:])
+
+
+def test_a_step_run_once_bypasses_the_cuda_graphs(tiny_cm, monkeypatch):
+    """DecodeSession.step(once=True) runs a GraphedStep's kernels directly (no graph captured for inputs used once);
+    other steps go through it. The same logits either way."""
+    from tilec.runtime.cuda_graph import GraphedStep
+
+    through = []
+
+    def graphed(self, *args):
+        through.append(args[0].shape[1])
+        return self.step(*args)
+    monkeypatch.setattr(GraphedStep, "__call__", graphed)
+    ids = random_ids(1, 4, 512, seed=17)
+    plain, wrapped = tiny_cm.new_session(1, 32), tiny_cm.new_session(1, 32)
+    wrapped._step = GraphedStep(wrapped._step)
+    assert torch.equal(wrapped.step(ids, once=True), plain.step(ids)) and through == []
+    assert torch.equal(wrapped.step(ids[:, :1]), plain.step(ids[:, :1])) and through == [1]
