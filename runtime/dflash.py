@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import weakref
 from typing import Callable, Protocol
 
 import torch
@@ -155,7 +154,9 @@ class DFlashDrafter:
     def reset(self, batch: int, max_seq_len: int) -> None:
         self.session = None  # gone first, so the new session may take its caches (CompiledModel.new_session)
         self.session = self.cm.new_session(batch, max_seq_len)
-        self._context_start = _step_input(self.cm, (batch,), torch.int64)
+        # the step's inputs besides its tokens at the draft model's fixed addresses, the same every generation (each
+        # generation's drafter is new): its CUDA graphs then replay
+        self._context_start = self.cm.step_input((batch,), torch.int64)
 
     def propose(self, tokens: Tensor, context: Tensor | None, sampler: Sampler) -> Proposal:
         if context is None:
@@ -172,7 +173,7 @@ class DFlashDrafter:
         rows = context.shape[1]
         once = rows > self.block_size  # a prefill's context: used once, passed as it is, run outside the graphs
         if not once:  # every round's context
-            context = _step_input(self.cm, tuple(context.shape), context.dtype).copy_(context)
+            context = self.cm.step_input(tuple(context.shape), context.dtype).copy_(context)
         self._context_start.fill_(start)
         out = self.session.step(block, context.contiguous(), self._context_start, start=p, advance=rows, once=once)
         if not out.is_floating_point():  # compiled with greedy=True: the graph returns ids
@@ -181,21 +182,6 @@ class DFlashDrafter:
                                  "its logits: compile it without greedy")
             return Proposal(out[:, 1:])
         return sampler.draw(out[:, 1:])
-
-
-# The draft's step inputs other than its tokens, at fixed addresses per compiled draft and shape, for as long as the
-# draft lives: a step captured as a CUDA graph replays only with the tensors it was captured with, and each
-# generation's drafter is new. (Filled right before each step, which reads them before the next fill, in stream
-# order: drafters of one draft may share them.)
-_STEP_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _step_input(cm, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    buffers = _STEP_INPUTS.setdefault(cm, {})
-    key = (shape, dtype)
-    if key not in buffers:
-        buffers[key] = torch.empty(shape, dtype=dtype, device=cm.device)
-    return buffers[key]
 
 
 class OracleDraft:

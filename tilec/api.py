@@ -105,6 +105,7 @@ class CompiledModel:
         # The caches of finished sessions, by layout (the SPARE_CACHES most recent), for the next session of that
         # layout: its steps then find the CUDA graphs captured on those very tensors.
         self._spare_caches: collections.OrderedDict[tuple, list[torch.Tensor]] = collections.OrderedDict()
+        self._step_inputs: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------- inspection
     @property
@@ -162,6 +163,15 @@ class CompiledModel:
                                 cache_tensors=self._spare_caches.pop(key, None))
         weakref.finalize(session, _keep_spare, self._spare_caches, key, session.cache.tensors, self.SPARE_CACHES)
         return session
+
+    def step_input(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of this model's, one per shape and dtype, at a fixed address for as long as the model lives: for a
+        step input that callers fill right before each step (a CUDA graph replays only with the tensors it was
+        captured with). Filled and read in stream order, so callers stepping one after another may share it."""
+        key = (tuple(shape), dtype)
+        if key not in self._step_inputs:
+            self._step_inputs[key] = torch.empty(key[0], dtype=dtype, device=self.device)
+        return self._step_inputs[key]
 
     def generation_length(self, needed: int) -> int:
         """The cache length generate() gives a session that needs ``needed`` positions: on a GPU at least
