@@ -582,8 +582,8 @@ def test_cli_generate_text_prompt_needs_the_tokenizers_library(tmp_path, capsys,
 
 
 def test_bench_dflash_times_every_round(tiny_cm, draft_cm):
-    """benchmarks/bench_dflash.py's round_phases: one draft span per drafted round (none for a 1-row round), one verify
-    span per round, and the round's wall time at least their sum's verify part; the oracle's rounds are the ones a
+    """benchmarks/bench_dflash.py's round_phases: a draft span for each drafted round (none for a 1-row round), a
+    verify span for each round, each round's wall time at least its verify span; the oracle's rounds are the ones a
     generation with it takes."""
     import sys
     from pathlib import Path
@@ -632,8 +632,7 @@ def test_the_drafts_step_inputs_keep_their_addresses_across_generations(tiny_cm,
     being captured again each generation."""
     from tilec.runtime.session import DecodeSession
 
-    calls = []
-
+    calls, once = [], []
     real_step = DecodeSession.step
 
     def spy(self, input_ids, *extra, **kw):
@@ -642,7 +641,6 @@ def test_the_drafts_step_inputs_keep_their_addresses_across_generations(tiny_cm,
             if not once[-1]:
                 calls.append(tuple(t.data_ptr() for t in (*self.cache.tensors, *extra)))
         return real_step(self, input_ids, *extra, **kw)
-    once = []
     monkeypatch.setattr(DecodeSession, "step", spy)
     prompt = random_ids(1, 12, 512, seed=13)  # a context longer than the block: the draft's first step runs once
     first = tiny_cm.generate(prompt, 12, draft=draft_cm)
