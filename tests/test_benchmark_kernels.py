@@ -159,3 +159,17 @@ def test_bench_decode_cache_positions(tmp_path):
     with pytest.raises(SystemExit):
         parse_args(["--out", str(tmp_path), "--device", "cpu", "--contexts", "16,32", "--steps", "4",
                     "--cache-positions", "60"])  # 32 + 6 + 32 (hf steps) + 8 = 78 needed
+
+
+def test_bench_prefill_smoke(tmp_path):
+    """bench_prefill.py runs on the CPU (tiny, the reference target) and writes one timed row a prompt length, its
+    median among its runs."""
+    import json
+
+    from bench_prefill import main
+
+    assert main(["--smoke", "--out", str(tmp_path), "--prompts", "4,9", "--repeats", "3"]) == 0
+    data = json.loads((tmp_path / "bench_prefill.json").read_text())
+    assert [(r["entry"], r["prompt"]) for r in data["results"]] == [("reference", 4), ("reference", 9)]
+    for r in data["results"]:
+        assert len(r["wall_ms_runs"]) == 3 and r["wall_ms"] == sorted(r["wall_ms_runs"])[1] and r["gpu_ms"] is None

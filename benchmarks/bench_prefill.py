@@ -1,0 +1,114 @@
+"""Time to first token: a prompt's prefill, warm, on tilec's triton target (bf16, and with MXFP4 experts) beside
+transformers' eager MiMoV2FlashForCausalLM over the very same weights.
+
+    python3 benchmarks/bench_prefill.py --out out/prefill                  # GPU: mini, prompts of 32 to 4096 tokens
+    python3 benchmarks/bench_prefill.py --out out/prefill --smoke          # CPU: tiny on the reference target
+
+Each tilec prefill runs a random prompt into a fresh session, its cache as long as generate() makes it (at least the
+compile option's max_seq_len on a GPU), after one untimed prefill of the same length (Triton compiles the kernels of
+that length's tiles then). HF runs its forward over the prompt. Two clocks each:
+- the host's wall time from the call until the logits are ready (synchronised before and after);
+- on a GPU, the span between CUDA events recorded around the call.
+A wall time far above the GPU span means the prefill waits on the host launching its kernels. Medians of --repeats.
+torch.compile is not a peer here: it would compile again for every prompt length. Writes DIR/bench_prefill.json and
+prints a line per measurement. (No figure from this script has been taken on a GPU yet.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from a source checkout
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from bench_decode import build_model, hf_sharing_weights  # noqa: E402
+
+import tilec  # noqa: E402
+
+
+def time_prefill(prefill, prompt: torch.Tensor, repeats: int) -> dict:
+    """Medians over ``repeats`` timed calls of ``prefill(prompt)``, after one untimed call."""
+    gpu = prompt.is_cuda
+    prefill(prompt)
+    walls, spans = [], []
+    for _ in range(repeats):
+        if gpu:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t = time.perf_counter()
+        prefill(prompt)
+        if gpu:
+            end.record()
+            torch.cuda.synchronize()
+            spans.append(start.elapsed_time(end))
+        walls.append((time.perf_counter() - t) * 1e3)
+    return {"wall_ms": round(statistics.median(walls), 4),
+            "gpu_ms": round(statistics.median(spans), 4) if spans else None,
+            "wall_ms_runs": [round(w, 4) for w in walls]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="directory for bench_prefill.json")
+    ap.add_argument("--smoke", action="store_true", help="CPU: the tiny preset on the reference target")
+    ap.add_argument("--prompts", default="",
+                    help="prompt lengths, comma-separated (default 32,256,1024,4096; with --smoke 8,24)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed prefills of each (the median is reported)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    gpu = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if gpu else "cpu")
+    try:
+        prompts = [int(p) for p in (args.prompts or ("32,256,1024,4096" if gpu else "8,24")).split(",")]
+    except ValueError:
+        ap.error(f"--prompts {args.prompts!r}: expected lengths such as 32,256,1024")
+    if not prompts or min(prompts) < 1:
+        ap.error(f"--prompts {args.prompts!r}: lengths must be positive")
+    t0 = time.perf_counter()
+    model = build_model("mini" if gpu else "tiny", device, args.seed)
+    options = tilec.Options(max_seq_len=max(prompts) + 8)
+    entries = {}
+    if gpu:
+        for name, mx in (("triton", False), ("triton-mxfp4", True)):
+            entries[name] = tilec.compile(model, target="triton", options=options.replace(mxfp4=mx))
+    else:
+        entries["reference"] = tilec.compile(model, options=options)
+    hf = hf_sharing_weights(model, None) if gpu else None  # the peer: the same tensors, not a copy
+
+    def prefill_hf(ids):
+        with torch.no_grad():
+            return hf(input_ids=ids).logits
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(args.seed)
+    results = []
+    for length in prompts:
+        prompt = torch.randint(0, vocab, (1, length), generator=gen).to(device)
+        for name, cm in entries.items():
+            def prefill(ids, cm=cm):
+                return cm.new_session(1, cm.generation_length(ids.shape[1] + 1)).step(ids)
+            results.append({"entry": name, "prompt": length, **time_prefill(prefill, prompt, args.repeats)})
+            print(f"  {name:14s} prompt {length:5d}  wall {results[-1]['wall_ms']:9.3f} ms"
+                  + (f"  gpu {results[-1]['gpu_ms']:9.3f} ms" if gpu else ""), flush=True)
+        if hf is not None:
+            results.append({"entry": "hf", "prompt": length, **time_prefill(prefill_hf, prompt, args.repeats)})
+            print(f"  {'hf':14s} prompt {length:5d}  wall {results[-1]['wall_ms']:9.3f} ms"
+                  f"  gpu {results[-1]['gpu_ms']:9.3f} ms", flush=True)
+    out = Path(args.out)
+    common.write_json(out / "bench_prefill.json", {
+        "benchmark": "bench_prefill", "environment": common.environment(device), "preset": "mini" if gpu else "tiny",
+        "prompts": prompts, "repeats": args.repeats, "timing": "wall: host clock around a synchronised call; gpu: "
+        "CUDA events around it; medians", "results": results, "seconds": round(time.perf_counter() - t0, 1)})
+    print(f"wrote {out / 'bench_prefill.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
