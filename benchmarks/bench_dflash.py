@@ -46,7 +46,7 @@ import common  # noqa: E402
 import tilec  # noqa: E402
 from tilec.models import build_model  # noqa: E402
 from tilec.models.dflash import build_draft  # noqa: E402
-from tilec.runtime.dflash import OracleDraft, Sampler, SpeculativeDecoder, as_drafter  # noqa: E402
+from tilec.runtime.dflash import OracleDraft, Sampler, SpeculativeDecoder, as_drafter, session_length  # noqa: E402
 
 BLOCK = 8
 
@@ -75,10 +75,8 @@ def random_model(preset: str, device: str, seed: int):
 
 
 def graph_captures(*models) -> int:
-    """CUDA graphs captured so far by these compiled models' steps and their variants' (0 off the GPU); anything
-    else (an oracle draft) counts 0."""
-    return sum(getattr(m._executor, "captures", 0) for cm in models if isinstance(cm, tilec.CompiledModel)
-               for m in (cm, *cm._variants.values()))
+    """CUDA graphs captured so far by these compiled models (an oracle draft counts 0)."""
+    return sum(m.graph_captures for m in models if isinstance(m, tilec.CompiledModel))
 
 
 def run(cm, prompt, tokens, draft=None, repeats: int = 1):
@@ -114,10 +112,9 @@ def round_phases(cm, prompt, tokens: int, draft) -> dict:
     for _ in range(2):  # a warm-up generation, then the timed one
         decoder = None  # gone first (the timing wrappers make cycles: collected), so the new one's session takes
         gc.collect()  # its caches and CUDA graphs
-        length = cm.generation_length(prompt.shape[1] + tokens + BLOCK - 1)  # as dflash_generate sizes it
-        decoder = SpeculativeDecoder(cm, as_drafter(draft, cm), 1, length, Sampler(0.0, 1.0, None))
-        executor = decoder.target._executor  # the target's GraphedStep on a GPU (its captures are counted)
-        captured = getattr(executor, "captures", 0)
+        decoder = SpeculativeDecoder(cm, as_drafter(draft, cm), 1, session_length(cm, prompt.shape[1], tokens, BLOCK),
+                                     Sampler(0.0, 1.0, None))
+        captured = decoder.target.graph_captures
         if gpu:
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -137,7 +134,7 @@ def round_phases(cm, prompt, tokens: int, draft) -> dict:
             produced += new.shape[1]
         if gpu:
             torch.cuda.synchronize()
-        captured = getattr(executor, "captures", 0) - captured
+        captured = decoder.target.graph_captures - captured
 
     def seconds(timed: list) -> float:
         if len(timed) != 1:

@@ -312,6 +312,14 @@ class SpeculativeDecoder:
         return new, accepted
 
 
+def session_length(target_cm, prompt: int, max_new_tokens: int, block: int) -> int:
+    """The target's cache length for a speculative generation: room for a whole block at every round (a last round
+    of fewer rows would be a step of a new shape, and on a GPU a new shape is a CUDA graph captured on the spot, tens
+    of ms; tokens past max_new_tokens are verified and dropped), as generate() sizes it (CompiledModel.
+    generation_length)."""
+    return target_cm.generation_length(prompt + max_new_tokens + block - 1)
+
+
 def dflash_generate(target_cm, draft, ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                     top_p: float = 1.0, generator: torch.Generator | None = None, eos: Tensor | None = None,
                     max_seq_len: int | None = None, on_tokens: TokensCallback | None = None
@@ -321,9 +329,7 @@ def dflash_generate(target_cm, draft, ids: Tensor, max_new_tokens: int, *, tempe
     emitted eos keeps emitting it, and decoding stops once all rows have. ``on_tokens`` gets each round's tokens."""
     drafter = as_drafter(draft, target_cm)
     batch, prompt = ids.shape
-    # Room for a whole block at every round: a last round of fewer rows would be a step of a new shape, and on a GPU a
-    # new shape is a CUDA graph captured on the spot (tens of ms). Tokens past max_new_tokens are verified and dropped.
-    length = max_seq_len or target_cm.generation_length(prompt + max_new_tokens + drafter.block_size - 1)
+    length = max_seq_len or session_length(target_cm, prompt, max_new_tokens, drafter.block_size)
     sampler = Sampler(temperature, top_p, generator)
     stats = GenerationStats()
     has_eos = eos is not None and eos.numel() > 0

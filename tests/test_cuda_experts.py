@@ -415,10 +415,9 @@ def test_gpu_cuda_experts_repeated_choices_in_row_0(mini_mx, variant):
 def test_gpu_graph_replay_after_the_counters_regrow(mini_mx):
     """A decode call captured in a CUDA graph, then a prefill long enough to regrow the kernels' tile counters, then
     the graph replayed. The counters' old memory must still be allocated (the caching allocator's own record says
-    so), no tensor allocated afterwards may be given it, and the replay computes what the call computed and leaves
-    those tensors untouched. (Down by slot at every call, so the decode call counts its ranges in the counters.
-    Before the outgrown buffer was kept alive, the allocator held it as free, and handed it to the next tensor of
-    its size.)"""
+    so), and the replay computes what the call computed and leaves tensors allocated afterwards untouched. (Down by
+    slot at every call, so the decode call counts its ranges in the counters. Before the outgrown buffer was kept
+    alive, the allocator held it as free, and handed it to the next tensor of its size.)"""
     import gc
 
     weights, frags = mini_mx
@@ -445,7 +444,6 @@ def test_gpu_graph_replay_after_the_counters_regrow(mini_mx):
               if b["address"] <= old_ptr < b["address"] + b["size"]]
     assert blocks and blocks[0]["state"] == "active_allocated", f"the outgrown counters were freed: {blocks}"
     guards = [torch.full((before,), 12345, dtype=torch.int32, device=x.device) for _ in range(64)]
-    assert all(t.data_ptr() != old_ptr for t in guards), "a new tensor was given the outgrown counters' memory"
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)

@@ -164,6 +164,12 @@ class CompiledModel:
         weakref.finalize(session, _keep_spare, self._spare_caches, key, session.cache.tensors, self.SPARE_CACHES)
         return session
 
+    @property
+    def graph_captures(self) -> int:
+        """CUDA graphs its steps have captured so far, its variants' included (0 off the GPU): each capture is a
+        step of a new shape, or on new cache tensors, and costs tens of ms."""
+        return sum(getattr(m._executor, "captures", 0) for m in (self, *self._variants.values()))
+
     def step_input(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor of this model's, one per shape and dtype, at a fixed address for as long as the model lives: for a
         step input that callers fill right before each step (a CUDA graph replays only with the tensors it was
