@@ -63,6 +63,8 @@ def main(argv=None) -> int:
                     help="prompt lengths, comma-separated (default 32,256,1024,4096; with --smoke 8,24)")
     ap.add_argument("--repeats", type=int, default=5, help="timed prefills of each (the median is reported)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU: also each entry's GPU time per kernel (torch.profiler), after all timing")
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if gpu else "cpu")
@@ -101,11 +103,27 @@ def main(argv=None) -> int:
             results.append({"entry": "hf", "prompt": length, **time_prefill(prefill_hf, prompt, args.repeats)})
             print(f"  {'hf':14s} prompt {length:5d}  wall {results[-1]['wall_ms']:9.3f} ms"
                   f"  gpu {results[-1]['gpu_ms']:9.3f} ms", flush=True)
+    profiles = []
+    if gpu and args.profile:  # after every timed call: CUPTI slows later launches (common.kernel_gpu_times)
+        for length in prompts:
+            prompt = torch.randint(0, vocab, (1, length), generator=gen).to(device)
+            runs = {name: (lambda cm=cm: cm.new_session(1, cm.generation_length(length + 1)).step(prompt))
+                    for name, cm in entries.items()}
+            runs["hf"] = lambda: prefill_hf(prompt)
+            for name, run in runs.items():
+                kernels = common.kernel_gpu_times(run, 2)
+                top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+                total = sum(us for _, us in kernels.values())
+                profiles.append({"entry": name, "prompt": length, "gpu_us": round(total, 1), "kernels": [
+                    {"kernel": k, "launches": n, "gpu_us": round(us, 1)} for k, (n, us) in top]})
+                print(f"  {name} prompt {length}: kernels {total / 1e3:.3f} ms on the GPU; the most:", flush=True)
+                for k, (n, us) in top[:8]:
+                    print(f"    {us / 1e3:9.3f} ms  {n:6.0f} launches  {k[:90]}")
     out = Path(args.out)
     common.write_json(out / "bench_prefill.json", {
         "benchmark": "bench_prefill", "environment": common.environment(device), "preset": "mini" if gpu else "tiny",
         "prompts": prompts, "repeats": args.repeats, "timing": "wall: host clock around a synchronised call; gpu: "
-        "CUDA events around it; medians", "results": results, "seconds": round(time.perf_counter() - t0, 1)})
+        "CUDA events around it; medians", "results": results, "profiles": profiles, "seconds": round(time.perf_counter() - t0, 1)})
     print(f"wrote {out / 'bench_prefill.json'}")
     return 0
 

@@ -173,3 +173,18 @@ def test_bench_prefill_smoke(tmp_path):
     assert [(r["entry"], r["prompt"]) for r in data["results"]] == [("reference", 4), ("reference", 9)]
     for r in data["results"]:
         assert len(r["wall_ms_runs"]) == 3 and r["wall_ms"] == sorted(r["wall_ms_runs"])[1] and r["gpu_ms"] is None
+
+
+def test_bench_moe_prefill_smoke(tmp_path):
+    """bench_moe_prefill.py runs in the interpreter at tiny shapes: both references and both tilec kernels at a
+    prefill's size, each kernel checked against its reference."""
+    import json
+
+    from bench_moe_prefill import main
+
+    assert main(["--smoke", "--out", str(tmp_path), "--reps", "1"]) == 0
+    data = json.loads((tmp_path / "bench_moe_prefill.json").read_text())
+    kernels = [(r["kernel"], r["rows"]) for r in data["results"]]
+    assert sorted(kernels) == sorted([("reference dense", 40), ("reference mxfp4", 40), ("tilec mxfp4", 40),
+                                      ("tilec dense", 40)])
+    assert all(r["rel_err"] < 1e-5 for r in data["results"] if "rel_err" in r)

@@ -122,17 +122,70 @@ def test_experts_decode(fmt, rows, k, extra, same, hidden, inter, split, preload
 
 @pytest.mark.parametrize("fmt", ["dense", "mxfp4"])
 def test_experts_prefill(fmt):
-    """rows * k > 64: one slot per expert, rows in chunks (a chunk size of 16 here, so three chunks)."""
+    """rows * k > 64: the pairs sorted by expert, tiles of 16 pairs, rows in chunks (32 pairs a chunk here, so three
+    chunks)."""
     g = torch.Generator().manual_seed(1)
     rows, k, experts, hidden, inter = 40, 2, 5, 32, 32
     w, ids = routing(rows, k, experts, False, g)
     ids[0, 3] = ids[0, 0]  # rows that repeat another row's choice
     x = torch.randn(2, rows // 2, hidden, generator=g)
     gate_up, down = torch.randn(experts, 2 * inter, hidden, generator=g), torch.randn(experts, hidden, inter, generator=g)
-    mod = experts_module(fmt, hidden, inter, experts, prefill_rows=16)
+    ctx = experts_context(fmt, hidden, inter, experts, CPU)
+    mod = experts_module(fmt, hidden, inter, experts, prefill={**ctx["prefill"], "pairs": 32})
     got, ref = run_experts(fmt, mod, x, w.view(2, rows // 2, k), ids.view(2, rows // 2, k), gate_up, down)
     assert got.shape == x.shape
     assert rel(got, ref) < 1e-5
+
+
+@FAST
+@given(fmt=st.sampled_from(["dense", "mxfp4"]), k=st.integers(1, 8), experts_extra=st.integers(0, 9),
+       rows=st.integers(65, 90), hidden=st.sampled_from([32, 64, 96]), inter=st.sampled_from([32, 64]),
+       chunk=st.sampled_from([64, 200, 16384]), skew=st.booleans(), seed=st.integers(0, 999))
+def test_experts_prefill_drawn(fmt, k, experts_extra, rows, hidden, inter, chunk, skew, seed):
+    """Prefill sizes against the reference: drawn top-k, expert counts, shapes and chunks (``chunk`` pairs at
+    most); with ``skew`` most pairs go to one expert, so segments span many tiles and others stay empty."""
+    g = torch.Generator().manual_seed(seed)
+    experts = k + experts_extra
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(rows)])
+    if skew:
+        ids[: rows * 3 // 4, 0] = 0
+        ids[: rows * 3 // 4, 1:] = torch.stack([torch.randperm(experts - 1, generator=g)[: k - 1] + 1
+                                                for _ in range(rows * 3 // 4)])
+    w = torch.rand(rows, k, generator=g) + 0.05
+    x = torch.randn(1, rows, hidden, generator=g)
+    gate_up, down = 0.2 * torch.randn(experts, 2 * inter, hidden, generator=g), \
+        0.2 * torch.randn(experts, hidden, inter, generator=g)
+    ctx = experts_context(fmt, hidden, inter, experts, CPU)
+    mod = experts_module(fmt, hidden, inter, experts, prefill={**ctx["prefill"], "pairs": chunk})
+    got, ref = run_experts(fmt, mod, x, w.view(1, rows, k), ids.view(1, rows, k), gate_up, down)
+    assert rel(got, ref) < 1e-5
+
+
+@FAST
+@given(pairs=st.integers(1, 300), experts=st.integers(1, 40), block_m=st.sampled_from([1, 4, 16]),
+       seed=st.integers(0, 999))
+def test_prefill_sort(pairs, experts, block_m, seed):
+    """expert_counts_kernel and expert_sort_kernel against a plain sort: the tiles hold each expert's pairs in pair
+    order, padded with -1 to whole tiles, experts in order; the tiles past the last segment are -1."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, experts, (pairs,), generator=g)
+    mod = experts_module("dense", 32, 32, experts)
+    tiles = pairs // block_m + min(experts, pairs)
+    counts = torch.empty(experts, dtype=torch.int32)
+    mod.expert_counts_kernel[(triton.cdiv(experts, 16),)](ids, counts, pairs, BLOCK_E=16, BLOCK=64)
+    assert counts.tolist() == torch.bincount(ids, minlength=experts).tolist()
+    order = torch.full((tiles * block_m,), -7, dtype=torch.int32)
+    tile_expert = torch.full((tiles,), -7, dtype=torch.int32)
+    mod.expert_sort_kernel[(experts,)](ids, counts, order, tile_expert, pairs, tiles, BLOCK_M=block_m,
+                                       BLOCK_ALL=mod._pow2(experts), BLOCK=64)
+    want_order, want_tiles = [], []
+    for e in range(experts):
+        mine = [p for p in range(pairs) if int(ids[p]) == e]
+        n_tiles = -(-len(mine) // block_m)
+        want_order += mine + [-1] * (n_tiles * block_m - len(mine))
+        want_tiles += [e] * n_tiles
+    assert tile_expert.tolist() == want_tiles + [-1] * (tiles - len(want_tiles))
+    assert order[: len(want_order)].tolist() == want_order
 
 
 def test_outgrown_counters_stay_alive():

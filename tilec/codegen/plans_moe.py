@@ -29,8 +29,8 @@ from tilec.codegen.tuning import DeviceInfo, clamp, pow2_ceil, pow2_floor
 from tilec.graph import attr
 from tilec.ops.moe import GATHER_LIMIT
 
-# Rows per prefill chunk: bounds the experts' activation buffer at E * PREFILL_ROWS * I elements.
-PREFILL_ROWS = 256
+# (row, choice) pairs per prefill chunk: bounds the experts' buffers (each pair's act [I] and output [H]).
+PREFILL_PAIRS = 16384
 
 
 @planner("moe_router")
@@ -233,6 +233,20 @@ def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
             "d_depth": max(d for d in range(1, 7) if per_warp % d == 0)}
 
 
+def prefill_blocks(hidden: int, inter: int, min_k: int, dev: DeviceInfo) -> dict:
+    """The prefill kernels' tiles (expert-sorted grouped GEMMs): BLOCK_M pairs of one expert a tile; gate_up's
+    BLOCK_N columns of I (as many gate and up rows), down's BLOCK_N columns of H; ``pairs`` a chunk at most."""
+    if dev.interpret:  # few, large programs
+        return {"BLOCK_M": 16, "pairs": PREFILL_PAIRS,
+                "gate_up": {"BLOCK_N": clamp(pow2_ceil(inter), 16, 64), "BLOCK_K": clamp(pow2_ceil(hidden), min_k, 128),
+                            "num_warps": 4, "num_stages": 1},
+                "down": {"BLOCK_N": clamp(pow2_ceil(hidden), 16, 128), "BLOCK_K": clamp(pow2_ceil(inter), min_k, 128),
+                         "num_warps": 4, "num_stages": 1}}
+    return {"BLOCK_M": 64, "pairs": PREFILL_PAIRS,
+            "gate_up": {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+            "down": {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}}
+
+
 def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: DeviceInfo, **overrides) -> dict:
     """The experts template's context for weights in ``fmt`` ("dense" or "mxfp4"); ``overrides`` replace keys
     (the benchmark uses them to time variants)."""
@@ -245,7 +259,7 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
                     "gemv": {"BLOCK_N": clamp(pow2_ceil(n), 2, 128), "BLOCK_K": clamp(pow2_ceil(k), min_k, 256),
                              "SPLIT_K": split, "num_warps": 4, "num_stages": 1},
                     "gemm": {"BLOCK_N": clamp(pow2_ceil(n), 16, 128), "BLOCK_K": clamp(pow2_ceil(k), min_k, 256),
-                             "SPLIT_K": split, "BLOCK_M": 8, "BLOCK_M_PREFILL": 32,
+                             "SPLIT_K": split, "BLOCK_M": 8, "BLOCK_M_MANY": 32,
                              "num_warps": 4, "num_stages": 1}}
         # gate_up splits H in two whenever that leaves whole blocks, so the tests cover the split-K reduction.
         split = 2 if hidden % (2 * clamp(pow2_ceil(hidden), min_k, 256)) == 0 else 1
@@ -259,11 +273,11 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
         # 19.2 us against 18.4 split in two, and 8 rows 25.6 against 30.8.
         gate_up = {"one_row_gemv": False,
                    "gemv": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
-                   "gemm": {"BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1, "BLOCK_M_PREFILL": 64,
+                   "gemm": {"BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1, "BLOCK_M_MANY": 64,
                             "num_warps": 4, "num_stages": 3}}
         down = {"one_row_gemv": False,
                 "gemv": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
-                "gemm": {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "BLOCK_M_PREFILL": 64, "num_warps": 4,
+                "gemm": {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "BLOCK_M_MANY": 64, "num_warps": 4,
                          "num_stages": 3}}
         # 16 slot groups (more programs when the rows route to many experts), with x split into even and odd columns
         # in registers (`x_tile`): 8 rows on independent routes 86.5 us against 107.6 (8 groups, strided x loads),
@@ -282,18 +296,18 @@ def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: Device
         gate_up = {"one_row_gemv": False,
                    "gemv": {"BLOCK_N": 16, "BLOCK_K": clamp(pow2_ceil(hidden), min_k, 512), "num_warps": 4,
                             "num_stages": 3},
-                   "gemm": {"BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "BLOCK_M_PREFILL": 64, "num_warps": 4,
+                   "gemm": {"BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "BLOCK_M_MANY": 64, "num_warps": 4,
                             "num_stages": 3}}
         down = {"one_row_gemv": False,
                 "gemv": {"BLOCK_N": 16, "BLOCK_K": clamp(pow2_ceil(inter), min_k, 256), "num_warps": 4,
                          "num_stages": 3},
-                "gemm": {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_M_PREFILL": 64, "num_warps": 4,
+                "gemm": {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_M_MANY": 64, "num_warps": 4,
                          "num_stages": 3}}
         groups, down_groups = 8, 8
     ctx = {"doc": f"MoE SwiGLU experts ({'MXFP4' if mx else 'dense'} weights): gate/up + SiLU*mul, then down "
                   f"weighted by the router",
            "format": fmt, "H": hidden, "I": inter, "E": experts, "decode_pairs": GATHER_LIMIT,
-           "prefill_rows": PREFILL_ROWS, "groups": groups, "down_groups": down_groups, "gate_up": gate_up,
+           "prefill": prefill_blocks(hidden, inter, min_k, dev), "groups": groups, "down_groups": down_groups, "gate_up": gate_up,
            "down": down, "dequant": dequant, "pdl": pdl, "scale_fold": False, "down_preload": preload,
            "cuda": cuda_decode_context(hidden, inter, dev) if mx and dequant == "asm" else None,
            # the tensor cores' operand type: the activations' own (xa is the x tile), fp32 in the interpreter
