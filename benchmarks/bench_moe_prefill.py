@@ -39,9 +39,10 @@ SMOKE = {"E": 8, "H": 64, "I": 32, "k": 2, "layers": 1, "rows": [40]}
 
 
 def tiles(bm, gu, down) -> dict:
-    """A prefill tile variant: BLOCK_M pairs; gate_up's and down's (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    """A prefill tile variant for every chunk: BLOCK_M pairs; gate_up's and down's (BLOCK_N, BLOCK_K, num_warps,
+    num_stages)."""
     names = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-    return {"BLOCK_M": bm, "gate_up": dict(zip(names, gu)), "down": dict(zip(names, down))}
+    return {"upto": None, "BLOCK_M": bm, "gate_up": dict(zip(names, gu)), "down": dict(zip(names, down))}
 
 
 SWEEP = {
@@ -81,8 +82,8 @@ def main(argv=None) -> int:
     layers = {fmt: make_layers(fmt, shape, device, gen)[0] for fmt in ("mxfp4", "dense")}
     variants = {"planned": {}}
     if args.sweep and cuda:
-        variants.update({name: {"prefill": {**experts_context("mxfp4", shape["H"], shape["I"], shape["E"], dev)
-                                            ["prefill"], **v}} for name, v in SWEEP.items()})
+        pairs = experts_context("mxfp4", shape["H"], shape["I"], shape["E"], dev)["prefill"]["pairs"]
+        variants.update({name: {"prefill": {"pairs": pairs, "tiles": [v]}} for name, v in SWEEP.items()})
     results = []
     for rows in shape["rows"]:
         w, ids = routing(rows, "random", shape, device, cpu_gen)

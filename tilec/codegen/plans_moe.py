@@ -234,17 +234,29 @@ def with_down(cuda: dict, inter: int, d_split: int = 2) -> dict:
 
 
 def prefill_blocks(hidden: int, inter: int, min_k: int, dev: DeviceInfo) -> dict:
-    """The prefill kernels' tiles (expert-sorted grouped GEMMs): BLOCK_M pairs of one expert a tile; gate_up's
-    BLOCK_N columns of I (as many gate and up rows), down's BLOCK_N columns of H; ``pairs`` a chunk at most."""
+    """The prefill kernels' tiles (expert-sorted grouped GEMMs) by ``pairs_per_expert``, the chunk's (row, choice)
+    pairs over the experts: the first entry whose ``upto`` exceeds it. Each: BLOCK_M pairs of one expert a tile;
+    gate_up's BLOCK_N columns of I (as many gate and up rows), down's BLOCK_N columns of H. ``pairs``: a chunk's pairs
+    at most.
+
+    H100, 2026-11-24 (benchmarks/bench_moe_prefill.py --sweep, mini experts: 128 of them, H 2048, I 768, top-8;
+    results/h100-2026-11-24e/run3_moe_prefill), ms a call, MXFP4 / bf16 weights: at 4096 rows (256 pairs an expert)
+    tiles of 128 pairs and 8 warps 1.58 / 1.27 against 1.69 / 1.33 with 64 pairs and 4 warps; at 1024 rows (64 an
+    expert, so tiles of 128 are half padding) 0.55 / 0.52 against 0.52 / 0.53. Slower at 4096 rows: BLOCK_K 128
+    (1.78 / 1.58), gate_up 128 columns wide (1.90 / 1.53), tiles of 32 pairs (2.21 / 1.83). The reference ops (a
+    loop over the experts hit, as HF's): 54.3 / 36.8 ms."""
     if dev.interpret:  # few, large programs
-        return {"BLOCK_M": 16, "pairs": PREFILL_PAIRS,
-                "gate_up": {"BLOCK_N": clamp(pow2_ceil(inter), 16, 64), "BLOCK_K": clamp(pow2_ceil(hidden), min_k, 128),
-                            "num_warps": 4, "num_stages": 1},
-                "down": {"BLOCK_N": clamp(pow2_ceil(hidden), 16, 128), "BLOCK_K": clamp(pow2_ceil(inter), min_k, 128),
-                         "num_warps": 4, "num_stages": 1}}
-    return {"BLOCK_M": 64, "pairs": PREFILL_PAIRS,
-            "gate_up": {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
-            "down": {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}}
+        return {"pairs": PREFILL_PAIRS, "tiles": [{
+            "upto": None, "BLOCK_M": 16,
+            "gate_up": {"BLOCK_N": clamp(pow2_ceil(inter), 16, 64), "BLOCK_K": clamp(pow2_ceil(hidden), min_k, 128),
+                        "num_warps": 4, "num_stages": 1},
+            "down": {"BLOCK_N": clamp(pow2_ceil(hidden), 16, 128), "BLOCK_K": clamp(pow2_ceil(inter), min_k, 128),
+                     "num_warps": 4, "num_stages": 1}}]}
+    return {"pairs": PREFILL_PAIRS, "tiles": [
+        {"upto": 128, "BLOCK_M": 64, "gate_up": {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+         "down": {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}},
+        {"upto": None, "BLOCK_M": 128, "gate_up": {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+         "down": {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}}]}
 
 
 def experts_context(fmt: str, hidden: int, inter: int, experts: int, dev: DeviceInfo, **overrides) -> dict:
