@@ -36,7 +36,7 @@ from tilec import ops  # noqa: E402
 from tilec.codegen.plans import linear_context, qkv_rope_context, swiglu_context  # noqa: E402
 from tilec.codegen.plans_moe import router_context  # noqa: E402
 from tilec.codegen.render import load_source, render  # noqa: E402
-from tilec.codegen.tuning import device_info  # noqa: E402
+from tilec.codegen.tuning import ROW_TILE, device_info  # noqa: E402
 
 # mini (models/mimo.py): 16 query heads and 2 KV heads of 192 (values 128), 64 rotary dims; the dense MLP of 8192;
 # a vocabulary of 32768
@@ -120,8 +120,15 @@ def time_us(calls, reps: int) -> float | None:
     return common.event_us(common.capture(calls), reps, len(calls))
 
 
-def variants(op: str, shape: dict, dev, sweep: bool) -> list[tuple[str, dict]]:
-    """(name, context overrides): the planner's tiles, the one-row vector path, and with --sweep other tiles."""
+# A prefill's tiles swept with --rows past ROW_TILE: (BLOCK_M, BLOCK_N of a linear's one weight tile, BLOCK_K, warps,
+# stages); kernels with two weight tiles a step (qkv_rope's pairs, gate and up) take half the columns of each.
+PREFILL_SWEEP = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 3),
+                 (128, 128, 32, 8, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (256, 128, 64, 8, 3)]
+
+
+def variants(op: str, shape: dict, dev, sweep: bool, prefill: bool = False) -> list[tuple[str, dict]]:
+    """(name, context overrides): the planner's tiles, the one-row vector path, and with --sweep other tiles (a
+    prefill's, where ``prefill``)."""
     if op == "router":  # its scores' blocks, and warps of each kernel
         ctx = op_context(op, shape, dev)
         out = [("planner", {})]
@@ -132,7 +139,20 @@ def variants(op: str, shape: dict, dev, sweep: bool) -> list[tuple[str, dict]]:
                 out.append((" ".join(f"{k}={v}" for k, v in kv.items()), kv))
         return out
     out = [("planner", {}), ("vector (1 row only)", {"row_vector": True})]
-    if sweep:
+    if sweep and prefill:  # a prefill's tiles (rows past ROW_TILE)
+        key = "gate_up_prefill" if op == "swiglu" else "prefill_gemm"
+        base = op_context(op, shape, dev)
+        keys = [key, "prefill_gemm"] if op == "swiglu" else [key]
+        for bm, bn, bk, warps, stages in PREFILL_SWEEP:
+            width = bn // 2 if op in ("qkv_rope", "swiglu") else bn
+            kv = {"BLOCK_M": bm, "BLOCK_N": width, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+            if kv == {k: base[key][k] for k in kv}:
+                continue
+            over = {k: {**base[k], **kv} for k in keys}
+            if op == "swiglu":  # the down projection's one weight tile a step: the full width
+                over["prefill_gemm"] = {**over["prefill_gemm"], "BLOCK_N": bn}
+            out.append((f"M={bm} N={bn} K={bk} warps={warps} stages={stages}", over))
+    elif sweep:
         key = "gate_up_gemm" if op == "swiglu" else "gemm"
         ctx = op_context(op, shape, dev)
         tiles = ctx[key]
@@ -155,10 +175,15 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time other tensor-core tiles (GPU)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS, help="the ops to time (default: all)")
+    ap.add_argument("--rows", default="", help="row counts, comma-separated (default 1,8); past 16 rows (a prefill) "
+                    "the table adds TFLOP/s and --sweep varies the prefill tiles")
     args = ap.parse_args()
     log = common.Log()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    shape = SMOKE if device.type == "cpu" else MINI
+    shape = dict(SMOKE if device.type == "cpu" else MINI)
+    if args.rows:
+        shape["rows"] = [int(r) for r in args.rows.split(",")]
+    prefill = max(shape["rows"]) > ROW_TILE
     dev = device_info(device)
     gen = torch.Generator(device=device).manual_seed(0)
     copy_bps = common.measure_bandwidth(device, 1 << 30)["copy"]["bytes_per_s"] if device.type == "cuda" else None
@@ -167,7 +192,7 @@ def main() -> None:
         layers = make_layers(op, shape, device, gen)
         weight_bytes = sum(t.numel() * t.element_size() for t in layers[0])
         floor_us = weight_bytes / copy_bps * 1e6 if copy_bps else None
-        for name, overrides in variants(op, shape, dev, args.sweep):
+        for name, overrides in variants(op, shape, dev, args.sweep, prefill):
             module = module_for(op, shape, dev, **overrides)
             for rows in shape["rows"]:
                 if "row_vector" in overrides and rows > 1:
@@ -179,11 +204,13 @@ def main() -> None:
                 got = torch.cat([t.flatten() for t in out]) if isinstance(out, tuple) else out.flatten()
                 err = common.rel_err(got, reference(op, x, layers[0], shape, start_pos))
                 us = time_us([call_for(op, module, x, layer, shape, start_pos) for layer in layers], args.reps)
+                flops = rows * weight_bytes  # 2 flops a weight (bf16: 2 bytes) a row
                 row = {"op": op, "variant": name, "rows": rows, "us": us, "rel_err": err, "weight_bytes": weight_bytes,
                        "floor_us": floor_us, "x_floor": us / floor_us if us and floor_us else None,
-                       "overrides": overrides}
+                       "tflops": flops / us / 1e6 if us else None, "overrides": overrides}
                 results.append(row)
-                log(f"{op:9s} {name:34s} {rows} rows {us or float('nan'):8.1f} us  err {err:.1e}")
+                log(f"{op:9s} {name:34s} {rows} rows {us or float('nan'):8.1f} us  "
+                    f"{row['tflops'] or float('nan'):6.1f} TFLOP/s  err {err:.1e}")
     report = {"benchmark": "bench_dense_tiles", "created": common.now_iso(),
               "environment": common.environment(device), "shape": shape, "copy_Bps": copy_bps,
               "layers_timed": "one call per layer, CUDA graph, median", "results": results}
@@ -191,8 +218,8 @@ def main() -> None:
     common.write_json(args.out / "bench_dense_tiles.json", report)
     table = [[r["op"], r["variant"], r["rows"], f"{r['us']:.1f}" if r["us"] else "-",
               f"{r['floor_us']:.1f}" if r["floor_us"] else "-", f"{r['x_floor']:.2f}x" if r["x_floor"] else "-",
-              f"{r['rel_err']:.1e}"] for r in results]
-    print(common.format_table(["op", "variant", "rows", "us", "floor us", "of floor", "rel err"], table))
+              f"{r['tflops']:.1f}" if r["tflops"] else "-", f"{r['rel_err']:.1e}"] for r in results]
+    print(common.format_table(["op", "variant", "rows", "us", "floor us", "of floor", "TFLOP/s", "rel err"], table))
 
 
 if __name__ == "__main__":

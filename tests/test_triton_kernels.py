@@ -72,6 +72,25 @@ def test_qkv_rope(rows, heads, kv, d, factor, bias, seed):
         assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("rows", [3, 17, 70])
+def test_projections_at_decode_and_prefill_rows(rows):
+    """linear, qkv_rope and swiglu on one tile of rows (up to ROW_TILE: decode and verify steps) and on a prefill's
+    tiles (more rows), against the reference ops."""
+    g = torch.Generator().manual_seed(rows)
+    hidden, inter, d = 40, 72, 16
+    x = torch.randn(1, rows, hidden, generator=g)
+    w = torch.randn(56, hidden, generator=g)
+    got, ref, _ = _run_single_op(ops.linear, x, w, torch.randn(56, generator=g))
+    assert rel(got, ref) < 1e-5
+    wq, wk, wv = (torch.randn(n, hidden, generator=g) for n in (4 * d, 2 * d, 2 * 8))
+    got, ref, _ = _run_single_op(ops.qkv_rope, x, wq, wk, wv, None, None, None, torch.tensor([321]), d, 8, 1e4)
+    for a, b in zip(got, ref):
+        assert rel(a, b) < 1e-5
+    gate, up, down = (torch.randn(*shape, generator=g) for shape in ((inter, hidden), (inter, hidden), (hidden, inter)))
+    got, ref, _ = _run_single_op(ops.swiglu, x, gate, up, down)
+    assert rel(got, ref) < 1e-5
+
+
 @FAST
 @given(rows=st.integers(1, 9), hidden=st.integers(1, 300), add=st.booleans(), seed=st.integers(0, 99))
 def test_rms_norm_and_add(rows, hidden, add, seed):

@@ -80,9 +80,11 @@ def run_experts(fmt, mod, x, w, ids, gate_up, down):
 
 # ---------------------------------------------------------------------------------------------------------- router
 @FAST
-@given(rows=st.integers(1, 5), group_size=st.sampled_from([2, 4, 8]), n_group=st.sampled_from([1, 2, 4]),
-       data=st.data(), bias=st.booleans(), norm=st.booleans(), seed=st.integers(0, 999))
+@given(rows=st.sampled_from([1, 2, 5, 17, 40]), group_size=st.sampled_from([2, 4, 8]),
+       n_group=st.sampled_from([1, 2, 4]), data=st.data(), bias=st.booleans(), norm=st.booleans(),
+       seed=st.integers(0, 999))
 def test_router(rows, group_size, n_group, data, bias, norm, seed):
+    """Up to ROW_TILE rows the scores are GEMVs, past it (a prefill) fp32 tiles; both against the reference."""
     g = torch.Generator().manual_seed(seed)
     experts, hidden = group_size * n_group, 24
     topk_group = data.draw(st.integers(1, n_group))
@@ -93,6 +95,20 @@ def test_router(rows, group_size, n_group, data, bias, norm, seed):
     args = (correction, top_k, n_group, topk_group, norm, 2.5)
     (gw, gi), (rw, ri) = mod.launch(x, weight, *args), ops.moe_router(x, weight, *args)
     assert gi.dtype == torch.int64 and gw.dtype == torch.float32 and gi.shape == ri.shape
+    assert torch.equal(gi, ri)
+    assert torch.allclose(gw, rw, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,n_group,topk_group", [(17, 1, 1), (70, 4, 2)])
+def test_router_prefill_rows(rows, n_group, topk_group):
+    """A prefill's rows (past ROW_TILE): the scores as fp32 tiles, the choice and weights as the reference's."""
+    g = torch.Generator().manual_seed(rows)
+    experts, hidden = 32, 80
+    x, weight = torch.randn(1, rows, hidden, generator=g), torch.randn(experts, hidden, generator=g)
+    mod = load("triton/moe_router.py.j2", router_context(experts, hidden, CPU), True)
+    assert rows > mod.ROWS_GEMV
+    args = (0.1 * torch.randn(experts, generator=g), 6, n_group, topk_group, True, 2.5)
+    (gw, gi), (rw, ri) = mod.launch(x, weight, *args), ops.moe_router(x, weight, *args)
     assert torch.equal(gi, ri)
     assert torch.allclose(gw, rw, rtol=1e-6, atol=1e-6)
 

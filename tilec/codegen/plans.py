@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from tilec.codegen.plan import KernelPlan, planner, val
 from tilec.codegen.tuning import (DeviceInfo, clamp, gemm_blocks, gemv_blocks, matmul_context, pipeline_stages,
-                                  pow2_ceil, pow2_floor)
+                                  pow2_ceil, pow2_floor, prefill_gemm)
 
 
 def _warps(width: int) -> int:
@@ -80,6 +80,7 @@ def swiglu_context(hidden: int, inter: int, dev: DeviceInfo, itemsize: int = 2, 
     tile = dense_tile(inter, hidden, dev)
     ctx = {"doc": "dense SwiGLU MLP: gate/up + SiLU*mul, then down", "H": hidden, "I": inter,
            "gate_up": gemv_blocks(inter, hidden, dev), "gate_up_gemm": tile,
+           "gate_up_prefill": prefill_gemm(inter, hidden, 2, itemsize, dev),
            **matmul_context(hidden, inter, dev, itemsize), "num_stages": pipeline_stages(tile, 2, itemsize, dev)}
     return {**ctx, **overrides}
 
@@ -111,7 +112,8 @@ def qkv_rope_context(nq: int, nk: int, nv: int, k: int, head_dim: int, rotary_di
     ctx = {**base, "doc": "Q/K/V projections with partial RoPE on Q and K", "K": k, "NQ": nq, "NK": nk, "NV": nv,
            "D": head_dim, "DV": nv // (nk // head_dim), "RD": rotary_dim,
            "gemv": {**base["gemv"], "BLOCK_N": clamp(base["gemv"]["BLOCK_N"], 2, 64)}, "gemm": tile,
-           "num_stages": pipeline_stages(tile, 2, itemsize, dev)}
+           "num_stages": pipeline_stages(tile, 2, itemsize, dev),
+           "prefill_gemm": prefill_gemm(pairs, k, 2, itemsize, dev)}
     return {**ctx, **overrides}
 
 

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from tilec.codegen import mma_layout
 from tilec.codegen.plan import KernelPlan, planner, val
-from tilec.codegen.tuning import DeviceInfo, clamp, pow2_ceil, pow2_floor
+from tilec.codegen.tuning import ROW_TILE, DeviceInfo, clamp, pow2_ceil, pow2_floor
 from tilec.graph import attr
 from tilec.ops.moe import GATHER_LIMIT
 
@@ -53,9 +53,13 @@ def router_context(experts: int, hidden: int, dev: DeviceInfo) -> dict:
         block_e, block_k = clamp(pow2_ceil(experts), 16, 64), clamp(pow2_ceil(hidden), 16, 256)
     else:
         block_e, block_k = clamp(pow2_floor(experts // 256), 1, 16), clamp(pow2_ceil(hidden), 16, 1024)
+    # Past ROW_TILE rows (a prefill), the scores as fp32 tiles: 4096 rows took 0.64 ms a call as GEMVs (H100,
+    # 2026-11-24, bench_prefill.py --profile, results/h100-2026-11-24e/run2_prefill_profile).
+    tile = {"BLOCK_M": 16 if dev.interpret else 64, "BLOCK_N": clamp(pow2_ceil(experts), 16, 64),
+            "BLOCK_K": 32, "num_warps": 4}
     return {"doc": "MoE router: fp32 sigmoid scores GEMV, then per-row (grouped) top-k and renormalisation",
             "E": experts, "H": hidden, "BLOCK_E": block_e, "BLOCK_K": block_k, "BLOCK_ALL": pow2_ceil(experts),
-            "num_warps": 4, "topk_warps": 4 if dev.interpret else 1}
+            "num_warps": 4, "topk_warps": 4 if dev.interpret else 1, "rows_gemv": ROW_TILE, "tile": tile}
 
 
 @planner("moe_experts")

@@ -78,24 +78,41 @@ def gemm_blocks(n: int, k: int, dev: DeviceInfo) -> dict:
 
 # Rows a tensor-core program takes (pick_blocks in templates/triton/_common.j2): one tile for every step of up to
 # ROW_TILE rows (decode and DFlash's verify steps: the same configuration for each, so a row's bits do not depend on
-# the step), PREFILL_ROW_TILE past it.
-ROW_TILE, PREFILL_ROW_TILE = 16, 64
+# the step); past it (a prefill) the tiles of `prefill_gemm`.
+ROW_TILE = 16
 
 
-def pipeline_stages(tile: dict, weight_tiles: int, itemsize: int, dev: DeviceInfo, most: int = 5) -> int:
-    """Triton's num_stages for a tensor-core loop over K whose step loads x's tile (PREFILL_ROW_TILE rows, the most it
-    runs with) and ``weight_tiles`` weight tiles of tile's BLOCK_N x BLOCK_K, of ``itemsize`` bytes: the most up to
-    ``most`` that fit the block's shared memory, 8 KB kept for the rest; at least 2; 1 in the interpreter."""
+def pipeline_stages(tile: dict, weight_tiles: int, itemsize: int, dev: DeviceInfo, most: int = 5,
+                    rows: int = ROW_TILE) -> int:
+    """Triton's num_stages for a tensor-core loop over K whose step loads x's tile of ``rows`` rows and
+    ``weight_tiles`` weight tiles of tile's BLOCK_N x BLOCK_K, of ``itemsize`` bytes: the most up to ``most`` that
+    fit the block's shared memory, 8 KB kept for the rest; at least 2; 1 in the interpreter."""
     if dev.interpret:
         return 1
-    stage = (PREFILL_ROW_TILE + weight_tiles * tile["BLOCK_N"]) * tile["BLOCK_K"] * itemsize
+    stage = (rows + weight_tiles * tile["BLOCK_N"]) * tile["BLOCK_K"] * itemsize
     return max(2, min(most, (dev.smem_optin - 8192) // stage))
+
+
+# A prefill's projections are compute-bound: large tiles of rows and columns, so each weight tile serves many rows
+# and each row's x tile many columns. PREFILL_TILE is for one weight tile a step (linear); kernels with two weight
+# tiles a step (Q/K/V pairs, gate and up) take half as many columns.
+PREFILL_TILE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8}
+
+
+def prefill_gemm(n: int, k: int, weight_tiles: int, itemsize: int, dev: DeviceInfo) -> dict:
+    """Past ROW_TILE rows: a tensor-core tile of BLOCK_M rows and BLOCK_N output columns (per weight tile) over n
+    columns and k, with its stages; under the interpreter, the gemm blocks with 64 rows."""
+    if dev.interpret:
+        return {**gemm_blocks(n, k, dev), "BLOCK_M": 64, "num_stages": 1}
+    tile = {**PREFILL_TILE, "BLOCK_N": clamp(pow2_floor(n), 16, PREFILL_TILE["BLOCK_N"] // weight_tiles),
+            "BLOCK_K": clamp(pow2_ceil(k), 16, PREFILL_TILE["BLOCK_K"])}
+    return {**tile, "num_stages": pipeline_stages(tile, weight_tiles, itemsize, dev, 3, tile["BLOCK_M"])}
 
 
 def matmul_context(n: int, k: int, dev: DeviceInfo, itemsize: int = 2) -> dict:
     """An x @ W.T kernel's blocks for a weight [n, k] of ``itemsize`` bytes: one row's vector blocks, the tensor-core
-    tiles and as many pipeline stages as fit (one weight tile a step), and the row tiles."""
+    tiles and as many pipeline stages as fit (one weight tile a step), the row tile, and a prefill's tiles."""
     gemm = gemm_blocks(n, k, dev)
     return {"gemv": gemv_blocks(n, k, dev), "gemm": gemm, "dot_dtype": dev.dot_dtype,
             "num_stages": pipeline_stages(gemm, 1, itemsize, dev), "row_tile": ROW_TILE,
-            "prefill_row_tile": PREFILL_ROW_TILE}
+            "prefill_gemm": prefill_gemm(n, k, 1, itemsize, dev)}
