@@ -53,13 +53,15 @@ def router_context(experts: int, hidden: int, dev: DeviceInfo) -> dict:
         block_e, block_k = clamp(pow2_ceil(experts), 16, 64), clamp(pow2_ceil(hidden), 16, 256)
     else:
         block_e, block_k = clamp(pow2_floor(experts // 256), 1, 16), clamp(pow2_ceil(hidden), 16, 1024)
-    # Past ROW_TILE rows (a prefill), the scores as fp32 tiles: 4096 rows took 0.64 ms a call as GEMVs (H100,
-    # 2026-11-24, bench_prefill.py --profile, results/h100-2026-11-24e/run2_prefill_profile).
+    # Past ROW_TILE rows (a prefill), the scores as tensor-core tiles: 4096 rows took 0.64 ms a call as GEMVs and
+    # 0.55 as tiles of fp32 products on the CUDA cores (H100, 2026-11-24, bench_prefill.py --profile,
+    # results/h100-2026-11-24e/run2_prefill_profile, run5_prefill_profile).
     tile = {"BLOCK_M": 16 if dev.interpret else 64, "BLOCK_N": clamp(pow2_ceil(experts), 16, 64),
-            "BLOCK_K": 32, "num_warps": 4}
+            "BLOCK_K": 32 if dev.interpret else 64, "num_warps": 4}
     return {"doc": "MoE router: fp32 sigmoid scores GEMV, then per-row (grouped) top-k and renormalisation",
             "E": experts, "H": hidden, "BLOCK_E": block_e, "BLOCK_K": block_k, "BLOCK_ALL": pow2_ceil(experts),
-            "num_warps": 4, "topk_warps": 4 if dev.interpret else 1, "rows_gemv": ROW_TILE, "tile": tile}
+            "num_warps": 4, "topk_warps": 4 if dev.interpret else 1, "rows_gemv": ROW_TILE, "tile": tile,
+            "interpret": dev.interpret}
 
 
 @planner("moe_experts")
