@@ -149,14 +149,10 @@ class DFlashDrafter:
         self.block_size = cfg.block_size
         self.target_layer_ids = tuple(cfg.target_layer_ids)
         self.session = None
-        self._context_start: Tensor | None = None
 
     def reset(self, batch: int, max_seq_len: int) -> None:
         self.session = None  # gone first, so the new session may take its caches (CompiledModel.new_session)
         self.session = self.cm.new_session(batch, max_seq_len)
-        # the step's inputs besides its tokens at the draft model's fixed addresses, the same every generation (each
-        # generation's drafter is new): its CUDA graphs then replay
-        self._context_start = self.cm.step_input((batch,), torch.int64)
 
     def propose(self, tokens: Tensor, context: Tensor | None, sampler: Sampler) -> Proposal:
         if context is None:
@@ -171,11 +167,9 @@ class DFlashDrafter:
                            device=tokens.device)
         block[:, 0] = tokens[:, -1]
         rows = context.shape[1]
-        once = rows > self.block_size  # a prefill's context: used once, passed as it is, run outside the graphs
-        if not once:  # every round's context
-            context = self.cm.step_input(tuple(context.shape), context.dtype).copy_(context)
-        self._context_start.fill_(start)
-        out = self.session.step(block, context.contiguous(), self._context_start, start=p, advance=rows, once=once)
+        once = rows > self.block_size  # a prefill's context: a shape used once, run outside the CUDA graphs
+        context_start = torch.full((batch,), start, dtype=torch.int64, device=tokens.device)
+        out = self.session.step(block, context.contiguous(), context_start, start=p, advance=rows, once=once)
         if not out.is_floating_point():  # compiled with greedy=True: the graph returns ids
             if not sampler.greedy:
                 raise TilecError("the draft was compiled with greedy=True (it returns token ids); sampling needs "

@@ -29,7 +29,8 @@ class DecodeSession:
     def step(self, input_ids: torch.Tensor, *extra: torch.Tensor, start: int | None = None,
              advance: int | None = None, once: bool = False) -> torch.Tensor:
         """Run T new tokens per sequence through the model at positions start..start+T-1 (start defaults to the
-        length); ``extra`` are the graph's extra inputs (after the caches). The length then grows by ``advance``
+        length); ``extra`` are the graph's extra inputs (after the caches: any tensors, a CUDA graph copies them
+        in). The length then grows by ``advance``
         (default: to the end of these rows). Returns logits. ``once``: inputs seen once (a prefill's context), so
         the kernels run directly rather than through a CUDA graph captured for them (tens of ms, for one use)."""
         if input_ids.dim() != 2 or input_ids.shape[0] != self.batch:
@@ -38,9 +39,14 @@ class DecodeSession:
         first = self.length if start is None else start
         self.cache.check_room(first, rows)
         pos = torch.full((self.batch,), first, dtype=torch.int64, device=self.device)
-        run = self._step.step if once and isinstance(self._step, GraphedStep) else self._step
+        args = (input_ids.to(self.device), pos, *self.cache.tensors, *extra)
         with torch.inference_mode():
-            out = run(input_ids.to(self.device), pos, *self.cache.tensors, *extra)
+            if not isinstance(self._step, GraphedStep):
+                out = self._step(*args)
+            elif once:
+                out = self._step.step(*args)
+            else:  # the graph binds the caches; the extra inputs are copied in, wherever they are
+                out = self._step(*args, bound=len(self.cache.tensors))
         self.length = first + rows if advance is None else self.length + advance
         if isinstance(out, tuple):
             out, self.hidden = out

@@ -25,6 +25,7 @@ from tilec.models.config import DENSE, FULL, SLIDING, SPARSE
 from tilec.models.dflash import build_draft, load_draft, save_draft
 from tilec.ops import op_name
 from tilec.ops.core import sampling_probs
+from tilec.runtime.cuda_graph import GraphedStep
 from tilec.runtime.dflash import OracleDraft, Proposal, Sampler, SpeculativeDecoder, accept_sampling
 
 from conftest import MIMO_FILE, random_ids, rel_err
@@ -626,39 +627,76 @@ def test_every_round_verifies_a_whole_block(tiny_cm, draft, draft_cm, monkeypatc
     assert torch.equal(out, plain) and max(rows_seen) == block and min(rows_seen) < block
 
 
-def test_the_drafts_step_inputs_keep_their_addresses_across_generations(tiny_cm, draft_cm, monkeypatch):
-    """Every tensor a draft step gets (its caches, the context, the context's start) is at the same address in the
-    next generation as in the first: on a GPU each step shape's CUDA graph, captured once, then replays instead of
-    being captured again each generation."""
-    from tilec.runtime.session import DecodeSession
+class CpuGraphs(GraphedStep):
+    """GraphedStep's bookkeeping on the CPU: a "capture" runs the step on its static buffers and keeps the outputs,
+    a "replay" runs it again on those buffers and writes the outputs in place, as a CUDA graph's replay does."""
 
-    calls, once = [], []
-    real_step = DecodeSession.step
+    def graphable(self, input_ids):
+        return input_ids.shape[1] <= self.max_rows
 
-    def spy(self, input_ids, *extra, **kw):
-        if extra:  # the draft's steps (the target's have no extra inputs)
-            once.append(kw.get("once", False))
-            if not once[-1]:
-                calls.append(tuple(t.data_ptr() for t in (*self.cache.tensors, *extra)))
-        return real_step(self, input_ids, *extra, **kw)
-    monkeypatch.setattr(DecodeSession, "step", spy)
-    prompt = random_ids(1, 12, 512, seed=13)  # a context longer than the block: the draft's first step runs once
-    first = tiny_cm.generate(prompt, 12, draft=draft_cm)
-    seen, calls[:] = list(calls), []
-    assert torch.equal(tiny_cm.generate(prompt, 12, draft=draft_cm), first)
-    assert calls == seen and len(seen) >= 2
-    # each generation's first draft step (the prompt's 12 positions of context) outside the graphs, the rest in them
-    assert once[0] and once[len(once) // 2] and not any(once[1:len(once) // 2]) and not any(once[len(once) // 2 + 1:])
+    def _capture(self, inputs, fixed):
+        statics = tuple(t.clone() for t in inputs)
+        outputs = self._run(statics, fixed)
+
+        class Replay:
+            def replay(_):
+                new = self._run(statics, fixed)
+                for o, n in zip(*((outputs, new) if isinstance(outputs, tuple) else ((outputs,), (new,)))):
+                    o.copy_(n)
+        return Replay(), statics, outputs
+
+
+def draft_step(session, tokens, context, start):
+    """A draft step as the drafter makes it: the block, its context and where the context starts."""
+    block = torch.zeros((1, 8), dtype=torch.int64)
+    block[:, 0] = tokens
+    return session.step(block, context, torch.full((1,), start, dtype=torch.int64), start=start + context.shape[1],
+                        advance=context.shape[1])
+
+
+def test_graphs_bind_the_caches_and_copy_every_other_input(draft, draft_cm, monkeypatch):
+    """A step's CUDA graph binds the session's caches by address and copies every other input in (the tokens, the
+    positions, a draft's context and its start): a draft's steps, given new tensors each round, replay the graph
+    captured for their shape instead of capturing again, and compute what the kernels run directly compute. Another
+    session's caches are another graph. (On the CPU, with a stand-in graph that reruns the step.)"""
+    graphs = CpuGraphs(draft_cm._executor, max_rows=8)
+    monkeypatch.setattr(draft_cm, "_executor", graphs)
+    g = torch.Generator().manual_seed(5)
+    hidden = draft.config.hidden_size * len(draft.config.target_layer_ids)
+    graphed, direct = draft_cm.new_session(1, 64), draft_cm.new_session(1, 64)
+    direct._step = graphs.step
+    for r in range(4):  # round r: a context of one position (new tensors every round)
+        context = torch.randn(1, 1, hidden, generator=g)
+        tokens = torch.randint(0, 512, (1,), generator=g)
+        assert torch.equal(draft_step(graphed, tokens, context.clone(), r), draft_step(direct, tokens, context, r))
+    assert graphs.captures == 1 and graphs.replays == 4
+    other = draft_cm.new_session(1, 64)  # its own caches: a graph of its own
+    draft_step(other, tokens, context, 0)
+    assert graphs.captures == 2
+
+
+def test_graphs_are_kept_most_recently_used_first():
+    """Past max_graphs, the graph used least recently is dropped, not the first captured."""
+    calls = []
+
+    def step(ids, pos, *tensors):
+        calls.append(ids.shape[1])
+        return ids.float() + pos[:, None]
+    graphs = CpuGraphs(step, max_rows=8, max_graphs=2)
+    pos = torch.zeros(1, dtype=torch.int64)
+    for rows in (1, 2, 1, 3, 1):  # 1 stays in use, so 3 displaces 2, not 1
+        graphs(torch.ones((1, rows), dtype=torch.int64), pos)
+    assert graphs.captures == 3 and graphs.replays == 5
+    graphs(torch.ones((1, 2), dtype=torch.int64), pos)
+    assert graphs.captures == 4
 
 
 def test_a_step_run_once_bypasses_the_cuda_graphs(tiny_cm, monkeypatch):
     """DecodeSession.step(once=True) runs a GraphedStep's kernels directly (no graph captured for inputs used once);
     other steps go through it. The same logits either way."""
-    from tilec.runtime.cuda_graph import GraphedStep
-
     through = []
 
-    def graphed(self, *args):
+    def graphed(self, *args, bound=None):
         through.append(args[0].shape[1])
         return self.step(*args)
     monkeypatch.setattr(GraphedStep, "__call__", graphed)

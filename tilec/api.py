@@ -105,7 +105,6 @@ class CompiledModel:
         # The caches of finished sessions, by layout (the SPARE_CACHES most recent), for the next session of that
         # layout: its steps then find the CUDA graphs captured on those very tensors.
         self._spare_caches: collections.OrderedDict[tuple, list[torch.Tensor]] = collections.OrderedDict()
-        self._step_inputs: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------- inspection
     @property
@@ -169,15 +168,6 @@ class CompiledModel:
         """CUDA graphs its steps have captured so far, its variants' included (0 off the GPU): each capture is a
         step of a new shape, or on new cache tensors, and costs tens of ms."""
         return sum(getattr(m._executor, "captures", 0) for m in (self, *self._variants.values()))
-
-    def step_input(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A tensor of this model's, one per shape and dtype, at a fixed address for as long as the model lives: for a
-        step input that callers fill right before each step (a CUDA graph replays only with the tensors it was
-        captured with). Filled and read in stream order, so callers stepping one after another may share it."""
-        key = (tuple(shape), dtype)
-        if key not in self._step_inputs:
-            self._step_inputs[key] = torch.empty(key[0], dtype=dtype, device=self.device)
-        return self._step_inputs[key]
 
     def generation_length(self, needed: int) -> int:
         """The cache length generate() gives a session that needs ``needed`` positions: on a GPU at least
