@@ -150,6 +150,8 @@ def attention_context(heads: int, kv_heads: int, head_dim: int, v_head_dim: int,
                       dev: DeviceInfo) -> dict:
     """The attention template's context (benchmarks/bench_attention.py times it and its variants)."""
     short = 0 < window <= SHORT_WINDOW and not dev.interpret
+    block_s = 16 if dev.interpret or short else (32 if head_dim > 128 else 64)
+    block_q = 64 if head_dim <= 128 else 32
     return dict(
         doc="GQA over the KV cache (flash-decoding chunks), then append the new rows",
         HQ=heads, HKV=kv_heads, G=heads // kv_heads, D=head_dim, DV=v_head_dim, WINDOW=window,
@@ -165,14 +167,14 @@ def attention_context(heads: int, kv_heads: int, head_dim: int, v_head_dim: int,
         # it holds. H100, 2026-11-24 (bench_attention.py --sweep, mini, head dims 192 / 128, results/
         # h100-2026-11-24b/run5_live_chunks): 9.7 / 10.7 us a call at 1 / 8 rows against 11.1 / 12.1 with chunks of
         # 64 in tiles of 32; for full attention the latter stay (ctx 256: 12.2 / 14.3 against 13.7 / 15.3).
-        BLOCK_S=16 if dev.interpret or short else (32 if head_dim > 128 else 64), CHUNK=32 if short else 64,
+        BLOCK_S=block_s, CHUNK=32 if short else 64,
         # At most MAX_SPLIT chunks: a larger cache makes them longer. 256 keeps chunks of 64 keys up to 16K
         # positions, and the combine loads up to COMBINE_S chunks at once. H100, 2026-11-24 (bench_attention.py
         # --max-seq 4352 / 8192 / 16384, mini, full attention, one row; results/h100-2026-11-24d/run4_attention_ab),
         # against 64 chunks merged one at a time: ctx 256 11.2 / 11.3 / 13.6 us against 12.3 / 16.4 / 25.5, ctx 4096
         # 19.5 / 19.7 / 18.8 against 27.9 / 26.6 / 33.9, ctx 16000 31.6 against 47.7; COMBINE_S 16 was slower at long
         # contexts (run4), and a prefill takes fewer chunks (PREFILL_PROGRAMS).
-        MAX_SPLIT=4 if dev.interpret else 256, BLOCK_Q_MAX=64 if head_dim <= 128 else 32, num_warps=4,
+        MAX_SPLIT=4 if dev.interpret else 256, BLOCK_Q_MAX=block_q, num_warps=4,
         # the combine's blocks: 8 query rows and 32 value dims a program (more programs for a step's few rows); 4
         # value dims in the interpreter, so its tests split the tests' narrow values too; chunks COMBINE_S at a time
         # (2 in the interpreter, so its tests merge several blocks of them)
@@ -181,6 +183,13 @@ def attention_context(heads: int, kv_heads: int, head_dim: int, v_head_dim: int,
         # block of rows going over only its own rows' keys, 1024 rows at ctx 0 take 124.5 us against 347.8 (full)
         # and 87.3 against 662.2 (the sliding window), and after 3000 positions 734.8 against 853.4 (run4).
         PREFILL_PROGRAMS=2 * dev.sms,
+        # A prefill's tiles (more rows than a verify step): 128 query rows, key tiles of 64 (a short window's stay),
+        # 8 warps. H100, 2026-11-24 (bench_attention.py, mini, ctx 0, results/h100-2026-11-24e/run7_attention_prefill_graphs):
+        # 4096 rows of full attention 558 us against 1244 with the decode tiles (32 rows, keys 32, 4 warps), the
+        # sliding window 169 against 318 (157 with keys of 16: the window's tiles stay), 1024 rows full 89 against
+        # 124. The interpreter keeps the decode tiles (its tests' plans).
+        PREFILL_BLOCK_Q=block_q if dev.interpret else 128, PREFILL_WARPS=4 if dev.interpret else 8,
+        PREFILL_BLOCK_S=block_s if dev.interpret or short else 64,
         skip_dead_tiles=not dev.interpret,
         num_stages=1 if dev.interpret else 2,
         # bf16 caches: bf16 products on the tensor cores, fp32 accumulation (HF casts probabilities to bf16 too);
