@@ -184,7 +184,8 @@ def attention_context(heads: int, kv_heads: int, head_dim: int, v_head_dim: int,
         # and 87.3 against 662.2 (the sliding window), and after 3000 positions 734.8 against 853.4 (run4).
         PREFILL_PROGRAMS=2 * dev.sms,
         # A prefill's tiles (more rows than a verify step): 128 query rows, key tiles of 64 (a short window's stay),
-        # 8 warps. H100, 2026-11-24 (bench_attention.py, mini, ctx 0, results/h100-2026-11-24e/run7_attention_prefill_graphs):
+        # 8 warps. H100, 2026-11-24 (bench_attention.py, mini, ctx 0,
+        # results/h100-2026-11-24e/run7_attention_prefill_graphs):
         # 4096 rows of full attention 558 us against 1244 with the decode tiles (32 rows, keys 32, 4 warps), the
         # sliding window 169 against 318 (157 with keys of 16: the window's tiles stay), 1024 rows full 89 against
         # 124. The interpreter keeps the decode tiles (its tests' plans).
