@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     common.write_json(out / "bench_moe_prefill.json", {
         "benchmark": "bench_moe_prefill", "environment": common.environment(device), "shape": shape,
-        "timing": "eager calls, CUDA events, median", "results": results, "seconds": round(time.perf_counter() - t0, 1)})
+        "timing": "eager calls, CUDA events, median", "results": results,
+        "seconds": round(time.perf_counter() - t0, 1)})
     print(f"wrote {out / 'bench_moe_prefill.json'}")
     return 0
 

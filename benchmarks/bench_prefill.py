@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     common.write_json(out / "bench_prefill.json", {
         "benchmark": "bench_prefill", "environment": common.environment(device), "preset": "mini" if gpu else "tiny",
         "prompts": prompts, "repeats": args.repeats, "timing": "wall: host clock around a synchronised call; gpu: "
-        "CUDA events around it; medians", "results": results, "profiles": profiles, "seconds": round(time.perf_counter() - t0, 1)})
+        "CUDA events around it; medians", "results": results, "profiles": profiles,
+        "seconds": round(time.perf_counter() - t0, 1)})
     print(f"wrote {out / 'bench_prefill.json'}")
     return 0
 
