@@ -205,9 +205,9 @@ def test_prefill_sort(pairs, experts, block_m, seed):
 
 
 def test_outgrown_counters_stay_alive():
-    """The kernels' tile counters grow where a call needs more (a large split-K decode); the buffer they outgrow stays allocated, because a CUDA
-    graph captured before (decode steps) still holds its address: freed, the allocator could give that memory to
-    another tensor, which every replay would then overwrite."""
+    """The kernels' tile counters grow where a call needs more (a large split-K decode); the buffer they outgrow
+    stays allocated, because a CUDA graph captured before (decode steps) still holds its address: freed, the
+    allocator could give that memory to another tensor, which every replay would then overwrite."""
     import gc
     import weakref
 
