@@ -95,7 +95,11 @@ def pipeline_stages(tile: dict, weight_tiles: int, itemsize: int, dev: DeviceInf
 
 # A prefill's projections are compute-bound: large tiles of rows and columns, so each weight tile serves many rows
 # and each row's x tile many columns. PREFILL_TILE is for one weight tile a step (linear); kernels with two weight
-# tiles a step (Q/K/V pairs, gate and up) take half as many columns.
+# tiles a step (Q/K/V pairs, gate and up) take half as many columns. H100, 2026-11-24 (bench_dense_tiles.py --rows
+# 4096 --sweep, mini; results/h100-2026-11-24e/run4_dense_prefill_sweep), TFLOP/s with these tiles: the attention
+# output projection 558, the dense SwiGLU 537, the lm_head 341 (463 with 256 rows a tile, the only shape that gained
+# from them), qkv_rope 151 (no tile swept did better: its gathered pairs of weight rows are the limit). The decode
+# tiles with 64 rows had taken the whole step's projections to 7.1 (linear) and 7.0 ms (qkv_rope) at 4096 rows.
 PREFILL_TILE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8}
 
 
