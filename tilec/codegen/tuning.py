@@ -99,8 +99,8 @@ def pipeline_stages(tile: dict, weight_tiles: int, itemsize: int, dev: DeviceInf
 # 4096 --sweep, mini; results/h100-2026-11-24e/run4_dense_prefill_sweep), TFLOP/s with these tiles: the attention
 # output projection 558, the dense SwiGLU 537, the lm_head 341 (463 with 256 rows a tile, the only shape that gained
 # from them), qkv_rope 151 (no tile swept did better; why, not yet measured). Over a 4096-token prefill
-# (bench_prefill.py --profile, run2 against run8 there): linear 7.1 ms against 3.2 with 64-row tiles of the decode
-# columns, qkv_rope 7.0 against 6.2.
+# (bench_prefill.py --profile, run8 against run2 there): linear 3.2 ms against 7.1 with the decode tiles' columns in
+# blocks of 64 rows, qkv_rope 6.2 against 7.0.
 PREFILL_TILE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8}
 
 
