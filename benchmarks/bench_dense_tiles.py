@@ -139,6 +139,8 @@ def variants(op: str, shape: dict, dev, sweep: bool, prefill: bool = False) -> l
                 out.append((" ".join(f"{k}={v}" for k, v in kv.items()), kv))
         return out
     out = [("planner", {}), ("vector (1 row only)", {"row_vector": True})]
+    if op == "qkv_rope":  # a weight pointer per pair, as before one_base
+        out.append(("pointer per pair", {"one_base": False}))
     if sweep and prefill:  # a prefill's tiles (rows past ROW_TILE)
         key = "gate_up_prefill" if op == "swiglu" else "prefill_gemm"
         base = op_context(op, shape, dev)

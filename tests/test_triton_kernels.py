@@ -82,10 +82,13 @@ def test_projections_at_decode_and_prefill_rows(rows):
     w = torch.randn(56, hidden, generator=g)
     got, ref, _ = _run_single_op(ops.linear, x, w, torch.randn(56, generator=g))
     assert rel(got, ref) < 1e-5
-    wq, wk, wv = (torch.randn(n, hidden, generator=g) for n in (4 * d, 2 * d, 2 * 8))
-    got, ref, _ = _run_single_op(ops.qkv_rope, x, wq, wk, wv, None, None, None, torch.tensor([321]), d, 8, 1e4)
-    for a, b in zip(got, ref):
-        assert rel(a, b) < 1e-5
+    # Q's and K's pairs split by the blocks of pairs, and (4 heads of 32: 64 pairs each) in whole blocks
+    for nq, nk, head in ((4 * d, 2 * d, d), (128, 128, 32)):
+        wq, wk, wv = (torch.randn(n, hidden, generator=g) for n in (nq, nk, nk // head * 8))
+        got, ref, _ = _run_single_op(ops.qkv_rope, x, wq, wk, wv, None, None, None, torch.tensor([321]), head, 8,
+                                     1e4)
+        for a, b in zip(got, ref):
+            assert rel(a, b) < 1e-5
     gate, up, down = (torch.randn(*shape, generator=g) for shape in ((inter, hidden), (inter, hidden), (hidden, inter)))
     got, ref, _ = _run_single_op(ops.swiglu, x, gate, up, down)
     assert rel(got, ref) < 1e-5
