@@ -131,6 +131,7 @@ def test_attention(batch, rows, kv, group, window, causal, sinks, ring, seed):
 @pytest.mark.parametrize("fn,shapes", [
     (ops.embedding, None), (ops.add, [(2, 5, 33), (2, 5, 33)]), (ops.silu_mul, [(1, 3, 70), (1, 3, 70)]),
     (ops.argmax, [(2, 3, 77)]), (ops.lm_head_argmax, [(2, 3, 40), (300, 40)]),
+    (ops.lm_head_argmax, [(1, 37, 40), (300, 40)]),  # a prefill's rows: tensor-core tiles of rows
     (ops.swiglu, [(1, 3, 24), (40, 24), (40, 24), (24, 40)]), (ops.rope, None), (ops.cat, None),
     (ops.kv_append, None),
 ])

@@ -10,8 +10,8 @@ import torch
 import torch.fx as fx
 
 from tilec.codegen.plan import KernelPlan, planner, val
-from tilec.codegen.tuning import (DeviceInfo, clamp, gemm_blocks, gemv_blocks, matmul_context, pipeline_stages,
-                                  pow2_ceil, pow2_floor, prefill_gemm)
+from tilec.codegen.tuning import (ROW_TILE, DeviceInfo, clamp, gemm_blocks, gemv_blocks, matmul_context,
+                                  pipeline_stages, pow2_ceil, pow2_floor, prefill_gemm)
 
 
 def _warps(width: int) -> int:
@@ -209,9 +209,14 @@ def _kv_append(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
 def _lm_head_argmax(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     n, k = val(node.args[1]).shape
     blocks = gemv_blocks(n, k, dev)
+    # a prefill's rows (past ROW_TILE) on the tensor cores in the linear's prefill tiles; its partial maxima are then
+    # n / that BLOCK_N a row
+    prefill = prefill_gemm(n, k, 1, val(node.args[1]).dtype.itemsize, dev)
     return KernelPlan.make("triton/argmax.py.j2", doc="lm_head GEMV reduced to the argmax (logits never stored)",
                            fused=True, N=n, K=k, BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
-                           num_warps=blocks["num_warps"], BLOCK_R=clamp(pow2_ceil(n // blocks["BLOCK_N"]), 16, 1024))
+                           num_warps=blocks["num_warps"],
+                           BLOCK_R=clamp(pow2_ceil(n // min(blocks["BLOCK_N"], prefill["BLOCK_N"])), 16, 1024),
+                           prefill_gemm=prefill, row_tile=ROW_TILE, dot_dtype=dev.dot_dtype)
 
 
 @planner("argmax")
