@@ -20,7 +20,7 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 
 import tilec
-from tilec import mxfp4, ops
+from tilec import ops
 from tilec.codegen import mma_layout
 from tilec.codegen.plans_moe import (cuda_decode_context, experts_context, fused_context, fused_static_bytes,
                                      with_down)
