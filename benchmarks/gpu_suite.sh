@@ -10,6 +10,8 @@
 #   benchmarks/gpu_suite.sh floor   -> plain reads of one row's experts call, every way, fastest first (read_floor.json)
 #   benchmarks/gpu_suite.sh dense   -> the dense projections and the router at 1 and 8 rows (bench_dense_tiles.json)
 #   benchmarks/gpu_suite.sh pdl     -> the MXFP4 step at 1 and 8 rows with programmatic dependent launch off, then on
+#   benchmarks/gpu_suite.sh prefill -> time to first token beside HF eager (bench_prefill.json), and one layer's experts
+#                                      at prefill sizes beside the reference ops (bench_moe_prefill.json)
 # Each stage writes JSON and a log under ${OUT:-out}/ and prints a short table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +45,8 @@ for stage in "$@"; do
              --out "$OUT/pdl${pdl}_rows$rows" > "$OUT/pdl${pdl}_rows$rows.log" 2>&1
            echo "TILEC_PDL=$pdl: $(grep -m1 "CUDA-graph step" "$OUT/pdl${pdl}_rows$rows.log")"
          done; done ;;
+    prefill) timeout 200 python3 benchmarks/bench_prefill.py --out "$OUT" 2>&1 | grep -v -i warn | tail -14
+             timeout 200 python3 benchmarks/bench_moe_prefill.py --out "$OUT" 2>&1 | tail -16 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
