@@ -3,7 +3,8 @@
 A step of generated kernels is a hundred-odd launches; replaying them as one graph removes the CPU launch cost and
 the gaps between kernels. A graph is recorded per input shape and per set of bound tensors (a session's caches, which
 stay put), with static buffers for every other input (the tokens, the positions, a draft's context) that each call
-copies into. Outputs are copied out, so a caller may keep them.
+copies into. Outputs are copied out, so a caller may keep them. A step with more than ``max_rows`` rows in its tokens
+or in any other input (a prefill, a draft's first context) runs directly: a shape seen once is not worth a capture.
 """
 
 from __future__ import annotations
@@ -16,25 +17,24 @@ import torch
 
 class GraphedStep:
     """Wraps ``step(input_ids, start_pos, *tensors)``: replays a CUDA graph for steps of at most ``max_rows`` rows,
-    runs bigger ones (a prefill) directly. The ``max_graphs`` most recently used graphs are kept."""
+    runs bigger ones directly. A graph binds the first ``bound`` of ``tensors`` (all when None) by address: the caches
+    it reads and writes in place. The rest are inputs like the tokens: copied into the graph's own buffers, so a caller
+    may pass new tensors each call. The ``max_graphs`` most recently used graphs are kept."""
 
-    def __init__(self, step: Callable, max_rows: int = 8, max_graphs: int = 8):
-        self.step, self.max_rows, self.max_graphs = step, max_rows, max_graphs
+    def __init__(self, step: Callable, max_rows: int = 8, max_graphs: int = 8, bound: int | None = None):
+        self.step, self.max_rows, self.max_graphs, self.bound = step, max_rows, max_graphs, bound
         self._graphs: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
         self.replays = self.captures = 0  # counters, for benchmarks and tests
 
-    def graphable(self, input_ids: torch.Tensor) -> bool:
-        return input_ids.is_cuda and input_ids.shape[1] <= self.max_rows
+    def graphable(self, input_ids: torch.Tensor, copied: tuple) -> bool:
+        """On a GPU, and no more than max_rows rows in the tokens or in any copied input (dim 1)."""
+        return input_ids.is_cuda and all(t.dim() < 2 or t.shape[1] <= self.max_rows for t in (input_ids, *copied))
 
-    def __call__(self, input_ids: torch.Tensor, start_pos: torch.Tensor, *tensors: torch.Tensor,
-                 bound: int | None = None):
-        """One step. The graph binds the first ``bound`` of ``tensors`` (all by default) by address: the caches it
-        reads and writes in place. The rest are inputs like the tokens: copied into the graph's own buffers, so a
-        caller may pass new tensors each call."""
-        if not self.graphable(input_ids):
-            return self.step(input_ids, start_pos, *tensors)
-        bound = len(tensors) if bound is None else bound
+    def __call__(self, input_ids: torch.Tensor, start_pos: torch.Tensor, *tensors: torch.Tensor):
+        bound = len(tensors) if self.bound is None else self.bound
         fixed, copied = tensors[:bound], tensors[bound:]
+        if not self.graphable(input_ids, copied):
+            return self.step(input_ids, start_pos, *tensors)
         key = (tuple(input_ids.shape), tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in fixed),
                tuple((tuple(t.shape), t.dtype) for t in copied))
         entry = self._graphs.get(key)

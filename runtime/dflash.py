@@ -167,9 +167,8 @@ class DFlashDrafter:
                            device=tokens.device)
         block[:, 0] = tokens[:, -1]
         rows = context.shape[1]
-        once = rows > self.block_size  # a prefill's context: a shape used once, run outside the CUDA graphs
         context_start = torch.full((batch,), start, dtype=torch.int64, device=tokens.device)
-        out = self.session.step(block, context.contiguous(), context_start, start=p, advance=rows, once=once)
+        out = self.session.step(block, context.contiguous(), context_start, start=p, advance=rows)
         if not out.is_floating_point():  # compiled with greedy=True: the graph returns ids
             if not sampler.greedy:
                 raise TilecError("the draft was compiled with greedy=True (it returns token ids); sampling needs "

@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 
 from tilec.errors import ShapeError
-from tilec.runtime.cuda_graph import GraphedStep
 from tilec.runtime.kv_cache import CacheSpec, KVCache
 
 
@@ -27,26 +26,18 @@ class DecodeSession:
         self.hidden: torch.Tensor | None = None
 
     def step(self, input_ids: torch.Tensor, *extra: torch.Tensor, start: int | None = None,
-             advance: int | None = None, once: bool = False) -> torch.Tensor:
+             advance: int | None = None) -> torch.Tensor:
         """Run T new tokens per sequence through the model at positions start..start+T-1 (start defaults to the
         length); ``extra`` are the graph's extra inputs (after the caches: any tensors, a CUDA graph copies them
-        in). The length then grows by ``advance``
-        (default: to the end of these rows). Returns logits. ``once``: inputs seen once (a prefill's context), so
-        the kernels run directly rather than through a CUDA graph captured for them (tens of ms, for one use)."""
+        in). The length then grows by ``advance`` (default: to the end of these rows). Returns logits."""
         if input_ids.dim() != 2 or input_ids.shape[0] != self.batch:
             raise ShapeError(f"session expects input ids of shape [{self.batch}, T], got {tuple(input_ids.shape)}")
         rows = input_ids.shape[1]
         first = self.length if start is None else start
         self.cache.check_room(first, rows)
         pos = torch.full((self.batch,), first, dtype=torch.int64, device=self.device)
-        args = (input_ids.to(self.device), pos, *self.cache.tensors, *extra)
         with torch.inference_mode():
-            if not isinstance(self._step, GraphedStep):
-                out = self._step(*args)
-            elif once:
-                out = self._step.step(*args)
-            else:  # the graph binds the caches; the extra inputs are copied in, wherever they are
-                out = self._step(*args, bound=len(self.cache.tensors))
+            out = self._step(input_ids.to(self.device), pos, *self.cache.tensors, *extra)
         self.length = first + rows if advance is None else self.length + advance
         if isinstance(out, tuple):
             out, self.hidden = out

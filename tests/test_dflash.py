@@ -631,8 +631,8 @@ class CpuGraphs(GraphedStep):
     """GraphedStep's bookkeeping on the CPU: a "capture" runs the step on its static buffers and keeps the outputs,
     a "replay" runs it again on those buffers and writes the outputs in place, as a CUDA graph's replay does."""
 
-    def graphable(self, input_ids):
-        return input_ids.shape[1] <= self.max_rows
+    def graphable(self, input_ids, copied):
+        return all(t.dim() < 2 or t.shape[1] <= self.max_rows for t in (input_ids, *copied))
 
     def _capture(self, inputs, fixed):
         statics = tuple(t.clone() for t in inputs)
@@ -654,33 +654,30 @@ def draft_step(session, tokens, context, start):
                         advance=context.shape[1])
 
 
-def test_graphs_bind_the_caches_and_copy_every_other_input(draft, draft_cm, monkeypatch):
+def test_graphs_bind_the_caches_and_copy_every_other_input(draft, draft_cm):
     """A step's CUDA graph binds the session's caches by address and copies every other input in (the tokens, the
     positions, a draft's context and its start): a draft's steps, given new tensors each round, replay the graph
     captured for their shape instead of capturing again, and compute what the kernels run directly compute. Another
     session's caches are another graph. (On the CPU, with a stand-in graph that reruns the step.)"""
-    graphs = CpuGraphs(draft_cm._executor, max_rows=8)
-    monkeypatch.setattr(draft_cm, "_executor", graphs)
+    graphed, direct = draft_cm.new_session(1, 64), draft_cm.new_session(1, 64)
+    graphs = CpuGraphs(draft_cm._executor, max_rows=8, bound=len(graphed.cache.tensors))
+    graphed._step = graphs
     g = torch.Generator().manual_seed(5)
     hidden = draft.config.hidden_size * len(draft.config.target_layer_ids)
-    graphed, direct = draft_cm.new_session(1, 64), draft_cm.new_session(1, 64)
-    direct._step = graphs.step
     for r in range(4):  # round r: a context of one position (new tensors every round)
         context = torch.randn(1, 1, hidden, generator=g)
         tokens = torch.randint(0, 512, (1,), generator=g)
         assert torch.equal(draft_step(graphed, tokens, context.clone(), r), draft_step(direct, tokens, context, r))
     assert graphs.captures == 1 and graphs.replays == 4
     other = draft_cm.new_session(1, 64)  # its own caches: a graph of its own
+    other._step = graphs
     draft_step(other, tokens, context, 0)
     assert graphs.captures == 2
 
 
 def test_graphs_are_kept_most_recently_used_first():
     """Past max_graphs, the graph used least recently is dropped, not the first captured."""
-    calls = []
-
     def step(ids, pos, *tensors):
-        calls.append(ids.shape[1])
         return ids.float() + pos[:, None]
     graphs = CpuGraphs(step, max_rows=8, max_graphs=2)
     pos = torch.zeros(1, dtype=torch.int64)
@@ -691,17 +688,14 @@ def test_graphs_are_kept_most_recently_used_first():
     assert graphs.captures == 4
 
 
-def test_a_step_run_once_bypasses_the_cuda_graphs(tiny_cm, monkeypatch):
-    """DecodeSession.step(once=True) runs a GraphedStep's kernels directly (no graph captured for inputs used once);
-    other steps go through it. The same logits either way."""
-    through = []
-
-    def graphed(self, *args, bound=None):
-        through.append(args[0].shape[1])
-        return self.step(*args)
-    monkeypatch.setattr(GraphedStep, "__call__", graphed)
-    ids = random_ids(1, 4, 512, seed=17)
-    plain, wrapped = tiny_cm.new_session(1, 32), tiny_cm.new_session(1, 32)
-    wrapped._step = GraphedStep(wrapped._step)
-    assert torch.equal(wrapped.step(ids, once=True), plain.step(ids)) and through == []
-    assert torch.equal(wrapped.step(ids[:, :1]), plain.step(ids[:, :1])) and through == [1]
+def test_a_step_with_more_rows_than_a_graph_runs_directly(draft, draft_cm):
+    """A step whose tokens or other inputs have more than max_rows rows (a prefill; a draft's first step, over the
+    prompt's context) runs the kernels directly, capturing nothing for a shape seen once; the same result either way."""
+    graphed, direct = draft_cm.new_session(1, 64), draft_cm.new_session(1, 64)
+    graphs = CpuGraphs(draft_cm._executor, max_rows=8, bound=len(graphed.cache.tensors))
+    graphed._step = graphs
+    context = torch.randn(1, 12, draft.config.hidden_size * len(draft.config.target_layer_ids),
+                          generator=torch.Generator().manual_seed(6))
+    tokens = torch.tensor([3])
+    assert torch.equal(draft_step(graphed, tokens, context, 0), draft_step(direct, tokens, context, 0))
+    assert graphs.captures == 0 and graphs.replays == 0

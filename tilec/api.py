@@ -100,8 +100,12 @@ class CompiledModel:
         self.saved_to: Path | None = None
         # What runs a step: the graph itself (reference), or its generated kernels, replayed as CUDA graphs.
         self.program = program
+        # A step's graph binds the caches (the first inputs after the tokens and positions; any others are copied in).
+        caches = (len(layout_from_graph(self.graph, 1, options.max_seq_len, options.spec_rows))
+                  if self.info.kind == "decoder" else None)
         self._executor = self.graph if program is None else (
-            GraphedStep(program, max_rows=options.spec_rows) if self.device.type == "cuda" else program)
+            GraphedStep(program, max_rows=options.spec_rows, bound=caches) if self.device.type == "cuda"
+            else program)
         # The caches of finished sessions, by layout (the SPARE_CACHES most recent), for the next session of that
         # layout: its steps then find the CUDA graphs captured on those very tensors.
         self._spare_caches: collections.OrderedDict[tuple, list[torch.Tensor]] = collections.OrderedDict()
