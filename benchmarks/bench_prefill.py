@@ -10,8 +10,8 @@ that length's tiles then). HF runs its forward over the prompt. Two clocks each:
 - the host's wall time from the call until the logits are ready (synchronised before and after);
 - on a GPU, the span between CUDA events recorded around the call.
 A wall time far above the GPU span means the prefill waits on the host launching its kernels. Medians of --repeats.
-torch.compile is not a peer here: it would compile again for every prompt length. Writes DIR/bench_prefill.json and
-prints a line per measurement. (No figure from this script has been taken on a GPU yet.)
+torch.compile is not a peer here: it would compile again for every prompt length. With --profile, each entry's GPU
+time per kernel too. Writes DIR/bench_prefill.json and prints a line per measurement.
 """
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ import common  # noqa: E402
 from bench_decode import build_model, hf_sharing_weights  # noqa: E402
 
 import tilec  # noqa: E402
+
+
+def tilec_prefill(cm, ids: torch.Tensor) -> torch.Tensor:
+    """The prompt's logits from a fresh session whose cache is as long as generate() would make it."""
+    return cm.new_session(1, cm.generation_length(ids.shape[1] + 1)).step(ids)
 
 
 def time_prefill(prefill, prompt: torch.Tensor, repeats: int) -> dict:
@@ -94,9 +99,8 @@ def main(argv=None) -> int:
     for length in prompts:
         prompt = torch.randint(0, vocab, (1, length), generator=gen).to(device)
         for name, cm in entries.items():
-            def prefill(ids, cm=cm):
-                return cm.new_session(1, cm.generation_length(ids.shape[1] + 1)).step(ids)
-            results.append({"entry": name, "prompt": length, **time_prefill(prefill, prompt, args.repeats)})
+            results.append({"entry": name, "prompt": length,
+                            **time_prefill(lambda ids, cm=cm: tilec_prefill(cm, ids), prompt, args.repeats)})
             print(f"  {name:14s} prompt {length:5d}  wall {results[-1]['wall_ms']:9.3f} ms"
                   + (f"  gpu {results[-1]['gpu_ms']:9.3f} ms" if gpu else ""), flush=True)
         if hf is not None:
@@ -107,8 +111,7 @@ def main(argv=None) -> int:
     if gpu and args.profile:  # after every timed call: CUPTI slows later launches (common.kernel_gpu_times)
         for length in prompts:
             prompt = torch.randint(0, vocab, (1, length), generator=gen).to(device)
-            runs = {name: (lambda cm=cm: cm.new_session(1, cm.generation_length(length + 1)).step(prompt))
-                    for name, cm in entries.items()}
+            runs = {name: (lambda cm=cm: tilec_prefill(cm, prompt)) for name, cm in entries.items()}
             runs["hf"] = lambda: prefill_hf(prompt)
             for name, run in runs.items():
                 kernels = common.kernel_gpu_times(run, 2)
