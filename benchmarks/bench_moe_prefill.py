@@ -54,7 +54,13 @@ SWEEP = {
     "m128_gu32x64w4_d64x64w4": tiles(128, (32, 64, 4, 3), (64, 64, 4, 3)),
     "m64_gu64x64w4s4_d64x64w4s4": tiles(64, (64, 64, 4, 4), (64, 64, 4, 4)),
     "m128_gu128x64w8_d256x64w8": tiles(128, (128, 64, 8, 3), (256, 64, 8, 3)),
+    # tiles of 256 pairs: each weight tile dequantised once for twice the rows
+    "m256_gu64x64w8_d128x64w8": tiles(256, (64, 64, 8, 3), (128, 64, 8, 3)),
+    "m256_gu64x64w8s2_d64x64w8s2": tiles(256, (64, 64, 8, 2), (64, 64, 8, 2)),
 }
+# MXFP4 dequantisation variants (the planner's tiles at 128 pairs), the template's `dequant`: "dot_scaled" is
+# Triton's MXFP4 matmul, "tl" the pure-Triton path
+DEQUANT_SWEEP = {"m128_dot_scaled": "dot_scaled", "m128_tl": "tl"}
 
 
 def time_ms(fn, device, reps: int) -> float:
@@ -68,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="also time the prefill tile variants (GPU)")
     ap.add_argument("--rows", default="", help="row counts, comma-separated (default 256,1024,4096)")
     ap.add_argument("--reps", type=int, default=10, help="timed calls per measurement")
+    ap.add_argument("--only", nargs="*", default=[], help="with --sweep: only the variants whose names contain one of "
+                    "these")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -84,6 +92,11 @@ def main(argv=None) -> int:
     if args.sweep and cuda:
         pairs = experts_context("mxfp4", shape["H"], shape["I"], shape["E"], dev)["prefill"]["pairs"]
         variants.update({name: {"prefill": {"pairs": pairs, "tiles": [v]}} for name, v in SWEEP.items()})
+        planned_many = SWEEP["m128_gu64x64w8_d128x64w8"]
+        variants.update({name: {"prefill": {"pairs": pairs, "tiles": [planned_many]}, "dequant": d}
+                         for name, d in DEQUANT_SWEEP.items()})
+        if args.only:
+            variants = {n: v for n, v in variants.items() if n == "planned" or any(o in n for o in args.only)}
     results = []
     for rows in shape["rows"]:
         w, ids = routing(rows, "random", shape, device, cpu_gen)
@@ -96,7 +109,7 @@ def main(argv=None) -> int:
             ms = time_ms(lambda op=op, fmt=fmt: op(x, w, ids, *layers[fmt]), device, max(2, args.reps // 4))
             results.append({"kernel": f"reference {fmt}", "rows": rows, "ms": ms, "tflops": flops / ms / 1e9})
         for name, overrides in variants.items():
-            for fmt in ("mxfp4", "dense"):
+            for fmt in ("mxfp4", "dense") if "dequant" not in overrides else ("mxfp4",):
                 module = kernel_module(fmt, shape, dev, **overrides)
                 out = module.launch(x, w, ids, *layers[fmt])
                 err = common.rel_err(out, refs[fmt])

@@ -39,8 +39,10 @@ def tilec_prefill(cm, ids: torch.Tensor) -> torch.Tensor:
 
 
 def time_prefill(prefill, prompt: torch.Tensor, repeats: int) -> dict:
-    """Medians over ``repeats`` timed calls of ``prefill(prompt)``, after one untimed call."""
+    """Medians over ``repeats`` timed calls of ``prefill(prompt)``, after two untimed calls (the second captures a
+    short prompt's CUDA graph, which the timed calls replay)."""
     gpu = prompt.is_cuda
+    prefill(prompt)
     prefill(prompt)
     walls, spans = [], []
     for _ in range(repeats):
@@ -60,6 +62,33 @@ def time_prefill(prefill, prompt: torch.Tensor, repeats: int) -> dict:
             "wall_ms_runs": [round(w, 4) for w in walls]}
 
 
+def host_profile(run, repeats: int, path: Path) -> dict:
+    """Host time of ``run`` per Python function (cProfile, ``repeats`` calls after one untimed): the 40 functions
+    with the most time of their own are written to ``path``. cProfile slows Python several-fold, so its times say
+    where the host's time goes, not how long a prefill takes."""
+    import cProfile
+    import io
+    import pstats
+
+    run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    for _ in range(repeats):
+        run()
+    prof.disable()
+    wall = (time.perf_counter() - t) / repeats
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats(40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue())
+    return {"host_ms": round(wall * 1e3, 3), "calls": stats.total_calls // repeats}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for bench_prefill.json")
@@ -70,6 +99,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", action="store_true",
                     help="GPU: also each entry's GPU time per kernel (torch.profiler), after all timing")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also each tilec entry's host time per Python function (cProfile) over `--repeats` prefills "
+                    "of the shortest prompt, after all timing: host_profile_<entry>.txt under --out")
+    ap.add_argument("--prefill-graph-rows", type=int, default=tilec.Options.prefill_graph_rows,
+                    help="Options.prefill_graph_rows of the tilec entries (0: every prompt runs directly)")
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if gpu else "cpu")
@@ -81,7 +115,7 @@ def main(argv=None) -> int:
         ap.error(f"--prompts {args.prompts!r}: lengths must be positive")
     t0 = time.perf_counter()
     model = build_model("mini" if gpu else "tiny", device, args.seed)
-    options = tilec.Options(max_seq_len=max(prompts) + 8)
+    options = tilec.Options(max_seq_len=max(prompts) + 8, prefill_graph_rows=args.prefill_graph_rows)
     entries = {}
     if gpu:
         for name, mx in (("triton", False), ("triton-mxfp4", True)):
@@ -99,8 +133,10 @@ def main(argv=None) -> int:
     for length in prompts:
         prompt = torch.randint(0, vocab, (1, length), generator=gen).to(device)
         for name, cm in entries.items():
+            captures = cm.graph_captures
             results.append({"entry": name, "prompt": length,
-                            **time_prefill(lambda ids, cm=cm: tilec_prefill(cm, ids), prompt, args.repeats)})
+                            **time_prefill(lambda ids, cm=cm: tilec_prefill(cm, ids), prompt, args.repeats),
+                            "graph_captures": cm.graph_captures - captures})
             print(f"  {name:14s} prompt {length:5d}  wall {results[-1]['wall_ms']:9.3f} ms"
                   + (f"  gpu {results[-1]['gpu_ms']:9.3f} ms" if gpu else ""), flush=True)
         if hf is not None:
@@ -123,10 +159,21 @@ def main(argv=None) -> int:
                 for k, (n, us) in top[:8]:
                     print(f"    {us / 1e3:9.3f} ms  {n:6.0f} launches  {k[:90]}")
     out = Path(args.out)
+    host = []
+    if args.host_profile:
+        prompt = torch.randint(0, vocab, (1, min(prompts)), generator=gen).to(device)
+        for name, cm in entries.items():
+            host.append({"entry": name, "prompt": min(prompts),
+                         **host_profile(lambda cm=cm: tilec_prefill(cm, prompt), args.repeats,
+                                        out / f"host_profile_{name}.txt")})
+            print(f"  {name} prompt {min(prompts)}: {host[-1]['host_ms']:.3f} ms of host time a prefill under "
+                  f"cProfile, {host[-1]['calls']} Python calls", flush=True)
     common.write_json(out / "bench_prefill.json", {
         "benchmark": "bench_prefill", "environment": common.environment(device), "preset": "mini" if gpu else "tiny",
-        "prompts": prompts, "repeats": args.repeats, "timing": "wall: host clock around a synchronised call; gpu: "
+        "prompts": prompts, "repeats": args.repeats, "prefill_graph_rows": args.prefill_graph_rows,
+        "timing": "wall: host clock around a synchronised call; gpu: "
         "CUDA events around it; medians", "results": results, "profiles": profiles,
+        "host_profiles": host,
         "seconds": round(time.perf_counter() - t0, 1)})
     print(f"wrote {out / 'bench_prefill.json'}")
     return 0

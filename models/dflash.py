@@ -229,7 +229,8 @@ class DFlashDraft(nn.Module):
         cap = ring_capacity(cfg.sliding_window, max_seq_len, max(spec_rows, cfg.block_size))
         for i in range(cfg.num_hidden_layers):
             shape = (batch, cfg.num_key_value_heads, cap, cfg.head_dim)
-            specs += [CacheSpec(f"k_cache_{i}", shape, self.dtype), CacheSpec(f"v_cache_{i}", shape, self.dtype)]
+            specs += [CacheSpec(f"k_cache_{i}", shape, self.dtype, cfg.sliding_window),
+                      CacheSpec(f"v_cache_{i}", shape, self.dtype, cfg.sliding_window)]
         return specs
 
     def extra_inputs(self, batch: int, rows: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

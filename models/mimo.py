@@ -198,8 +198,8 @@ class MiMoForCausalLM(nn.Module):
         for i in range(cfg.num_hidden_layers):
             cap = ring_capacity(cfg.window(i), max_seq_len, spec_rows)
             kv = cfg.kv_heads(i)
-            specs.append(CacheSpec(f"k_cache_{i}", (batch, kv, cap, cfg.head_dim), self.dtype))
-            specs.append(CacheSpec(f"v_cache_{i}", (batch, kv, cap, cfg.v_head_dim), self.dtype))
+            specs.append(CacheSpec(f"k_cache_{i}", (batch, kv, cap, cfg.head_dim), self.dtype, cfg.window(i)))
+            specs.append(CacheSpec(f"v_cache_{i}", (batch, kv, cap, cfg.v_head_dim), self.dtype, cfg.window(i)))
         return specs
 
     @torch.no_grad()

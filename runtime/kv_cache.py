@@ -18,11 +18,13 @@ from tilec.errors import ShapeError
 
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
-    """One cache tensor: its graph input name, shape [B, Hkv, C, D] and dtype."""
+    """One cache tensor: its graph input name, shape [B, Hkv, C, D], dtype, and the attention window it serves (0:
+    full attention)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    window: int = 0
 
     @property
     def capacity(self) -> int:
@@ -70,6 +72,21 @@ class KVCache:
                 f"positions {start}..{start + rows - 1} do not fit a KV cache sized for {self.max_seq_len} tokens; "
                 f"pass a larger max_seq_len (or Options(max_seq_len=...))")
 
+    def pad_room(self, start: int, rows: int) -> int:
+        """How many padding rows may follow rows start..start+rows-1 in one step, their outputs dropped and the length
+        not counting them, without overwriting a key that this step's rows or a later step read. Their keys land at
+        positions past the rows, which later steps overwrite before reading; but a position past the cache's end
+        wraps onto a live slot, and in a ring of C slots serving a window of W keys (query included) the padding may
+        reach C - W positions past the rows: the slot after that holds the first key the last row sees."""
+        end = start + rows
+        room = self.max_seq_len - end
+        for s in self.specs:
+            if s.window and s.capacity < self.max_seq_len:  # a ring that wraps
+                room = min(room, s.capacity - s.window)
+            else:
+                room = min(room, s.capacity - end)
+        return max(room, 0)
+
     def snapshot(self) -> list[torch.Tensor]:
         return [t.clone() for t in self.tensors]
 
@@ -94,5 +111,6 @@ def layout_from_graph(gm, batch: int, max_seq_len: int, spec_rows: int) -> list[
             continue
         val = node.meta["val"]
         cap = ring_capacity(windows[node.target], max_seq_len, spec_rows)
-        specs.append(CacheSpec(node.target, (batch, val.shape[1], cap, val.shape[3]), val.dtype))
+        specs.append(CacheSpec(node.target, (batch, val.shape[1], cap, val.shape[3]), val.dtype,
+                               windows[node.target]))
     return specs

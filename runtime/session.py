@@ -36,12 +36,25 @@ class DecodeSession:
         first = self.length if start is None else start
         self.cache.check_room(first, rows)
         pos = torch.full((self.batch,), first, dtype=torch.int64, device=self.device)
+        ids = input_ids.to(self.device)
+        pad = self._padding(rows, first) if not extra else 0
+        if pad:  # rows after the last whose outputs are dropped (a prefill's CUDA graph replays for the padded shape)
+            ids = torch.cat([ids, ids.new_zeros((self.batch, pad))], dim=1)
         with torch.inference_mode():
-            out = self._step(input_ids.to(self.device), pos, *self.cache.tensors, *extra)
+            out = self._step(ids, pos, *self.cache.tensors, *extra)
         self.length = first + rows if advance is None else self.length + advance
         if isinstance(out, tuple):
             out, self.hidden = out
-        return out
+            if pad:
+                self.hidden = self.hidden[:, :rows]
+        return out[:, :rows] if pad else out
+
+    def _padding(self, rows: int, first: int) -> int:
+        """Rows to pad a step with: what the step function asks for (`GraphedStep.prefill_rows_for`), where the
+        cache has room for them (`KVCache.pad_room`); else none."""
+        best = getattr(self._step, "prefill_rows_for", None)
+        pad = best(rows) - rows if best is not None else 0
+        return pad if 0 < pad <= self.cache.pad_room(first, rows) else 0
 
     @property
     def max_seq_len(self) -> int:

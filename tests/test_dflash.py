@@ -632,7 +632,7 @@ class CpuGraphs(GraphedStep):
     a "replay" runs it again on those buffers and writes the outputs in place, as a CUDA graph's replay does."""
 
     def graphable(self, input_ids, copied):
-        return all(t.dim() < 2 or t.shape[1] <= self.max_rows for t in (input_ids, *copied))
+        return all(t.dim() < 2 or t.shape[1] <= self.max_rows for t in copied)
 
     def _capture(self, inputs, fixed):
         statics = tuple(t.clone() for t in inputs)

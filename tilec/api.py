@@ -104,7 +104,8 @@ class CompiledModel:
         caches = (len(layout_from_graph(self.graph, 1, options.max_seq_len, options.spec_rows))
                   if self.info.kind == "decoder" else None)
         self._executor = self.graph if program is None else (
-            GraphedStep(program, max_rows=options.spec_rows, bound=caches) if self.device.type == "cuda"
+            GraphedStep(program, max_rows=options.spec_rows, bound=caches, prefill_rows=options.prefill_graph_rows,
+                        prefill_step=1 << (options.spec_rows.bit_length() - 1)) if self.device.type == "cuda"
             else program)
         # The caches of finished sessions, by layout (the SPARE_CACHES most recent), for the next session of that
         # layout: its steps then find the CUDA graphs captured on those very tensors.

@@ -26,6 +26,9 @@ class Options:
     greedy: the graph returns argmax token ids instead of logits (lm_head + argmax fused).
     mxfp4: hold the MoE experts' weights in MXFP4 (the ``mxfp4_experts`` pass); everything else keeps its precision.
     mxfp4_scale_rule: ``floor`` (the OCP rule; may clip values in (6, 8) x scale) or ``ceil`` (never clips).
+    prefill_graph_rows: on a GPU, prompts of more than spec_rows and up to this many tokens are padded to a multiple of
+        the largest power of two up to spec_rows and replayed as CUDA graphs (captured the second time a length is
+        seen): a short prompt's time is otherwise the host's launches. 0: prompts always run directly.
     """
 
     dump_dir: Path | None = None
@@ -39,12 +42,15 @@ class Options:
     greedy: bool = False
     mxfp4: bool = False
     mxfp4_scale_rule: str = "floor"
+    prefill_graph_rows: int = 128
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_seq_len", "spec_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise TilecError(f"Options.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.prefill_graph_rows, int) or self.prefill_graph_rows < 0:
+            raise TilecError(f"Options.prefill_graph_rows must be an int >= 0, got {self.prefill_graph_rows!r}")
         if not isinstance(self.mxfp4, bool):
             raise TilecError(f"Options.mxfp4 must be True or False, got {self.mxfp4!r}")
         if self.mxfp4_scale_rule not in ("floor", "ceil"):
