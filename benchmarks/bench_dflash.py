@@ -17,13 +17,15 @@ is re-derived from that output until it is a fixed point (at most a few passes, 
 For the two drafted runs, one more generation is taken apart round by round (``phases``): each round's wall time
 (it ends with the host reading how many proposals were accepted), the GPU's span of the draft's forward and of the
 target's verify step (CUDA events around each; on the CPU, wall time), and what is left: accepting, the rollback, and
-the host's launches the GPU waited for. Medians over the rounds, in ms; beside them the prefill's wall time (its
-kernels launched from Python) and how many CUDA graphs the target captured during that generation.
+the host's launches the GPU waited for. Medians over the rounds, in ms; beside them the prefill's wall time (a short
+prompt's CUDA graph replayed, see Options.prefill_graph_rows) and how many CUDA graphs the target captured during that
+generation.
 
-Writes ``DIR/bench_dflash.json`` and prints a short table. Timings exclude compilation; each run is done once untimed
-first (warm-up) and then timed ``--repeats`` times (5 by default): the table shows the median run, the JSON every
-run's tokens/s too. (One timed run of 129 tokens lasts 40 to 150 ms of host-driven rounds; single runs of the same
-build varied by up to 12% on the H100, 741 to 833 tokens/s for bf16 plain decoding.)
+Writes ``DIR/bench_dflash.json`` and prints a short table. Timings exclude compilation; each run is done twice
+untimed first (warm-up; the second captures the prompt's CUDA graph) and then timed ``--repeats`` times (5 by
+default): the table shows the median run, the JSON every run's tokens/s too. (One timed run of 129 tokens lasts 40
+to 150 ms of host-driven rounds; single runs of the same build varied by up to 12% on the H100, 741 to 833 tokens/s
+for bf16 plain decoding.)
 """
 
 from __future__ import annotations
@@ -80,9 +82,11 @@ def graph_captures(*models) -> int:
 
 
 def run(cm, prompt, tokens, draft=None, repeats: int = 1):
-    """(output, stats, every timed run's tokens/s, graphs captured during the timed runs) of a warm-up run and then
-    ``repeats`` timed ones: the output and stats of the median run (each run gives the same tokens)."""
-    cm.generate(prompt, tokens, draft=draft)
+    """(output, stats, every timed run's tokens/s, graphs captured during the timed runs) of two warm-up runs (a short
+    prompt's CUDA graph is captured the second time it is seen) and then ``repeats`` timed ones: the output and stats
+    of the median run (each run gives the same tokens)."""
+    for _ in range(2):
+        cm.generate(prompt, tokens, draft=draft)
     before = graph_captures(cm, draft)
     timed = [cm.generate(prompt, tokens, draft=draft, return_stats=True) for _ in range(max(1, repeats))]
     out, stats = sorted(timed, key=lambda run_: run_[1].seconds)[len(timed) // 2]
@@ -90,8 +94,9 @@ def run(cm, prompt, tokens, draft=None, repeats: int = 1):
 
 
 def round_phases(cm, prompt, tokens: int, draft) -> dict:
-    """Medians over the rounds of one greedy generation (after a warm-up one): the round's wall time and the spans of
-    its draft forward and verify step, in ms (see the module's docstring)."""
+    """Medians over the rounds of one greedy generation (after two warm-up ones: a short prompt's CUDA graph is
+    captured the second time it is seen): the round's wall time and the spans of its draft forward and verify step,
+    in ms (see the module's docstring)."""
     gpu = prompt.is_cuda
 
     def span(fn, into: list):
@@ -109,7 +114,7 @@ def round_phases(cm, prompt, tokens: int, draft) -> dict:
             return out
         return timed
 
-    for _ in range(2):  # a warm-up generation, then the timed one
+    for _ in range(3):  # two warm-up generations, then the timed one
         decoder = None  # gone first (the timing wrappers make cycles: collected), so the new one's session takes
         gc.collect()  # its caches and CUDA graphs
         decoder = SpeculativeDecoder(cm, as_drafter(draft, cm), 1, session_length(cm, prompt.shape[1], tokens, BLOCK),

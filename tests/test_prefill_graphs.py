@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tilec
+from tilec.models import build_model
 from tilec.runtime.kv_cache import CacheSpec, KVCache
 
 from test_dflash import CpuGraphs
@@ -129,10 +130,10 @@ def test_steps_with_extra_inputs_are_never_padded(tiny_cm):
 
 
 @pytest.mark.gpu
-def test_gpu_padded_prefill_graphs_match_direct_prefills(tiny):
+def test_gpu_padded_prefill_graphs_match_direct_prefills():
     """On the triton target with real CUDA graphs: prompts padded and replayed give the direct run's logits, and the
     decode steps after them read an intact cache."""
-    model = tiny.to("cuda")
+    model = build_model("tiny", device="cuda")  # not the shared fixture: other tests want it on the CPU
     graphed = tilec.compile(model, target="triton", options=tilec.Options(max_seq_len=MAX_SEQ))
     direct = tilec.compile(model, target="triton", options=tilec.Options(max_seq_len=MAX_SEQ, prefill_graph_rows=0))
     g = torch.Generator().manual_seed(7)
@@ -144,3 +145,23 @@ def test_gpu_padded_prefill_graphs_match_direct_prefills(tiny):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     graphs = graphed._executor
     assert len(graphs._prefills) == 2 and graphs.replays > 0
+
+
+@pytest.mark.gpu
+def test_gpu_dflash_after_a_padded_prefill_graph():
+    """DFlash reads the target's hidden states of the prompt (its draft's first context): after a padded, replayed
+    prefill they are the prompt's rows only, and greedy DFlash still gives plain decoding's tokens, which are those
+    of a model that never pads."""
+    from tilec.models.dflash import build_draft
+
+    model = build_model("tiny", device="cuda")  # not the shared fixture: other tests want it on the CPU
+    graphed = tilec.compile(model, target="triton", options=tilec.Options(max_seq_len=MAX_SEQ))
+    direct = tilec.compile(model, target="triton", options=tilec.Options(max_seq_len=MAX_SEQ, prefill_graph_rows=0))
+    draft = build_draft(model, num_hidden_layers=2)
+    prompt = torch.randint(0, 512, (1, 21), generator=torch.Generator().manual_seed(9)).cuda()
+    want = direct.generate(prompt, 17)
+    for _ in range(3):  # direct, captured, replayed
+        assert torch.equal(graphed.generate(prompt, 17), want)
+        assert torch.equal(graphed.generate(prompt, 17, draft=draft), want)
+    assert graphed.graph_captures > 0 and any(graphs._prefills for graphs in
+                                               (m._executor for m in (graphed, *graphed._variants.values())))
