@@ -250,7 +250,9 @@ def prefill_blocks(hidden: int, inter: int, min_k: int, dev: DeviceInfo) -> dict
     tiles of 128 pairs and 8 warps 1.58 / 1.27 against 1.69 / 1.33 with 64 pairs and 4 warps; at 1024 rows (64 an
     expert, so tiles of 128 are half padding) 0.55 / 0.52 against 0.52 / 0.53. Slower at 4096 rows: BLOCK_K 128
     (1.78 / 1.58), gate_up 128 columns wide (1.90 / 1.53), tiles of 32 pairs (2.21 / 1.83). The reference ops (a
-    loop over the experts hit, as HF's): 54.3 / 36.8 ms."""
+    loop over the experts hit, as HF's): 54.3 / 36.8 ms. Also slower at 4096 rows (results/h100-2026-11-24f/
+    run2_short_prefill_moe_sweep; the planner's tiles 1.55 / 1.20 there): tiles of 256 pairs (1.96 / 1.41), and for
+    MXFP4 Triton's tl.dot_scaled (4.19) or the pure-tl dequantisation (1.88) in place of the inline asm."""
     if dev.interpret:  # few, large programs
         return {"pairs": PREFILL_PAIRS, "tiles": [{
             "upto": None, "BLOCK_M": 16,
