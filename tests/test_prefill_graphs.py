@@ -104,8 +104,9 @@ def test_a_prefill_shape_is_captured_when_seen_again_and_then_replayed(tiny_cm):
 def test_prefill_graph_rows_option():
     assert tilec.Options().prefill_graph_rows == 128
     assert tilec.Options(prefill_graph_rows=0).prefill_graph_rows == 0
-    with pytest.raises(tilec.TilecError, match="prefill_graph_rows"):
-        tilec.Options(prefill_graph_rows=-1)
+    for bad in (-1, True, 8.0):
+        with pytest.raises(tilec.TilecError, match="prefill_graph_rows"):
+            tilec.Options(prefill_graph_rows=bad)
 
 
 def test_steps_with_extra_inputs_are_never_padded(tiny_cm):

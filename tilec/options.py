@@ -49,7 +49,8 @@ class Options:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise TilecError(f"Options.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.prefill_graph_rows, int) or self.prefill_graph_rows < 0:
+        rows = self.prefill_graph_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
             raise TilecError(f"Options.prefill_graph_rows must be an int >= 0, got {self.prefill_graph_rows!r}")
         if not isinstance(self.mxfp4, bool):
             raise TilecError(f"Options.mxfp4 must be True or False, got {self.mxfp4!r}")
