@@ -136,9 +136,12 @@ def main(argv=None) -> int:
             captures = cm.graph_captures
             results.append({"entry": name, "prompt": length,
                             **time_prefill(lambda ids, cm=cm: tilec_prefill(cm, ids), prompt, args.repeats),
-                            "graph_captures": cm.graph_captures - captures})
+                            "graph_captures": cm.graph_captures - captures,
+                            # what stays allocated after this entry's prefills (its kept graphs' buffers included)
+                            "allocated_mb": round(torch.cuda.memory_allocated(device) / 2**20, 1) if gpu else None})
             print(f"  {name:14s} prompt {length:5d}  wall {results[-1]['wall_ms']:9.3f} ms"
-                  + (f"  gpu {results[-1]['gpu_ms']:9.3f} ms" if gpu else ""), flush=True)
+                  + (f"  gpu {results[-1]['gpu_ms']:9.3f} ms  allocated {results[-1]['allocated_mb']:9.1f} MB"
+                     if gpu else ""), flush=True)
         if hf is not None:
             results.append({"entry": "hf", "prompt": length, **time_prefill(prefill_hf, prompt, args.repeats)})
             print(f"  {'hf':14s} prompt {length:5d}  wall {results[-1]['wall_ms']:9.3f} ms"
