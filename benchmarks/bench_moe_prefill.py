@@ -58,8 +58,8 @@ SWEEP = {
     "m256_gu64x64w8_d128x64w8": tiles(256, (64, 64, 8, 3), (128, 64, 8, 3)),
     "m256_gu64x64w8s2_d64x64w8s2": tiles(256, (64, 64, 8, 2), (64, 64, 8, 2)),
 }
-# MXFP4 dequantisation variants (the planner's tiles at 128 pairs), the template's `dequant`: "dot_scaled" is
-# Triton's MXFP4 matmul, "tl" the pure-Triton path
+# MXFP4 dequantisation variants on the planner's tiles for many pairs an expert (128 at mini), the template's
+# `dequant`: "dot_scaled" is Triton's MXFP4 matmul, "tl" the pure-Triton path
 DEQUANT_SWEEP = {"m128_dot_scaled": "dot_scaled", "m128_tl": "tl"}
 
 
@@ -90,10 +90,10 @@ def main(argv=None) -> int:
     layers = {fmt: make_layers(fmt, shape, device, gen)[0] for fmt in ("mxfp4", "dense")}
     variants = {"planned": {}}
     if args.sweep and cuda:
-        pairs = experts_context("mxfp4", shape["H"], shape["I"], shape["E"], dev)["prefill"]["pairs"]
-        variants.update({name: {"prefill": {"pairs": pairs, "tiles": [v]}} for name, v in SWEEP.items()})
-        planned_many = SWEEP["m128_gu64x64w8_d128x64w8"]
-        variants.update({name: {"prefill": {"pairs": pairs, "tiles": [planned_many]}, "dequant": d}
+        planned = experts_context("mxfp4", shape["H"], shape["I"], shape["E"], dev)["prefill"]
+        variants.update({name: {"prefill": {"pairs": planned["pairs"], "tiles": [v]}} for name, v in SWEEP.items()})
+        # the dequantisation variants on the planner's tiles for many pairs an expert (its last entry)
+        variants.update({name: {"prefill": {**planned, "tiles": planned["tiles"][-1:]}, "dequant": d}
                          for name, d in DEQUANT_SWEEP.items()})
         if args.only:
             variants = {n: v for n, v in variants.items() if n == "planned" or any(o in n for o in args.only)}
