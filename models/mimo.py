@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from tilec import ops
 from tilec.errors import ConfigError
 from tilec.models.config import DENSE, FULL, SLIDING, SPARSE, MiMoConfig
+from tilec.models.parallel import head_ranges, inter_range
+from tilec.runtime.distributed import TensorParallel
 from tilec.runtime.kv_cache import CacheSpec, ring_capacity
 
 
@@ -54,10 +56,14 @@ class Embedding(nn.Module):
 
 
 class MiMoAttention(nn.Module):
-    def __init__(self, cfg: MiMoConfig, layer: int, dtype: torch.dtype):
+    """Attention with its output projection; under tensor parallelism (``tp``) this rank's heads only, the output
+    a partial sum over the ranks' heads."""
+
+    def __init__(self, cfg: MiMoConfig, layer: int, dtype: torch.dtype, tp: TensorParallel | None = None):
         super().__init__()
-        h, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads(layer)
-        self.num_heads, self.head_dim, self.v_head_dim = heads, cfg.head_dim, cfg.v_head_dim
+        q_heads, kv_heads = head_ranges(cfg, layer, tp)
+        h, heads, kv = cfg.hidden_size, len(q_heads), len(kv_heads)
+        self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim = heads, kv, cfg.head_dim, cfg.v_head_dim
         self.window = cfg.window(layer)
         self.rotary_dim, self.theta = cfg.rotary_dim(layer), cfg.rope_theta(layer)
         self.scale, self.value_scale = cfg.head_dim ** -0.5, cfg.value_scale
@@ -77,11 +83,11 @@ class MiMoAttention(nn.Module):
 
 
 class MiMoMLP(nn.Module):
-    """Dense SwiGLU MLP (layer 0 of MiMo-V2-Flash)."""
+    """Dense SwiGLU MLP (layer 0 of MiMo-V2-Flash); under tensor parallelism a slice of its intermediate size."""
 
-    def __init__(self, cfg: MiMoConfig, dtype: torch.dtype):
+    def __init__(self, cfg: MiMoConfig, dtype: torch.dtype, tp: TensorParallel | None = None):
         super().__init__()
-        h, i = cfg.hidden_size, cfg.intermediate_size
+        h, i = cfg.hidden_size, len(inter_range(cfg.intermediate_size, tp, "intermediate_size"))
         self.gate_proj, self.up_proj, self.down_proj = Linear(h, i, False, dtype), Linear(h, i, False, dtype), \
             Linear(i, h, False, dtype)
 
@@ -104,9 +110,12 @@ class MiMoRouter(nn.Module):
 
 
 class MiMoExperts(nn.Module):
-    def __init__(self, cfg: MiMoConfig, dtype: torch.dtype):
+    """The routed experts; under tensor parallelism every expert's slice of its intermediate size."""
+
+    def __init__(self, cfg: MiMoConfig, dtype: torch.dtype, tp: TensorParallel | None = None):
         super().__init__()
-        e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        e, h = cfg.n_routed_experts, cfg.hidden_size
+        i = len(inter_range(cfg.moe_intermediate_size, tp, "moe_intermediate_size"))
         self.gate_up_proj = _param(e, 2 * i, h, dtype=dtype)
         self.down_proj = _param(e, h, i, dtype=dtype)
 
@@ -115,10 +124,10 @@ class MiMoExperts(nn.Module):
 
 
 class MiMoMoE(nn.Module):
-    def __init__(self, cfg: MiMoConfig, dtype: torch.dtype):
+    def __init__(self, cfg: MiMoConfig, dtype: torch.dtype, tp: TensorParallel | None = None):
         super().__init__()
-        self.gate = MiMoRouter(cfg, dtype)
-        self.experts = MiMoExperts(cfg, dtype)
+        self.gate = MiMoRouter(cfg, dtype)  # every rank routes the same rows the same way
+        self.experts = MiMoExperts(cfg, dtype, tp)
 
     def forward(self, x: Tensor) -> Tensor:
         weights, indices = self.gate(x)
@@ -126,23 +135,28 @@ class MiMoMoE(nn.Module):
 
 
 class MiMoDecoderLayer(nn.Module):
-    def __init__(self, cfg: MiMoConfig, layer: int, dtype: torch.dtype):
+    def __init__(self, cfg: MiMoConfig, layer: int, dtype: torch.dtype, tp: TensorParallel | None = None):
         super().__init__()
-        self.self_attn = MiMoAttention(cfg, layer, dtype)
-        self.mlp = MiMoMoE(cfg, dtype) if cfg.is_moe(layer) else MiMoMLP(cfg, dtype)
+        self.self_attn = MiMoAttention(cfg, layer, dtype, tp)
+        self.mlp = MiMoMoE(cfg, dtype, tp) if cfg.is_moe(layer) else MiMoMLP(cfg, dtype, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        # Under tensor parallelism the attention and MLP outputs are this rank's partial sums, added up across ranks.
+        self.tp_group = tp.group if tp is not None and tp.world > 1 else None
+
+    def _sum(self, partial: Tensor) -> Tensor:
+        return partial if self.tp_group is None else ops.all_reduce(partial, self.tp_group)
 
     def forward(self, x: Tensor, start_pos: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        x = ops.add(x, self.self_attn(self.input_layernorm(x), start_pos, k_cache, v_cache))
-        return ops.add(x, self.mlp(self.post_attention_layernorm(x)))
+        x = ops.add(x, self._sum(self.self_attn(self.input_layernorm(x), start_pos, k_cache, v_cache)))
+        return ops.add(x, self._sum(self.mlp(self.post_attention_layernorm(x))))
 
 
 class MiMoModel(nn.Module):
-    def __init__(self, cfg: MiMoConfig, dtype: torch.dtype):
+    def __init__(self, cfg: MiMoConfig, dtype: torch.dtype, tp: TensorParallel | None = None):
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.ModuleList(MiMoDecoderLayer(cfg, i, dtype) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(MiMoDecoderLayer(cfg, i, dtype, tp) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, input_ids: Tensor, start_pos: Tensor, kv_caches: list[Tensor],
@@ -161,14 +175,17 @@ class MiMoForCausalLM(nn.Module):
 
     With ``output_hidden_layers`` set (to layer indices) it returns ``(logits, hidden)``, hidden [B, T, K*H] being
     the residual stream after each of those K layers, concatenated in the given order (what a DFlash draft reads).
+
+    With ``tp`` (a `TensorParallel` of more than one rank) the module is one rank's shard (models/parallel.py):
+    attention heads and MLP intermediate sizes split, their outputs summed across ranks; the rest held whole.
     """
 
-    def __init__(self, config: MiMoConfig, dtype: torch.dtype | None = None):
+    def __init__(self, config: MiMoConfig, dtype: torch.dtype | None = None, tp: TensorParallel | None = None):
         super().__init__()
         dtype = dtype or config.torch_dtype or torch.float32
-        self.config, self.dtype = config, dtype
+        self.config, self.dtype, self.tp = config, dtype, tp
         self.output_hidden_layers: tuple[int, ...] = ()
-        self.model = MiMoModel(config, dtype)
+        self.model = MiMoModel(config, dtype, tp)
         tied = self.model.embed_tokens.weight if config.tie_word_embeddings else None
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype, tied=tied)
 
@@ -188,16 +205,17 @@ class MiMoForCausalLM(nn.Module):
     def describe(self) -> str:
         cfg = self.config
         counts = cfg.parameter_counts()
+        shard = f", tensor-parallel rank {self.tp.rank} of {self.tp.world}" if self.tp and self.tp.world > 1 else ""
         return (f"MiMo {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.n_routed_experts} experts "
                 f"top-{cfg.num_experts_per_tok}, {_count(counts['total'])} parameters "
-                f"({_count(counts['active'])} active), {str(self.dtype).removeprefix('torch.')}")
+                f"({_count(counts['active'])} active), {str(self.dtype).removeprefix('torch.')}{shard}")
 
     def cache_layout(self, batch: int, max_seq_len: int, spec_rows: int = 8) -> list[CacheSpec]:
         """The KV cache tensors `forward` expects, in order: k then v for each layer."""
         cfg, specs = self.config, []
         for i in range(cfg.num_hidden_layers):
             cap = ring_capacity(cfg.window(i), max_seq_len, spec_rows)
-            kv = cfg.kv_heads(i)
+            kv = self.model.layers[i].self_attn.num_kv_heads  # this rank's under tensor parallelism
             specs.append(CacheSpec(f"k_cache_{i}", (batch, kv, cap, cfg.head_dim), self.dtype, cfg.window(i)))
             specs.append(CacheSpec(f"v_cache_{i}", (batch, kv, cap, cfg.v_head_dim), self.dtype, cfg.window(i)))
         return specs

@@ -204,14 +204,15 @@ class OracleDraft:
 
 def compile_draft(draft, target_cm):
     """``draft`` (a DFlash module) compiled for the target of ``target_cm`` with its options, rings sized for the
-    block; cached on the target so repeated generate calls compile once."""
+    block; cached on the target so repeated generate calls compile once. A tensor-parallel target's draft is whole on
+    every rank (it is small, and reads the target's summed hidden states), so every rank drafts the same block."""
     import tilec
 
     key = ("dflash_draft", id(draft))
     variants = target_cm._variants
     if key not in variants:
         block = draft.config.block_size
-        options = target_cm.options.replace(hidden_layers=(), dump_dir=None,
+        options = target_cm.options.replace(hidden_layers=(), dump_dir=None, tensor_parallel=1,
                                             spec_rows=max(block, target_cm.options.spec_rows))
         variants[key] = tilec.compile(draft, target=target_cm.target, options=options)
     return variants[key]

@@ -16,7 +16,7 @@ import torch.fx as fx
 from tilec import cost, pipeline, report as report_mod
 from tilec.artifact import FORMAT, MANIFEST, write_atomic
 from tilec.capture import as_tilec_model, capture, device_of
-from tilec.errors import ShapeError, TargetError
+from tilec.errors import ShapeError, TargetError, UnsupportedError
 from tilec.graph import attr, format_graph, info
 from tilec.options import TARGETS, Options
 from tilec.passmanager import PassContext, ProgressFn, StageRecord, run_pipeline
@@ -54,6 +54,8 @@ def compile(model, *, target: str = "reference", options: Options | None = None,
     if progress:
         progress("capture", 0, 1)
     model = as_tilec_model(model)
+    if options.tensor_parallel > 1:
+        model = _shard(model, options)
     resolved = resolve_target(target, device_of(model))
     gm = capture(model, batch=options.max_batch, rows=1, max_seq_len=options.max_seq_len,
                  spec_rows=options.spec_rows, hidden_layers=options.hidden_layers)
@@ -81,6 +83,27 @@ def compile(model, *, target: str = "reference", options: Options | None = None,
     if options.dump_dir is not None:
         compiled.save(options.dump_dir)
     return compiled
+
+
+def _shard(model, options: Options):
+    """This process's shard of ``model`` for ``options.tensor_parallel`` GPUs (a model already sharded that way is
+    taken as it is), on this process's device."""
+    from tilec.models.mimo import MiMoForCausalLM
+    from tilec.models.parallel import check, shard_model
+    from tilec.runtime import distributed
+
+    tp = distributed.TensorParallel.current(options.tensor_parallel)
+    if not isinstance(model, MiMoForCausalLM):
+        raise UnsupportedError(f"tensor_parallel={options.tensor_parallel} splits tilec's MiMo (or an HF MiMo, or a "
+                               f"checkpoint directory); got {type(model).__name__}")
+    if model.tp is not None and model.tp.world > 1:
+        if model.tp != tp:
+            raise UnsupportedError(f"this model is rank {model.tp.rank} of {model.tp.world}'s shard, but this "
+                                   f"process is rank {tp.rank} of {tp.world}")
+        check(model.config, tp, options.mxfp4)
+        return model
+    check(model.config, tp, options.mxfp4)
+    return shard_model(model, tp, distributed.device(device_of(model)))
 
 
 class CompiledModel:

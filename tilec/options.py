@@ -29,6 +29,9 @@ class Options:
     prefill_graph_rows: on a GPU, prompts of more than spec_rows and up to this many tokens are padded to a multiple of
         the largest power of two up to spec_rows and replayed as CUDA graphs (captured the second time a length is
         seen): a short prompt's time is otherwise the host's launches. 0: prompts always run directly.
+    tensor_parallel: split the model over this many GPUs, one process each (models/parallel.py); every process
+        compiles with the same options inside torch.distributed's process group of that size
+        (tilec.runtime.distributed: ``launch``, or torchrun and ``init``).
     """
 
     dump_dir: Path | None = None
@@ -43,11 +46,12 @@ class Options:
     mxfp4: bool = False
     mxfp4_scale_rule: str = "floor"
     prefill_graph_rows: int = 128
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_seq_len", "spec_rows"):
+        for name in ("max_batch", "max_seq_len", "spec_rows", "tensor_parallel"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TilecError(f"Options.{name} must be a positive int, got {value!r}")
         rows = self.prefill_graph_rows
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
@@ -83,3 +87,13 @@ def pdl_requested() -> bool:
     """False when ``TILEC_PDL=0``: the Triton target then launches a step's kernels one after another, without
     programmatic dependent launch (for comparison, or where a driver mishandles it)."""
     return os.environ.get("TILEC_PDL", "1") not in ("0", "false", "no", "")
+
+
+def all_reduce_requested() -> str:
+    """How tensor-parallel sums run (``TILEC_ALL_REDUCE``): ``auto`` (the default: a one-shot sum through symmetric
+    memory for small messages on GPUs, the process group's collective otherwise) or ``nccl`` (always the
+    collective)."""
+    value = os.environ.get("TILEC_ALL_REDUCE", "auto")
+    if value not in ("auto", "nccl"):
+        raise TilecError(f"TILEC_ALL_REDUCE={value!r}: use 'auto' or 'nccl'")
+    return value

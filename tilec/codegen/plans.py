@@ -189,7 +189,10 @@ def attention_context(heads: int, kv_heads: int, head_dim: int, v_head_dim: int,
         # 4096 rows of full attention 558 us against 1244 with the decode tiles (32 rows, keys 32, 4 warps), the
         # sliding window 169 against 318 (157 with keys of 16: the window's tiles stay), 1024 rows full 89 against
         # 124. The interpreter keeps the decode tiles (its tests' plans).
-        PREFILL_BLOCK_Q=block_q if dev.interpret else 128, PREFILL_WARPS=4 if dev.interpret else 8,
+        # fp32 caches with wide heads take 64 query rows: 128 of them need 257 KB of shared memory at head dim 192
+        # (H200, 2026-11-24, a fp32 mini's first prefill: triton's OutOfResources).
+        PREFILL_BLOCK_Q=block_q if dev.interpret else (64 if cache_dtype.itemsize > 2 and head_dim > 128 else 128),
+        PREFILL_WARPS=4 if dev.interpret else 8,
         PREFILL_BLOCK_S=block_s if dev.interpret or short else 64,
         skip_dead_tiles=not dev.interpret,
         num_stages=1 if dev.interpret else 2,
@@ -238,3 +241,11 @@ def _cat(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     widths = [p.shape[-1] for p in parts]
     return KernelPlan.make("triton/cat.py.j2", doc="concatenate along the last dim", widths=widths,
                            total=sum(widths), BLOCK=clamp(pow2_ceil(max(widths)), 16, 1024))
+
+
+@planner("all_reduce")
+def _all_reduce(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    # In place when this node is the partial sum's only reader (its producer's fresh output, never a weight or input).
+    source = node.args[0]
+    inplace = source.op == "call_function" and len(source.users) == 1
+    return KernelPlan.make("triton/all_reduce.py.j2", doc="sum over the tensor-parallel ranks", inplace=inplace)

@@ -6,7 +6,7 @@ also the target of its FX node.
 
 from tilec.ops.registry import OPS, OpDef, op_name  # noqa: F401
 from tilec.ops import core as _core, attention as _attention, moe as _moe  # noqa: F401  (registration)
-from tilec.ops import mxfp4 as _mxfp4  # noqa: F401  (registration)
+from tilec.ops import mxfp4 as _mxfp4, parallel as _parallel  # noqa: F401  (registration)
 
 embedding = OPS["embedding"].overload
 rms_norm = OPS["rms_norm"].overload
@@ -26,3 +26,4 @@ mxfp4_moe_experts = OPS["mxfp4_moe_experts"].overload
 argmax = OPS["argmax"].overload
 lm_head_argmax = OPS["lm_head_argmax"].overload
 sample = OPS["sample"].overload
+all_reduce = OPS["all_reduce"].overload

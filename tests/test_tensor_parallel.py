@@ -1,0 +1,90 @@
+"""Tensor parallelism (models/parallel.py, runtime/distributed.py): shards against the whole model.
+
+Each case starts its processes with `tilec.runtime.distributed.launch` (gloo on the CPU, NCCL on GPUs) and runs a
+function of tests/tp_workers.py in each; an assertion failing in any process fails the test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tilec
+from tilec.errors import ConfigError, TilecError
+from tilec.models import build_model
+from tilec.models.parallel import check, head_ranges, shard_model
+from tilec.runtime import distributed
+from tilec.runtime.distributed import TensorParallel
+
+import tp_workers
+
+
+@pytest.mark.parametrize("world,target,mxfp4", [
+    (2, "reference", None),  # full-attention layers' one kv head repeated on both ranks, sliding ones' two split
+    (4, "reference", "pass"),  # every kv head repeated; MXFP4 experts quantised after the split
+    (2, "triton", "checkpoint"),  # the Triton kernels (interpreter); experts quantised before the split
+])
+def test_shards_compute_the_whole_model(world, target, mxfp4, monkeypatch):
+    if target == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    overrides = {"moe_intermediate_size": 32 * world} if mxfp4 else {}
+    distributed.launch(tp_workers.logits_and_steps, world, target, 3 + world, overrides, mxfp4)
+
+
+def test_the_sum_matters():
+    distributed.launch(tp_workers.partial_sums_differ, 2, 5)
+
+
+def test_head_ranges_follow_the_kv_groups():
+    cfg = build_model("mini", device="meta").config  # 16 heads; 2 kv heads on full layers, 4 on sliding ones
+    full, sliding = 0, 1
+    assert [head_ranges(cfg, full, TensorParallel(r, 4)) for r in range(4)] == [
+        (range(0, 4), range(0, 1)), (range(4, 8), range(0, 1)), (range(8, 12), range(1, 2)),
+        (range(12, 16), range(1, 2))]
+    assert [head_ranges(cfg, sliding, TensorParallel(r, 2)) for r in range(2)] == [
+        (range(0, 8), range(0, 2)), (range(8, 16), range(2, 4))]
+    assert head_ranges(cfg, full, None) == (range(16), range(2))
+
+
+def test_shard_slices_match_the_whole_weights():
+    model = build_model("tiny", seed=2)
+    shards = [shard_model(model, TensorParallel(r, 2)) for r in range(2)]
+    for name in ("model.layers.1.self_attn.o_proj.weight", "model.layers.2.mlp.experts.down_proj"):
+        whole = model.state_dict()[name]
+        assert torch.equal(torch.cat([s.state_dict()[name] for s in shards], dim=-1), whole)
+    gate_up = model.model.layers[1].mlp.experts.gate_up_proj  # [E, gate rows then up rows, H]
+    inter = gate_up.shape[1] // 2
+    parts = [s.model.layers[1].mlp.experts.gate_up_proj for s in shards]
+    assert torch.equal(torch.cat([p[:, :inter // 2] for p in parts], 1), gate_up[:, :inter])
+    assert torch.equal(torch.cat([p[:, inter // 2:] for p in parts], 1), gate_up[:, inter:])
+    # whole tensors on the same device are shared, not copied
+    assert shards[1].model.embed_tokens.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(shards[1].lm_head.weight, model.lm_head.weight)
+    assert shards[0].cache_layout(1, 32)[2].shape[1] == 1  # layer 1 (sliding): 2 kv heads, one a rank
+
+
+@pytest.mark.parametrize("world,overrides,mxfp4,what", [
+    (3, {}, False, "num_attention_heads"),
+    (2, {"num_key_value_heads": 3, "num_attention_heads": 6}, False, "3 kv heads"),
+    (2, {"intermediate_size": 99}, False, "intermediate_size"),
+    (2, {}, True, "multiple of 32"),  # tiny's experts: 32 values, 16 a rank
+])
+def test_unsplittable_models_are_refused(world, overrides, mxfp4, what):
+    cfg = build_model("tiny", device="meta", **overrides).config
+    with pytest.raises(ConfigError, match=what):
+        check(cfg, TensorParallel(0, world), mxfp4)
+
+
+def test_tensor_parallel_needs_its_process_group(tiny):
+    with pytest.raises(TilecError, match="process group"):
+        tilec.compile(tiny, options=tilec.Options(tensor_parallel=2))
+    for bad in (0, True, 1.5):
+        with pytest.raises(TilecError, match="tensor_parallel"):
+            tilec.Options(tensor_parallel=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,mxfp4", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+def test_two_gpus_match_one(dtype, mxfp4):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    distributed.launch(tp_workers.same_on_gpu, 2, 11, dtype, mxfp4)
