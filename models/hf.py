@@ -36,9 +36,11 @@ from torch import Tensor, nn
 from tilec import mxfp4
 from tilec.artifact import staged_directory
 from tilec.errors import CheckpointError
+from tilec.models import parallel
 from tilec.models.config import MiMoConfig
 from tilec.models.mimo import MiMoForCausalLM
 from tilec.models.mxfp4_experts import KEYS as _MXFP4_KEYS, MXFP4Experts, use_checkpoint_experts
+from tilec.runtime.distributed import TensorParallel
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -100,13 +102,16 @@ class _Recipe:
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def from_hf(src, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> MiMoForCausalLM:
+def from_hf(src, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+            tp: TensorParallel | None = None) -> MiMoForCausalLM:
     """tilec's MiMo holding the weights of ``src``: a transformers ``MiMoV2FlashForCausalLM`` or a checkpoint directory.
 
     dtype: the ``dtype`` argument, else (directories) config.json's ``dtype``/``torch_dtype``, else the checkpoint
     tensors' float dtype (bf16 for FP8 checkpoints); from an in-memory model, its tensors' dtype.
     ``e_score_correction_bias`` stays fp32. Tensors of an in-memory model already in that dtype and on ``device`` are
     shared with it, not copied. Raises CheckpointError, naming the key and shapes, for anything it cannot load.
+    With ``tp`` (several ranks), rank ``tp``'s shard (models/parallel.py): each whole tensor is made on the CPU, sliced,
+    and only the slice is kept, so no more than one whole tensor is held at a time.
     """
     with contextlib.ExitStack() as stack:
         config, tensors = _open_source(src, stack)
@@ -125,14 +130,19 @@ def from_hf(src, *, dtype: torch.dtype | None = None, device: str | torch.device
         shapes = {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
         stored = {n: _stored_shape(n, s) for n, s in shapes.items()}
         recipes = _plan(stored, cfg, tensors, block)
+        sharding = tp is not None and tp.world > 1
+        out = parallel.skeleton(model, tp) if sharding else model
         for name, recipe in recipes.items():
             want = torch.float32 if name.endswith("e_score_correction_bias") else \
                 torch.uint8 if name.endswith(_MXFP4_KEYS) else target
-            built = _build(recipe, stored[name], tensors, want, torch.device(device), block)
-            _assign(model, name, built.reshape(shapes[name]))  # MXFP4 blocks: [..., K/32, 16] -> [..., K/2]
+            built = _build(recipe, stored[name], tensors, want, torch.device("cpu" if sharding else device), block)
+            built = built.reshape(shapes[name])  # MXFP4 blocks: [..., K/32, 16] -> [..., K/2]
+            if sharding:  # a copy of the slice: the whole tensor is freed
+                built = parallel.slice_tensor(name, built, cfg, tp).to(device, copy=True)
+            _assign(out, name, built)
     if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+        out.lm_head.weight = out.model.embed_tokens.weight
+    return out.eval()
 
 
 def _open_source(src, stack: contextlib.ExitStack) -> tuple[dict, _Tensors]:

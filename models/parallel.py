@@ -63,18 +63,37 @@ def shard_model(model, tp: TensorParallel, device: torch.device | str | None = N
     """Rank ``tp``'s shard of a whole tilec MiMo (bf16/fp32 or MXFP4 experts), on ``device`` (the model's by
     default). The model is not changed. Where it already lies on ``device``, the shard shares its tensors (the whole
     ones, and slices as views where they are contiguous), so load the whole model on the CPU and shard it onto each
-    GPU to hold only the shard there."""
+    GPU to hold only the shard there (or load a checkpoint directory with ``from_hf(path, tp=...)``, which never
+    holds more than one whole tensor)."""
     from tilec.models.mimo import MiMoForCausalLM
-    from tilec.models.mxfp4_experts import MXFP4Experts
 
     if not isinstance(model, MiMoForCausalLM):
         raise ConfigError(f"tensor parallelism splits tilec's MiMo; got {type(model).__name__}")
     if model.tp is not None and model.tp.world > 1:
         raise ConfigError(f"this model is already rank {model.tp.rank} of {model.tp.world}'s shard")
-    cfg = model.config
-    mxfp4 = any(isinstance(m, MXFP4Experts) for m in model.modules())
-    check(cfg, tp, mxfp4)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    shard = skeleton(model, tp)
+    state = {name: slice_tensor(name, t, model.config, tp).to(device).contiguous()
+             for name, t in model.state_dict().items()}
+    missing, unexpected = shard.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ConfigError(f"shard of rank {tp.rank}: tensors missing {sorted(set(missing) - tied)}, unexpected "
+                          f"{sorted(unexpected)}")
+    if model.config.tie_word_embeddings:
+        shard.lm_head.weight = shard.model.embed_tokens.weight
+    return shard.eval()
+
+
+def skeleton(model, tp: TensorParallel):
+    """Rank ``tp``'s shard of ``model`` (a whole MiMo, on any device, the meta one included) on the meta device:
+    the modules, MXFP4 experts where ``model`` has them, and no data. Raises ConfigError where the model does not
+    split ``tp.world`` ways."""
+    from tilec.models.mimo import MiMoForCausalLM
+    from tilec.models.mxfp4_experts import MXFP4Experts
+
+    cfg = model.config
+    check(cfg, tp, any(isinstance(m, MXFP4Experts) for m in model.modules()))
     with torch.device("meta"):
         shard = MiMoForCausalLM(cfg, model.dtype, tp)
     for i, layer in enumerate(model.model.layers):
@@ -83,19 +102,11 @@ def shard_model(model, tp: TensorParallel, device: torch.device | str | None = N
             part = len(inter_range(cfg.moe_intermediate_size, tp, "moe_intermediate_size"))
             shard.model.layers[i].mlp.experts = MXFP4Experts(experts.experts, experts.hidden, part, device="meta")
     shard.output_hidden_layers = model.output_hidden_layers
-    state = {name: _slice(name, t, cfg, tp).to(device).contiguous() for name, t in model.state_dict().items()}
-    missing, unexpected = shard.load_state_dict(state, strict=False, assign=True)
-    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise ConfigError(f"shard of rank {tp.rank}: tensors missing {sorted(set(missing) - tied)}, unexpected "
-                          f"{sorted(unexpected)}")
-    if cfg.tie_word_embeddings:
-        shard.lm_head.weight = shard.model.embed_tokens.weight
-    return shard.eval()
+    return shard
 
 
-def _slice(name: str, t: torch.Tensor, cfg, tp: TensorParallel) -> torch.Tensor:
-    """Rank ``tp``'s part of the whole model's tensor ``name``."""
+def slice_tensor(name: str, t: torch.Tensor, cfg, tp: TensorParallel) -> torch.Tensor:
+    """Rank ``tp``'s part of the whole model's tensor ``name`` (a view where the part is one slice of ``t``)."""
     parts = name.split(".")
     if len(parts) < 4 or parts[:2] != ["model", "layers"]:
         return t  # embedding, final norm, lm_head: whole

@@ -11,6 +11,8 @@ import torch
 import tilec
 from tilec.errors import ConfigError, TilecError
 from tilec.models import build_model
+from tilec.models.hf import save_checkpoint
+from tilec.models.mxfp4_experts import quantize_experts_of
 from tilec.models.parallel import check, head_ranges, shard_model
 from tilec.runtime import distributed
 from tilec.runtime.distributed import TensorParallel
@@ -28,6 +30,16 @@ def test_shards_compute_the_whole_model(world, target, mxfp4, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     overrides = {"moe_intermediate_size": 32 * world} if mxfp4 else {}
     distributed.launch(tp_workers.logits_and_steps, world, target, 3 + world, overrides, mxfp4)
+
+
+def test_checkpoint_directories_load_as_shards(tmp_path):
+    paths = []
+    for mxfp4 in (False, True):  # bf16 experts, then MXFP4 ones as they are stored
+        model = build_model("tiny", seed=6, moe_intermediate_size=64)
+        if mxfp4:
+            quantize_experts_of(model)
+        paths.append((str(save_checkpoint(model, tmp_path / str(mxfp4))), mxfp4))
+    distributed.launch(tp_workers.from_checkpoint, 2, paths)
 
 
 def test_the_sum_matters():

@@ -112,3 +112,17 @@ def same_on_gpu(tp, seed: int, dtype: str, mxfp4: bool) -> None:
     assert all(torch.equal(g, tokens) for g in gathered)
     assert torch.equal(tokens[:, :prompt.shape[1] + 2], whole.generate(prompt, 8)[:, :prompt.shape[1] + 2])
     assert cm.graph_captures > 0, "no CUDA graph captured"
+
+
+def from_checkpoint(tp, paths: list[tuple[str, bool]]) -> None:
+    """Checkpoint directories compiled with tensor_parallel: each rank keeps only its slices (no tensor a view of a
+    whole one), and computes the whole model's logits (fp32 tiny: 1e-5). ``paths``: (directory, MXFP4 experts)."""
+    for path, mxfp4 in paths:
+        whole = tilec.compile(path, target="reference")
+        cm = tilec.compile(path, target="reference", options=tilec.Options(tensor_parallel=tp.world))
+        assert cm.source.tp == tp
+        for name, t in cm.source.state_dict().items():
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), f"{name} holds more than its slice"
+        assert (type(cm.source.model.layers[1].mlp.experts).__name__ == "MXFP4Experts") == mxfp4
+        prompt = _prompt(cm.vocab_size, 9, 4)
+        assert _rel(cm(prompt), whole(prompt)) < 1e-5, path

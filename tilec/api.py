@@ -53,9 +53,7 @@ def compile(model, *, target: str = "reference", options: Options | None = None,
     start = time.perf_counter()
     if progress:
         progress("capture", 0, 1)
-    model = as_tilec_model(model)
-    if options.tensor_parallel > 1:
-        model = _shard(model, options)
+    model = _shard(model, options) if options.tensor_parallel > 1 else as_tilec_model(model)
     resolved = resolve_target(target, device_of(model))
     gm = capture(model, batch=options.max_batch, rows=1, max_seq_len=options.max_seq_len,
                  spec_rows=options.spec_rows, hidden_layers=options.hidden_layers)
@@ -86,13 +84,21 @@ def compile(model, *, target: str = "reference", options: Options | None = None,
 
 
 def _shard(model, options: Options):
-    """This process's shard of ``model`` for ``options.tensor_parallel`` GPUs (a model already sharded that way is
-    taken as it is), on this process's device."""
+    """This process's shard of ``model`` for ``options.tensor_parallel`` GPUs, on this process's device: a checkpoint
+    directory is read a tensor at a time, keeping only the shard; a model already sharded that way is taken as it is.
+    """
     from tilec.models.mimo import MiMoForCausalLM
     from tilec.models.parallel import check, shard_model
     from tilec.runtime import distributed
 
     tp = distributed.TensorParallel.current(options.tensor_parallel)
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        from tilec.models import from_hf
+
+        shard = from_hf(model, tp=tp, device=distributed.device(torch.device("cpu")))
+        check(shard.config, tp, options.mxfp4)
+        return shard
+    model = as_tilec_model(model)
     if not isinstance(model, MiMoForCausalLM):
         raise UnsupportedError(f"tensor_parallel={options.tensor_parallel} splits tilec's MiMo (or an HF MiMo, or a "
                                f"checkpoint directory); got {type(model).__name__}")
