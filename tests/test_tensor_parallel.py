@@ -100,3 +100,19 @@ def test_two_gpus_match_one(dtype, mxfp4):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     distributed.launch(tp_workers.same_on_gpu, 2, 11, dtype, mxfp4)
+
+
+def test_cli_generate_on_two_ranks(tiny, tiny_cm, tmp_path, capfd, monkeypatch):
+    from tilec.cli import main
+    from tilec.models.dflash import build_draft, save_draft
+
+    monkeypatch.setenv("COLUMNS", "400")
+    ckpt = save_checkpoint(tiny, tmp_path / "ckpt")
+    save_draft(build_draft(tiny, num_hidden_layers=1, seed=3), tmp_path / "draft")
+    assert main(["generate", str(ckpt), "--draft", str(tmp_path / "draft"), "--prompt-ids", "1,2,1",
+                 "--max-new-tokens", "6", "--tensor-parallel", "2"]) == 0
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.strip()]
+    want = tiny_cm.generate([[1, 2, 1]], 6)[0, 3:].tolist()
+    assert [int(t) for t in lines[0].split()] == want  # printed once, by rank 0
+    assert "6 new tokens" in lines[1] and "DFlash draft" in lines[1] and "2 GPUs" in lines[2]
+    assert len(lines) == 3

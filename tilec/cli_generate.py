@@ -29,35 +29,59 @@ def add_parser(sub) -> None:
     g.add_argument("--eos-token-id", type=int, help="stop after this token")
     g.add_argument("--target", default="reference", choices=TARGETS)
     g.add_argument("--max-seq-len", type=int, help="KV cache length (default: prompt + new tokens)")
+    g.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs (N processes; a checkpoint directory is read as shards)")
     g.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.tensor_parallel < 1:
+        raise TilecError(f"--tensor-parallel must be at least 1, got {args.tensor_parallel}")
+    if args.tensor_parallel == 1:
+        return _generate(None, args)
+    from tilec.runtime.distributed import launch
+
+    launch(_generate, args.tensor_parallel, args)
+    return 0
+
+
+def _generate(tp, args) -> int:
+    """Generate in this process: all of it, or (``tp``) one rank of a tensor-parallel model; rank 0 prints."""
     import tilec
     from tilec.options import Options
 
-    model, tokenizer = _load_target(args.file, args.preset)
+    sharded = tp is not None and tp.world > 1
+    # A checkpoint directory goes to compile() as it is when sharded, so each rank reads only its slices.
+    model, tokenizer = _load_target(args.file, args.preset, keep_path=sharded)
     prompt = _prompt_ids(args, tokenizer)
-    draft = _load_draft(args.draft, model) if args.draft else None
+    draft = _load_draft(args.draft, model) if args.draft and not isinstance(model, str) else None
     block = getattr(getattr(draft, "config", None), "block_size", 8)
     options = Options.from_env(max_seq_len=args.max_seq_len or len(prompt) + args.max_new_tokens,
-                               spec_rows=max(8, block))
+                               spec_rows=max(8, block), tensor_parallel=tp.world if sharded else 1)
     cm = tilec.compile(model, target=args.target, options=options)
-    printer = _TokenPrinter(tokenizer)
+    if args.draft and draft is None:  # a sharded checkpoint: the draft shares the shard's whole embedding and head
+        draft = _load_draft(args.draft, cm.source)
+        block = draft.config.block_size
+        if block > options.spec_rows:
+            cm = tilec.compile(cm.source, target=args.target, options=options.replace(spec_rows=block))
+    printer = _TokenPrinter(tokenizer) if not sharded or tp.rank == 0 else None
     _, stats = cm.generate([prompt], args.max_new_tokens, draft=draft, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed, eos_token_id=args.eos_token_id,
                            max_seq_len=args.max_seq_len, return_stats=True, on_tokens=printer)
+    if printer is None:
+        return 0
     printer.finish()
     hist = ", ".join(f"{n}: {c}" for n, c in sorted(stats.acceptance_histogram.items())) or "-"
     how = f"DFlash draft, block {block}" if draft is not None else "plain decoding"
     print(f"{stats.new_tokens} new tokens in {stats.seconds:.3f} s ({stats.tokens_per_s:.1f} tokens/s), {how}")
     print(f"rounds {stats.rounds}; mean acceptance {stats.mean_acceptance:.2f}; acceptance histogram "
-          f"(tokens per round: rounds) {{{hist}}}")
+          f"(tokens per round: rounds) {{{hist}}}" + (f"; {tp.world} GPUs" if sharded else ""))
     return 0
 
 
-def _load_target(path: str, preset: str | None):
-    """The model and, for a checkpoint directory with tokenizer.json, its tokenizer."""
+def _load_target(path: str, preset: str | None, keep_path: bool = False):
+    """The model (``keep_path``: a checkpoint directory's path, unread) and, for a checkpoint directory with
+    tokenizer.json, its tokenizer."""
     from tilec.cli import load_model_file
 
     if not Path(path).is_dir():
@@ -67,7 +91,8 @@ def _load_target(path: str, preset: str | None):
     from tilec.models import from_hf
 
     tokenizer_file = Path(path) / "tokenizer.json"
-    return from_hf(path), (_read_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None)
+    tokenizer = _read_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
+    return (str(path) if keep_path else from_hf(path)), tokenizer
 
 
 def _read_tokenizer(file: Path):
