@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import warnings
 from typing import Callable
 
 import torch
@@ -138,6 +139,9 @@ def _one_shot(x: torch.Tensor, name: str) -> torch.Tensor:
     pg = group(name)
     key = (name, x.numel(), x.dtype, x.device)
     if key not in _SYMM:  # collective: every rank meets each size in the same order (the same steps)
+        with warnings.catch_warnings():  # needed before torch 2.12 or so, deprecated (and harmless) after
+            warnings.simplefilter("ignore", FutureWarning)
+            getattr(symm_mem, "enable_symm_mem_for_group", lambda name: None)(pg.group_name)
         buffers = [symm_mem.empty(x.numel(), dtype=x.dtype, device=x.device) for _ in range(2)]
         for b in buffers:
             symm_mem.rendezvous(b, pg.group_name)
@@ -158,8 +162,14 @@ def launch(fn: Callable, world: int, *args, backend: str | None = None) -> None:
     if torch.cuda.is_available() and world > torch.cuda.device_count():
         raise TilecError(f"launch: {world} processes but this machine has {torch.cuda.device_count()} GPUs")
     port = _free_port()
-    mp.start_processes(_worker, args=(fn, world, port, backend, args), nprocs=world, join=True,
-                       start_method="spawn")
+    try:
+        mp.start_processes(_worker, args=(fn, world, port, backend, args), nprocs=world, join=True,
+                           start_method="spawn")
+    except mp.ProcessRaisedException as exc:  # its message carries the process's traceback
+        raise TilecError(f"tensor-parallel rank {exc.error_index} of {world} failed:\n{exc}") from None
+    except mp.ProcessExitedException as exc:
+        raise TilecError(f"tensor-parallel rank {exc.error_index} of {world} exited with code {exc.exit_code}"
+                         f"{' (signal ' + str(exc.signal_name) + ')' if exc.signal_name else ''}") from None
 
 
 def _worker(rank: int, fn: Callable, world: int, port: int, backend: str | None, args: tuple) -> None:

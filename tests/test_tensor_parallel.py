@@ -46,6 +46,11 @@ def test_the_sum_matters():
     distributed.launch(tp_workers.partial_sums_differ, 2, 5)
 
 
+def test_a_failing_rank_is_a_clear_error():
+    with pytest.raises(TilecError, match=r"(?s)rank 1 of 2 failed.*rank 1 cannot go on"):
+        distributed.launch(tp_workers.fails_on_rank_1, 2)
+
+
 def test_head_ranges_follow_the_kv_groups():
     cfg = build_model("mini", device="meta").config  # 16 heads; 2 kv heads on full layers, 4 on sliding ones
     full, sliding = 0, 1

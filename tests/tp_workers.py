@@ -126,3 +126,8 @@ def from_checkpoint(tp, paths: list[tuple[str, bool]]) -> None:
         assert (type(cm.source.model.layers[1].mlp.experts).__name__ == "MXFP4Experts") == mxfp4
         prompt = _prompt(cm.vocab_size, 9, 4)
         assert _rel(cm(prompt), whole(prompt)) < 1e-5, path
+
+
+def fails_on_rank_1(tp) -> None:
+    if tp.rank == 1:
+        raise ValueError("rank 1 cannot go on")
