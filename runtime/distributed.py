@@ -10,7 +10,6 @@ The graphs name their process group by a string (a custom op's argument must be 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import socket
@@ -148,7 +147,10 @@ def _one_shot(x: torch.Tensor, name: str) -> torch.Tensor:
         _SYMM[key] = [buffers, 0]
     entry = _SYMM[key]
     buffer = entry[0][entry[1]]
-    entry[1] ^= 1  # alternate two buffers, so a step's sum never writes the buffer a slow peer still reads
+    # Alternate two buffers, so a sum never overwrites the buffer a slower peer may still read for the sum before.
+    # A CUDA graph replays the buffers its capture chose; a step makes an even number of sums (two a layer), so
+    # consecutive sums alternate across replays too.
+    entry[1] ^= 1
     buffer.copy_(x.reshape(-1))
     return torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", pg.group_name).view(x.shape)
 
@@ -176,14 +178,9 @@ def _worker(rank: int, fn: Callable, world: int, port: int, backend: str | None,
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     tp = init(backend)
-    try:
-        fn(tp, *args)
-    finally:
-        with contextlib.suppress(Exception):
-            dist.barrier()
-        dist.destroy_process_group()
-        _GROUPS.clear()
-        _SYMM.clear()
+    fn(tp, *args)  # an exception ends this process, and launch() stops the others (they may wait in a collective)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _free_port() -> int:
