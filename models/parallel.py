@@ -1,7 +1,8 @@
 """Tensor parallelism for MiMo: what each of ``world`` GPUs holds, and how a whole model is cut into shards.
 
-The split is Megatron's, chosen for decode latency: every GPU reads 1/world of every weight a step needs, so the step
-is 1/world of the bytes on each, and no GPU waits on another's share of the routing.
+The split is Megatron's, chosen for decode latency: every GPU reads 1/world of the attention, MLP and expert weights
+a step needs (each chosen expert a slice on every GPU, so no GPU waits on another's share of the routing); the
+embedding, norms, router and lm_head are read whole on each (at mini, the lm_head is 134 of a MXFP4 step's 772 MB).
 - Attention: each rank holds ``heads / world`` query heads, their key/value heads (a slice when the kv heads divide
   among the ranks, else the one kv head its query heads share, repeated on the ranks that share it), their sinks,
   and the matching columns of the output projection. Its KV cache holds only those kv heads.
