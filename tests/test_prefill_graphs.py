@@ -166,3 +166,35 @@ def test_gpu_dflash_after_a_padded_prefill_graph():
         assert torch.equal(graphed.generate(prompt, 17, draft=draft), want)
     assert graphed.graph_captures > 0 and any(graphs._prefills for graphs in
                                                (m._executor for m in (graphed, *graphed._variants.values())))
+
+
+def test_warmup_leaves_the_first_generation_nothing_to_capture(tiny):
+    """warmup() captures a prompt length's prefill, decode and verify graphs on the caches generate() then reuses:
+    the first generation of that length captures nothing and replays every step; other lengths still capture."""
+    cm = tilec.compile(tiny)
+    layout = len(cm.new_session(1, MAX_SEQ).cache.tensors)
+    graphs = cm._executor = CpuGraphs(cm.graph, max_rows=8, bound=layout, prefill_rows=64, prefill_step=8)
+    assert tilec.compile(tiny).warmup([20]) == 0  # no graphs to capture: the reference target on the CPU
+    assert cm.warmup([20], max_seq_len=MAX_SEQ) == 3  # the prompt padded to 24 rows, 1 row, 8 rows
+    replays = graphs.replays
+    prompt = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(3))
+    tokens = cm.generate(prompt, 5, max_seq_len=MAX_SEQ)
+    assert graphs.captures == 3 and graphs.replays == replays + 5  # the prefill and 4 decode steps
+    assert torch.equal(tokens, tilec.compile(tiny).generate(prompt, 5))
+    cm.generate(prompt[:, :12], 2, max_seq_len=MAX_SEQ)  # 16 rows: a shape not warmed up, seen once
+    assert graphs.captures == 3
+    with pytest.raises(tilec.errors.ShapeError, match="at least 1"):
+        cm.warmup([0])
+
+
+@pytest.mark.gpu
+def test_gpu_warmup_captures_what_the_first_generation_replays():
+    model = build_model("tiny", device="cuda")  # not the shared fixture: other tests want it on the CPU
+    cm = tilec.compile(model, target="triton", options=tilec.Options(max_seq_len=MAX_SEQ))
+    assert cm.warmup([20, 5]) == 4  # the 20-token prompt padded to 24 rows, 1, 8 and 5 rows
+    captured = cm.graph_captures
+    prompt = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(4)).cuda()
+    tokens = cm.generate(prompt, 6)
+    assert cm.graph_captures == captured and cm._executor.replays > 0
+    direct = tilec.compile(model, target="triton", options=tilec.Options(max_seq_len=MAX_SEQ, prefill_graph_rows=0))
+    assert torch.equal(tokens, direct.generate(prompt, 6))

@@ -203,6 +203,32 @@ class CompiledModel:
         step of a new shape, or on new cache tensors, and costs tens of ms."""
         return sum(getattr(m._executor, "captures", 0) for m in (self, *self._variants.values()))
 
+    def warmup(self, prompt_lengths: Sequence[int] = (1,), *, batch: int = 1, max_seq_len: int | None = None,
+               verify: bool = True) -> int:
+        """Do, before the first generate(), what a first prompt of each of these lengths would otherwise pay for:
+        compile the kernels its prefill and decode steps take and capture the CUDA graphs they replay (a short
+        prompt's padded shape, from its second sighting; a decode step; with ``verify``, a verify step of spec_rows
+        rows). Runs throwaway sessions of the cache layout generate() will use (``max_seq_len``: as generate's), whose
+        caches the next sessions then reuse, with the graphs captured on them. Returns the graphs captured (0 where
+        the model replays no CUDA graphs: the reference target, the CPU)."""
+        if self.info.kind != "decoder":
+            return 0
+        before = self.graph_captures
+        vocab = self.vocab_size or 1
+        for length in sorted(set(prompt_lengths)):
+            if length < 1:
+                raise ShapeError(f"warmup prompt lengths must be at least 1, got {length}")
+            needed = length + 1 + (self.options.spec_rows if verify else 0)
+            for _ in range(2):  # a padded prompt's graph is captured the second time its shape is seen
+                session = self.new_session(batch, max_seq_len or self.generation_length(needed))
+                ids = torch.arange(length * batch, device=self.device).remainder(vocab).view(batch, length)
+                session.step(ids)
+                session.step(ids[:, -1:])
+                if verify:
+                    session.step(ids[:, -1:].expand(batch, self.options.spec_rows).contiguous())
+                del session  # its caches go back to the model, for the next session of that layout
+        return self.graph_captures - before
+
     def generation_length(self, needed: int) -> int:
         """The cache length generate() gives a session that needs ``needed`` positions: on a GPU at least
         Options.max_seq_len, so that calls of any prompt length share one cache layout, and with it (new_session's
