@@ -103,13 +103,14 @@ def run_rank(tp, args: argparse.Namespace, out_dir: Path) -> None:
     methods = args.all_reduce if tp.world > 1 else ["-"]
     for precision in args.precisions:
         options = tilec.Options(tensor_parallel=tp.world, mxfp4=precision == "mxfp4")
-        t0 = time.perf_counter()
-        cm = tilec.compile(model, target="triton", options=options)
-        compile_s = time.perf_counter() - t0
-        nbytes = step_bytes(cm.graph, args.context)
         for method in methods:
             if method != "-":
                 os.environ["TILEC_ALL_REDUCE"] = method
+            # a model of its own for each method: its CUDA graphs capture the sums that method makes
+            t0 = time.perf_counter()
+            cm = tilec.compile(model, target="triton", options=options)
+            compile_s = time.perf_counter() - t0
+            nbytes = step_bytes(cm.graph, args.context)
             session_len = args.context + args.warmup + args.steps + 8
             session = cm.new_session(1, max(session_len, cm.options.max_seq_len))
             decoded = bench_decode.decode(session.step, session.step, prompt, args.warmup, args.steps, device)
@@ -124,10 +125,9 @@ def run_rank(tp, args: argparse.Namespace, out_dir: Path) -> None:
             }
             if tp.rank == 0:
                 torch.save(decoded.first_logits, out_dir / f"logits_w{tp.world}_{key.replace(' ', '_')}.pt")
-            del session
+            del session, cm
+            torch.cuda.empty_cache()
         os.environ.pop("TILEC_ALL_REDUCE", None)
-        del cm
-        torch.cuda.empty_cache()
     if tp.rank == 0:
         common.write_json(out_dir / f"bench_tp_w{tp.world}.json", result)
 

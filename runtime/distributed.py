@@ -88,8 +88,10 @@ def init(backend: str | None = None) -> TensorParallel:
             raise TilecError(f"local rank {local} but this machine has {torch.cuda.device_count()} GPUs")
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        kwargs = {"device_id": torch.device("cuda", torch.cuda.current_device())} if cuda else {}
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), **kwargs)
+        backend = backend or ("nccl" if cuda else "gloo")
+        # NCCL bound to this GPU from the start: its communicator is made now, not inside a CUDA graph's capture
+        kwargs = {"device_id": torch.device("cuda", torch.cuda.current_device())} if backend == "nccl" else {}
+        dist.init_process_group(backend, **kwargs)
     return TensorParallel.current(dist.get_world_size())
 
 
