@@ -341,6 +341,10 @@ def save_checkpoint(model: MiMoForCausalLM, directory: str | Path, *, expert_lay
     """
     if expert_layout not in ("per_expert", "packed"):
         raise CheckpointError(f"expert_layout {expert_layout!r} unknown; use 'per_expert' or 'packed'")
+    tp = getattr(model, "tp", None)
+    if tp is not None and tp.world > 1:
+        raise CheckpointError(f"this model is rank {tp.rank} of {tp.world}'s tensor-parallel shard, which holds only "
+                              "its slices; save the whole model")
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise CheckpointError(f"{directory} already exists and is not an empty directory; choose a new one")

@@ -77,6 +77,8 @@ def test_shard_slices_match_the_whole_weights():
     assert shards[1].model.embed_tokens.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert torch.equal(shards[1].lm_head.weight, model.lm_head.weight)
     assert shards[0].cache_layout(1, 32)[2].shape[1] == 1  # layer 1 (sliding): 2 kv heads, one a rank
+    with pytest.raises(TilecError, match="shard"):
+        save_checkpoint(shards[0], "unused")  # its slices under the whole model's config would be a broken checkpoint
 
 
 @pytest.mark.parametrize("world,overrides,mxfp4,what", [
