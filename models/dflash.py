@@ -270,10 +270,21 @@ def _target_parts(target) -> tuple[Any, nn.Parameter, nn.Parameter]:
     """(config, embedding weight, lm_head weight) of a tilec MiMo (or the source of its CompiledModel)."""
     model = getattr(target, "source", None) if not isinstance(target, nn.Module) else target
     try:
-        return model.config, model.model.embed_tokens.weight, model.lm_head.weight
+        parts = model.config, model.model.embed_tokens.weight, model.lm_head.weight
     except AttributeError:
         raise ConfigError(f"a DFlash draft needs a target with config, model.embed_tokens and lm_head (tilec's "
                           f"MiMo or its CompiledModel); got {type(target).__name__}") from None
+    group = getattr(model, "vocab_group", None)
+    if group is None:
+        return parts
+    # A tensor-parallel shard holds a slice of the vocabulary's head; the draft, whole on every rank, needs all of it:
+    # gathered once (every rank builds its draft, so every rank takes part) and kept beside the shard.
+    if "_whole_lm_head" not in model.__dict__:
+        from tilec.runtime.distributed import all_gather_rows
+
+        model.__dict__["_whole_lm_head"] = nn.Parameter(all_gather_rows(parts[2].detach(), group),
+                                                        requires_grad=False)
+    return parts[0], parts[1], model.__dict__["_whole_lm_head"]
 
 
 def draft_config_for(target, **overrides) -> DFlashConfig:

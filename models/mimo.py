@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tilec import ops
 from tilec.errors import ConfigError
 from tilec.models.config import DENSE, FULL, SLIDING, SPARSE, MiMoConfig
-from tilec.models.parallel import head_ranges, inter_range
+from tilec.models.parallel import head_ranges, inter_range, vocab_range
 from tilec.runtime.distributed import TensorParallel
 from tilec.runtime.kv_cache import CacheSpec, ring_capacity
 
@@ -177,7 +177,8 @@ class MiMoForCausalLM(nn.Module):
     the residual stream after each of those K layers, concatenated in the given order (what a DFlash draft reads).
 
     With ``tp`` (a `TensorParallel` of more than one rank) the module is one rank's shard (models/parallel.py):
-    attention heads and MLP intermediate sizes split, their outputs summed across ranks; the rest held whole.
+    attention heads, MLP intermediate sizes and the lm_head's vocabulary split, the outputs summed or gathered across
+    ranks; the rest held whole.
     """
 
     def __init__(self, config: MiMoConfig, dtype: torch.dtype | None = None, tp: TensorParallel | None = None):
@@ -187,7 +188,10 @@ class MiMoForCausalLM(nn.Module):
         self.output_hidden_layers: tuple[int, ...] = ()
         self.model = MiMoModel(config, dtype, tp)
         tied = self.model.embed_tokens.weight if config.tie_word_embeddings else None
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype, tied=tied)
+        # Under tensor parallelism a slice of the vocabulary a rank (an untied head), the logits gathered after it.
+        vocab = vocab_range(config, tp)
+        self.vocab_group = tp.group if len(vocab) < config.vocab_size else None
+        self.lm_head = Linear(config.hidden_size, len(vocab), False, dtype, tied=tied)
 
     def forward(self, input_ids: Tensor, start_pos: Tensor, kv_caches: list[Tensor]):
         layers = self.output_hidden_layers
@@ -197,6 +201,8 @@ class MiMoForCausalLM(nn.Module):
                               f"{self.config.num_hidden_layers} layers")
         x, hidden = self.model(input_ids, start_pos, kv_caches, layers)
         logits = self.lm_head(x)
+        if self.vocab_group is not None:
+            logits = ops.all_gather(logits, self.vocab_group)
         if not layers:
             return logits
         by_layer = dict(zip(sorted(set(layers)), hidden))

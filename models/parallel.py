@@ -1,8 +1,8 @@
 """Tensor parallelism for MiMo: what each of ``world`` GPUs holds, and how a whole model is cut into shards.
 
 The split is Megatron's, chosen for decode latency: every GPU reads 1/world of the attention, MLP and expert weights
-a step needs (each chosen expert a slice on every GPU, so no GPU waits on another's share of the routing); the
-embedding, norms, router and lm_head are read whole on each (at mini, the lm_head is 134 of a MXFP4 step's 772 MB).
+a step needs (each chosen expert a slice on every GPU, so no GPU waits on another's share of the routing) and of the
+lm_head; the embedding's row, the norms and the router are read whole on each.
 - Attention: each rank holds ``heads / world`` query heads, their key/value heads (a slice when the kv heads divide
   among the ranks, else the one kv head its query heads share, repeated on the ranks that share it), their sinks,
   and the matching columns of the output projection. Its KV cache holds only those kv heads.
@@ -10,7 +10,9 @@ embedding, norms, router and lm_head are read whole on each (at mini, the lm_hea
   columns), so each expert chosen for a row is computed a slice per rank. The router is held whole and routes every
   row the same way on every rank.
 - Each rank's attention and MLP outputs are partial sums; ``tilec.all_reduce`` adds them (two a layer).
-- Embedding, norms, router and lm_head are held whole on every rank, and computed the same on each.
+- The lm_head: each rank holds a slice of the vocabulary, and ``tilec.all_gather`` joins the logits (an lm_head tied
+  to the embedding stays whole). A DFlash draft, whole on each rank, gets the whole head gathered once.
+- Embedding, norms and router are held whole on every rank, and computed the same on each.
 
 MXFP4 experts split along whole 32-value blocks: each rank's slice of the expert size must be a multiple of 32.
 """
@@ -46,10 +48,19 @@ def inter_range(size: int, tp: TensorParallel | None, what: str) -> range:
     return range(size) if tp is None or tp.world == 1 else range(*tp.split(size, what))
 
 
+def vocab_range(cfg, tp: TensorParallel | None) -> range:
+    """Rank ``tp``'s slice of the lm_head's vocabulary: all of it without tensor parallelism, or where the lm_head is
+    tied to the embedding (held whole for it)."""
+    if tp is None or tp.world == 1 or cfg.tie_word_embeddings:
+        return range(cfg.vocab_size)
+    return range(*tp.split(cfg.vocab_size, "vocab_size"))
+
+
 def check(cfg, tp: TensorParallel, mxfp4: bool = False) -> None:
     """Raise ConfigError where ``cfg`` cannot be split ``tp.world`` ways (``mxfp4``: the experts in MXFP4)."""
     for layer in range(cfg.num_hidden_layers):
         head_ranges(cfg, layer, tp)
+    vocab_range(cfg, tp)
     if any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
         part = len(inter_range(cfg.moe_intermediate_size, tp, "moe_intermediate_size"))
         if mxfp4 and part % MXFP4_BLOCK:
@@ -109,8 +120,10 @@ def skeleton(model, tp: TensorParallel):
 def slice_tensor(name: str, t: torch.Tensor, cfg, tp: TensorParallel) -> torch.Tensor:
     """Rank ``tp``'s part of the whole model's tensor ``name`` (a view where the part is one slice of ``t``)."""
     parts = name.split(".")
+    if name == "lm_head.weight":
+        return _rows(t, 0, vocab_range(cfg, tp), 1)
     if len(parts) < 4 or parts[:2] != ["model", "layers"]:
-        return t  # embedding, final norm, lm_head: whole
+        return t  # embedding, final norm: whole
     layer, rest = int(parts[2]), ".".join(parts[3:])
     q, kv = head_ranges(cfg, layer, tp)
     if rest.startswith("self_attn."):

@@ -112,6 +112,23 @@ def all_reduce_(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+def all_gather_last(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The ranks' ``x`` of group ``name`` side by side along the last dim, in rank order (NCCL or gloo)."""
+    world = group(name).size()
+    parts = all_gather_rows(x.reshape(1, *x.shape), name)  # [world, *x.shape]
+    return parts.movedim(0, -2).reshape(*x.shape[:-1], world * x.shape[-1])
+
+
+def all_gather_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The ranks' ``x`` of group ``name`` one after another along the first dim, in rank order."""
+    pg = group(name)
+    out = torch.empty((pg.size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    # torch 2.13 renamed all_gather_into_tensor (the name of 2.11 and 2.12) to all_gather_single
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x.contiguous(), group=pg)
+    return out
+
+
 # The one-shot sum: each rank copies its partial sum into a buffer every rank can read (torch's symmetric memory),
 # and one kernel on each rank reads them all and adds them up. For the small messages of decode steps this beats
 # NCCL's ring, which takes several hops and a kernel that waits on its peers.

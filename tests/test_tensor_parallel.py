@@ -75,7 +75,9 @@ def test_shard_slices_match_the_whole_weights():
     assert torch.equal(torch.cat([p[:, inter // 2:] for p in parts], 1), gate_up[:, inter:])
     # whole tensors on the same device are shared, not copied
     assert shards[1].model.embed_tokens.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    assert torch.equal(shards[1].lm_head.weight, model.lm_head.weight)
+    assert torch.equal(torch.cat([s.lm_head.weight for s in shards]), model.lm_head.weight)  # by vocabulary
+    tied = build_model("tiny", seed=2, tie_word_embeddings=True)
+    assert shard_model(tied, TensorParallel(1, 2)).lm_head.weight.shape == tied.lm_head.weight.shape  # kept whole
     assert shards[0].cache_layout(1, 32)[2].shape[1] == 1  # layer 1 (sliding): 2 kv heads, one a rank
     with pytest.raises(TilecError, match="shard"):
         save_checkpoint(shards[0], "unused")  # its slices under the whole model's config would be a broken checkpoint
@@ -86,6 +88,7 @@ def test_shard_slices_match_the_whole_weights():
     (2, {"num_key_value_heads": 3, "num_attention_heads": 6}, False, "3 kv heads"),
     (2, {"intermediate_size": 99}, False, "intermediate_size"),
     (2, {}, True, "multiple of 32"),  # tiny's experts: 32 values, 16 a rank
+    (2, {"vocab_size": 511}, False, "vocab_size"),
 ])
 def test_unsplittable_models_are_refused(world, overrides, mxfp4, what):
     cfg = build_model("tiny", device="meta", **overrides).config

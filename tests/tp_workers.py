@@ -43,6 +43,8 @@ def logits_and_steps(tp, target: str, seed: int, overrides: dict, mxfp4: str | N
     heads = cm.source.model.layers[1].self_attn.num_heads
     assert heads * tp.world == cfg.num_attention_heads
     assert _expert_size(cm.source) * tp.world == _expert_size(model)
+    assert cm.source.lm_head.weight.shape[0] * tp.world == cfg.vocab_size
+    assert op_counts(cm.graph)["tilec.all_gather"] == 1
 
     prompt = _prompt(cfg.vocab_size, 11, seed + 1)
     ours, theirs = cm.new_session(1, 64), whole.new_session(1, 64)

@@ -249,3 +249,8 @@ def _all_reduce(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
     source = node.args[0]
     inplace = source.op == "call_function" and len(source.users) == 1
     return KernelPlan.make("triton/all_reduce.py.j2", doc="sum over the tensor-parallel ranks", inplace=inplace)
+
+
+@planner("all_gather")
+def _all_gather(node: fx.Node, dev: DeviceInfo) -> KernelPlan:
+    return KernelPlan.make("triton/all_gather.py.j2", doc="the ranks' slices side by side along the last dim")

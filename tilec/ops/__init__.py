@@ -27,3 +27,4 @@ argmax = OPS["argmax"].overload
 lm_head_argmax = OPS["lm_head_argmax"].overload
 sample = OPS["sample"].overload
 all_reduce = OPS["all_reduce"].overload
+all_gather = OPS["all_gather"].overload
