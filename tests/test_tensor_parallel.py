@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import tilec
 from tilec.errors import ConfigError, TilecError
@@ -126,3 +127,26 @@ def test_cli_generate_on_two_ranks(tiny, tiny_cm, tmp_path, capfd, monkeypatch):
     assert [int(t) for t in lines[0].split()] == want  # printed once, by rank 0
     assert "6 new tokens" in lines[1] and "DFlash draft" in lines[1] and "2 GPUs" in lines[2]
     assert len(lines) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(kv=st.sampled_from([1, 2, 3, 4, 8]), group=st.sampled_from([1, 2, 3, 4, 8]),
+       world=st.sampled_from([1, 2, 3, 4, 6, 8]))
+def test_every_query_head_meets_its_own_kv_head_on_one_rank(kv, group, world):
+    """For any head counts and number of ranks the split accepts: each query head lives on exactly one rank, and
+    there the attention op's own grouping (local query j reads local kv j // (local heads / local kv heads)) gives
+    the kv head the whole model gives it (global query h reads kv h // (heads / kv heads))."""
+    heads = kv * group
+    cfg = build_model("tiny", device="meta", num_attention_heads=heads, num_key_value_heads=kv,
+                      layer_types=["full_attention"] * 4).config
+    try:
+        ranges = [head_ranges(cfg, 0, TensorParallel(r, world)) for r in range(world)]
+    except ConfigError:
+        assert heads % world or (kv % world and world % kv)
+        return
+    assert sorted(h for q, _ in ranges for h in q) == list(range(heads))
+    for q, kvr in ranges:
+        assert len(q) % len(kvr) == 0
+        local_group = len(q) // len(kvr)
+        for j, h in enumerate(q):
+            assert kvr.start + j // local_group == h // group
