@@ -19,6 +19,7 @@ from tilec.runtime import distributed
 from tilec.runtime.distributed import TensorParallel
 
 import tp_workers
+from conftest import MIMO_FILE
 
 
 @pytest.mark.parametrize("world,target,mxfp4", [
@@ -150,3 +151,18 @@ def test_every_query_head_meets_its_own_kv_head_on_one_rank(kv, group, world):
         local_group = len(q) // len(kvr)
         for j, h in enumerate(q):
             assert kvr.start + j // local_group == h // group
+
+
+def test_cli_compile_writes_each_ranks_artifact(tmp_path, capfd, monkeypatch):
+    from tilec.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["compile", str(MIMO_FILE), "--preset", "tiny", "--target", "triton", "--tensor-parallel", "2",
+                 "-o", str(tmp_path / "out")]) == 0
+    out = capfd.readouterr().out
+    assert "tensor-parallel rank 0 of 2" in out and "each of the 2 ranks" in out
+    assert "rank 1 of 2" not in out  # rank 0 alone prints
+    for rank in (0, 1):
+        step = (tmp_path / "out" / f"rank{rank}" / "step.py").read_text()
+        assert step.count("_all_reduce.launch(") == 8 and "_all_gather.launch(" in step

@@ -72,18 +72,34 @@ def _import_file(file: Path):
 
 
 def _cmd_compile(args) -> int:
+    if args.mxfp4_scale_rule and not args.mxfp4:
+        raise TilecError("--mxfp4-scale-rule needs --mxfp4 (it chooses how the MXFP4 experts are quantised)")
+    if args.tensor_parallel < 1:
+        raise TilecError(f"--tensor-parallel must be at least 1, got {args.tensor_parallel}")
+    if args.tensor_parallel == 1:
+        return _compile(None, args)
+    from tilec.runtime.distributed import launch
+
+    launch(_compile, args.tensor_parallel, args)
+    return 0
+
+
+def _compile(tp, args) -> int:
+    """Compile in this process: the whole model, or (``tp``) one rank's shard, written to OUTPUT/rank<r>; rank 0
+    prints the summary."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     import tilec
     from tilec.options import Options
 
-    console = Console(stderr=True)
-    if args.mxfp4_scale_rule and not args.mxfp4:
-        raise TilecError("--mxfp4-scale-rule needs --mxfp4 (it chooses how the MXFP4 experts are quantised)")
-    options = Options.from_env(dump_dir=args.output, max_seq_len=args.max_seq_len, max_batch=args.batch,
+    quiet = tp is not None and tp.rank > 0
+    console = Console(stderr=True, quiet=quiet)
+    output = Path(args.output) / f"rank{tp.rank}" if tp is not None and args.output else args.output
+    options = Options.from_env(dump_dir=output, max_seq_len=args.max_seq_len, max_batch=args.batch,
                                verify=False if args.no_verify else None, mxfp4=True if args.mxfp4 else None,
-                               mxfp4_scale_rule=args.mxfp4_scale_rule)
+                               mxfp4_scale_rule=args.mxfp4_scale_rule,
+                               tensor_parallel=tp.world if tp is not None else None)
     start = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
@@ -95,7 +111,11 @@ def _cmd_compile(args) -> int:
             bar.update(task, description=f"stage {stage} ({i}/{n})" if stage != "capture" else "capturing")
 
         compiled = tilec.compile(model, target=args.target, options=options, progress=progress)
-    _print_summary(compiled.report, compiled.saved_to, time.perf_counter() - start)
+    if not quiet:
+        _print_summary(compiled.report, compiled.saved_to, time.perf_counter() - start)
+        if tp is not None:
+            print(f"each of the {tp.world} ranks holds such a shard" + (f"; artifacts in {args.output}/rank0 .. "
+                                                                       f"rank{tp.world - 1}" if args.output else ""))
     return 0
 
 
@@ -177,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "precision)")
     c.add_argument("--mxfp4-scale-rule", choices=("floor", "ceil"), help="MXFP4 scale rule: floor (OCP, default) or "
                                                                           "ceil (never clips)")
+    c.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="compile each of N GPUs' shard (N processes; with -o, one artifact each in DIR/rank<r>)")
     c.set_defaults(func=_cmd_compile)
     i = sub.add_parser("inspect", help="summarise a compile artifact")
     i.add_argument("dir", help="a directory written by `tilec compile -o`")
