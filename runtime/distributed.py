@@ -106,8 +106,10 @@ def all_reduce_(x: torch.Tensor, name: str) -> torch.Tensor:
     """The sum of ``x`` over the ranks of group ``name``: ``x`` itself, summed in place (NCCL or gloo), or, for a
     message of at most ONE_SHOT_BYTES on GPUs that can read each other's memory, a new tensor from a one-shot sum
     through symmetric memory (every rank reads every rank's copy; `all_reduce_method`)."""
-    if all_reduce_method(x) == "one_shot":
-        return _one_shot(x, name)
+    if all_reduce_method(x) == "one_shot" and name not in NO_ONE_SHOT:
+        entry = _one_shot_buffers(x, name)
+        if entry is not None:
+            return _one_shot(x, name, entry)
     dist.all_reduce(x, group=group(name))
     return x
 
@@ -134,6 +136,7 @@ def all_gather_rows(x: torch.Tensor, name: str) -> torch.Tensor:
 # NCCL's ring, which takes several hops and a kernel that waits on its peers.
 ONE_SHOT_BYTES = 512 * 1024
 _SYMM: dict[tuple, list] = {}  # (group, numel, dtype, device) -> [buffers, next one to use]
+NO_ONE_SHOT: dict[str, str] = {}  # groups whose ranks could not all set up the one-shot sum -> why
 
 
 def all_reduce_method(x: torch.Tensor) -> str:
@@ -151,27 +154,49 @@ def _symm_available() -> bool:
     return hasattr(torch.ops, "symm_mem") and hasattr(torch.ops.symm_mem, "one_shot_all_reduce")
 
 
-def _one_shot(x: torch.Tensor, name: str) -> torch.Tensor:
+def _one_shot_buffers(x: torch.Tensor, name: str) -> list | None:
+    """The one-shot sum's buffers for ``x``'s size, made on first use (a collective: every rank meets each size in
+    the same order, the same steps). Where any rank cannot make them (GPUs without peer access, a driver that refuses),
+    every rank learns it through the process group's collective, and the group sums that way from then on."""
+    key = (name, x.numel(), x.dtype, x.device)
+    if key in _SYMM:
+        return _SYMM[key]
+    pg = group(name)
+    try:
+        buffers, why = _make_buffers(x, pg), ""
+    except Exception as exc:  # noqa: BLE001 - whatever symmetric memory raises, the collective still works
+        buffers, why = None, f"{type(exc).__name__}: {exc}"
+    ready = torch.tensor([0 if buffers is None else 1], dtype=torch.int32, device=x.device)
+    dist.all_reduce(ready, op=dist.ReduceOp.MIN, group=pg)  # the same choice on every rank
+    if not int(ready.item()):
+        NO_ONE_SHOT[name] = why or "another rank could not set up symmetric memory"
+        warnings.warn(f"tilec: tensor-parallel sums of group {name!r} go through the process group's collective; "
+                      f"the one-shot sum could not be set up: {NO_ONE_SHOT[name]}", RuntimeWarning, stacklevel=3)
+        return None
+    _SYMM[key] = [buffers, 0]
+    return _SYMM[key]
+
+
+def _make_buffers(x: torch.Tensor, pg) -> list[torch.Tensor]:
     import torch.distributed._symmetric_memory as symm_mem
 
-    pg = group(name)
-    key = (name, x.numel(), x.dtype, x.device)
-    if key not in _SYMM:  # collective: every rank meets each size in the same order (the same steps)
-        with warnings.catch_warnings():  # needed before torch 2.12 or so, deprecated (and harmless) after
-            warnings.simplefilter("ignore", FutureWarning)
-            getattr(symm_mem, "enable_symm_mem_for_group", lambda name: None)(pg.group_name)
-        buffers = [symm_mem.empty(x.numel(), dtype=x.dtype, device=x.device) for _ in range(2)]
-        for b in buffers:
-            symm_mem.rendezvous(b, pg.group_name)
-        _SYMM[key] = [buffers, 0]
-    entry = _SYMM[key]
+    with warnings.catch_warnings():  # needed before torch 2.12 or so, deprecated (and harmless) after
+        warnings.simplefilter("ignore", FutureWarning)
+        getattr(symm_mem, "enable_symm_mem_for_group", lambda name: None)(pg.group_name)
+    buffers = [symm_mem.empty(x.numel(), dtype=x.dtype, device=x.device) for _ in range(2)]
+    for b in buffers:
+        symm_mem.rendezvous(b, pg.group_name)
+    return buffers
+
+
+def _one_shot(x: torch.Tensor, name: str, entry: list) -> torch.Tensor:
     buffer = entry[0][entry[1]]
     # Alternate two buffers, so a sum never overwrites the buffer a slower peer may still read for the sum before.
     # A CUDA graph replays the buffers its capture chose; a step makes an even number of sums (two a layer), so
     # consecutive sums alternate across replays too.
     entry[1] ^= 1
     buffer.copy_(x.reshape(-1))
-    return torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", pg.group_name).view(x.shape)
+    return torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", group(name).group_name).view(x.shape)
 
 
 def launch(fn: Callable, world: int, *args, backend: str | None = None) -> None:

@@ -48,6 +48,10 @@ def test_the_sum_matters():
     distributed.launch(tp_workers.partial_sums_differ, 2, 5)
 
 
+def test_one_shot_setup_failing_anywhere_falls_back_everywhere():
+    distributed.launch(tp_workers.one_shot_setup_fails_on_rank_1, 2)
+
+
 def test_a_failing_rank_is_a_clear_error():
     with pytest.raises(TilecError, match=r"(?s)rank 1 of 2 failed.*rank 1 cannot go on"):
         distributed.launch(tp_workers.fails_on_rank_1, 2)

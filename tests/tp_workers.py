@@ -133,3 +133,27 @@ def from_checkpoint(tp, paths: list[tuple[str, bool]]) -> None:
 def fails_on_rank_1(tp) -> None:
     if tp.rank == 1:
         raise ValueError("rank 1 cannot go on")
+
+
+def one_shot_setup_fails_on_rank_1(tp) -> None:
+    """Where one rank cannot set up the one-shot sum, every rank falls back to the collective, and the sums stay
+    right (on the CPU, the one-shot path is forced and its setup faked)."""
+    import warnings
+
+    distributed.all_reduce_method = lambda x: "one_shot"
+
+    def make(x, pg):
+        if tp.rank == 1:
+            raise RuntimeError("no peer access here")
+        return [x.new_empty(x.numel()), x.new_empty(x.numel())]
+
+    distributed._make_buffers = make
+    x = torch.full((2, 3), float(tp.rank + 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        total = distributed.all_reduce_(x.clone(), distributed.WORLD)
+    assert torch.equal(total, torch.full((2, 3), 3.0))
+    assert any("collective" in str(w.message) for w in caught)
+    why = distributed.NO_ONE_SHOT[distributed.WORLD]
+    assert ("no peer access here" in why) == (tp.rank == 1), why
+    assert torch.equal(distributed.all_reduce_(x.clone(), distributed.WORLD), total)  # no second setup
