@@ -132,8 +132,8 @@ def all_gather_rows(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 # The one-shot sum: each rank copies its partial sum into a buffer every rank can read (torch's symmetric memory),
-# and one kernel on each rank reads them all and adds them up. For the small messages of decode steps this beats
-# NCCL's ring, which takes several hops and a kernel that waits on its peers.
+# and one kernel on each rank reads them all and adds them up: one hop, where NCCL's ring takes several. Chosen for
+# the small messages of decode steps, where latency is all; not yet measured against NCCL (bench_tp.py times both).
 ONE_SHOT_BYTES = 512 * 1024
 _SYMM: dict[tuple, list] = {}  # (group, numel, dtype, device) -> [buffers, next one to use]
 NO_ONE_SHOT: dict[str, str] = {}  # groups whose ranks could not all set up the one-shot sum -> why
