@@ -22,9 +22,8 @@ from __future__ import annotations
 import torch
 
 from tilec.errors import ConfigError
+from tilec.mxfp4 import BLOCK as MXFP4_BLOCK
 from tilec.runtime.distributed import TensorParallel
-
-MXFP4_BLOCK = 32  # values a scale covers (tilec.mxfp4.BLOCK; not imported, to keep this module free of the ops)
 
 
 def head_ranges(cfg, layer: int, tp: TensorParallel | None) -> tuple[range, range]:

@@ -50,7 +50,6 @@ class TensorParallel:
         if size != world:
             raise TilecError(f"tensor_parallel={world} but the process group has {size} processes; start "
                              f"{world} processes or set tensor_parallel={size}")
-        _GROUPS.setdefault(WORLD, dist.group.WORLD)
         return cls(dist.get_rank(), world)
 
     def split(self, size: int, what: str) -> tuple[int, int]:

@@ -95,21 +95,18 @@ def _shard(model, options: Options):
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         from tilec.models import from_hf
 
-        shard = from_hf(model, tp=tp, device=distributed.device(torch.device("cpu")))
-        check(shard.config, tp, options.mxfp4)
-        return shard
+        model = from_hf(model, tp=tp, device=distributed.device(torch.device("cpu")))
     model = as_tilec_model(model)
     if not isinstance(model, MiMoForCausalLM):
         raise UnsupportedError(f"tensor_parallel={options.tensor_parallel} splits tilec's MiMo (or an HF MiMo, or a "
                                f"checkpoint directory); got {type(model).__name__}")
-    if model.tp is not None and model.tp.world > 1:
-        if model.tp != tp:
-            raise UnsupportedError(f"this model is rank {model.tp.rank} of {model.tp.world}'s shard, but this "
-                                   f"process is rank {tp.rank} of {tp.world}")
-        check(model.config, tp, options.mxfp4)
-        return model
-    check(model.config, tp, options.mxfp4)
-    return shard_model(model, tp, distributed.device(device_of(model)))
+    check(model.config, tp, options.mxfp4)  # before any slicing: the MXFP4 pass needs slices of whole blocks
+    if model.tp is None or model.tp.world == 1:
+        return shard_model(model, tp, distributed.device(device_of(model)))
+    if model.tp != tp:
+        raise UnsupportedError(f"this model is rank {model.tp.rank} of {model.tp.world}'s shard, but this process is "
+                               f"rank {tp.rank} of {tp.world}")
+    return model
 
 
 class CompiledModel:

@@ -74,13 +74,25 @@ def _import_file(file: Path):
 def _cmd_compile(args) -> int:
     if args.mxfp4_scale_rule and not args.mxfp4:
         raise TilecError("--mxfp4-scale-rule needs --mxfp4 (it chooses how the MXFP4 experts are quantised)")
+    return on_ranks(_compile, args)
+
+
+def add_tensor_parallel(parser, what: str) -> None:
+    """The ``--tensor-parallel N`` option of a command that `on_ranks` runs."""
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help=f"split the model over N GPUs, one process each; {what}")
+
+
+def on_ranks(fn, args) -> int:
+    """``fn(tp, args)``: here, with ``tp`` None, for ``--tensor-parallel 1``; else in N new processes, each with its
+    `TensorParallel` (tilec.runtime.distributed.launch)."""
     if args.tensor_parallel < 1:
         raise TilecError(f"--tensor-parallel must be at least 1, got {args.tensor_parallel}")
     if args.tensor_parallel == 1:
-        return _compile(None, args)
+        return fn(None, args)
     from tilec.runtime.distributed import launch
 
-    launch(_compile, args.tensor_parallel, args)
+    launch(fn, args.tensor_parallel, args)
     return 0
 
 
@@ -197,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "precision)")
     c.add_argument("--mxfp4-scale-rule", choices=("floor", "ceil"), help="MXFP4 scale rule: floor (OCP, default) or "
                                                                           "ceil (never clips)")
-    c.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="compile each of N GPUs' shard (N processes; with -o, one artifact each in DIR/rank<r>)")
+    add_tensor_parallel(c, "with -o, each rank's artifact in DIR/rank<r>")
     c.set_defaults(func=_cmd_compile)
     i = sub.add_parser("inspect", help="summarise a compile artifact")
     i.add_argument("dir", help="a directory written by `tilec compile -o`")

@@ -29,20 +29,16 @@ def add_parser(sub) -> None:
     g.add_argument("--eos-token-id", type=int, help="stop after this token")
     g.add_argument("--target", default="reference", choices=TARGETS)
     g.add_argument("--max-seq-len", type=int, help="KV cache length (default: prompt + new tokens)")
-    g.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="split the model over N GPUs (N processes; a checkpoint directory is read as shards)")
+    from tilec.cli import add_tensor_parallel
+
+    add_tensor_parallel(g, "a checkpoint directory is read as shards")
     g.set_defaults(func=run)
 
 
 def run(args) -> int:
-    if args.tensor_parallel < 1:
-        raise TilecError(f"--tensor-parallel must be at least 1, got {args.tensor_parallel}")
-    if args.tensor_parallel == 1:
-        return _generate(None, args)
-    from tilec.runtime.distributed import launch
+    from tilec.cli import on_ranks
 
-    launch(_generate, args.tensor_parallel, args)
-    return 0
+    return on_ranks(_generate, args)
 
 
 def _generate(tp, args) -> int:
