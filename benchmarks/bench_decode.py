@@ -18,6 +18,7 @@ Entries (each at each context: prefill a random prompt of ``context`` tokens, th
   that inductor sees and fuses plain torch code (closest to gpt-fast); costs a longer compile.
 - ``triton``, ``triton-mxfp4``: ``tilec.compile(model, target="triton")`` (with ``Options(mxfp4=True)``), decoded
   through a session; recorded as skipped with tilec's message while the target (or the option) does not exist.
+- ``cuda``, ``cuda-mxfp4``: the same with ``target="cuda"``: each decode step one launch of the megakernel.
 
 Per entry and context the JSON holds the median, p10 and p90 of per-step times (CUDA events around each step, no
 host synchronisation between steps, argmax included), the wall time per token, the first greedy tokens and whether
@@ -53,14 +54,15 @@ import tilec  # noqa: E402
 from tilec.cost import H100_COPY_BYTES_PER_S, step_bytes  # noqa: E402
 from tilec.models import MiMoForCausalLM, preset_config  # noqa: E402
 
-ENTRIES = ("hf", "reference", "compile", "triton", "triton-mxfp4")
+ENTRIES = ("hf", "reference", "compile", "triton", "triton-mxfp4", "cuda", "cuda-mxfp4")
 OPTIONAL_ENTRIES = ("compile-inline",)
 # Run order: the reference first (its tokens and logits are what the others are checked against), then the targets
 # the goal is about, then the peers, slowest to set up last. Tables and charts list entries in ENTRIES order.
-RUN_ORDER = ("reference", "triton", "triton-mxfp4", "hf", "compile", "compile-inline")
+RUN_ORDER = ("reference", "triton", "triton-mxfp4", "cuda", "cuda-mxfp4", "hf", "compile", "compile-inline")
 # Seconds an entry needs at one context on the GPU (a guess on the safe side, compiles included): an entry starts
 # only when this much of --budget-s is left.
-NEEDS_S = {"reference": 20, "triton": 60, "triton-mxfp4": 90, "hf": 30, "compile": 120, "compile-inline": 240}
+NEEDS_S = {"reference": 20, "triton": 60, "triton-mxfp4": 90, "cuda": 60, "cuda-mxfp4": 60, "hf": 30, "compile": 120,
+           "compile-inline": 240}
 GOAL_MS = 1.0  # the issue's goal for the triton backend on mini, bf16, H100
 AGREE_TOKENS = 4
 
@@ -452,7 +454,7 @@ class Bench:
 
     def run_session_entry(self, entry: str) -> None:
         precision = "mxfp4" if entry.endswith("mxfp4") else self.base
-        if entry == "triton-mxfp4" and not has_mxfp4_option():
+        if entry.endswith("mxfp4") and not has_mxfp4_option():
             for c in self.args.contexts:
                 self.skip(entry, c, "tilec.Options has no mxfp4 field (the MXFP4 issue has not landed)")
             return
@@ -466,7 +468,7 @@ class Bench:
             try:
                 t0 = time.perf_counter()
                 opts = self.options(mxfp4=True) if precision == "mxfp4" else self.options()
-                cm = tilec.compile(self.model, target="triton", options=opts)
+                cm = tilec.compile(self.model, target=entry.split("-")[0], options=opts)
                 self.result["timings_s"][f"compile_{entry}"] = round(time.perf_counter() - t0, 2)
                 self.log(f"{entry} compiled in {self.result['timings_s'][f'compile_{entry}']} s")
             except tilec.TilecError as exc:

@@ -21,12 +21,13 @@ from tilec.graph import attr, format_graph, info
 from tilec.options import TARGETS, Options
 from tilec.passmanager import PassContext, ProgressFn, StageRecord, run_pipeline
 from tilec.runtime.kv_cache import layout_from_graph
+from tilec.codegen.megakernel import lower as lower_megakernel
 from tilec.codegen.triton import lower as lower_triton
 from tilec.runtime.cuda_graph import GraphedStep
 from tilec.runtime.generation import GenerationStats, generate_plain
 from tilec.runtime.session import DecodeSession, RecomputeSession
 
-BUILT_TARGETS = ("reference", "triton")
+BUILT_TARGETS = ("reference", "triton", "cuda")
 
 
 def resolve_target(target: str, device: torch.device | None = None) -> str:
@@ -62,17 +63,21 @@ def compile(model, *, target: str = "reference", options: Options | None = None,
     records = run_pipeline(gm, pipeline.stages(options, resolved), PassContext(options, resolved), first=first,
                            progress=progress)
     program = None
-    if resolved == "triton":
+    if resolved in ("triton", "cuda"):
         if progress:
             progress("codegen", len(records), len(records))
-        program = lower_triton(records[-1].graph, records[-1].graph.meta.get("device", torch.device("cpu")),
-                               records[-1].name)
+        where = records[-1].graph.meta.get("device", torch.device("cpu"))
+        program = (lower_triton(records[-1].graph, where, records[-1].name) if resolved == "triton" else
+                   lower_megakernel(records[-1].graph, where, records[-1].name,
+                                    max_rows=options.spec_rows * options.max_batch))
     rep = report_mod.build(records, target=resolved, options=options, seconds=time.perf_counter() - start)
     if program is not None:
         rep["kernels"] = [{"file": k.filename, "template": k.plan.template, "nodes": len(k.nodes),
                            **({"cuda": k.cuda_filename} if k.cuda_source is not None else {})}
                           for k in program.kernels]
         rep["launch"] = {"pdl": program.dev.pdl, "interpret": program.dev.interpret}
+        if resolved == "cuda":
+            rep["megakernel"] = program.describe()
         if program.derived:  # re-laid copies (the same bytes as their source) computed when the program loads
             rep["derived_weights"] = {name: {"from": target, "layout": layout,
                                              "bytes": cost.nbytes(attr(records[-1].graph, target))}

@@ -76,6 +76,8 @@ def render_markdown(rep: dict) -> str:
         lines += ["", *_mxfp4_section(mx)]
     if rep.get("kernels"):
         lines += ["", *_kernels_section(rep)]
+    if rep.get("megakernel"):
+        lines += ["", *_megakernel_section(rep["megakernel"])]
     lines += ["", "## Stages", "", "| # | stage | nodes | what it did | seconds |", "|---:|---|---:|---|---:|"]
     for i, s in enumerate(rep["stages"]):
         did = ", ".join(f"{k}: {v}" for k, v in s["stats"].items() if not isinstance(v, (list, dict))) or "-"
@@ -106,6 +108,21 @@ def _kernels_section(rep: dict) -> list[str]:
         lines += ["", f"The CUDA kernels read {len(derived)} weights re-laid ({', '.join(layouts)}; "
                       f"tilec/codegen/mma_layout.py), {_fmt_bytes(total)} computed when the program loads and held "
                       f"beside the originals, which the other kernels read."]
+    return lines
+
+
+def _megakernel_section(mk: dict) -> list[str]:
+    """Target ``cuda``: whether decode steps run as the megakernel, and its phases in order."""
+    lines = ["## Megakernel", ""]
+    if not mk["runs"]:
+        return lines + [f"Every step runs on the Triton kernels above: {mk['why']}."]
+    lines += [f"Steps of up to {mk['max_rows']} rows (batch x rows) run as one launch of `{mk['file']}`: "
+              f"{mk['phases']} phases, each dealt over the whole grid (a block an SM), with {mk['barriers']} grid "
+              f"barriers between them; workspace {_fmt_bytes(mk['workspace_bytes'])}, shared memory "
+              f"{mk['shared_memory_bytes']} bytes a block. Longer steps (prefill) run on the Triton kernels.", "",
+              "| phase | node | op | task | barrier after |", "|---:|---|---|---|---|"]
+    for p in mk["schedule"]:
+        lines.append(f"| {p['phase']} | {p['node']} | {p['op']} | {p['task']} | {'yes' if p['barrier'] else '-'} |")
     return lines
 
 

@@ -1,0 +1,97 @@
+"""Where a megakernel decode step's time goes: each phase's work and each grid barrier, from %globaltimer stamps.
+
+    python3 benchmarks/profile_megakernel.py --out DIR [--preset mini] [--mxfp4] [--context 256] [--rows 1]
+
+Compiles the preset with ``target="cuda"``, prefills a random prompt of ``--context`` tokens, then runs decode steps
+of ``--rows`` rows on a variant of the megakernel that stamps the time in every block when a phase's work is done
+and after its barrier (`MegakernelProgram.timeline`). Per phase: the work (from the previous barrier's release to
+the slowest block's done, p50 over blocks too) and the barrier (from the slowest block's done to the release seen
+by the last block). Sums by task kind. Writes ``DIR/profile_megakernel.json`` and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import tilec  # noqa: E402
+from tilec.models import build_model  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--preset", default="mini")
+    p.add_argument("--mxfp4", action="store_true")
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--rows", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    model = build_model(args.preset, device="cuda")
+    cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=args.mxfp4))
+    program = cm.program
+    if program.plan is None:
+        sys.exit(f"no megakernel: {program.unsupported}")
+    gen = torch.Generator("cuda").manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.context + args.rows * (args.repeats + 1)), device="cuda",
+                        generator=gen)
+    session = cm.new_session(1, ids.shape[1] + 8)
+    session.step(ids[:, :args.context])
+    runs = []
+    for i in range(args.repeats + 1):  # the first compiles the timeline variant and warms up
+        first = args.context + i * args.rows
+        pos = torch.full((1,), first, dtype=torch.int64, device="cuda")
+        with torch.inference_mode():
+            _, stamps = program.timeline(ids[:, first:first + args.rows], pos, *session.cache.tensors)
+        torch.cuda.synchronize()
+        if i:
+            runs.append(stamps.cpu())
+    phases = program.plan.phases
+    rows = []
+    for k, ph in enumerate(phases):
+        work, work_p50, barrier = [], [], []
+        for st in runs:
+            start = int(st[:, 0, 1].min()) if k == 0 else int(st[:, k - 1, 1].max())
+            if k == 0:
+                start = int(st[:, 0, 0].min())  # no stamp at the kernel's start: the first phase from its first done
+            done = st[:, k, 0]
+            work.append((int(done.max()) - start) / 1e3)
+            work_p50.append(float((done - start).double().median()) / 1e3)
+            barrier.append((int(st[:, k, 1].max()) - int(done.max())) / 1e3)
+        med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+        rows.append({"phase": k, "node": ph["node"], "task": ph["task"], "work_us": med(work),
+                     "work_p50_us": med(work_p50), "barrier_us": med(barrier) if ph["sync"] else 0.0})
+    total = sum(r["work_us"] + r["barrier_us"] for r in rows)
+    by_task = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for r in rows:
+        t = by_task[r["task"]]
+        t[0] += 1
+        t[1] += r["work_us"]
+        t[2] += r["barrier_us"]
+    print(f"{args.preset} {'mxfp4' if args.mxfp4 else 'bf16'} ctx {args.context}, {args.rows} row(s): "
+          f"{total:.1f} us from the first phase's first stamp to the last (medians of {args.repeats})")
+    print(f"{'task':<22} {'phases':>6} {'work_us':>9} {'barrier_us':>10}")
+    for task, (n, w, b) in sorted(by_task.items(), key=lambda kv: -kv[1][1] - kv[1][2]):
+        print(f"{task:<22} {n:>6} {w:>9.1f} {b:>10.1f}")
+    print(f"\n{'#':>3} {'node':<44} {'task':<20} {'work':>7} {'p50':>7} {'barrier':>7}")
+    for r in rows:
+        print(f"{r['phase']:>3} {r['node'][:44]:<44} {r['task']:<20} {r['work_us']:>7.2f} {r['work_p50_us']:>7.2f} "
+              f"{r['barrier_us']:>7.2f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile_megakernel.json").write_text(json.dumps(
+        {"preset": args.preset, "mxfp4": args.mxfp4, "context": args.context, "rows": args.rows,
+         "device": torch.cuda.get_device_name(), "total_us": total, "phases": rows,
+         "by_task": {k: {"phases": n, "work_us": w, "barrier_us": b} for k, (n, w, b) in by_task.items()}},
+        indent=1))
+
+
+if __name__ == "__main__":
+    main()

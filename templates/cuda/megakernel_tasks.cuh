@@ -1,0 +1,844 @@
+// The megakernel's task functions (templates/cuda/megakernel.cu.j2 includes this file). Every function is one op of
+// a decode step, computed by the whole grid: `gwarp` / `nwarps` deal output rows to warps across every block,
+// `blockIdx.x` / `gridDim.x` deal larger items to blocks. Values are the graph's: each op computes in fp32 and rounds
+// its outputs to their dtype where the reference op does, so a step's intermediates are the reference's, give or
+// take the order of fp32 sums. A row's arithmetic never depends on how many rows the step has (batch invariance: a
+// verify step's rows are the bits of single-row decode steps).
+//
+// Memory: weights (never written during a launch) are read through the non-coherent path (ld.global.nc); everything
+// written during the launch (activations, the KV cache, scratch) is read at L2 (ld.global.cg), since another SM
+// wrote it after this SM may have cached the line. The grid barrier between phases orders the two.
+
+namespace mk {
+
+// 16-bit floats by their bits, so the kernel needs no CUDA header (NVRTC compiles it without include paths).
+struct bf16 { unsigned short bits; };
+struct f16 { unsigned short bits; };
+typedef unsigned int u32;
+#define MK_TASK __device__ __noinline__  // a task function: one copy per type signature, called by every phase
+#define MK_INF __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float bf16_bits_to_float(unsigned short b) {
+  return __uint_as_float(static_cast<u32>(b) << 16);
+}
+__device__ __forceinline__ float f16_bits_to_float(unsigned short b) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
+  return f;
+}
+__device__ __forceinline__ float tof(float x) { return x; }
+__device__ __forceinline__ float tof(bf16 x) { return bf16_bits_to_float(x.bits); }
+__device__ __forceinline__ float tof(f16 x) { return f16_bits_to_float(x.bits); }
+template <class T> __device__ __forceinline__ T fromf(float x);
+template <> __device__ __forceinline__ float fromf<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 fromf<bf16>(float x) {  // round to nearest even, NaN kept quiet
+  const u32 u = __float_as_uint(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<unsigned short>((u >> 16) | 0x40u)};
+  return bf16{static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+template <> __device__ __forceinline__ f16 fromf<f16>(float x) {
+  unsigned short b;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(x));
+  return f16{b};
+}
+// x rounded to T's precision, as a float: what the reference holds after an op that returns a T tensor.
+template <class T> __device__ __forceinline__ float rnd(float x) { return tof(fromf<T>(x)); }
+
+// Loads. `nc`: weights; `cg`: values written during this launch.
+template <class T> __device__ __forceinline__ float ld_cg(const T* p);
+template <> __device__ __forceinline__ float ld_cg<float>(const float* p) { return __ldcg(p); }
+template <> __device__ __forceinline__ float ld_cg<bf16>(const bf16* p) {
+  return bf16_bits_to_float(__ldcg(reinterpret_cast<const unsigned short*>(p)));
+}
+template <> __device__ __forceinline__ float ld_cg<f16>(const f16* p) {
+  return f16_bits_to_float(__ldcg(reinterpret_cast<const unsigned short*>(p)));
+}
+__device__ __forceinline__ float ld_nc(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float ld_nc(const bf16* p) {
+  return bf16_bits_to_float(__ldg(reinterpret_cast<const unsigned short*>(p)));
+}
+__device__ __forceinline__ float ld_nc(const f16* p) {
+  return f16_bits_to_float(__ldg(reinterpret_cast<const unsigned short*>(p)));
+}
+// An expert id written during this launch (the router's), as an int.
+__device__ __forceinline__ int ld_id(const long long* p) { return static_cast<int>(__ldcg(p)); }
+__device__ __forceinline__ int ld_id(const int* p) { return __ldcg(p); }
+
+// 8 consecutive elements as floats (the pointer 16-byte aligned for 16-bit types, 32 for float).
+__device__ __forceinline__ void unpack8(uint4 u, float* o, const bf16*) {
+  const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    o[2 * i] = __uint_as_float(w[i] << 16);
+    o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void unpack8(uint4 u, float* o, const f16*) {
+  const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    o[2 * i] = f16_bits_to_float(static_cast<unsigned short>(w[i] & 0xffffu));
+    o[2 * i + 1] = f16_bits_to_float(static_cast<unsigned short>(w[i] >> 16));
+  }
+}
+template <class T> struct Vec8 {  // 16-bit types: one 16-byte load
+  uint4 u;
+  __device__ __forceinline__ void nc(const T* p) { u = __ldg(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ void cg(const T* p) { u = __ldcg(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ void get(float* o) const { unpack8(u, o, static_cast<const T*>(nullptr)); }
+};
+template <> struct Vec8<float> {
+  float4 a, b;
+  __device__ __forceinline__ void nc(const float* p) {
+    a = __ldg(reinterpret_cast<const float4*>(p));
+    b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  }
+  __device__ __forceinline__ void cg(const float* p) {
+    a = __ldcg(reinterpret_cast<const float4*>(p));
+    b = __ldcg(reinterpret_cast<const float4*>(p) + 1);
+  }
+  __device__ __forceinline__ void get(float* o) const {
+    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+  }
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+
+__device__ __forceinline__ unsigned long long globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+// ------------------------------------------------------------------------------------------------ grid barrier
+// A 64-bit count that only grows: every block adds 1 at each barrier (a release add, not waited for) and waits until
+// the count reaches its target. A launch makes NB barriers, so it starts at a multiple of NB * gridDim.x blocks'
+// arrivals, which every block reads at its start (`barrier_base`: no block can pass all of this launch's barriers
+// before the slowest block has started). Nothing is reset between launches, so a CUDA graph replays it as it is.
+// All blocks are resident: the grid is one block an SM.
+__device__ __forceinline__ unsigned long long barrier_base(unsigned long long* count, unsigned long long per_launch) {
+  __shared__ unsigned long long base;
+  if (threadIdx.x == 0) {
+    unsigned long long now;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(count) : "memory");
+    base = per_launch ? now / per_launch * per_launch : 0;
+  }
+  __syncthreads();
+  return base;
+}
+__device__ __forceinline__ void grid_sync(unsigned long long* count, unsigned long long target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(count) : "memory");
+    unsigned long long now;
+    do {
+      asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(count) : "memory");
+    } while (now < target);
+  }
+  __syncthreads();
+}
+
+// Each block's share of `bytes` at `base` (16-byte aligned) prefetched into L2 by bulk prefetches: the next phases'
+// weights stream from HBM while this phase computes and the grid waits at its barrier.
+__device__ __forceinline__ void prefetch_l2(const void* base, long long bytes) {
+  if (threadIdx.x != 0 || bytes <= 0) return;
+  const long long share = ((bytes + gridDim.x - 1) / gridDim.x + 15) / 16 * 16;
+  const long long lo = share * blockIdx.x;
+  const long long hi = lo + share < bytes ? lo + share : bytes / 16 * 16;
+  for (long long at = lo; at < hi; at += 65536) {
+    const unsigned size = static_cast<unsigned>(hi - at < 65536 ? hi - at : 65536);
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(static_cast<const char*>(base) + at), "r"(size)
+                 : "memory");
+  }
+}
+
+// ------------------------------------------------------------------------------------------ GEMV building block
+// acc[r] = sum_k w[k] * x[r * x_stride + k] for the R rows, over one weight row of K elements (K % 8 == 0), summed
+// over the warp (every lane holds the sums). Each lane takes 8 elements in turn, DEPTH loads of weights in flight.
+template <int MAXR, class TW, class TX>
+__device__ __forceinline__ void dot_row(const TW* __restrict__ w, const TX* x, int x_stride, int K, int R,
+                                        float* acc) {
+  constexpr int DEPTH = 8;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int r = 0; r < MAXR; ++r) acc[r] = 0.0f;
+  for (int k0 = lane * 8; k0 < K; k0 += DEPTH * 256) {
+    Vec8<TW> wv[DEPTH];
+#pragma unroll
+    for (int u = 0; u < DEPTH; ++u)
+      if (k0 + u * 256 < K) wv[u].nc(w + k0 + u * 256);
+#pragma unroll
+    for (int u = 0; u < DEPTH; ++u) {
+      const int k = k0 + u * 256;
+      if (k < K) {
+        float wf[8];
+        wv[u].get(wf);
+#pragma unroll
+        for (int r = 0; r < MAXR; ++r) {
+          if (r < R) {
+            Vec8<TX> xv;
+            xv.cg(x + r * x_stride + k);
+            float xf[8];
+            xv.get(xf);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[r] = fmaf(wf[j], xf[j], acc[r]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < MAXR; ++r)
+    if (r < R) acc[r] = warp_sum(acc[r]);
+}
+
+// ------------------------------------------------------------------------------------------------------ ops
+// tilec.embedding: out[r, :] = table[ids[r], :]
+template <class TI, class TW>
+MK_TASK void embedding(const TI* ids, const TW* table, TW* out, int H, int R, int V) {
+  const int n = R * H;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const long long id = static_cast<long long>(ids[i / H]);
+    out[i] = (id >= 0 && id < V) ? table[id * H + i % H] : fromf<TW>(0.0f);
+  }
+}
+
+// tilec.rms_norm / add_rms_norm: a block a row, 8 elements a thread at a time (H % 8 == 0). With `res`,
+// s = x + res (rounded to TS) is stored to `sum`, and normalised; the result is weight * rnd<TS>(s * rsqrt(mean(s^2) +
+// eps)), rounded to TO.
+template <class TX, class TR, class TS, class TW, class TO>
+MK_TASK void rms_norm(const TX* x, const TR* res, const TW* __restrict__ weight, TO* out, TS* sum,
+                                      int H, int R, float eps, float* red) {
+  for (int r = blockIdx.x; r < R; r += gridDim.x) {
+    float ss = 0.0f;
+#pragma unroll 4
+    for (int i = threadIdx.x * 8; i < H; i += blockDim.x * 8) {
+      float v[8], w[8];
+      Vec8<TX> xv;
+      xv.cg(x + r * H + i);
+      xv.get(v);
+      if (res != nullptr) {
+        Vec8<TR> rv;
+        rv.cg(res + r * H + i);
+        rv.get(w);
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (res != nullptr) v[e] = rnd<TS>(v[e] + w[e]);
+        ss = fmaf(v[e], v[e], ss);
+      }
+    }
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      float t = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
+      t = warp_sum(t);
+      if (threadIdx.x == 0) red[32] = rsqrtf(t / H + eps);
+    }
+    __syncthreads();
+    const float inv = red[32];
+#pragma unroll 4
+    for (int i = threadIdx.x * 8; i < H; i += blockDim.x * 8) {
+      float v[8], w[8], g[8];
+      Vec8<TX> xv;
+      xv.cg(x + r * H + i);
+      xv.get(v);
+      if (res != nullptr) {
+        Vec8<TR> rv;
+        rv.cg(res + r * H + i);
+        rv.get(w);
+      }
+      Vec8<TW> gv;
+      gv.nc(weight + i);
+      gv.get(g);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (res != nullptr) {
+          v[e] = rnd<TS>(v[e] + w[e]);
+          sum[r * H + i + e] = fromf<TS>(v[e]);
+        }
+        out[r * H + i + e] = fromf<TO>(g[e] * rnd<TS>(v[e] * inv));
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// tilec.add / elementwise copies: out = a + b (b may be null)
+template <class TA, class TB, class TO>
+MK_TASK void add(const TA* a, const TB* b, TO* out, int n) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    out[i] = fromf<TO>(b != nullptr ? ld_cg(a + i) + ld_cg(b + i) : ld_cg(a + i));
+}
+
+// One input of tilec.cat along the last dim: out[r, col0 + i] = src[r, i].
+template <class TS, class TO>
+MK_TASK void copy_cols(const TS* src, TO* out, int N, int N_out, int col0, int R) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < R * N; i += gridDim.x * blockDim.x)
+    out[(i / N) * N_out + col0 + i % N] = fromf<TO>(ld_cg(src + i));
+}
+
+// tilec.linear: y[r, n] = x[r, :] . w[n, :] + bias[n], a warp an output column.
+template <int MAXR, class TW, class TX, class TB, class TY>
+MK_TASK void linear(const TW* __restrict__ w, const TB* __restrict__ bias, const TX* x, TY* y, int K, int N,
+                       int R, int gwarp, int nwarps) {
+  float acc[MAXR];
+  for (int n = gwarp; n < N; n += nwarps) {
+    dot_row<MAXR>(w + static_cast<long long>(n) * K, x, K, K, R, acc);
+    if ((threadIdx.x & 31) == 0) {
+      const float b = bias != nullptr ? ld_nc(bias + n) : 0.0f;
+#pragma unroll
+      for (int r = 0; r < MAXR; ++r)
+        if (r < R) y[r * N + n] = fromf<TY>(acc[r] + b);
+    }
+  }
+}
+
+// RoPE's angle for position p and pair j of a rotary_dim-wide rotation (HF's inv_freq, in fp32).
+__device__ __forceinline__ void rope_cos_sin(long long p, int j, int rotary_dim, float theta, float* c, float* s) {
+  const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
+  const float angle = static_cast<float>(p) * inv_freq;
+  *c = cosf(angle);
+  *s = sinf(angle);
+}
+
+// One projection of tilec.qkv_rope (q or k with RoPE, v without): out[r, head * D + d]. Items: per head, the
+// rotary_dim / 2 pairs (d, d + rotary_dim / 2) computed together, then the D - rotary_dim plain columns.
+template <int MAXR, class TW, class TX, class TB, class TY, class TP>
+MK_TASK void proj_rope(const TW* __restrict__ w, const TB* __restrict__ bias, const TX* x, TY* y, const TP* pos,
+                          int K, int heads, int D, int rotary_dim, float theta, int T, int R, int item0,
+                          int gwarp, int nwarps) {
+  const int half = rotary_dim / 2;
+  const int per_head = half + (D - rotary_dim);
+  const int items = heads * per_head;
+  const int N = heads * D;
+  float a[MAXR], b[MAXR];
+  // item0 offsets this projection's items so the three projections share the warps evenly
+  for (int it = (gwarp + nwarps - item0 % nwarps) % nwarps; it < items; it += nwarps) {
+    const int head = it / per_head, j = it % per_head;
+    const int col = head * D + (j < half ? j : j + half);
+    dot_row<MAXR>(w + static_cast<long long>(col) * K, x, K, K, R, a);
+    if (j < half) dot_row<MAXR>(w + static_cast<long long>(col + half) * K, x, K, K, R, b);
+    if ((threadIdx.x & 31) == 0) {
+      const float ba = bias != nullptr ? ld_nc(bias + col) : 0.0f;
+#pragma unroll
+      for (int r = 0; r < MAXR; ++r) {
+        if (r >= R) continue;
+        const float x1 = rnd<TY>(a[r] + ba);  // F.linear's output, rounded to its dtype
+        if (j >= half) {
+          y[r * N + col] = fromf<TY>(x1);
+          continue;
+        }
+        const float x2 = rnd<TY>(b[r] + (bias != nullptr ? ld_nc(bias + col + half) : 0.0f));
+        float c, s;
+        rope_cos_sin(static_cast<long long>(pos[r / T]) + r % T, j, rotary_dim, theta, &c, &s);
+        c = rnd<TY>(c);  // cos and sin in the projection's dtype, as the reference makes them
+        s = rnd<TY>(s);
+        // out = rot * cos + rotate_half(rot) * sin, each product and the sum rounded as torch does
+        y[r * N + col] = fromf<TY>(rnd<TY>(x1 * c) + rnd<TY>(-x2 * s));
+        y[r * N + col + half] = fromf<TY>(rnd<TY>(x2 * c) + rnd<TY>(x1 * s));
+      }
+    }
+  }
+}
+
+// The first half of tilec.attention (and tilec.kv_append): store the step's new keys and values (values times
+// value_scale, rounded as the reference does) at slot position % C of their kv head.
+template <class TK, class TV, class TC, class TP>
+MK_TASK void kv_append(const TK* k, const TV* v, TC* kc, TC* vc, const TP* pos, int B, int T, int HKV, int D,
+                          int DV, int C, float value_scale) {
+  const int per_row = HKV * (D + DV);
+  const int n = B * T * per_row;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const int row = i / per_row, e = i % per_row;
+    const int b = row / T, t = row % T;
+    const long long p = static_cast<long long>(pos[b]) + t;
+    // only the last C rows of a step survive in a ring of C slots
+    if (T > C && t < T - C) continue;
+    const long long slot = p % C;
+    if (e < HKV * D) {
+      const int h = e / D, d = e % D;
+      kc[((static_cast<long long>(b) * HKV + h) * C + slot) * D + d] = fromf<TC>(ld_cg(k + row * HKV * D + e));
+    } else {
+      const int f = e - HKV * D, h = f / DV, d = f % DV;
+      const float val = rnd<TV>(ld_cg(v + row * HKV * DV + f) * value_scale);
+      vc[((static_cast<long long>(b) * HKV + h) * C + slot) * DV + d] = fromf<TC>(val);
+    }
+  }
+}
+
+// The first key position a step starting at p0 can see, and how many chunks of CH keys (at multiples of CH) hold
+// its keys.
+__device__ __forceinline__ long long first_key(long long p0, int window) {
+  return window ? (p0 - window + 1 > 0 ? p0 - window + 1 : 0) : 0;
+}
+__device__ __forceinline__ int chunk_count(long long p0, int T, int window, int CH) {
+  const long long base = first_key(p0, window) / CH * CH;
+  return static_cast<int>((p0 + T - base + CH - 1) / CH);
+}
+
+// Stage n_keys rows of `width` elements (width % 8 == 0) into dst (row stride `stride` floats), 8 elements a
+// thread at a time, every load of a thread issued before its stores. Row j comes from the cache (keys before p0,
+// slot kp % C) or from the step's new rows (new_row + (kp - p0) * new_stride; values times value_scale, rounded as
+// when cached); keys outside [lo, end) are zeros.
+template <class TC, class TN>
+__device__ __forceinline__ void stage_rows(float* dst, int stride, const TC* cache, const TN* fresh, int new_stride,
+                                           long long base, long long lo, long long p0, long long end, int C,
+                                           int width, int CH, float value_scale, bool values) {
+  constexpr int DEPTH = 4;
+  const int per_row = width / 8, n = CH * per_row;
+  for (int i0 = threadIdx.x; i0 < n; i0 += DEPTH * blockDim.x) {
+    float f[DEPTH][8];
+#pragma unroll
+    for (int u = 0; u < DEPTH; ++u) {
+      const int i = i0 + u * blockDim.x;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[u][e] = 0.0f;
+      if (i >= n) continue;
+      const int j = i / per_row, d = (i % per_row) * 8;
+      const long long kp = base + j;
+      if (kp < lo || kp >= end) continue;
+      if (kp < p0) {
+        Vec8<TC> v;
+        v.cg(cache + (kp % C) * width + d);
+        v.get(f[u]);
+      } else {
+        Vec8<TN> v;
+        v.cg(fresh + (kp - p0) * new_stride + d);
+        v.get(f[u]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[u][e] = rnd<TC>(values ? rnd<TN>(f[u][e] * value_scale) : f[u][e]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < DEPTH; ++u) {
+      const int i = i0 + u * blockDim.x;
+      if (i >= n) continue;
+      const int j = i / per_row, d = (i % per_row) * 8;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[j * stride + d + e] = f[u][e];
+    }
+  }
+}
+
+// tilec.attention: one block an item (batch b, kv head h, chunk c). Keys and values of the chunk are staged in
+// shared memory as floats: cached ones from the cache, the step's own from k and v (the cache is written after, by
+// kv_append, so a step may overwrite slots its rows still read). Each warp takes query rows (row = t * G + g), a lane
+// a key for the scores, a lane 32nd of the value dims for the sums. Partial softmax state (max, sum, weighted
+// values) goes to scratch; `attn_combine` merges the chunks in order. Every row's sums depend only on the keys it
+// sees and their chunks' fixed positions, not on the step's other rows.
+template <int CH, class TQ, class TK, class TV, class TC, class TP>
+MK_TASK void attn_chunks(const TQ* q, const TK* k, const TV* v, const TC* kc, const TC* vc,
+                                         const TP* pos, float* sm, float* sl, float* sacc, int B, int T, int HQ,
+                                         int HKV, int D, int DV, int C, int window, bool causal, float scale,
+                                         float value_scale, int nch_max, float* smem) {
+  const int G = HQ / HKV, Q = G * T;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int ks = D + 1;  // padded row strides: lanes reading different keys hit different banks
+  float* k_s = smem;
+  float* v_s = k_s + CH * ks;
+  float* q_s = v_s + CH * DV;  // a row of q per warp
+  const int items = B * HKV * nch_max;
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {
+    const int b = item / (HKV * nch_max), h = (item / nch_max) % HKV, c = item % nch_max;
+    const long long p0 = static_cast<long long>(pos[b]);
+    if (c >= chunk_count(p0, T, window, CH)) continue;
+    const long long lo = first_key(p0, window), end = p0 + T;
+    const long long base = (lo / CH + c) * CH;
+    __syncthreads();  // the previous item's reads of k_s / v_s are done
+    const long long head = static_cast<long long>(b) * HKV + h;
+    stage_rows(k_s, ks, kc + head * C * D, k + (static_cast<long long>(b) * T * HKV + h) * D, HKV * D, base, lo,
+               p0, end, C, D, CH, 1.0f, false);
+    stage_rows(v_s, DV, vc + head * C * DV, v + (static_cast<long long>(b) * T * HKV + h) * DV, HKV * DV, base, lo,
+               p0, end, C, DV, CH, value_scale, true);
+    __syncthreads();
+    for (int row = warp; row < Q; row += warps) {
+      const int t = row / G, g = row % G, qh = h * G + g;
+      const long long qp = p0 + t;
+      const TQ* qrow = q + (static_cast<long long>(b * T + t) * HQ + qh) * D;
+      for (int d = lane; d < D; d += 32) q_s[warp * D + d] = ld_cg(qrow + d);
+      __syncwarp();
+      float s = -MK_INF;
+      if (lane < CH) {
+        const long long kp = base + lane;
+        bool seen = kp >= lo && kp < end;
+        if (causal) {
+          seen = seen && kp <= qp;
+          if (window) seen = seen && kp > qp - window;
+        } else if (window) {
+          seen = seen && kp > p0 - window;
+        }
+        if (seen) {
+          float dot = 0.0f;
+          for (int d = 0; d < D; ++d) dot = fmaf(q_s[warp * D + d], k_s[lane * ks + d], dot);
+          s = dot * scale;
+        }
+      }
+      const float m = warp_max(s);
+      const float p = m == -MK_INF ? 0.0f : __expf(s - m);
+      const float l = warp_sum(p);
+      float acc[8];  // DV / 32 <= 8
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+      for (int j = 0; j < CH; ++j) {
+        const float pj = __shfl_sync(0xffffffffu, p, j);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (lane + 32 * i < DV) acc[i] = fmaf(pj, v_s[j * DV + lane + 32 * i], acc[i]);
+      }
+      const long long at = ((static_cast<long long>(b) * HKV + h) * nch_max + c) * Q + row;
+      if (lane == 0) {
+        sm[at] = m;
+        sl[at] = l;
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (lane + 32 * i < DV) sacc[at * DV + lane + 32 * i] = acc[i];
+      __syncwarp();
+    }
+  }
+}
+
+// tilec.attention's merge: a warp a query row (b, t, head), over the chunks in order, the sink in the denominator.
+template <class TS, class TO, class TP>
+MK_TASK void attn_combine(const float* sm, const float* sl, const float* sacc, const TS* __restrict__ sinks,
+                             TO* out, const TP* pos, int B, int T, int HQ, int HKV, int DV, int window, int CH,
+                             int nch_max, int gwarp, int nwarps) {
+  const int G = HQ / HKV, Q = G * T;
+  const int lane = threadIdx.x & 31;
+  for (int item = gwarp; item < B * T * HQ; item += nwarps) {
+    const int b = item / (T * HQ), t = (item / HQ) % T, head = item % HQ;
+    const int h = head / G, row = t * G + head % G;
+    const int nch = chunk_count(static_cast<long long>(pos[b]), T, window, CH);
+    const long long at0 = (static_cast<long long>(b) * HKV + h) * nch_max * Q + row;
+    float m_all = -MK_INF;
+    for (int c = 0; c < nch; ++c) m_all = fmaxf(m_all, __ldcg(sm + at0 + static_cast<long long>(c) * Q));
+    const float sink = sinks != nullptr ? ld_nc(sinks + head) : -MK_INF;
+    m_all = fmaxf(m_all, sink);
+    const float m_safe = m_all == -MK_INF ? 0.0f : m_all;
+    float l = 0.0f, acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+    for (int c = 0; c < nch; ++c) {
+      const long long at = at0 + static_cast<long long>(c) * Q;
+      const float wgt = __expf(__ldcg(sm + at) - m_safe);
+      l = fmaf(wgt, __ldcg(sl + at), l);
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (lane + 32 * i < DV) acc[i] = fmaf(wgt, __ldcg(sacc + at * DV + lane + 32 * i), acc[i]);
+    }
+    if (sinks != nullptr) l += __expf(sink - m_safe);
+    const float inv = l == 0.0f ? 1.0f : 1.0f / l;
+    TO* o = out + (static_cast<long long>(b * T + t) * HQ + head) * DV;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (lane + 32 * i < DV) o[lane + 32 * i] = fromf<TO>(acc[i] * inv);
+  }
+}
+
+// tilec.moe_router, first half: scores[r, e] = sigmoid(x[r] . w[e]) in fp32, a warp an expert.
+template <int MAXR, class TW, class TX>
+MK_TASK void router_scores(const TW* __restrict__ w, const TX* x, float* scores, int H, int E, int R, int gwarp,
+                              int nwarps) {
+  float acc[MAXR];
+  for (int e = gwarp; e < E; e += nwarps) {
+    dot_row<MAXR>(w + static_cast<long long>(e) * H, x, H, H, R, acc);
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+      for (int r = 0; r < MAXR; ++r)
+        if (r < R) scores[r * E + e] = 1.0f / (1.0f + expf(-acc[r]));
+    }
+  }
+}
+
+// tilec.moe_router, second half: a warp a row. The choice (score + correction bias, groups kept by their top-2
+// sums) picks top_k experts, best first (the lower id on ties); their weights are the plain scores, renormalised
+// when `norm`, times `scaling`.
+template <class TB, class TI>
+MK_TASK void router_topk(const float* scores, const TB* __restrict__ bias, float* weights, TI* ids, int E, int K,
+                            int n_group, int topk_group, bool norm, float scaling, int R, int gwarp, int nwarps,
+                            float* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* choice = smem + warp * E;  // this warp's row of choice values
+  for (int r = gwarp; r < R; r += nwarps) {
+    for (int e = lane; e < E; e += 32)
+      choice[e] = __ldcg(scores + r * E + e) + (bias != nullptr ? ld_nc(bias + e) : 0.0f);
+    __syncwarp();
+    if (n_group > 1) {  // keep the topk_group groups with the largest sums of their top two
+      const int per = E / n_group;
+      float gsum = -MK_INF;
+      if (lane < n_group) {
+        float a = -MK_INF, b2 = -MK_INF;
+        for (int e = lane * per; e < (lane + 1) * per; ++e) {
+          const float v = choice[e];
+          if (v > a) { b2 = a; a = v; } else if (v > b2) { b2 = v; }
+        }
+        gsum = a + b2;
+      }
+      unsigned keep = 0;
+      for (int k = 0; k < topk_group; ++k) {
+        float best = gsum;
+        int who = lane < n_group && !((keep >> lane) & 1u) ? lane : 1 << 30;
+        if (who == 1 << 30) best = -MK_INF;
+        for (int o = 16; o; o >>= 1) {
+          const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+          const int ow = __shfl_xor_sync(0xffffffffu, who, o);
+          if (ob > best || (ob == best && ow < who)) { best = ob; who = ow; }
+        }
+        if (who < n_group) keep |= 1u << who;
+      }
+      __syncwarp();
+      for (int e = lane; e < E; e += 32)
+        if (!((keep >> (e / per)) & 1u)) choice[e] = -MK_INF;
+      __syncwarp();
+    }
+    float total = 0.0f;
+    float chosen_w = 0.0f;
+    int chosen_e = 0;
+    for (int k = 0; k < K; ++k) {
+      float best = -MK_INF;
+      int who = 1 << 30;
+      for (int e = lane; e < E; e += 32) {
+        const float v = choice[e];
+        if (v > best || (v == best && e < who)) { best = v; who = e; }
+      }
+      for (int o = 16; o; o >>= 1) {
+        const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+        const int ow = __shfl_xor_sync(0xffffffffu, who, o);
+        if (ob > best || (ob == best && ow < who)) { best = ob; who = ow; }
+      }
+      if (who >= E) who = 0;  // every choice -inf (NaN scores): expert 0, as a defined fallback
+      const float s = __ldcg(scores + r * E + who);
+      total += s;
+      if (lane == k) { chosen_w = s; chosen_e = who; }
+      __syncwarp();
+      if (lane == 0) choice[who] = -MK_INF;
+      __syncwarp();
+    }
+    if (lane < K) {
+      const float wgt = norm ? chosen_w / (total + 1e-20f) : chosen_w;
+      weights[r * K + lane] = wgt * scaling;
+      ids[r * K + lane] = static_cast<TI>(chosen_e);
+    }
+    __syncwarp();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- MXFP4
+// E2M1 code c as the float c's value times 2^-126 (its bits placed as a subnormal-range float: exact for every code),
+// and an E8M0 scale code as its power of two (255: NaN; 0: 2^-127).
+__device__ __forceinline__ float e2m1_tiny(u32 c) { return __uint_as_float(((c & 8u) << 28) | ((c & 7u) << 22)); }
+__device__ __forceinline__ float e8m0(u32 code) {
+  return code == 255u ? __uint_as_float(0x7fc00000u) : code == 0u ? __uint_as_float(0x00400000u)
+                                                                 : __uint_as_float(code << 23);
+}
+#define MK_2P126 __uint_as_float(253u << 23)
+
+// Rows of an expert's weights, read a chunk at a time: `load` fetches a chunk (its loads in flight until `dot`),
+// `dot` sums it against x. bf16 / fp32 weights: chunks of 8 elements (16 or 32 bytes).
+template <class TW, class TX>
+struct ExpertRows {
+  const TW* w;  // [rows, K]
+  static constexpr int CHUNK = 8;
+  struct Frag { Vec8<TW> v; };
+  __device__ __forceinline__ Frag load(long long row, int K, int c) const {
+    Frag f;
+    f.v.nc(w + row * K + c * CHUNK);
+    return f;
+  }
+  __device__ __forceinline__ float dot(const Frag& f, const TX* x, int c) const {
+    float wf[8], xf[8];
+    f.v.get(wf);
+    Vec8<TX> xv;
+    xv.cg(x + c * CHUNK);
+    xv.get(xf);
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) s = fmaf(wf[j], xf[j], s);
+    return s;
+  }
+};
+// MXFP4 weights: chunks of one block, 32 elements (16 bytes of codes, element 0 in the low nibble) and its scale.
+template <class TX>
+struct Mxfp4Rows {
+  const unsigned char* blocks;  // [rows, K / 2]
+  const unsigned char* scales;  // [rows, K / 32]
+  static constexpr int CHUNK = 32;
+  struct Frag { uint4 u; u32 s; };
+  __device__ __forceinline__ Frag load(long long row, int K, int c) const {
+    Frag f;
+    f.u = __ldg(reinterpret_cast<const uint4*>(blocks + row * (K / 2)) + c);
+    f.s = __ldg(scales + row * (K / 32) + c);
+    return f;
+  }
+  __device__ __forceinline__ float dot(const Frag& f, const TX* x, int c) const {
+    const float sc = e8m0(f.s);
+    const u32 words[4] = {f.u.x, f.u.y, f.u.z, f.u.w};
+    float s = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      Vec8<TX> xv;
+      xv.cg(x + c * CHUNK + q * 8);
+      float xf[8];
+      xv.get(xf);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) s = fmaf((e2m1_tiny(words[q] >> (4 * j)) * MK_2P126) * sc, xf[j], s);
+    }
+    return s;
+  }
+};
+
+// sums[j] = rows[row_of[j]] . x[j] over K for NR rows, summed over the warp (every lane holds every sum): a lane a
+// chunk of each row in turn, DEPTH x NR chunks' loads in flight.
+template <int NR, int DEPTH, class Rows, class TX>
+__device__ __forceinline__ void dot_rows(const Rows& rows, const long long* row_of, const TX* const* x, int K,
+                                         float* sums) {
+  const int lane = threadIdx.x & 31, per = K / Rows::CHUNK;
+  float part[NR];
+#pragma unroll
+  for (int j = 0; j < NR; ++j) part[j] = 0.0f;
+  for (int c0 = lane; c0 < per; c0 += 32 * DEPTH) {
+    typename Rows::Frag f[DEPTH][NR];
+#pragma unroll
+    for (int u = 0; u < DEPTH; ++u)
+#pragma unroll
+      for (int j = 0; j < NR; ++j)
+        if (c0 + 32 * u < per) f[u][j] = rows.load(row_of[j], K, c0 + 32 * u);
+#pragma unroll
+    for (int u = 0; u < DEPTH; ++u)
+#pragma unroll
+      for (int j = 0; j < NR; ++j)
+        if (c0 + 32 * u < per) part[j] += rows.dot(f[u][j], x[j], c0 + 32 * u);
+  }
+#pragma unroll
+  for (int j = 0; j < NR; ++j) sums[j] = warp_sum(part[j]);
+}
+
+// Experts, first half: act[r, j, i] = rnd(rnd(silu(g)) * u), g and u = x[r] . gate_up[e][i] and [I + i], rounded to
+// TA (the reference's bf16 or fp32 expert outputs), for the expert e = ids[r, j]; a warp an (r, j, i).
+template <class Rows, class TX, class TI, class TA>
+MK_TASK void experts_gate_up(Rows gate_up, const TX* x, const TI* ids, TA* act, int H, int I, int K,
+                                             int R, int gwarp, int nwarps) {
+  for (int it = gwarp; it < R * K * I; it += nwarps) {
+    const int r = it / (K * I), j = (it / I) % K, i = it % I;
+    const long long e = ld_id(ids + r * K + j);
+    const long long row_of[2] = {e * 2 * I + i, e * 2 * I + I + i};
+    const TX* xs[2] = {x + r * H, x + r * H};
+    float gu[2];
+    dot_rows<2, 4>(gate_up, row_of, xs, H, gu);
+    if ((threadIdx.x & 31) == 0) {
+      const float gr = rnd<TA>(gu[0]), ur = rnd<TA>(gu[1]);
+      act[(r * K + j) * I + i] = fromf<TA>(rnd<TA>(silu(gr)) * ur);
+    }
+  }
+}
+
+// Experts, second half: out[r, h] = sum_j w[r, j] * rnd(down[e_j][h] . act[r, j]), in router order (each product
+// rounded to fp32, then summed, as torch does); a warp an (r, h), the KS slots' rows in flight together.
+template <int KS, class Rows, class TA, class TI, class TO>
+MK_TASK void experts_down(Rows down, const TA* act, const float* weights, const TI* ids, TO* out,
+                                          int H, int I, int R, int gwarp, int nwarps) {
+  for (int it = gwarp; it < R * H; it += nwarps) {
+    const int r = it / H, h = it % H;
+    long long row_of[KS];
+    const TA* xs[KS];
+#pragma unroll
+    for (int j = 0; j < KS; ++j) {
+      row_of[j] = static_cast<long long>(ld_id(ids + r * KS + j)) * H + h;
+      xs[j] = act + (r * KS + j) * I;
+    }
+    float y[KS];
+    dot_rows<KS, 1>(down, row_of, xs, I, y);
+    if ((threadIdx.x & 31) == 0) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < KS; ++j) sum = __fadd_rn(sum, __fmul_rn(rnd<TA>(y[j]), __ldcg(weights + r * KS + j)));
+      out[r * H + h] = fromf<TO>(sum);
+    }
+  }
+}
+
+// Dense SwiGLU, first half: act[r, i] = rnd(rnd(silu(rnd(g))) * rnd(u)), a warp a column i (every row).
+template <int MAXR, class TW, class TX, class TA>
+MK_TASK void swiglu_gate_up(const TW* __restrict__ wg, const TW* __restrict__ wu, const TX* x, TA* act, int H,
+                               int I, int R, int gwarp, int nwarps) {
+  float g[MAXR], u[MAXR];
+  for (int i = gwarp; i < I; i += nwarps) {
+    dot_row<MAXR>(wg + static_cast<long long>(i) * H, x, H, H, R, g);
+    dot_row<MAXR>(wu + static_cast<long long>(i) * H, x, H, H, R, u);
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+      for (int r = 0; r < MAXR; ++r)
+        if (r < R) act[r * I + i] = fromf<TA>(rnd<TA>(rnd<TA>(silu(rnd<TA>(g[r]))) * rnd<TA>(u[r])));
+    }
+  }
+}
+
+// Greedy head, first half: each warp's best (value, id) over its vocabulary rows, per row, the logits rounded to TL
+// as the reference's are before its argmax; then each block's best into best_v / best_i [gridDim.x, R].
+template <int MAXR, class TW, class TX, class TL>
+MK_TASK void head_argmax_partial(const TW* __restrict__ w, const TX* x, float* best_v, int* best_i, int H, int V,
+                                    int R, int gwarp, int nwarps, float* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  float acc[MAXR], bv[MAXR];
+  int bi[MAXR];
+#pragma unroll
+  for (int r = 0; r < MAXR; ++r) { bv[r] = -MK_INF; bi[r] = 1 << 30; }
+  for (int n = gwarp; n < V; n += nwarps) {
+    dot_row<MAXR>(w + static_cast<long long>(n) * H, x, H, H, R, acc);
+#pragma unroll
+    for (int r = 0; r < MAXR; ++r) {
+      const float v = rnd<TL>(acc[r]);
+      if (v > bv[r] || (v == bv[r] && n < bi[r])) { bv[r] = v; bi[r] = n; }
+    }
+  }
+  float* sv = smem;
+  int* si = reinterpret_cast<int*>(smem + warps * MAXR);
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < MAXR; ++r) { sv[warp * MAXR + r] = bv[r]; si[warp * MAXR + r] = bi[r]; }
+  }
+  __syncthreads();
+  if (threadIdx.x < R) {
+    const int r = threadIdx.x;
+    float v = -MK_INF;
+    int id = 1 << 30;
+    for (int w2 = 0; w2 < warps; ++w2) {
+      const float ov = sv[w2 * MAXR + r];
+      const int oi = si[w2 * MAXR + r];
+      if (ov > v || (ov == v && oi < id)) { v = ov; id = oi; }
+    }
+    best_v[blockIdx.x * R + r] = v;
+    best_i[blockIdx.x * R + r] = id;
+  }
+  __syncthreads();
+}
+
+// Greedy head, second half: block 0, a thread a row, over the blocks' bests (the first maximum on ties).
+template <class TO>
+MK_TASK void head_argmax_final(const float* best_v, const int* best_i, TO* out, int R) {
+  if (blockIdx.x != 0) return;
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    float v = -MK_INF;
+    int id = 1 << 30;
+    for (int blk = 0; blk < gridDim.x; ++blk) {
+      const float ov = __ldcg(best_v + blk * R + r);
+      const int oi = __ldcg(best_i + blk * R + r);
+      if (ov > v || (ov == v && oi < id)) { v = ov; id = oi; }
+    }
+    out[r] = static_cast<TO>(id >= (1 << 30) ? 0 : id);
+  }
+}
+
+}  // namespace mk

@@ -1,0 +1,509 @@
+"""The ``cuda`` target: a decode step as one persistent CUDA kernel (the megakernel), prefill on the Triton kernels.
+
+`plan` walks a graph and turns each op into phases of templates/cuda/megakernel.cu.j2: the op's task functions
+(templates/cuda/megakernel_tasks.cuh), each dealt over the whole grid, a grid barrier after each. Every value gets a
+place: weights by index in a table of addresses, the step's intermediates at fixed offsets of one workspace (sized
+for MAXR rows), the step's inputs and outputs as kernel arguments. A graph with an op the megakernel lacks gets no
+plan; `MegakernelProgram` then runs every step on the Triton kernels, and the report says why.
+
+This first megakernel is bulk-synchronous: a phase starts when the whole grid has finished the one before. What the
+design (DESIGN.md) adds next is a loader warp streaming the next phase's weights during the barrier, and tile-level
+dependencies instead of whole-phase barriers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from tilec.codegen.render import render
+from tilec.codegen.triton import TritonProgram
+from tilec.errors import TargetError
+from tilec.graph import info, module_path
+from tilec.ops import op_name
+
+THREADS = 256  # 8 warps a block, one block an SM
+CHUNK = 32  # keys an attention item stages (a lane a key)
+MAX_ROWS = 16  # the most rows (batch x rows) a step may have: the task functions' register arrays
+MAX_GRID = 1024  # blocks the greedy head's partial results are sized for
+ALIGN = 256
+PREFETCH_BYTES = 24 << 20  # the most of one weight a phase prefetches into L2 for a later one (L2: 50 MB on H100)
+_FLOAT_TYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ID_TYPES = (torch.int64, torch.int32)
+
+
+class Unsupported(Exception):
+    """The graph has something the megakernel does not compute; the message says what."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Value:
+    """Where a tensor lives for the kernel: ``w`` (the weight table's ``index``), ``ws`` (the workspace at
+    ``offset``) or ``io`` (the kernel argument ``index``)."""
+    src: str
+    dtype: str
+    index: int = 0
+    offset: int = 0
+
+    def ctx(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the kernel computes and where its values live."""
+    weights: list[str]  # the weight table, by get_attr target
+    io: list[dict]  # kernel arguments: {"name", "kind": input|output|scratch, ...}
+    phases: list[dict]
+    attention: list[dict]  # per attention op: the io index of its k cache, window, kv heads, group, DV
+    outputs: list[int]  # io indices of the graph's outputs, in order
+    output_tuple: bool
+    workspace_bytes: int
+    smem_bytes: int
+    max_rows: int
+    stage: str
+    description: str
+
+    def context(self, timeline: bool = False) -> dict:
+        return {"phases": self.phases, "io": self.io, "attention": [a["node"] for a in self.attention],
+                "max_rows": self.max_rows, "threads": THREADS, "chunk": CHUNK, "stage": self.stage,
+                "description": self.description, "timeline": timeline}
+
+    def schedule(self) -> list[dict]:
+        """The phases in order, for reading: op, node, task, barrier after."""
+        return [{"phase": i, "node": p["node"], "op": p["op"], "task": p["task"], "where": p["where"],
+                 "barrier": p["sync"]} for i, p in enumerate(self.phases)]
+
+
+class _Planner:
+    def __init__(self, gm: fx.GraphModule, max_rows: int):
+        self.gm, self.max_rows = gm, max_rows
+        self.weights: list[str] = []
+        self.weight_index: dict[str, int] = {}
+        self.io: list[dict] = []
+        self.values: dict[Any, Value] = {}  # fx.Node -> Value, or (node, i) -> Value for multi-output ops
+        self.phases: list[dict] = []
+        self.attention: list[dict] = []
+        self.ws = 0
+        self.smem = 4 * (33 + 2 * MAX_ROWS * (THREADS // 32))  # rms_norm's and the head's reductions
+        self.outputs = self._output_nodes()
+
+    # ------------------------------------------------------------------------------------------- places
+    def _output_nodes(self) -> list:
+        out = next(n for n in self.gm.graph.nodes if n.op == "output").args[0]
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def workspace(self, dtype: torch.dtype, per_row: int, rows: int | None = None) -> Value:
+        offset = self.ws
+        size = (self.max_rows if rows is None else rows) * per_row * torch.empty((), dtype=dtype).element_size()
+        self.ws += -(-size // ALIGN) * ALIGN
+        return Value("ws", dtype_name(dtype), offset=offset)
+
+    def result(self, node: fx.Node, meta, index: int | None = None) -> Value:
+        """A place for an op's output: a kernel argument if the graph returns it, else the workspace."""
+        key = node if index is None else (node, index)
+        returned = any(o is node for o in self.outputs) if index is None else False
+        if index is not None:
+            returned = any(o.op == "call_function" and o.target is operator.getitem and o.args[0] is node
+                           and o.args[1] == index for o in self.outputs)
+        if meta.dim() < 2:
+            raise Unsupported(f"%{node.name}: output of shape {tuple(meta.shape)} is not [batch, rows, ...]")
+        self._dtype_ok(node, meta.dtype, _FLOAT_TYPES + _ID_TYPES)
+        if returned:
+            value = Value("io", dtype_name(meta.dtype), index=len(self.io))
+            self.io.append({"name": f"%{node.name}" + ("" if index is None else f"[{index}]"), "kind": "output",
+                            "dtype": meta.dtype, "shape": tuple(meta.shape)})
+        else:
+            value = self.workspace(meta.dtype, math.prod(meta.shape[2:]))
+        self.values[key] = value
+        return value
+
+    def arg(self, a) -> Value | None:
+        if a is None:
+            return None
+        if not isinstance(a, fx.Node):
+            raise Unsupported(f"argument {a!r} is not a tensor")
+        if a.op == "call_function" and a.target is operator.getitem:
+            return self.values[(a.args[0], a.args[1])]
+        return self.values[a]
+
+    def _dtype_ok(self, node: fx.Node, dtype: torch.dtype, allowed) -> None:
+        if dtype not in allowed:
+            raise Unsupported(f"%{node.name}: dtype {dtype} (the megakernel takes {', '.join(map(str, allowed))})")
+
+    def phase(self, node: fx.Node, task: str, sync: bool = True, reads: tuple = (), **args) -> None:
+        """A phase of ``task`` for ``node``; ``reads``: the weights (get_attr nodes) it reads whole, which an earlier
+        phase prefetches into L2."""
+        self.phases.append({"node": node.name, "op": op_name(node.target), "where": module_path(node), "task": task,
+                            "sync": sync, "reads": [w for w in reads if w is not None],
+                            "args": {k: (v.ctx() if isinstance(v, Value) else v) for k, v in args.items()}})
+
+    def schedule_prefetch(self) -> None:
+        """Each phase prefetches the weights of the next phase that reads some (each weight once, at most
+        PREFETCH_BYTES of it), and numbers the barriers."""
+        done, barrier = set(), 0
+        for i, ph in enumerate(self.phases):
+            ph["barrier"] = barrier
+            barrier += ph["sync"]
+            ph["prefetch"] = []
+            nxt = next((j for j in range(i + 1, len(self.phases)) if self.phases[j]["reads"]), None)
+            if nxt is None:
+                continue
+            for w in self.phases[nxt]["reads"]:
+                if w.target in done:
+                    continue
+                done.add(w.target)
+                meta = w.meta["val"]
+                ph["prefetch"].append({"index": self.weight_index[w.target], "name": w.target, "phase": nxt,
+                                       "bytes": min(meta.numel() * meta.element_size(), PREFETCH_BYTES) // 16 * 16})
+        for ph in self.phases:
+            del ph["reads"]
+
+    # ---------------------------------------------------------------------------------------------- walk
+    def run(self) -> None:
+        for name in ("m", "l", "acc"):  # attention's scratch, sized per call (the caches' sizes)
+            self.io.append({"name": f"attention scratch {name}", "kind": "scratch", "dtype": torch.float32})
+        inputs = 0
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                meta = node.meta["val"]
+                self.values[node] = Value("io", dtype_name(meta.dtype), index=len(self.io))
+                self.io.append({"name": node.name, "kind": "input", "dtype": meta.dtype, "shape": tuple(meta.shape),
+                                "input": inputs})
+                inputs += 1
+            elif node.op == "get_attr":
+                if node.target not in self.weight_index:
+                    self.weight_index[node.target] = len(self.weights)
+                    self.weights.append(node.target)
+                meta = node.meta["val"]
+                self.values[node] = Value("w", dtype_name(meta.dtype), index=self.weight_index[node.target])
+            elif node.op == "call_function" and node.target is operator.getitem:
+                continue  # resolved through (producer, index)
+            elif node.op == "call_function":
+                name = op_name(node.target)
+                handler = getattr(self, f"op_{name}", None) if name else None
+                if handler is None:
+                    raise Unsupported(f"%{node.name}: tilec.{name or node.target} has no megakernel task")
+                handler(node, *node.args)
+        for out in self.outputs:
+            if not isinstance(out, fx.Node) or self.arg(out).src != "io" or self.io[self.arg(out).index]["kind"] != \
+                    "output":
+                raise Unsupported(f"the graph returns {out}, which is not an op's output")
+        if self.phases:
+            self.phases[-1]["sync"] = False  # the launch's end orders the last phase
+        self.schedule_prefetch()
+
+    def scratch(self, name: str) -> Value:
+        index = next(i for i, io in enumerate(self.io) if io["name"] == f"attention scratch {name}")
+        return Value("io", "float32", index=index)
+
+    def _k_ok(self, node: fx.Node, *ks: int) -> None:
+        for k in ks:
+            if k % 8:
+                raise Unsupported(f"%{node.name}: an inner dimension of {k} is not a multiple of 8")
+
+    # ----------------------------------------------------------------------------------------------- ops
+    def op_embedding(self, node, ids, weight):
+        v, h = weight.meta["val"].shape
+        self._dtype_ok(node, ids.meta["val"].dtype, _ID_TYPES)
+        self.phase(node, "embedding", ids=self.arg(ids), table=self.arg(weight),
+                   out=self.result(node, node.meta["val"]), H=h, V=v)
+
+    def op_rms_norm(self, node, x, weight, eps):
+        meta = node.meta["val"]
+        self.phase(node, "rms_norm", reads=(weight,), x=self.arg(x), res=None, weight=self.arg(weight),
+                   out=self.result(node, meta),
+                   sum=None, H=meta.shape[-1], eps=float(eps))
+
+    def op_add_rms_norm(self, node, x, residual, weight, eps):
+        out_meta, sum_meta = node.meta["val"]
+        self.phase(node, "rms_norm", reads=(weight,), x=self.arg(x), res=self.arg(residual), weight=self.arg(weight),
+                   out=self.result(node, out_meta, 0), sum=self.result(node, sum_meta, 1), H=out_meta.shape[-1],
+                   eps=float(eps))
+
+    def op_add(self, node, a, b):
+        meta = node.meta["val"]
+        if a.meta["val"].shape != meta.shape or b.meta["val"].shape != meta.shape:
+            raise Unsupported(f"%{node.name}: tilec.add with broadcasting")
+        self.phase(node, "add", a=self.arg(a), b=self.arg(b), out=self.result(node, meta),
+                   N=math.prod(meta.shape[2:]))
+
+    def op_cat(self, node, tensors, dim):
+        meta = node.meta["val"]
+        if dim not in (-1, meta.dim() - 1):
+            raise Unsupported(f"%{node.name}: tilec.cat along dim {dim} (the megakernel joins the last dim)")
+        out, col = self.result(node, meta), 0
+        for i, t in enumerate(tensors):
+            n = t.meta["val"].shape[-1]
+            self.phase(node, "copy_cols", sync=i == len(tensors) - 1, src=self.arg(t), out=out, N=n,
+                       N_out=meta.shape[-1], col0=col)
+            col += n
+
+    def op_linear(self, node, x, weight, bias):
+        n, k = weight.meta["val"].shape
+        self._k_ok(node, k)
+        self.phase(node, "linear", reads=(weight, bias), w=self.arg(weight), bias=self.arg(bias), x=self.arg(x),
+                   y=self.result(node, node.meta["val"]), K=k, N=n)
+
+    def op_qkv_rope(self, node, x, wq, wk, wv, bq, bk, bv, start_pos, head_dim, rotary_dim, theta):
+        k = wq.meta["val"].shape[1]
+        self._k_ok(node, k)
+        projections, item0 = [], 0
+        for i, (w, b, rope) in enumerate(((wq, bq, True), (wk, bk, True), (wv, bv, False))):
+            n = w.meta["val"].shape[0]
+            heads, d, rd = (n // head_dim, head_dim, rotary_dim) if rope else (1, n, 0)
+            projections.append({"w": self.arg(w).ctx(), "bias": self.arg(b).ctx() if b is not None else None,
+                                "y": self.result(node, node.meta["val"][i], i).ctx(), "heads": heads, "D": d,
+                                "rotary_dim": rd, "item0": item0})
+            item0 += heads * (rd // 2 + d - rd)
+        self.phase(node, "qkv_rope", reads=(wq, wk, wv, bq, bk, bv), x=self.arg(x), pos=self.arg(start_pos),
+                   projections=projections, K=k, theta=float(theta))
+
+    def op_attention(self, node, q, k, v, k_cache, v_cache, start_pos, sinks, num_heads, head_dim, v_head_dim,
+                     window, scale, value_scale, causal=True):
+        kc = k_cache.meta["val"]
+        hkv = kc.shape[1]
+        if v_head_dim > 256:
+            raise Unsupported(f"%{node.name}: value head dim {v_head_dim} > 256")
+        if k_cache.op != "placeholder" or v_cache.op != "placeholder":
+            raise Unsupported(f"%{node.name}: caches must be the step's inputs")
+        cache = len(self.attention)
+        self.attention.append({"node": node.name, "k_cache": self.io[self.arg(k_cache).index]["input"],
+                               "window": int(window),
+                               "hkv": hkv, "group": num_heads // hkv, "dv": v_head_dim})
+        pos = self.arg(start_pos)
+        if head_dim % 8 or v_head_dim % 8:
+            raise Unsupported(f"%{node.name}: head dims {head_dim} / {v_head_dim} are not multiples of 8")
+        common = dict(HQ=num_heads, HKV=hkv, D=head_dim, DV=v_head_dim, cache=cache)
+        m, l_, acc = self.scratch("m"), self.scratch("l"), self.scratch("acc")
+        # The cache is read before this step's rows are stored (they come from k and v), so a ring may be
+        # overwritten whatever its slack: the stores join the merge's phase, which reads only scratch.
+        self.phase(node, "attn_chunks", q=self.arg(q), k=self.arg(k), v=self.arg(v), k_cache=self.arg(k_cache),
+                   v_cache=self.arg(v_cache), pos=pos, m=m, l=l_, acc=acc, window=int(window), causal=bool(causal),
+                   scale=float(scale), value_scale=float(value_scale), **common)
+        self.smem = max(self.smem, 4 * (CHUNK * (head_dim + 1) + CHUNK * v_head_dim + (THREADS // 32) * head_dim))
+        self.phase(node, "attn_combine", sync=False, m=m, l=l_, acc=acc, sinks=self.arg(sinks),
+                   out=self.result(node, node.meta["val"]), pos=pos, window=int(window), **common)
+        self.phase(node, "kv_append", k=self.arg(k), v=self.arg(v), k_cache=self.arg(k_cache),
+                   v_cache=self.arg(v_cache), pos=pos, value_scale=float(value_scale), **common)
+
+    def op_moe_router(self, node, x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling):
+        e, h = weight.meta["val"].shape
+        self._k_ok(node, h)
+        if n_group > 32 or top_k > 32:
+            raise Unsupported(f"%{node.name}: {n_group} groups / top-{top_k} (the megakernel takes up to 32)")
+        scores = self.workspace(torch.float32, e)
+        self.phase(node, "router_scores", reads=(weight,), w=self.arg(weight), x=self.arg(x), scores=scores, H=h, E=e)
+        w_meta, i_meta = node.meta["val"]
+        self.smem = max(self.smem, 4 * (THREADS // 32) * e)
+        self.phase(node, "router_topk", scores=scores, bias=self.arg(bias), weights=self.result(node, w_meta, 0),
+                   ids=self.result(node, i_meta, 1), E=e, K=top_k, n_group=n_group, topk_group=topk_group,
+                   norm=bool(norm_topk_prob), scaling=float(scaling))
+
+    def _experts(self, node, x, weights, ids, hidden, inter, gate_up: dict, down: dict):
+        xm = x.meta["val"]
+        k = ids.meta["val"].shape[-1]
+        self._k_ok(node, hidden, inter)
+        act = self.workspace(xm.dtype, k * inter)
+        if k > 16:
+            raise Unsupported(f"%{node.name}: top-{k} experts a row (the megakernel takes up to 16)")
+        self.phase(node, "experts_gate_up", x=self.arg(x), ids=self.arg(ids), act=act, H=hidden, I=inter, K=k,
+                   xdtype=dtype_name(xm.dtype), **gate_up)
+        self.phase(node, "experts_down", act=act, weights=self.arg(weights), ids=self.arg(ids),
+                   out=self.result(node, node.meta["val"]), H=hidden, I=inter, K=k, xdtype=dtype_name(xm.dtype),
+                   **down)
+
+    def op_moe_experts(self, node, x, weights, ids, gate_up, down):
+        e, two_i, h = gate_up.meta["val"].shape
+        self._experts(node, x, weights, ids, h, two_i // 2, {"mxfp4": False, "w": self.arg(gate_up)},
+                      {"mxfp4": False, "w": self.arg(down)})
+
+    def op_mxfp4_moe_experts(self, node, x, weights, ids, gu_blocks, gu_scales, d_blocks, d_scales):
+        e, two_i, half_h = gu_blocks.meta["val"].shape
+        self._experts(node, x, weights, ids, 2 * half_h, two_i // 2,
+                      {"mxfp4": True, "blocks": self.arg(gu_blocks), "scales": self.arg(gu_scales)},
+                      {"mxfp4": True, "blocks": self.arg(d_blocks), "scales": self.arg(d_scales)})
+
+    def op_swiglu(self, node, x, w_gate, w_up, w_down):
+        inter, h = w_gate.meta["val"].shape
+        self._k_ok(node, h, inter)
+        act = self.workspace(x.meta["val"].dtype, inter)
+        self.phase(node, "swiglu_gate_up", reads=(w_gate, w_up), wg=self.arg(w_gate), wu=self.arg(w_up),
+                   x=self.arg(x), act=act, H=h, I=inter)
+        self.phase(node, "linear", reads=(w_down,), w=self.arg(w_down), bias=None, x=act,
+                   y=self.result(node, node.meta["val"]), K=inter, N=w_down.meta["val"].shape[0])
+
+    def op_lm_head_argmax(self, node, x, weight):
+        v, h = weight.meta["val"].shape
+        self._k_ok(node, h)
+        best_v = self.workspace(torch.float32, self.max_rows, rows=MAX_GRID)
+        best_i = self.workspace(torch.int32, self.max_rows, rows=MAX_GRID)
+        self.phase(node, "head_argmax_partial", reads=(weight,), w=self.arg(weight), x=self.arg(x), best_v=best_v,
+                   best_i=best_i, H=h, V=v,
+                   logit_dtype=dtype_name(torch.result_type(x.meta["val"], weight.meta["val"])))
+        self.phase(node, "head_argmax_final", best_v=best_v, best_i=best_i, out=self.result(node, node.meta["val"]))
+
+
+def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
+    """The megakernel's plan for ``gm``'s steps of up to ``max_rows`` rows; raises `Unsupported` naming what the
+    megakernel lacks."""
+    if max_rows > MAX_ROWS:
+        raise Unsupported(f"steps of {max_rows} rows (batch x rows); the megakernel takes up to {MAX_ROWS}")
+    p = _Planner(gm, max_rows)
+    p.run()
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return Plan(p.weights, p.io, p.phases, p.attention, [p.arg(o).index for o in p.outputs],
+                isinstance(out, (tuple, list)), max(p.ws, ALIGN), p.smem, max_rows, stage, info(gm).description)
+
+
+class MegakernelProgram(TritonProgram):
+    """The ``cuda`` target's program: steps of up to ``max_rows`` rows as one launch of the megakernel (where the
+    graph has a plan), every other step on the Triton kernels it extends."""
+
+    def __init__(self, base: TritonProgram, max_rows: int):
+        self.__dict__.update(base.__dict__)
+        try:
+            self.plan: Plan | None = plan(base.graph, max_rows, stage=base.stage)
+            self.unsupported: str | None = None
+        except Unsupported as exc:
+            self.plan, self.unsupported = None, str(exc)
+        self.megakernel_source = (render("cuda/megakernel.cu.j2", ctx=self.plan.context())
+                                  if self.plan is not None else None)
+        self._module = self._timeline_module = None
+        self._state: dict[int, dict] = {}
+        self.launches = 0  # megakernel launches (a CUDA graph's replays not counted), for tests and benchmarks
+
+    @property
+    def sources(self) -> dict[str, str]:
+        files = dict(super().sources)
+        if self.megakernel_source is not None:
+            files["megakernel.cu"] = self.megakernel_source
+        return files
+
+    def describe(self) -> dict:
+        """The report's view: whether decode steps run as the megakernel, its phases, or why not."""
+        if self.plan is None:
+            return {"runs": False, "why": self.unsupported}
+        return {"runs": True, "file": "megakernel.cu", "max_rows": self.plan.max_rows,
+                "phases": len(self.plan.phases), "barriers": sum(p["sync"] for p in self.plan.phases),
+                "workspace_bytes": self.plan.workspace_bytes, "shared_memory_bytes": self.plan.smem_bytes,
+                "schedule": self.plan.schedule()}
+
+    def fits(self, inputs: tuple) -> bool:
+        """Whether this step runs as the megakernel: a plan, a GPU, and at most max_rows rows in every input."""
+        if self.plan is None or not isinstance(inputs[0], torch.Tensor) or not inputs[0].is_cuda:
+            return False
+        ids = inputs[0]
+        if ids.dim() != 2 or ids.shape[0] * ids.shape[1] > self.plan.max_rows:
+            return False
+        for io in self.plan.io:  # a draft's context rows, say
+            if io["kind"] == "input" and len(io["shape"]) == 3 and inputs[io["input"]].shape[1] > self.plan.max_rows:
+                return False
+        return True
+
+    def __call__(self, *inputs):
+        if not self.fits(inputs):
+            return super().__call__(*inputs)
+        return self._launch(tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in inputs))
+
+    def _setup(self, device: torch.device) -> dict:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        state = self._state.get(index)
+        if state is None:
+            from tilec.codegen.cuda_build import CudaModule
+
+            if self._module is None:
+                self._module = CudaModule(self.megakernel_source, "tilec_megakernel")
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            if sms > MAX_GRID:
+                raise TargetError(f"the megakernel's grid is one block an SM, at most {MAX_GRID}; this GPU has {sms}")
+            table = torch.tensor([self.weights[name].data_ptr() for name in self.plan.weights] or [0],
+                                 dtype=torch.int64, device=device)
+            state = {"sms": sms, "table": table,
+                     "workspace": torch.empty(self.plan.workspace_bytes, dtype=torch.uint8, device=device),
+                     "sync": torch.zeros(8, dtype=torch.int64, device=device), "scratch": None}
+            self._state[index] = state
+        return state
+
+    def timeline(self, *inputs) -> tuple:
+        """Diagnostics (benchmarks/profile_megakernel.py): run one step on a variant of the kernel that stamps
+        %globaltimer in every block when each phase's work is done and after its barrier. Returns the step's outputs
+        and the stamps, int64 [blocks, phases, 2] in ns."""
+        from tilec.codegen.cuda_build import CudaModule
+
+        if not self.fits(inputs):
+            raise TargetError("this step does not run as the megakernel (see the report's megakernel section)")
+        if self._timeline_module is None:
+            self._timeline_module = CudaModule(render("cuda/megakernel.cu.j2", ctx=self.plan.context(timeline=True)),
+                                               "tilec_megakernel_timeline")
+        sms = self._setup(inputs[0].device)["sms"]
+        stamps = torch.zeros((sms, len(self.plan.phases), 2), dtype=torch.int64, device=inputs[0].device)
+        out = self._launch(tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in inputs), stamps)
+        return out, stamps
+
+    def _launch(self, inputs: tuple, stamps: torch.Tensor | None = None):
+        from tilec.codegen.cuda_build import pointer
+
+        ids = inputs[0]
+        device = ids.device
+        state = self._setup(device)
+        b, t = ids.shape
+        args, outputs, caps = [], [], []
+        for a in self.plan.attention:
+            cap = inputs[a["k_cache"]].shape[2]
+            nch = (-(-(a["window"] - 1 + t) // CHUNK) + 1) if a["window"] else -(-(cap + t) // CHUNK)
+            caps.append((cap, nch))
+        need = max([b * a["hkv"] * nch * a["group"] * t for a, (_, nch) in zip(self.plan.attention, caps)] or [1])
+        width = max([a["dv"] for a in self.plan.attention] or [1])
+        if state["scratch"] is None or state["scratch"][0].numel() < need or state["scratch"][2].numel() < need * width:
+            state["scratch"] = (torch.empty(need, dtype=torch.float32, device=device),
+                                torch.empty(need, dtype=torch.float32, device=device),
+                                torch.empty(need * width, dtype=torch.float32, device=device))
+        scratch = iter(state["scratch"])
+        for i, io in enumerate(self.plan.io):
+            if io["kind"] == "input":
+                args.append(pointer(inputs[io["input"]]))
+            elif io["kind"] == "output":
+                out = torch.empty((b, t, *io["shape"][2:]), dtype=io["dtype"], device=device)
+                outputs.append(out)
+                args.append(pointer(out))
+            else:
+                args.append(pointer(next(scratch)))
+        for cap, nch in caps:
+            args += [ctypes.c_int32(cap), ctypes.c_int32(nch)]
+        if stamps is not None:
+            args.append(pointer(stamps))
+        args += [ctypes.c_int32(b), ctypes.c_int32(t)]
+        module = self._module if stamps is None else self._timeline_module
+        module.launch("tilec_megakernel", (state["sms"],), THREADS,
+                            [pointer(state["table"]), pointer(state["workspace"]), pointer(state["sync"]), *args],
+                            device, smem=self.plan.smem_bytes)
+        self.launches += 1
+        by_io = {}
+        k = 0
+        for i, io in enumerate(self.plan.io):
+            if io["kind"] == "output":
+                by_io[i] = outputs[k]
+                k += 1
+        result = [by_io[i] for i in self.plan.outputs]
+        return tuple(result) if self.plan.output_tuple else result[0]
+
+
+def lower(gm: fx.GraphModule, device: torch.device, stage: str, max_rows: int) -> MegakernelProgram:
+    """The Triton program of ``gm`` (every step's fallback, and prefill's kernels) with the megakernel for steps of
+    up to ``max_rows`` rows."""
+    from tilec.codegen.triton import lower as lower_triton
+
+    base = lower_triton(gm, device, stage)
+    base.graph, base.stage = gm, stage
+    return MegakernelProgram(base, max_rows)
