@@ -140,10 +140,16 @@ __device__ __forceinline__ void grid_sync(unsigned long long* count, unsigned lo
   __syncthreads();
   if (threadIdx.x == 0) {
     asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(count) : "memory");
+    // Poll with a back-off: a tight loop of loads from the waiting blocks hammers the count's L2 slice (measured:
+    // no change in a mini step, benchmarks/results/h100-2026-11-24i/run4_decode_peer); the fence after the last
+    // poll makes the other blocks' writes visible.
     unsigned long long now;
-    do {
-      asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(count) : "memory");
-    } while (now < target);
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(count) : "memory");
+    while (now < target) {
+      __nanosleep(32);
+      asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(count) : "memory");
+    }
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
   }
   __syncthreads();
 }
