@@ -228,9 +228,12 @@ def test_unknown_preset_exits_2(capsys):
     assert "unknown MiMo preset 'huge'" in err and "tiny" in err
 
 
-def test_unbuilt_target_exits_2(capsys):
-    assert main(["compile", str(MIMO_FILE), "--preset", "tiny", "--target", "cuda"]) == 2
-    assert "target 'cuda' is not built yet" in capsys.readouterr().err
+def test_cuda_target_writes_the_megakernel(tmp_path, monkeypatch):
+    """The cuda target compiles without a GPU: the megakernel's source and the Triton kernels it uses for prefill."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["compile", str(MIMO_FILE), "--preset", "tiny", "--target", "cuda", "-o", str(tmp_path / "a")]) == 0
+    assert "tilec_megakernel" in (tmp_path / "a" / "megakernel.cu").read_text()
+    assert (tmp_path / "a" / "step.py").is_file() and "## Megakernel" in (tmp_path / "a" / "report.md").read_text()
 
 
 def test_inspect_of_a_non_artifact_directory_exits_2(tmp_path, capsys):
