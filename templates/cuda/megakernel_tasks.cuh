@@ -219,30 +219,35 @@ MK_TASK void embedding(const TI* ids, const TW* table, TW* out, int H, int R, in
   }
 }
 
+// 8 elements of x from `at` (16-byte aligned), plus res where there is one, the sum rounded to TS (add_rms_norm's s).
+template <class TS, class TX, class TR>
+__device__ __forceinline__ void load_sum8(const TX* x, const TR* res, int at, float* v) {
+  Vec8<TX> xv;
+  xv.cg(x + at);
+  xv.get(v);
+  if (res == nullptr) return;
+  float w[8];
+  Vec8<TR> rv;
+  rv.cg(res + at);
+  rv.get(w);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = rnd<TS>(v[e] + w[e]);
+}
+
 // tilec.rms_norm / add_rms_norm: a block a row, 8 elements a thread at a time (H % 8 == 0). With `res`,
 // s = x + res (rounded to TS) is stored to `sum`, and normalised; the result is weight * rnd<TS>(s * rsqrt(mean(s^2) +
 // eps)), rounded to TO.
 template <class TX, class TR, class TS, class TW, class TO>
 MK_TASK void rms_norm(const TX* x, const TR* res, const TW* __restrict__ weight, TO* out, TS* sum,
-                                      int H, int R, float eps, float* red) {
+                      int H, int R, float eps, float* red) {
   for (int r = blockIdx.x; r < R; r += gridDim.x) {
     float ss = 0.0f;
 #pragma unroll 4
     for (int i = threadIdx.x * 8; i < H; i += blockDim.x * 8) {
-      float v[8], w[8];
-      Vec8<TX> xv;
-      xv.cg(x + r * H + i);
-      xv.get(v);
-      if (res != nullptr) {
-        Vec8<TR> rv;
-        rv.cg(res + r * H + i);
-        rv.get(w);
-      }
+      float v[8];
+      load_sum8<TS>(x, res, r * H + i, v);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        if (res != nullptr) v[e] = rnd<TS>(v[e] + w[e]);
-        ss = fmaf(v[e], v[e], ss);
-      }
+      for (int e = 0; e < 8; ++e) ss = fmaf(v[e], v[e], ss);
     }
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
@@ -256,24 +261,14 @@ MK_TASK void rms_norm(const TX* x, const TR* res, const TW* __restrict__ weight,
     const float inv = red[32];
 #pragma unroll 4
     for (int i = threadIdx.x * 8; i < H; i += blockDim.x * 8) {
-      float v[8], w[8], g[8];
-      Vec8<TX> xv;
-      xv.cg(x + r * H + i);
-      xv.get(v);
-      if (res != nullptr) {
-        Vec8<TR> rv;
-        rv.cg(res + r * H + i);
-        rv.get(w);
-      }
+      float v[8], g[8];
+      load_sum8<TS>(x, res, r * H + i, v);
       Vec8<TW> gv;
       gv.nc(weight + i);
       gv.get(g);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        if (res != nullptr) {
-          v[e] = rnd<TS>(v[e] + w[e]);
-          sum[r * H + i + e] = fromf<TS>(v[e]);
-        }
+        if (res != nullptr) sum[r * H + i + e] = fromf<TS>(v[e]);
         out[r * H + i + e] = fromf<TO>(g[e] * rnd<TS>(v[e] * inv));
       }
     }
@@ -298,7 +293,7 @@ MK_TASK void copy_cols(const TS* src, TO* out, int N, int N_out, int col0, int R
 // tilec.linear: y[r, n] = x[r, :] . w[n, :] + bias[n], a warp an output column.
 template <int MAXR, class TW, class TX, class TB, class TY>
 MK_TASK void linear(const TW* __restrict__ w, const TB* __restrict__ bias, const TX* x, TY* y, int K, int N,
-                       int R, int gwarp, int nwarps) {
+                    int R, int gwarp, int nwarps) {
   float acc[MAXR];
   for (int n = gwarp; n < N; n += nwarps) {
     dot_row<MAXR>(w + static_cast<long long>(n) * K, x, K, K, R, acc);
@@ -323,8 +318,8 @@ __device__ __forceinline__ void rope_cos_sin(long long p, int j, int rotary_dim,
 // rotary_dim / 2 pairs (d, d + rotary_dim / 2) computed together, then the D - rotary_dim plain columns.
 template <int MAXR, class TW, class TX, class TB, class TY, class TP>
 MK_TASK void proj_rope(const TW* __restrict__ w, const TB* __restrict__ bias, const TX* x, TY* y, const TP* pos,
-                          int K, int heads, int D, int rotary_dim, float theta, int T, int R, int item0,
-                          int gwarp, int nwarps) {
+                       int K, int heads, int D, int rotary_dim, float theta, int T, int R, int item0,
+                       int gwarp, int nwarps) {
   const int half = rotary_dim / 2;
   const int per_head = half + (D - rotary_dim);
   const int items = heads * per_head;
@@ -363,7 +358,7 @@ MK_TASK void proj_rope(const TW* __restrict__ w, const TB* __restrict__ bias, co
 // value_scale, rounded as the reference does) at slot position % C of their kv head.
 template <class TK, class TV, class TC, class TP>
 MK_TASK void kv_append(const TK* k, const TV* v, TC* kc, TC* vc, const TP* pos, int B, int T, int HKV, int D,
-                          int DV, int C, float value_scale) {
+                       int DV, int C, float value_scale) {
   const int per_row = HKV * (D + DV);
   const int n = B * T * per_row;
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
@@ -446,9 +441,9 @@ __device__ __forceinline__ void stage_rows(float* dst, int stride, const TC* cac
 // sees and their chunks' fixed positions, not on the step's other rows.
 template <int CH, class TQ, class TK, class TV, class TC, class TP>
 MK_TASK void attn_chunks(const TQ* q, const TK* k, const TV* v, const TC* kc, const TC* vc,
-                                         const TP* pos, float* sm, float* sl, float* sacc, int B, int T, int HQ,
-                                         int HKV, int D, int DV, int C, int window, bool causal, float scale,
-                                         float value_scale, int nch_max, float* smem) {
+                         const TP* pos, float* sm, float* sl, float* sacc, int B, int T, int HQ,
+                         int HKV, int D, int DV, int C, int window, bool causal, float scale,
+                         float value_scale, int nch_max, float* smem) {
   const int G = HQ / HKV, Q = G * T;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int ks = D + 1;  // padded row strides: lanes reading different keys hit different banks
@@ -519,8 +514,8 @@ MK_TASK void attn_chunks(const TQ* q, const TK* k, const TV* v, const TC* kc, co
 // tilec.attention's merge: a warp a query row (b, t, head), over the chunks in order, the sink in the denominator.
 template <class TS, class TO, class TP>
 MK_TASK void attn_combine(const float* sm, const float* sl, const float* sacc, const TS* __restrict__ sinks,
-                             TO* out, const TP* pos, int B, int T, int HQ, int HKV, int DV, int window, int CH,
-                             int nch_max, int gwarp, int nwarps) {
+                          TO* out, const TP* pos, int B, int T, int HQ, int HKV, int DV, int window, int CH,
+                          int nch_max, int gwarp, int nwarps) {
   const int G = HQ / HKV, Q = G * T;
   const int lane = threadIdx.x & 31;
   for (int item = gwarp; item < B * T * HQ; item += nwarps) {
@@ -556,7 +551,7 @@ MK_TASK void attn_combine(const float* sm, const float* sl, const float* sacc, c
 // tilec.moe_router, first half: scores[r, e] = sigmoid(x[r] . w[e]) in fp32, a warp an expert.
 template <int MAXR, class TW, class TX>
 MK_TASK void router_scores(const TW* __restrict__ w, const TX* x, float* scores, int H, int E, int R, int gwarp,
-                              int nwarps) {
+                           int nwarps) {
   float acc[MAXR];
   for (int e = gwarp; e < E; e += nwarps) {
     dot_row<MAXR>(w + static_cast<long long>(e) * H, x, H, H, R, acc);
@@ -573,8 +568,8 @@ MK_TASK void router_scores(const TW* __restrict__ w, const TX* x, float* scores,
 // when `norm`, times `scaling`.
 template <class TB, class TI>
 MK_TASK void router_topk(const float* scores, const TB* __restrict__ bias, float* weights, TI* ids, int E, int K,
-                            int n_group, int topk_group, bool norm, float scaling, int R, int gwarp, int nwarps,
-                            float* smem) {
+                         int n_group, int topk_group, bool norm, float scaling, int R, int gwarp, int nwarps,
+                         float* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* choice = smem + warp * E;  // this warp's row of choice values
   for (int r = gwarp; r < R; r += nwarps) {
@@ -735,7 +730,7 @@ __device__ __forceinline__ void dot_rows(const Rows& rows, const long long* row_
 // TA (the reference's bf16 or fp32 expert outputs), for the expert e = ids[r, j]; a warp an (r, j, i).
 template <class Rows, class TX, class TI, class TA>
 MK_TASK void experts_gate_up(Rows gate_up, const TX* x, const TI* ids, TA* act, int H, int I, int K,
-                                             int R, int gwarp, int nwarps) {
+                             int R, int gwarp, int nwarps) {
   for (int it = gwarp; it < R * K * I; it += nwarps) {
     const int r = it / (K * I), j = (it / I) % K, i = it % I;
     const long long e = ld_id(ids + r * K + j);
@@ -754,7 +749,7 @@ MK_TASK void experts_gate_up(Rows gate_up, const TX* x, const TI* ids, TA* act, 
 // rounded to fp32, then summed, as torch does); a warp an (r, h), the KS slots' rows in flight together.
 template <int KS, class Rows, class TA, class TI, class TO>
 MK_TASK void experts_down(Rows down, const TA* act, const float* weights, const TI* ids, TO* out,
-                                          int H, int I, int R, int gwarp, int nwarps) {
+                          int H, int I, int R, int gwarp, int nwarps) {
   for (int it = gwarp; it < R * H; it += nwarps) {
     const int r = it / H, h = it % H;
     long long row_of[KS];
@@ -778,7 +773,7 @@ MK_TASK void experts_down(Rows down, const TA* act, const float* weights, const 
 // Dense SwiGLU, first half: act[r, i] = rnd(rnd(silu(rnd(g))) * rnd(u)), a warp a column i (every row).
 template <int MAXR, class TW, class TX, class TA>
 MK_TASK void swiglu_gate_up(const TW* __restrict__ wg, const TW* __restrict__ wu, const TX* x, TA* act, int H,
-                               int I, int R, int gwarp, int nwarps) {
+                            int I, int R, int gwarp, int nwarps) {
   float g[MAXR], u[MAXR];
   for (int i = gwarp; i < I; i += nwarps) {
     dot_row<MAXR>(wg + static_cast<long long>(i) * H, x, H, H, R, g);
@@ -795,7 +790,7 @@ MK_TASK void swiglu_gate_up(const TW* __restrict__ wg, const TW* __restrict__ wu
 // as the reference's are before its argmax; then each block's best into best_v / best_i [gridDim.x, R].
 template <int MAXR, class TW, class TX, class TL>
 MK_TASK void head_argmax_partial(const TW* __restrict__ w, const TX* x, float* best_v, int* best_i, int H, int V,
-                                    int R, int gwarp, int nwarps, float* smem) {
+                                 int R, int gwarp, int nwarps, float* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   float acc[MAXR], bv[MAXR];
   int bi[MAXR];

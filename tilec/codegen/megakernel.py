@@ -221,12 +221,14 @@ class _Planner:
 
     def op_rms_norm(self, node, x, weight, eps):
         meta = node.meta["val"]
+        self._k_ok(node, meta.shape[-1])
         self.phase(node, "rms_norm", reads=(weight,), x=self.arg(x), res=None, weight=self.arg(weight),
                    out=self.result(node, meta),
                    sum=None, H=meta.shape[-1], eps=float(eps))
 
     def op_add_rms_norm(self, node, x, residual, weight, eps):
         out_meta, sum_meta = node.meta["val"]
+        self._k_ok(node, out_meta.shape[-1])
         self.phase(node, "rms_norm", reads=(weight,), x=self.arg(x), res=self.arg(residual), weight=self.arg(weight),
                    out=self.result(node, out_meta, 0), sum=self.result(node, sum_meta, 1), H=out_meta.shape[-1],
                    eps=float(eps))
