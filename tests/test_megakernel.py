@@ -60,6 +60,23 @@ def test_unsupported_graph_runs_on_triton_and_says_why():
     assert not wide.report["megakernel"]["runs"] and "32 rows" in wide.report["megakernel"]["why"]
 
 
+def test_dflash_target_variant_plans_and_the_draft_runs_on_triton():
+    """The target's hidden-state variant (a DFlash verify step) is one megakernel, its hidden states joined by cat;
+    a draft's graph takes the accepted tokens' context as an input of other rows, so its steps run on Triton."""
+    from tilec.models.dflash import build_draft
+    from tilec.runtime.dflash import compile_draft
+
+    tiny = build_model("tiny")
+    cm = tilec.compile(tiny, target="cuda")
+    draft = build_draft(tiny, num_hidden_layers=1, block_size=4, sliding_window=3, seed=9)
+    hidden = cm.with_hidden_layers(draft.config.target_layer_ids)
+    assert hidden.report["megakernel"]["runs"] and any(p["task"] == "copy_cols" for p in
+                                                       hidden.report["megakernel"]["schedule"])
+    drafted = compile_draft(draft, cm)
+    assert drafted.target == "cuda" and not drafted.report["megakernel"]["runs"]
+    assert "rows are the tokens'" in drafted.report["megakernel"]["why"]
+
+
 def test_cuda_target_on_cpu_runs_the_triton_kernels(monkeypatch):
     """Off a GPU the cuda target's steps are its Triton program's (here in the interpreter): reference's logits."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -136,6 +153,22 @@ def test_drawn_configs_megakernel_equals_reference(cfg, seed, prompt, mxfp4):
     for x, y in _steps(ref, mk, ids, prompt):
         assert float((x - y).norm() / x.norm()) < 1e-5, (x.shape, cfg)
     assert torch.equal(mk.generate(ids[:, :prompt], 5), ref.generate(ids[:, :prompt], 5))
+
+
+@pytest.mark.gpu
+def test_greedy_dflash_on_the_cuda_target_equals_plain_decoding():
+    """Verify steps as the megakernel (with the hidden states the draft reads), the draft on Triton: the tokens of
+    plain greedy decoding, which needs a verify step's rows to be the single-row steps' bits."""
+    from tilec.models.dflash import build_draft
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    tiny = build_model("tiny", seed=11, dtype=torch.bfloat16, device="cuda")
+    cm = tilec.compile(tiny, target="cuda")
+    draft = build_draft(tiny, num_hidden_layers=1, block_size=8, sliding_window=5, seed=3)
+    prompt = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(4)).cuda()
+    plain = cm.generate(prompt, 25)
+    assert torch.equal(cm.generate(prompt, 25, draft=draft), plain)
+    assert cm.with_hidden_layers(draft.config.target_layer_ids).program.launches >= 2
 
 
 @pytest.mark.gpu

@@ -177,6 +177,9 @@ class _Planner:
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 meta = node.meta["val"]
+                if meta.dim() == 3:  # every value has the step's rows (batch x tokens); a draft's context does not
+                    raise Unsupported(f"input %{node.name} {tuple(meta.shape)}: the megakernel takes steps whose only "
+                                      f"rows are the tokens' (ids, positions and caches as inputs)")
                 self.values[node] = Value("io", dtype_name(meta.dtype), index=len(self.io))
                 self.io.append({"name": node.name, "kind": "input", "dtype": meta.dtype, "shape": tuple(meta.shape),
                                 "input": inputs})
@@ -402,15 +405,12 @@ class MegakernelProgram(TritonProgram):
                 "schedule": self.plan.schedule()}
 
     def fits(self, inputs: tuple) -> bool:
-        """Whether this step runs as the megakernel: a plan, a GPU, and at most max_rows rows in every input."""
+        """Whether this step runs as the megakernel: a plan, a GPU, and at most max_rows rows (batch x tokens)."""
         if self.plan is None or not isinstance(inputs[0], torch.Tensor) or not inputs[0].is_cuda:
             return False
         ids = inputs[0]
         if ids.dim() != 2 or ids.shape[0] * ids.shape[1] > self.plan.max_rows:
             return False
-        for io in self.plan.io:  # a draft's context rows, say
-            if io["kind"] == "input" and len(io["shape"]) == 3 and inputs[io["input"]].shape[1] > self.plan.max_rows:
-                return False
         return True
 
     def __call__(self, *inputs):
