@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from tilec.codegen.render import render
-from tilec.codegen.triton import TritonProgram
+from tilec.codegen.triton import TritonProgram, lower as lower_triton
 from tilec.errors import TargetError
 from tilec.graph import info, module_path
 from tilec.ops import op_name
@@ -112,10 +112,9 @@ class _Planner:
     def result(self, node: fx.Node, meta, index: int | None = None) -> Value:
         """A place for an op's output: a kernel argument if the graph returns it, else the workspace."""
         key = node if index is None else (node, index)
-        returned = any(o is node for o in self.outputs) if index is None else False
-        if index is not None:
-            returned = any(o.op == "call_function" and o.target is operator.getitem and o.args[0] is node
-                           and o.args[1] == index for o in self.outputs)
+        returned = any(o is node if index is None else (o.op == "call_function" and o.target is operator.getitem
+                                                         and o.args[0] is node and o.args[1] == index)
+                       for o in self.outputs)
         if meta.dim() < 2:
             raise Unsupported(f"%{node.name}: output of shape {tuple(meta.shape)} is not [batch, rows, ...]")
         self._dtype_ok(node, meta.dtype, _FLOAT_TYPES + _ID_TYPES)
@@ -375,10 +374,10 @@ class MegakernelProgram(TritonProgram):
     """The ``cuda`` target's program: steps of up to ``max_rows`` rows as one launch of the megakernel (where the
     graph has a plan), every other step on the Triton kernels it extends."""
 
-    def __init__(self, base: TritonProgram, max_rows: int):
+    def __init__(self, base: TritonProgram, gm: fx.GraphModule, stage: str, max_rows: int):
         self.__dict__.update(base.__dict__)
         try:
-            self.plan: Plan | None = plan(base.graph, max_rows, stage=base.stage)
+            self.plan: Plan | None = plan(gm, max_rows, stage=stage)
             self.unsupported: str | None = None
         except Unsupported as exc:
             self.plan, self.unsupported = None, str(exc)
@@ -504,8 +503,4 @@ class MegakernelProgram(TritonProgram):
 def lower(gm: fx.GraphModule, device: torch.device, stage: str, max_rows: int) -> MegakernelProgram:
     """The Triton program of ``gm`` (every step's fallback, and prefill's kernels) with the megakernel for steps of
     up to ``max_rows`` rows."""
-    from tilec.codegen.triton import lower as lower_triton
-
-    base = lower_triton(gm, device, stage)
-    base.graph, base.stage = gm, stage
-    return MegakernelProgram(base, max_rows)
+    return MegakernelProgram(lower_triton(gm, device, stage), gm, stage, max_rows)
