@@ -110,6 +110,31 @@ def test_megakernel_compiles_for_hopper_without_spills(tmp_path, mxfp4):
     assert regs and max(regs) * megakernel.THREADS <= 65536  # one block an SM fits the register file
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=mimo_configs(), mxfp4=st.booleans(), greedy=st.booleans(), dtype=st.sampled_from(["float32", "bfloat16"]))
+def test_drawn_configs_megakernel_compiles(tmp_path_factory, cfg, mxfp4, greedy, dtype):
+    """The megakernel of configurations the presets never make (biases, grouped routing, tied embeddings, partial
+    RoPE, windows, dense and MoE layers, fp32 and bf16, MXFP4) compiles for sm_90a: every type combination its task
+    functions meet instantiates. Where a drawn shape has no plan, the report says why."""
+    import dataclasses
+
+    if mxfp4:
+        cfg = dataclasses.replace(cfg, hidden_size=cfg.hidden_size if cfg.hidden_size % 32 == 0 else 64,
+                                  moe_intermediate_size=32)
+    model = MiMoForCausalLM(dataclasses.replace(cfg, dtype=dtype)).init_weights(0).eval()
+    cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=mxfp4, greedy=greedy))
+    mk = cm.report["megakernel"]
+    if not mk["runs"]:
+        assert "multiple of 8" in mk["why"] or "top-" in mk["why"], mk["why"]
+        return
+    src = tmp_path_factory.mktemp("mk") / "mk.cu"
+    src.write_text(cm.program.sources["megakernel.cu"])
+    proc = subprocess.run(["nvcc", "-cubin", "-O1", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-o",
+                           str(src.with_suffix(".cubin")), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------------------------------------- GPU
 def _steps(ref, mk, ids, prompt):
     """Prefill, an 8-row verify step, decode steps, then a rollback and a verify step again: (x, y) per step."""
