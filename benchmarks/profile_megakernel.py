@@ -59,9 +59,9 @@ def main() -> None:
     for k, ph in enumerate(phases):
         work, work_p50, barrier = [], [], []
         for st in runs:
-            start = int(st[:, 0, 1].min()) if k == 0 else int(st[:, k - 1, 1].max())
-            if k == 0:
-                start = int(st[:, 0, 0].min())  # no stamp at the kernel's start: the first phase from its first done
+            # from the previous barrier's last release; the first phase (no stamp at the kernel's start) from its
+            # first block's done
+            start = int(st[:, 0, 0].min()) if k == 0 else int(st[:, k - 1, 1].max())
             done = st[:, k, 0]
             work.append((int(done.max()) - start) / 1e3)
             work_p50.append(float((done - start).double().median()) / 1e3)

@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from tilec.codegen.render import render
 from tilec.codegen.triton import TritonProgram, lower as lower_triton
-from tilec.errors import TargetError
+from tilec.errors import TargetError, UnsupportedError
 from tilec.graph import info, module_path
 from tilec.ops import op_name
 
@@ -36,10 +36,6 @@ ALIGN = 256
 PREFETCH_BYTES = 24 << 20  # the most of one weight a phase prefetches into L2 for a later one (L2: 50 MB on H100)
 _FLOAT_TYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ID_TYPES = (torch.int64, torch.int32)
-
-
-class Unsupported(Exception):
-    """The graph has something the megakernel does not compute; the message says what."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +61,7 @@ class Plan:
     weights: list[str]  # the weight table, by get_attr target
     io: list[dict]  # kernel arguments: {"name", "kind": input|output|scratch, ...}
     phases: list[dict]
-    attention: list[dict]  # per attention op: the io index of its k cache, window, kv heads, group, DV
+    attention: list[dict]  # per attention op: its k cache's place among the inputs, window, kv heads, group, DV
     outputs: list[int]  # io indices of the graph's outputs, in order
     output_tuple: bool
     workspace_bytes: int
@@ -105,7 +101,7 @@ class _Planner:
 
     def workspace(self, dtype: torch.dtype, per_row: int, rows: int | None = None) -> Value:
         offset = self.ws
-        size = (self.max_rows if rows is None else rows) * per_row * torch.empty((), dtype=dtype).element_size()
+        size = (self.max_rows if rows is None else rows) * per_row * dtype.itemsize
         self.ws += -(-size // ALIGN) * ALIGN
         return Value("ws", dtype_name(dtype), offset=offset)
 
@@ -116,7 +112,7 @@ class _Planner:
                                                          and o.args[0] is node and o.args[1] == index)
                        for o in self.outputs)
         if meta.dim() < 2:
-            raise Unsupported(f"%{node.name}: output of shape {tuple(meta.shape)} is not [batch, rows, ...]")
+            raise UnsupportedError(f"%{node.name}: output of shape {tuple(meta.shape)} is not [batch, rows, ...]")
         self._dtype_ok(node, meta.dtype, _FLOAT_TYPES + _ID_TYPES)
         if returned:
             value = Value("io", dtype_name(meta.dtype), index=len(self.io))
@@ -131,14 +127,14 @@ class _Planner:
         if a is None:
             return None
         if not isinstance(a, fx.Node):
-            raise Unsupported(f"argument {a!r} is not a tensor")
+            raise UnsupportedError(f"argument {a!r} is not a tensor")
         if a.op == "call_function" and a.target is operator.getitem:
             return self.values[(a.args[0], a.args[1])]
         return self.values[a]
 
     def _dtype_ok(self, node: fx.Node, dtype: torch.dtype, allowed) -> None:
         if dtype not in allowed:
-            raise Unsupported(f"%{node.name}: dtype {dtype} (the megakernel takes {', '.join(map(str, allowed))})")
+            raise UnsupportedError(f"%{node.name}: dtype {dtype} (the megakernel takes {', '.join(map(str, allowed))})")
 
     def phase(self, node: fx.Node, task: str, sync: bool = True, reads: tuple = (), **args) -> None:
         """A phase of ``task`` for ``node``; ``reads``: the weights (get_attr nodes) it reads whole, which an earlier
@@ -177,8 +173,8 @@ class _Planner:
             if node.op == "placeholder":
                 meta = node.meta["val"]
                 if meta.dim() == 3:  # every value has the step's rows (batch x tokens); a draft's context does not
-                    raise Unsupported(f"input %{node.name} {tuple(meta.shape)}: the megakernel takes steps whose only "
-                                      f"rows are the tokens' (ids, positions and caches as inputs)")
+                    raise UnsupportedError(f"input %{node.name} {tuple(meta.shape)}: the megakernel takes steps "
+                                           f"whose only rows are the tokens' (ids, positions and caches as inputs)")
                 self.values[node] = Value("io", dtype_name(meta.dtype), index=len(self.io))
                 self.io.append({"name": node.name, "kind": "input", "dtype": meta.dtype, "shape": tuple(meta.shape),
                                 "input": inputs})
@@ -195,12 +191,12 @@ class _Planner:
                 name = op_name(node.target)
                 handler = getattr(self, f"op_{name}", None) if name else None
                 if handler is None:
-                    raise Unsupported(f"%{node.name}: tilec.{name or node.target} has no megakernel task")
+                    raise UnsupportedError(f"%{node.name}: tilec.{name or node.target} has no megakernel task")
                 handler(node, *node.args)
         for out in self.outputs:
             if not isinstance(out, fx.Node) or self.arg(out).src != "io" or self.io[self.arg(out).index]["kind"] != \
                     "output":
-                raise Unsupported(f"the graph returns {out}, which is not an op's output")
+                raise UnsupportedError(f"the graph returns {out}, which is not an op's output")
         if self.phases:
             self.phases[-1]["sync"] = False  # the launch's end orders the last phase
         self.schedule_prefetch()
@@ -212,7 +208,7 @@ class _Planner:
     def _k_ok(self, node: fx.Node, *ks: int) -> None:
         for k in ks:
             if k % 8:
-                raise Unsupported(f"%{node.name}: an inner dimension of {k} is not a multiple of 8")
+                raise UnsupportedError(f"%{node.name}: an inner dimension of {k} is not a multiple of 8")
 
     # ----------------------------------------------------------------------------------------------- ops
     def op_embedding(self, node, ids, weight):
@@ -238,14 +234,14 @@ class _Planner:
     def op_add(self, node, a, b):
         meta = node.meta["val"]
         if a.meta["val"].shape != meta.shape or b.meta["val"].shape != meta.shape:
-            raise Unsupported(f"%{node.name}: tilec.add with broadcasting")
+            raise UnsupportedError(f"%{node.name}: tilec.add with broadcasting")
         self.phase(node, "add", a=self.arg(a), b=self.arg(b), out=self.result(node, meta),
                    N=math.prod(meta.shape[2:]))
 
     def op_cat(self, node, tensors, dim):
         meta = node.meta["val"]
         if dim not in (-1, meta.dim() - 1):
-            raise Unsupported(f"%{node.name}: tilec.cat along dim {dim} (the megakernel joins the last dim)")
+            raise UnsupportedError(f"%{node.name}: tilec.cat along dim {dim} (the megakernel joins the last dim)")
         out, col = self.result(node, meta), 0
         for i, t in enumerate(tensors):
             n = t.meta["val"].shape[-1]
@@ -278,16 +274,16 @@ class _Planner:
         kc = k_cache.meta["val"]
         hkv = kc.shape[1]
         if v_head_dim > 256:
-            raise Unsupported(f"%{node.name}: value head dim {v_head_dim} > 256")
+            raise UnsupportedError(f"%{node.name}: value head dim {v_head_dim} > 256")
         if k_cache.op != "placeholder" or v_cache.op != "placeholder":
-            raise Unsupported(f"%{node.name}: caches must be the step's inputs")
+            raise UnsupportedError(f"%{node.name}: caches must be the step's inputs")
         cache = len(self.attention)
         self.attention.append({"node": node.name, "k_cache": self.io[self.arg(k_cache).index]["input"],
                                "window": int(window),
                                "hkv": hkv, "group": num_heads // hkv, "dv": v_head_dim})
         pos = self.arg(start_pos)
         if head_dim % 8 or v_head_dim % 8:
-            raise Unsupported(f"%{node.name}: head dims {head_dim} / {v_head_dim} are not multiples of 8")
+            raise UnsupportedError(f"%{node.name}: head dims {head_dim} / {v_head_dim} are not multiples of 8")
         common = dict(HQ=num_heads, HKV=hkv, D=head_dim, DV=v_head_dim, cache=cache)
         m, l_, acc = self.scratch("m"), self.scratch("l"), self.scratch("acc")
         # The cache is read before this step's rows are stored (they come from k and v), so a ring may be
@@ -305,7 +301,7 @@ class _Planner:
         e, h = weight.meta["val"].shape
         self._k_ok(node, h)
         if n_group > 32 or top_k > 32:
-            raise Unsupported(f"%{node.name}: {n_group} groups / top-{top_k} (the megakernel takes up to 32)")
+            raise UnsupportedError(f"%{node.name}: {n_group} groups / top-{top_k} (the megakernel takes up to 32)")
         scores = self.workspace(torch.float32, e)
         self.phase(node, "router_scores", reads=(weight,), w=self.arg(weight), x=self.arg(x), scores=scores, H=h, E=e)
         w_meta, i_meta = node.meta["val"]
@@ -320,7 +316,7 @@ class _Planner:
         self._k_ok(node, hidden, inter)
         act = self.workspace(xm.dtype, k * inter)
         if k > 16:
-            raise Unsupported(f"%{node.name}: top-{k} experts a row (the megakernel takes up to 16)")
+            raise UnsupportedError(f"%{node.name}: top-{k} experts a row (the megakernel takes up to 16)")
         self.phase(node, "experts_gate_up", x=self.arg(x), ids=self.arg(ids), act=act, H=hidden, I=inter, K=k,
                    xdtype=dtype_name(xm.dtype), **gate_up)
         self.phase(node, "experts_down", act=act, weights=self.arg(weights), ids=self.arg(ids),
@@ -359,10 +355,10 @@ class _Planner:
 
 
 def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
-    """The megakernel's plan for ``gm``'s steps of up to ``max_rows`` rows; raises `Unsupported` naming what the
+    """The megakernel's plan for ``gm``'s steps of up to ``max_rows`` rows; raises `UnsupportedError` naming what the
     megakernel lacks."""
     if max_rows > MAX_ROWS:
-        raise Unsupported(f"steps of {max_rows} rows (batch x rows); the megakernel takes up to {MAX_ROWS}")
+        raise UnsupportedError(f"steps of {max_rows} rows (batch x rows); the megakernel takes up to {MAX_ROWS}")
     p = _Planner(gm, max_rows)
     p.run()
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
@@ -379,7 +375,7 @@ class MegakernelProgram(TritonProgram):
         try:
             self.plan: Plan | None = plan(gm, max_rows, stage=stage)
             self.unsupported: str | None = None
-        except Unsupported as exc:
+        except UnsupportedError as exc:
             self.plan, self.unsupported = None, str(exc)
         self.megakernel_source = (render("cuda/megakernel.cu.j2", ctx=self.plan.context())
                                   if self.plan is not None else None)
@@ -415,7 +411,7 @@ class MegakernelProgram(TritonProgram):
     def __call__(self, *inputs):
         if not self.fits(inputs):
             return super().__call__(*inputs)
-        return self._launch(tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in inputs))
+        return self._launch(self.dense_inputs(inputs))
 
     def _setup(self, device: torch.device) -> dict:
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -449,7 +445,7 @@ class MegakernelProgram(TritonProgram):
                                                "tilec_megakernel_timeline")
         sms = self._setup(inputs[0].device)["sms"]
         stamps = torch.zeros((sms, len(self.plan.phases), 2), dtype=torch.int64, device=inputs[0].device)
-        out = self._launch(tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in inputs), stamps)
+        out = self._launch(self.dense_inputs(inputs), stamps)
         return out, stamps
 
     def _launch(self, inputs: tuple, stamps: torch.Tensor | None = None):
@@ -459,7 +455,7 @@ class MegakernelProgram(TritonProgram):
         device = ids.device
         state = self._setup(device)
         b, t = ids.shape
-        args, outputs, caps = [], [], []
+        args, outputs, caps = [], {}, []
         for a in self.plan.attention:
             cap = inputs[a["k_cache"]].shape[2]
             nch = (-(-(a["window"] - 1 + t) // CHUNK) + 1) if a["window"] else -(-(cap + t) // CHUNK)
@@ -475,9 +471,8 @@ class MegakernelProgram(TritonProgram):
             if io["kind"] == "input":
                 args.append(pointer(inputs[io["input"]]))
             elif io["kind"] == "output":
-                out = torch.empty((b, t, *io["shape"][2:]), dtype=io["dtype"], device=device)
-                outputs.append(out)
-                args.append(pointer(out))
+                outputs[i] = torch.empty((b, t, *io["shape"][2:]), dtype=io["dtype"], device=device)
+                args.append(pointer(outputs[i]))
             else:
                 args.append(pointer(next(scratch)))
         for cap, nch in caps:
@@ -490,13 +485,7 @@ class MegakernelProgram(TritonProgram):
                             [pointer(state["table"]), pointer(state["workspace"]), pointer(state["sync"]), *args],
                             device, smem=self.plan.smem_bytes)
         self.launches += 1
-        by_io = {}
-        k = 0
-        for i, io in enumerate(self.plan.io):
-            if io["kind"] == "output":
-                by_io[i] = outputs[k]
-                k += 1
-        result = [by_io[i] for i in self.plan.outputs]
+        result = [outputs[i] for i in self.plan.outputs]
         return tuple(result) if self.plan.output_tuple else result[0]
 
 

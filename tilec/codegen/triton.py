@@ -184,9 +184,10 @@ class TritonProgram:
         finally:
             names.update(plain)
 
-    def __call__(self, *inputs):
-        self.load()
-        # Inputs may be views (a slice of a prompt); caches are written in place, so they must be dense already.
+    @staticmethod
+    def dense_inputs(inputs: tuple) -> tuple:
+        """The step's inputs as dense row-major tensors. Inputs may be views (a slice of a prompt); caches are
+        written in place, so they must be dense already (a copy would take the writes)."""
         dense = []
         for t in inputs:
             if isinstance(t, torch.Tensor) and not t.is_contiguous():
@@ -194,7 +195,11 @@ class TritonProgram:
                     raise TargetError(f"a KV cache tensor of shape {tuple(t.shape)} is not contiguous")
                 t = t.contiguous()
             dense.append(t)
-        return self._step(*dense, W=self.weights)
+        return tuple(dense)
+
+    def __call__(self, *inputs):
+        self.load()
+        return self._step(*self.dense_inputs(inputs), W=self.weights)
 
 
 class _Observed:
