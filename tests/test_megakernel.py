@@ -90,6 +90,41 @@ def test_cuda_target_on_cpu_runs_the_triton_kernels(monkeypatch):
     assert mk.program.launches == 0
 
 
+@pytest.mark.parametrize("greedy", [False, True])
+def test_launch_passes_every_kernel_parameter_and_returns_the_graphs_outputs(greedy):
+    """The host side of a launch, without a GPU (the launch itself recorded): as many arguments as the rendered
+    kernel has parameters, each step's outputs fresh tensors of [batch, rows, ...] in the graph's order."""
+    from tilec.runtime.kv_cache import layout_from_graph
+
+    cm = tilec.compile(build_model("tiny"), target="cuda", options=tilec.Options(greedy=greedy, max_batch=2))
+    target = cm if greedy else cm.with_hidden_layers([1])  # logits and a hidden state: a tuple of two outputs
+    program = target.program
+    calls = []
+
+    class Module:
+        def launch(self, fn, grid, block, args, device, smem=0):
+            calls.append((fn, grid, block, args, smem))
+
+    program._module = Module()
+    program._setup = lambda device: {"sms": 4, "table": torch.zeros(1), "workspace": torch.zeros(1),
+                                     "sync": torch.zeros(1), "scratch": None}
+    caches = [torch.zeros(s.shape, dtype=s.dtype) for s in layout_from_graph(target.graph, 2, 32, 8)]
+    ids, pos = torch.zeros((2, 3), dtype=torch.int64), torch.tensor([4, 5])
+    out = program._launch((ids, pos, *caches))
+    source = program.sources["megakernel.cu"]
+    signature = source[source.index("tilec_megakernel("):source.index(") {", source.index("tilec_megakernel("))]
+    params = re.sub(r"//[^\n]*", "", signature).count(",") + 1  # the comments name the arguments, with commas
+    assert len(calls) == 1 and len(calls[0][3]) == params
+    outs = out if isinstance(out, tuple) else (out,)
+    returned = [io for io in program.plan.io if io["kind"] == "output"]
+    assert len(outs) == len(program.plan.outputs) == len(returned)
+    for o, i in zip(outs, program.plan.outputs):
+        io = program.plan.io[i]
+        assert o.shape == (2, 3, *io["shape"][2:]) and o.dtype == io["dtype"]
+    if greedy:
+        assert outs[0].dtype == torch.int64 and outs[0].shape == (2, 3)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 @pytest.mark.parametrize("mxfp4", [False, True])
 def test_megakernel_compiles_for_hopper_without_spills(tmp_path, mxfp4):

@@ -482,8 +482,8 @@ class MegakernelProgram(TritonProgram):
         args += [ctypes.c_int32(b), ctypes.c_int32(t)]
         module = self._module if stamps is None else self._timeline_module
         module.launch("tilec_megakernel", (state["sms"],), THREADS,
-                            [pointer(state["table"]), pointer(state["workspace"]), pointer(state["sync"]), *args],
-                            device, smem=self.plan.smem_bytes)
+                      [pointer(state["table"]), pointer(state["workspace"]), pointer(state["sync"]), *args], device,
+                      smem=self.plan.smem_bytes)
         self.launches += 1
         result = [outputs[i] for i in self.plan.outputs]
         return tuple(result) if self.plan.output_tuple else result[0]
