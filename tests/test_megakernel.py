@@ -30,8 +30,16 @@ def test_every_op_of_a_decode_step_has_a_phase(mxfp4):
     mk = cm.report["megakernel"]
     assert mk["runs"], mk
     phased = {p["node"] for p in mk["schedule"]}
+    folded = {f for p in mk["schedule"] for f in p["folds"]}
     ops = [n for n in cm.graph.graph.nodes if n.op == "call_function" and "tilec" in str(n.target)]
-    assert {n.name for n in ops} == phased
+    assert {n.name for n in ops} == phased | folded and not phased & folded
+    # Every RMSNorm here feeds only GEMV phases, so each is computed by its consumers: the phase of each user
+    norms = {n.name: n for n in ops if "rms_norm" in str(n.target)}
+    assert set(norms) == folded
+    for name, node in norms.items():
+        users = {u.name for v in node.users for u in (v.users if "getitem" in str(v.target) else [v])
+                 if "getitem" not in str(v.target) or v.args[1] == 0}
+        assert users == {p["node"] for p in mk["schedule"] if name in p["folds"]}
     # a barrier after every phase but the last, and the attention merges (their phase also stores the new rows)
     merges = sum(p["task"] == "attn_combine" for p in mk["schedule"])
     assert mk["barriers"] == mk["phases"] - 1 - merges and not mk["schedule"][-1]["barrier"]
@@ -39,6 +47,19 @@ def test_every_op_of_a_decode_step_has_a_phase(mxfp4):
     source = cm.program.sources["megakernel.cu"]
     assert source.count("mk::grid_sync") == mk["barriers"]
     assert ("mk::Mxfp4Rows<" in source) == mxfp4
+
+
+def test_norm_gets_a_phase_when_its_rows_do_not_fit_in_shared_memory(monkeypatch):
+    """A norm is folded into its consumers only if max_rows rows of its output always fit in their staging area;
+    otherwise it runs as a phase of its own and the consumers read its output from global memory."""
+    monkeypatch.setattr(megakernel, "XS_BYTES", 64 * 4 - 1)  # tiny: hidden 64 in fp32, one row does not fit
+    cm = tilec.compile(build_model("tiny"), target="cuda", options=tilec.Options(greedy=True))
+    mk = cm.report["megakernel"]
+    assert not any(p["folds"] for p in mk["schedule"])
+    norms = [p for p in mk["schedule"] if p["task"] == "rms_norm"]
+    assert len(norms) == 2 * 4 + 1
+    source = cm.program.sources["megakernel.cu"]
+    assert "mk::Normed<" not in source and source.count("mk::rms_norm(") == len(norms)
 
 
 def test_artifact_holds_the_megakernel(tmp_path):

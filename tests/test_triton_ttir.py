@@ -75,9 +75,9 @@ def _compile_for(fn, args, kwargs, built):
     built.add(key)
 
 
-def build_all(variant: str, rows_list: tuple[int, ...], preset: str = "mini") -> int:
-    """Lower a 3-layer ``preset`` (bf16, meta device) for an H100 and compile every kernel it launches for rows in
-    ``rows_list``; returns how many distinct kernels were compiled."""
+def build_all(variant: str, rows_list: tuple[int, ...], preset: str = "mini", **overrides) -> int:
+    """Lower a 3-layer ``preset`` (its dtype with ``overrides``, meta device) for an H100 and compile every kernel it
+    launches for rows in ``rows_list``; returns how many distinct kernels were compiled."""
     from triton.runtime.jit import JITFunction
 
     from tilec.codegen import render
@@ -87,7 +87,7 @@ def build_all(variant: str, rows_list: tuple[int, ...], preset: str = "mini") ->
     options = {"logits": tilec.Options(), "greedy+hidden": tilec.Options(greedy=True, hidden_layers=(1, 2)),
                "mxfp4": tilec.Options(mxfp4=True)}[variant]
     model = build_model(preset, device="meta", num_hidden_layers=3, layer_types=[FULL, SLIDING, SLIDING],
-                        mlp_layer_types=[DENSE, SPARSE, SPARSE])
+                        mlp_layer_types=[DENSE, SPARSE, SPARSE], **overrides)
     cm = tilec.compile(model, target="triton", options=options)
     program = cm.program
     modules = {k.alias: render.load_source(k.source, k.alias) for k in program.kernels}
@@ -112,5 +112,35 @@ def test_every_kernel_compiles_for_sm90(variant, preset):
     code = f"import test_triton_ttir as t; print('built', t.build_all({variant!r}, (1, 8, 300), {preset!r}))"
     done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
                           capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert int(done.stdout.split("built")[-1]) > 5
+
+
+def narrow_heads() -> int:
+    """build_all of a tiny model with heads of 8: every tl.dot of the attention kernel must get inner sizes of at
+    least 16 (Triton 3.6 refuses less when it compiles for the GPU; 3.9 and the interpreter take it), so its
+    padded head sizes are checked as well as compiled. Returns how many kernels were compiled."""
+    pads = []
+    compile_one = _compile_for
+
+    def spy(fn, args, kwargs, built):
+        if fn.__name__ == "attend_kernel":
+            pads.append((kwargs["D_PAD"], kwargs["DV_PAD"]))
+        compile_one(fn, args, kwargs, built)
+
+    globals()["_compile_for"] = spy
+    try:
+        n = build_all("logits", (1, 8, 30), "tiny", head_dim=8, v_head_dim=8, sliding_window=4)
+    finally:
+        globals()["_compile_for"] = compile_one
+    assert pads and min(min(p) for p in pads) >= 16, pads
+    return n
+
+
+def test_narrow_heads_compile_for_sm90():
+    """Head dims of 8, as drawn configurations have: the attention pads them to tl.dot's 16 (masked)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", "import test_triton_ttir as t; print('built', t.narrow_heads())"],
+                          cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     assert int(done.stdout.split("built")[-1]) > 5

@@ -119,10 +119,13 @@ def _megakernel_section(mk: dict) -> list[str]:
     lines += [f"Steps of up to {mk['max_rows']} rows (batch x rows) run as one launch of `{mk['file']}`: "
               f"{mk['phases']} phases, each dealt over the whole grid (a block an SM), with {mk['barriers']} grid "
               f"barriers between them; workspace {_fmt_bytes(mk['workspace_bytes'])}, shared memory "
-              f"{mk['shared_memory_bytes']} bytes a block. Longer steps (prefill) run on the Triton kernels.", "",
-              "| phase | node | op | task | barrier after |", "|---:|---|---|---|---|"]
+              f"{mk['shared_memory_bytes']} bytes a block. Longer steps (prefill) run on the Triton kernels. An "
+              f"RMSNorm whose consumers all stage their activations in shared memory has no phase: each consumer "
+              f"computes it there first (column 'computes first').", "",
+              "| phase | node | op | task | computes first | barrier after |", "|---:|---|---|---|---|---|"]
     for p in mk["schedule"]:
-        lines.append(f"| {p['phase']} | {p['node']} | {p['op']} | {p['task']} | {'yes' if p['barrier'] else '-'} |")
+        lines.append(f"| {p['phase']} | {p['node']} | {p['op']} | {p['task']} | {', '.join(p['folds']) or '-'} | "
+                     f"{'yes' if p['barrier'] else '-'} |")
     return lines
 
 

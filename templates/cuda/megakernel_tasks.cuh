@@ -82,9 +82,21 @@ __device__ __forceinline__ void unpack8(uint4 u, float* o, const f16*) {
   }
 }
 template <class T> struct Vec8 {  // 16-bit types: one 16-byte load
+  // 8 floats rounded to T
+  __device__ __forceinline__ void set(const float* o) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      w[i] = static_cast<u32>(fromf<T>(o[2 * i]).bits) | (static_cast<u32>(fromf<T>(o[2 * i + 1]).bits) << 16);
+    u = make_uint4(w[0], w[1], w[2], w[3]);
+  }
   uint4 u;
   __device__ __forceinline__ void nc(const T* p) { u = __ldg(reinterpret_cast<const uint4*>(p)); }
   __device__ __forceinline__ void cg(const T* p) { u = __ldcg(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ void sh(const T* p) { u = *reinterpret_cast<const uint4*>(p); }
+  // SH: from this block's staged copy in shared memory (sh), else written during this launch (cg)
+  template <bool SH> __device__ __forceinline__ void act(const T* p) { if (SH) sh(p); else cg(p); }
+  __device__ __forceinline__ void put(T* p) const { *reinterpret_cast<uint4*>(p) = u; }
   __device__ __forceinline__ void get(float* o) const { unpack8(u, o, static_cast<const T*>(nullptr)); }
 };
 template <> struct Vec8<float> {
@@ -96,6 +108,19 @@ template <> struct Vec8<float> {
   __device__ __forceinline__ void cg(const float* p) {
     a = __ldcg(reinterpret_cast<const float4*>(p));
     b = __ldcg(reinterpret_cast<const float4*>(p) + 1);
+  }
+  __device__ __forceinline__ void sh(const float* p) {
+    a = *reinterpret_cast<const float4*>(p);
+    b = *(reinterpret_cast<const float4*>(p) + 1);
+  }
+  template <bool SH> __device__ __forceinline__ void act(const float* p) { if (SH) sh(p); else cg(p); }
+  __device__ __forceinline__ void set(const float* o) {
+    a = make_float4(o[0], o[1], o[2], o[3]);
+    b = make_float4(o[4], o[5], o[6], o[7]);
+  }
+  __device__ __forceinline__ void put(float* p) const {
+    *reinterpret_cast<float4*>(p) = a;
+    *(reinterpret_cast<float4*>(p) + 1) = b;
   }
   __device__ __forceinline__ void get(float* o) const {
     o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
@@ -168,44 +193,108 @@ __device__ __forceinline__ void prefetch_l2(const void* base, long long bytes) {
   }
 }
 
-// ------------------------------------------------------------------------------------------ GEMV building block
-// acc[r] = sum_k w[k] * x[r * x_stride + k] for the R rows, over one weight row of K elements (K % 8 == 0), summed
-// over the warp (every lane holds the sums). Each lane takes 8 elements in turn, DEPTH loads of weights in flight.
-template <int MAXR, class TW, class TX>
-__device__ __forceinline__ void dot_row(const TW* __restrict__ w, const TX* x, int x_stride, int K, int R,
-                                        float* acc) {
-  constexpr int DEPTH = 8;
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int r = 0; r < MAXR; ++r) acc[r] = 0.0f;
-  for (int k0 = lane * 8; k0 < K; k0 += DEPTH * 256) {
-    Vec8<TW> wv[DEPTH];
+// ------------------------------------------------------------------------------------------ GEMV building blocks
+// A GEMV phase's activations, x [R, K] (n = R * K elements, n % 8 == 0), copied into this block's shared memory at
+// `xs` when they fit in MK_XS_BYTES, so that the dot products read them from shared memory rather than making a
+// round trip to L2 for every 8 elements. Every thread of the block calls it; returns whether x was staged.
+template <class TX> __device__ __forceinline__ bool fits_x(int n) {
+  return static_cast<long long>(n) * static_cast<long long>(sizeof(TX)) <= MK_XS_BYTES;
+}
+template <class TX>
+__device__ __forceinline__ bool stage_x(const TX* x, int n, TX* xs) {
+  if (!fits_x<TX>(n)) return false;
+  __syncthreads();  // the block's reads of the previous staging are done
+  constexpr int DEPTH = 4;
+  for (int i0 = threadIdx.x * 8; i0 < n; i0 += DEPTH * blockDim.x * 8) {
+    Vec8<TX> v[DEPTH];
 #pragma unroll
     for (int u = 0; u < DEPTH; ++u)
-      if (k0 + u * 256 < K) wv[u].nc(w + k0 + u * 256);
+      if (i0 + u * blockDim.x * 8 < n) v[u].cg(x + i0 + u * blockDim.x * 8);
+#pragma unroll
+    for (int u = 0; u < DEPTH; ++u)
+      if (i0 + u * blockDim.x * 8 < n) v[u].put(xs + i0 + u * blockDim.x * 8);
+  }
+  __syncthreads();
+  return true;
+}
+// The staging area: shared memory past the first MK_RED_FLOATS floats (the tasks' reductions).
+template <class TX> __device__ __forceinline__ TX* staging(float* smem) {
+  return reinterpret_cast<TX*>(smem + MK_RED_FLOATS);
+}
+
+// acc[i][r] = sum_k w[i][k] * x[r * K + k] for NW weight rows of K elements (K % 8 == 0) and the R rows of x, summed
+// over the warp (every lane holds the sums). Each lane takes 8 elements in turn; the NW rows' next DEPTH chunks are
+// all loaded before any is used: 8 loads of 16 bytes in flight a lane, as many as the registers hold without spills
+// (measured with ptxas -v). x comes from shared memory (SH) or from L2.
+template <int MAXR, int NW, bool SH, class TW, class TX>
+__device__ __forceinline__ void dot_impl(const TW* const* w, const TX* x, int K, int R, float (*acc)[MAXR]) {
+  constexpr int DEPTH = (sizeof(TW) == 4 ? 4 : 8) / NW;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int i = 0; i < NW; ++i)
+#pragma unroll
+    for (int r = 0; r < MAXR; ++r) acc[i][r] = 0.0f;
+  for (int k0 = lane * 8; k0 < K; k0 += DEPTH * 256) {
+    Vec8<TW> wv[NW][DEPTH];
+#pragma unroll
+    for (int u = 0; u < DEPTH; ++u)
+#pragma unroll
+      for (int i = 0; i < NW; ++i)
+        if (k0 + u * 256 < K) wv[i][u].nc(w[i] + k0 + u * 256);
 #pragma unroll
     for (int u = 0; u < DEPTH; ++u) {
       const int k = k0 + u * 256;
-      if (k < K) {
-        float wf[8];
-        wv[u].get(wf);
+      if (k >= K) break;
+      float wf[NW][8];
 #pragma unroll
-        for (int r = 0; r < MAXR; ++r) {
-          if (r < R) {
-            Vec8<TX> xv;
-            xv.cg(x + r * x_stride + k);
-            float xf[8];
-            xv.get(xf);
+      for (int i = 0; i < NW; ++i) wv[i][u].get(wf[i]);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) acc[r] = fmaf(wf[j], xf[j], acc[r]);
-          }
-        }
+      for (int r = 0; r < MAXR; ++r) {
+        if (r >= R) break;
+        Vec8<TX> xv;
+        xv.template act<SH>(x + r * K + k);
+        float xf[8];
+        xv.get(xf);
+#pragma unroll
+        for (int i = 0; i < NW; ++i)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[i][r] = fmaf(wf[i][j], xf[j], acc[i][r]);
       }
     }
   }
 #pragma unroll
-  for (int r = 0; r < MAXR; ++r)
-    if (r < R) acc[r] = warp_sum(acc[r]);
+  for (int i = 0; i < NW; ++i)
+#pragma unroll
+    for (int r = 0; r < MAXR; ++r)
+      if (r < R) acc[i][r] = warp_sum(acc[i][r]);
+}
+// dot_impl with x staged (`staged`: from stage_x, x then the staging area) or not.
+template <int MAXR, int NW, class TW, class TX>
+__device__ __forceinline__ void dot(const TW* const* w, const TX* x, bool staged, int K, int R, float (*acc)[MAXR]) {
+  if (staged)
+    dot_impl<MAXR, NW, true>(w, x, K, R, acc);
+  else
+    dot_impl<MAXR, NW, false>(w, x, K, R, acc);
+}
+
+// For each of this warp's output rows n of w [N, K] (n = gwarp, gwarp + nwarps, ...), done(n, acc) with acc[r] the
+// dot of row n with x's row r. Two rows at a time, their loads in flight together.
+template <int MAXR, class TW, class TX, class F>
+__device__ __forceinline__ void gemv_rows(const TW* w, const TX* x, bool staged, int K, int N, int R, int gwarp,
+                                          int nwarps, F done) {
+  float acc[2][MAXR];
+  for (int n = gwarp; n < N; n += 2 * nwarps) {
+    if (n + nwarps < N) {
+      const TW* rows[2] = {w + static_cast<long long>(n) * K, w + static_cast<long long>(n + nwarps) * K};
+      dot<MAXR, 2>(rows, x, staged, K, R, acc);
+      done(n, acc[0]);
+      done(n + nwarps, acc[1]);
+    } else {
+      const TW* rows[1] = {w + static_cast<long long>(n) * K};
+      dot<MAXR, 1>(rows, x, staged, K, R, acc);
+      done(n, acc[0]);
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------------ ops
@@ -234,47 +323,125 @@ __device__ __forceinline__ void load_sum8(const TX* x, const TR* res, int at, fl
   for (int e = 0; e < 8; ++e) v[e] = rnd<TS>(v[e] + w[e]);
 }
 
-// tilec.rms_norm / add_rms_norm: a block a row, 8 elements a thread at a time (H % 8 == 0). With `res`,
-// s = x + res (rounded to TS) is stored to `sum`, and normalised; the result is weight * rnd<TS>(s * rsqrt(mean(s^2) +
-// eps)), rounded to TO.
+// One row of tilec.rms_norm / add_rms_norm by one warp, 8 elements a lane at a time (H % 8 == 0): with `res`,
+// s = x + res (rounded to TS), else s = x; the row's result is weight * rnd<TS>(s * rsqrt(mean(s^2) + eps)), rounded
+// to TO, stored at `out` (global or shared memory); s is stored at `sum` unless it is null. The sum of squares is
+// the warp's, in a fixed order: a row's result never depends on the step's other rows.
+template <class TX, class TR, class TS, class TW, class TO>
+__device__ __forceinline__ void norm_row(const TX* x, const TR* res, const TW* __restrict__ weight, float eps,
+                                         int H, TO* out, TS* sum) {
+  const int lane = threadIdx.x & 31;
+  float ss = 0.0f;
+#pragma unroll 4
+  for (int i = lane * 8; i < H; i += 256) {
+    float v[8];
+    load_sum8<TS>(x, res, i, v);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) ss = fmaf(v[e], v[e], ss);
+  }
+  const float inv = rsqrtf(warp_sum(ss) / H + eps);
+#pragma unroll 4
+  for (int i = lane * 8; i < H; i += 256) {
+    float v[8], g[8], o[8];
+    load_sum8<TS>(x, res, i, v);
+    Vec8<TW> gv;
+    gv.nc(weight + i);
+    gv.get(g);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] = g[e] * rnd<TS>(v[e] * inv);
+    Vec8<TO> ov;
+    ov.set(o);
+    ov.put(out + i);
+    if (sum != nullptr) {
+      Vec8<TS> sv;
+      sv.set(v);
+      sv.put(sum + i);
+    }
+  }
+}
+
+// tilec.rms_norm / add_rms_norm as a phase of its own (when its consumers cannot compute it, see Normed): a warp a
+// row.
 template <class TX, class TR, class TS, class TW, class TO>
 MK_TASK void rms_norm(const TX* x, const TR* res, const TW* __restrict__ weight, TO* out, TS* sum,
-                      int H, int R, float eps, float* red) {
-  for (int r = blockIdx.x; r < R; r += gridDim.x) {
-    float ss = 0.0f;
-#pragma unroll 4
-    for (int i = threadIdx.x * 8; i < H; i += blockDim.x * 8) {
-      float v[8];
-      load_sum8<TS>(x, res, r * H + i, v);
+                      int H, int R, float eps, int gwarp, int nwarps) {
+  for (int r = gwarp; r < R; r += nwarps)
+    norm_row(x + r * H, res != nullptr ? res + r * H : res, weight, eps, H, out + r * H,
+             sum != nullptr ? sum + r * H : sum);
+}
+
+// A GEMV phase's activations [R, K], as the task reads them. Plain: a tensor, staged in shared memory when it fits
+// (else read from L2). Normed: the output of an RMSNorm that has no phase of its own; every block computes it into
+// its shared memory (the planner folds a norm only where it always fits), and block 0 of the first consumer phase
+// stores the sum when the norm has one (`sum` non-null there only).
+template <class TX>
+struct Plain {
+  using T = TX;
+  const TX* x;
+  // Stage x in the staging area if it fits (`first`: the phase's first task to read it copies it); whether it is
+  // there.
+  __device__ __forceinline__ bool stage(int R, int K, float* smem, bool first) const {
+    return first ? stage_x(x, R * K, staging<TX>(smem)) : fits_x<TX>(R * K);
+  }
+  __device__ __forceinline__ const T* global() const { return x; }
+};
+// The norm's output and sum have one type (the planner's condition), so s is kept in the staging area between the
+// two passes: the block reads x (and res) once. A row's sum of squares has a fixed order (each thread's 8-element
+// vectors in turn, the warp, then the warps in order), whatever the step's other rows.
+template <class TX, class TR, class TS, class TW>
+struct Normed {
+  using T = TS;
+  const TX* x;
+  const TR* res;
+  const TW* weight;
+  TS* sum;
+  float eps;
+  __device__ __forceinline__ bool stage(int R, int H, float* smem, bool first) const {
+    if (!first) return true;
+    TS* xs = staging<TS>(smem);
+    float* red = smem;  // [R, warps] partial sums of squares
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
+    __syncthreads();  // the block's reads of the previous staging are done
+    for (int r = 0; r < R; ++r) {
+      float ss = 0.0f;
+#pragma unroll 2
+      for (int i = threadIdx.x * 8; i < H; i += blockDim.x * 8) {
+        float v[8];
+        load_sum8<TS>(x, res, r * H + i, v);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) ss = fmaf(v[e], v[e], ss);
-    }
-    ss = warp_sum(ss);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-      float t = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
-      t = warp_sum(t);
-      if (threadIdx.x == 0) red[32] = rsqrtf(t / H + eps);
+        for (int e = 0; e < 8; ++e) ss = fmaf(v[e], v[e], ss);
+        Vec8<TS> sv;
+        sv.set(v);  // exact: v is rounded to TS
+        sv.put(xs + r * H + i);
+      }
+      ss = warp_sum(ss);
+      if ((threadIdx.x & 31) == 0) red[r * warps + warp] = ss;
     }
     __syncthreads();
-    const float inv = red[32];
-#pragma unroll 4
-    for (int i = threadIdx.x * 8; i < H; i += blockDim.x * 8) {
-      float v[8], g[8];
-      load_sum8<TS>(x, res, r * H + i, v);
-      Vec8<TW> gv;
-      gv.nc(weight + i);
-      gv.get(g);
+    for (int r = 0; r < R; ++r) {
+      float ss = 0.0f;
+      for (int w = 0; w < warps; ++w) ss += red[r * warps + w];
+      const float inv = rsqrtf(ss / H + eps);
+      for (int i = threadIdx.x * 8; i < H; i += blockDim.x * 8) {
+        float v[8], g[8];
+        Vec8<TS> sv;
+        sv.sh(xs + r * H + i);
+        sv.get(v);
+        Vec8<TW> gv;
+        gv.nc(weight + i);
+        gv.get(g);
+        if (sum != nullptr && blockIdx.x == 0) sv.put(sum + r * H + i);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        if (res != nullptr) sum[r * H + i + e] = fromf<TS>(v[e]);
-        out[r * H + i + e] = fromf<TO>(g[e] * rnd<TS>(v[e] * inv));
+        for (int e = 0; e < 8; ++e) v[e] = g[e] * rnd<TS>(v[e] * inv);
+        sv.set(v);
+        sv.put(xs + r * H + i);
       }
     }
     __syncthreads();
+    return true;
   }
-}
+  __device__ __forceinline__ const T* global() const { return nullptr; }  // never read: always staged
+};
 
 // tilec.add / elementwise copies: out = a + b (b may be null)
 template <class TA, class TB, class TO>
@@ -291,19 +458,19 @@ MK_TASK void copy_cols(const TS* src, TO* out, int N, int N_out, int col0, int R
 }
 
 // tilec.linear: y[r, n] = x[r, :] . w[n, :] + bias[n], a warp an output column.
-template <int MAXR, class TW, class TX, class TB, class TY>
-MK_TASK void linear(const TW* __restrict__ w, const TB* __restrict__ bias, const TX* x, TY* y, int K, int N,
-                    int R, int gwarp, int nwarps) {
-  float acc[MAXR];
-  for (int n = gwarp; n < N; n += nwarps) {
-    dot_row<MAXR>(w + static_cast<long long>(n) * K, x, K, K, R, acc);
+template <int MAXR, class TW, class Src, class TB, class TY>
+MK_TASK void linear(const TW* __restrict__ w, const TB* __restrict__ bias, Src src, TY* y, int K, int N,
+                    int R, int gwarp, int nwarps, float* smem) {
+  typename Src::T* xs = staging<typename Src::T>(smem);
+  const bool staged = src.stage(R, K, smem, true);
+  gemv_rows<MAXR>(w, staged ? xs : src.global(), staged, K, N, R, gwarp, nwarps, [&](int n, const float* acc) {
     if ((threadIdx.x & 31) == 0) {
       const float b = bias != nullptr ? ld_nc(bias + n) : 0.0f;
 #pragma unroll
       for (int r = 0; r < MAXR; ++r)
         if (r < R) y[r * N + n] = fromf<TY>(acc[r] + b);
     }
-  }
+  });
 }
 
 // RoPE's angle for position p and pair j of a rotary_dim-wide rotation (HF's inv_freq, in fp32).
@@ -316,32 +483,39 @@ __device__ __forceinline__ void rope_cos_sin(long long p, int j, int rotary_dim,
 
 // One projection of tilec.qkv_rope (q or k with RoPE, v without): out[r, head * D + d]. Items: per head, the
 // rotary_dim / 2 pairs (d, d + rotary_dim / 2) computed together, then the D - rotary_dim plain columns.
-template <int MAXR, class TW, class TX, class TB, class TY, class TP>
-MK_TASK void proj_rope(const TW* __restrict__ w, const TB* __restrict__ bias, const TX* x, TY* y, const TP* pos,
+template <int MAXR, class TW, class Src, class TB, class TY, class TP>
+MK_TASK void proj_rope(const TW* __restrict__ w, const TB* __restrict__ bias, Src src, TY* y, const TP* pos,
                        int K, int heads, int D, int rotary_dim, float theta, int T, int R, int item0,
-                       int gwarp, int nwarps) {
+                       bool first, int gwarp, int nwarps, float* smem) {
+  // the phase's three projections share x: the first stages it
+  typename Src::T* xs = staging<typename Src::T>(smem);
+  const bool staged = src.stage(R, K, smem, first);
+  const typename Src::T* x = staged ? xs : src.global();
   const int half = rotary_dim / 2;
   const int per_head = half + (D - rotary_dim);
   const int items = heads * per_head;
   const int N = heads * D;
-  float a[MAXR], b[MAXR];
+  float acc[2][MAXR];
   // item0 offsets this projection's items so the three projections share the warps evenly
   for (int it = (gwarp + nwarps - item0 % nwarps) % nwarps; it < items; it += nwarps) {
     const int head = it / per_head, j = it % per_head;
     const int col = head * D + (j < half ? j : j + half);
-    dot_row<MAXR>(w + static_cast<long long>(col) * K, x, K, K, R, a);
-    if (j < half) dot_row<MAXR>(w + static_cast<long long>(col + half) * K, x, K, K, R, b);
+    const TW* rows[2] = {w + static_cast<long long>(col) * K, w + static_cast<long long>(col + half) * K};
+    if (j < half)  // a rotated pair: both rows together
+      dot<MAXR, 2>(rows, x, staged, K, R, acc);
+    else
+      dot<MAXR, 1>(rows, x, staged, K, R, acc);
     if ((threadIdx.x & 31) == 0) {
       const float ba = bias != nullptr ? ld_nc(bias + col) : 0.0f;
 #pragma unroll
       for (int r = 0; r < MAXR; ++r) {
         if (r >= R) continue;
-        const float x1 = rnd<TY>(a[r] + ba);  // F.linear's output, rounded to its dtype
+        const float x1 = rnd<TY>(acc[0][r] + ba);  // F.linear's output, rounded to its dtype
         if (j >= half) {
           y[r * N + col] = fromf<TY>(x1);
           continue;
         }
-        const float x2 = rnd<TY>(b[r] + (bias != nullptr ? ld_nc(bias + col + half) : 0.0f));
+        const float x2 = rnd<TY>(acc[1][r] + (bias != nullptr ? ld_nc(bias + col + half) : 0.0f));
         float c, s;
         rope_cos_sin(static_cast<long long>(pos[r / T]) + r % T, j, rotary_dim, theta, &c, &s);
         c = rnd<TY>(c);  // cos and sin in the projection's dtype, as the reference makes them
@@ -549,18 +723,18 @@ MK_TASK void attn_combine(const float* sm, const float* sl, const float* sacc, c
 }
 
 // tilec.moe_router, first half: scores[r, e] = sigmoid(x[r] . w[e]) in fp32, a warp an expert.
-template <int MAXR, class TW, class TX>
-MK_TASK void router_scores(const TW* __restrict__ w, const TX* x, float* scores, int H, int E, int R, int gwarp,
-                           int nwarps) {
-  float acc[MAXR];
-  for (int e = gwarp; e < E; e += nwarps) {
-    dot_row<MAXR>(w + static_cast<long long>(e) * H, x, H, H, R, acc);
+template <int MAXR, class TW, class Src>
+MK_TASK void router_scores(const TW* __restrict__ w, Src src, float* scores, int H, int E, int R, int gwarp,
+                           int nwarps, float* smem) {
+  typename Src::T* xs = staging<typename Src::T>(smem);
+  const bool staged = src.stage(R, H, smem, true);
+  gemv_rows<MAXR>(w, staged ? xs : src.global(), staged, H, E, R, gwarp, nwarps, [&](int e, const float* acc) {
     if ((threadIdx.x & 31) == 0) {
 #pragma unroll
       for (int r = 0; r < MAXR; ++r)
         if (r < R) scores[r * E + e] = 1.0f / (1.0f + expf(-acc[r]));
     }
-  }
+  });
 }
 
 // tilec.moe_router, second half: a warp a row. The choice (score + correction bias, groups kept by their top-2
@@ -658,11 +832,11 @@ struct ExpertRows {
     f.v.nc(w + row * K + c * CHUNK);
     return f;
   }
-  __device__ __forceinline__ float dot(const Frag& f, const TX* x, int c) const {
+  template <bool SH> __device__ __forceinline__ float dot(const Frag& f, const TX* x, int c) const {
     float wf[8], xf[8];
     f.v.get(wf);
     Vec8<TX> xv;
-    xv.cg(x + c * CHUNK);
+    xv.template act<SH>(x + c * CHUNK);
     xv.get(xf);
     float s = 0.0f;
 #pragma unroll
@@ -683,14 +857,14 @@ struct Mxfp4Rows {
     f.s = __ldg(scales + row * (K / 32) + c);
     return f;
   }
-  __device__ __forceinline__ float dot(const Frag& f, const TX* x, int c) const {
+  template <bool SH> __device__ __forceinline__ float dot(const Frag& f, const TX* x, int c) const {
     const float sc = e8m0(f.s);
     const u32 words[4] = {f.u.x, f.u.y, f.u.z, f.u.w};
     float s = 0.0f;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       Vec8<TX> xv;
-      xv.cg(x + c * CHUNK + q * 8);
+      xv.template act<SH>(x + c * CHUNK + q * 8);
       float xf[8];
       xv.get(xf);
 #pragma unroll
@@ -701,8 +875,8 @@ struct Mxfp4Rows {
 };
 
 // sums[j] = rows[row_of[j]] . x[j] over K for NR rows, summed over the warp (every lane holds every sum): a lane a
-// chunk of each row in turn, DEPTH x NR chunks' loads in flight.
-template <int NR, int DEPTH, class Rows, class TX>
+// chunk of each row in turn, DEPTH x NR chunks' loads in flight; x from shared memory (SH) or L2.
+template <int NR, int DEPTH, bool SH, class Rows, class TX>
 __device__ __forceinline__ void dot_rows(const Rows& rows, const long long* row_of, const TX* const* x, int K,
                                          float* sums) {
   const int lane = threadIdx.x & 31, per = K / Rows::CHUNK;
@@ -720,7 +894,7 @@ __device__ __forceinline__ void dot_rows(const Rows& rows, const long long* row_
     for (int u = 0; u < DEPTH; ++u)
 #pragma unroll
       for (int j = 0; j < NR; ++j)
-        if (c0 + 32 * u < per) part[j] += rows.dot(f[u][j], x[j], c0 + 32 * u);
+        if (c0 + 32 * u < per) part[j] += rows.template dot<SH>(f[u][j], x[j], c0 + 32 * u);
   }
 #pragma unroll
   for (int j = 0; j < NR; ++j) sums[j] = warp_sum(part[j]);
@@ -728,16 +902,23 @@ __device__ __forceinline__ void dot_rows(const Rows& rows, const long long* row_
 
 // Experts, first half: act[r, j, i] = rnd(rnd(silu(g)) * u), g and u = x[r] . gate_up[e][i] and [I + i], rounded to
 // TA (the reference's bf16 or fp32 expert outputs), for the expert e = ids[r, j]; a warp an (r, j, i).
-template <class Rows, class TX, class TI, class TA>
-MK_TASK void experts_gate_up(Rows gate_up, const TX* x, const TI* ids, TA* act, int H, int I, int K,
-                             int R, int gwarp, int nwarps) {
+template <class Rows, class Src, class TI, class TA>
+MK_TASK void experts_gate_up(Rows gate_up, Src src, const TI* ids, TA* act, int H, int I, int K,
+                             int R, int gwarp, int nwarps, float* smem) {
+  using TX = typename Src::T;
+  TX* xs = staging<TX>(smem);
+  const bool staged = src.stage(R, H, smem, true);
+  const TX* x = staged ? xs : src.global();
   for (int it = gwarp; it < R * K * I; it += nwarps) {
     const int r = it / (K * I), j = (it / I) % K, i = it % I;
     const long long e = ld_id(ids + r * K + j);
     const long long row_of[2] = {e * 2 * I + i, e * 2 * I + I + i};
-    const TX* xs[2] = {x + r * H, x + r * H};
+    const TX* xr[2] = {x + r * H, x + r * H};
     float gu[2];
-    dot_rows<2, 4>(gate_up, row_of, xs, H, gu);
+    if (staged)
+      dot_rows<2, 4, true>(gate_up, row_of, xr, H, gu);
+    else
+      dot_rows<2, 4, false>(gate_up, row_of, xr, H, gu);
     if ((threadIdx.x & 31) == 0) {
       const float gr = rnd<TA>(gu[0]), ur = rnd<TA>(gu[1]);
       act[(r * K + j) * I + i] = fromf<TA>(rnd<TA>(silu(gr)) * ur);
@@ -749,18 +930,24 @@ MK_TASK void experts_gate_up(Rows gate_up, const TX* x, const TI* ids, TA* act, 
 // rounded to fp32, then summed, as torch does); a warp an (r, h), the KS slots' rows in flight together.
 template <int KS, class Rows, class TA, class TI, class TO>
 MK_TASK void experts_down(Rows down, const TA* act, const float* weights, const TI* ids, TO* out,
-                          int H, int I, int R, int gwarp, int nwarps) {
+                          int H, int I, int R, int gwarp, int nwarps, float* smem) {
+  TA* as = staging<TA>(smem);
+  const bool staged = stage_x(act, R * KS * I, as);
+  if (staged) act = as;
   for (int it = gwarp; it < R * H; it += nwarps) {
     const int r = it / H, h = it % H;
     long long row_of[KS];
-    const TA* xs[KS];
+    const TA* xr[KS];
 #pragma unroll
     for (int j = 0; j < KS; ++j) {
       row_of[j] = static_cast<long long>(ld_id(ids + r * KS + j)) * H + h;
-      xs[j] = act + (r * KS + j) * I;
+      xr[j] = act + (r * KS + j) * I;
     }
     float y[KS];
-    dot_rows<KS, 1>(down, row_of, xs, I, y);
+    if (staged)
+      dot_rows<KS, 1, true>(down, row_of, xr, I, y);
+    else
+      dot_rows<KS, 1, false>(down, row_of, xr, I, y);
     if ((threadIdx.x & 31) == 0) {
       float sum = 0.0f;
 #pragma unroll
@@ -770,40 +957,45 @@ MK_TASK void experts_down(Rows down, const TA* act, const float* weights, const 
   }
 }
 
-// Dense SwiGLU, first half: act[r, i] = rnd(rnd(silu(rnd(g))) * rnd(u)), a warp a column i (every row).
-template <int MAXR, class TW, class TX, class TA>
-MK_TASK void swiglu_gate_up(const TW* __restrict__ wg, const TW* __restrict__ wu, const TX* x, TA* act, int H,
-                            int I, int R, int gwarp, int nwarps) {
-  float g[MAXR], u[MAXR];
+// Dense SwiGLU, first half: act[r, i] = rnd(rnd(silu(rnd(g))) * rnd(u)), a warp a column i (every row), its gate
+// and up rows together.
+template <int MAXR, class TW, class Src, class TA>
+MK_TASK void swiglu_gate_up(const TW* __restrict__ wg, const TW* __restrict__ wu, Src src, TA* act, int H,
+                            int I, int R, int gwarp, int nwarps, float* smem) {
+  typename Src::T* xs = staging<typename Src::T>(smem);
+  const bool staged = src.stage(R, H, smem, true);
+  const typename Src::T* x = staged ? xs : src.global();
+  float gu[2][MAXR];
   for (int i = gwarp; i < I; i += nwarps) {
-    dot_row<MAXR>(wg + static_cast<long long>(i) * H, x, H, H, R, g);
-    dot_row<MAXR>(wu + static_cast<long long>(i) * H, x, H, H, R, u);
+    const TW* rows[2] = {wg + static_cast<long long>(i) * H, wu + static_cast<long long>(i) * H};
+    dot<MAXR, 2>(rows, x, staged, H, R, gu);
     if ((threadIdx.x & 31) == 0) {
 #pragma unroll
       for (int r = 0; r < MAXR; ++r)
-        if (r < R) act[r * I + i] = fromf<TA>(rnd<TA>(rnd<TA>(silu(rnd<TA>(g[r]))) * rnd<TA>(u[r])));
+        if (r < R) act[r * I + i] = fromf<TA>(rnd<TA>(rnd<TA>(silu(rnd<TA>(gu[0][r]))) * rnd<TA>(gu[1][r])));
     }
   }
 }
 
 // Greedy head, first half: each warp's best (value, id) over its vocabulary rows, per row, the logits rounded to TL
 // as the reference's are before its argmax; then each block's best into best_v / best_i [gridDim.x, R].
-template <int MAXR, class TW, class TX, class TL>
-MK_TASK void head_argmax_partial(const TW* __restrict__ w, const TX* x, float* best_v, int* best_i, int H, int V,
+template <int MAXR, class TL, class TW, class Src>
+MK_TASK void head_argmax_partial(const TW* __restrict__ w, Src src, float* best_v, int* best_i, int H, int V,
                                  int R, int gwarp, int nwarps, float* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  float acc[MAXR], bv[MAXR];
+  float bv[MAXR];
   int bi[MAXR];
 #pragma unroll
   for (int r = 0; r < MAXR; ++r) { bv[r] = -MK_INF; bi[r] = 1 << 30; }
-  for (int n = gwarp; n < V; n += nwarps) {
-    dot_row<MAXR>(w + static_cast<long long>(n) * H, x, H, H, R, acc);
+  typename Src::T* xs = staging<typename Src::T>(smem);
+  const bool staged = src.stage(R, H, smem, true);
+  gemv_rows<MAXR>(w, staged ? xs : src.global(), staged, H, V, R, gwarp, nwarps, [&](int n, const float* acc) {
 #pragma unroll
     for (int r = 0; r < MAXR; ++r) {
       const float v = rnd<TL>(acc[r]);
       if (v > bv[r] || (v == bv[r] && n < bi[r])) { bv[r] = v; bi[r] = n; }
     }
-  }
+  });
   float* sv = smem;
   int* si = reinterpret_cast<int*>(smem + warps * MAXR);
   if (lane == 0) {

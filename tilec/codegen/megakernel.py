@@ -33,8 +33,12 @@ CHUNK = 32  # keys an attention item stages (a lane a key)
 MAX_ROWS = 16  # the most rows (batch x rows) a step may have: the task functions' register arrays
 MAX_GRID = 1024  # blocks the greedy head's partial results are sized for
 ALIGN = 256
+RED_FLOATS = 512  # shared memory's first floats: the tasks' reductions (rms_norm's, the greedy head's)
+XS_BYTES = 160 << 10  # the most shared memory a GEMV phase stages its activations in (H100: 227 KB a block)
 PREFETCH_BYTES = 24 << 20  # the most of one weight a phase prefetches into L2 for a later one (L2: 50 MB on H100)
 _FLOAT_TYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The ops whose phases stage their first argument (x) in shared memory, and so can compute an RMSNorm of it there.
+_STAGING_OPS = ("linear", "qkv_rope", "moe_router", "moe_experts", "mxfp4_moe_experts", "swiglu", "lm_head_argmax")
 _ID_TYPES = (torch.int64, torch.int32)
 
 
@@ -66,19 +70,22 @@ class Plan:
     output_tuple: bool
     workspace_bytes: int
     smem_bytes: int
+    xs_bytes: int  # shared memory for a GEMV phase's activations (past RED_FLOATS floats)
     max_rows: int
     stage: str
     description: str
 
     def context(self, timeline: bool = False) -> dict:
         return {"phases": self.phases, "io": self.io, "attention": [a["node"] for a in self.attention],
-                "max_rows": self.max_rows, "threads": THREADS, "chunk": CHUNK, "stage": self.stage,
+                "max_rows": self.max_rows, "threads": THREADS, "chunk": CHUNK,
+                "red_floats": RED_FLOATS, "xs_bytes": self.xs_bytes, "stage": self.stage,
                 "description": self.description, "timeline": timeline}
 
     def schedule(self) -> list[dict]:
-        """The phases in order, for reading: op, node, task, barrier after."""
+        """The phases in order, for reading: op, node, task, the RMSNorms it computes first (folded into it), barrier
+        after."""
         return [{"phase": i, "node": p["node"], "op": p["op"], "task": p["task"], "where": p["where"],
-                 "barrier": p["sync"]} for i, p in enumerate(self.phases)]
+                 "folds": p["folds"], "barrier": p["sync"]} for i, p in enumerate(self.phases)]
 
 
 class _Planner:
@@ -90,8 +97,13 @@ class _Planner:
         self.values: dict[Any, Value] = {}  # fx.Node -> Value, or (node, i) -> Value for multi-output ops
         self.phases: list[dict] = []
         self.attention: list[dict] = []
+        self.folded: dict[Any, dict] = {}  # an RMSNorm's output (node or (node, 0)) -> its source for the consumers
+        self.folding: list[str] = []  # the norms the next phase computes in its prologue
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.ws = 0
-        self.smem = 4 * (33 + 2 * MAX_ROWS * (THREADS // 32))  # rms_norm's and the head's reductions
+        assert 33 + 2 * MAX_ROWS * (THREADS // 32) <= RED_FLOATS  # rms_norm's and the head's reductions
+        self.smem = 4 * RED_FLOATS
+        self.xs = 0  # bytes of activations a GEMV phase stages in shared memory at max_rows, the most of any phase
         self.outputs = self._output_nodes()
 
     # ------------------------------------------------------------------------------------------- places
@@ -132,15 +144,30 @@ class _Planner:
             return self.values[(a.args[0], a.args[1])]
         return self.values[a]
 
+    def source(self, x: fx.Node) -> dict:
+        """A GEMV phase's activations: the tensor's place, or the RMSNorm folded into this phase (it stores the
+        norm's sum only in the norm's first consumer phase)."""
+        key = (x.args[0], x.args[1]) if x.op == "call_function" and x.target is operator.getitem else x
+        fold = self.folded.get(key)
+        if fold is None:
+            return {"norm": False, "x": self.arg(x).ctx()}
+        src = dict(fold["source"], sum=fold["source"]["sum"] if not fold["into"] else None)
+        fold["into"].append(len(self.phases))
+        self.folding.append(fold["node"])
+        return src
+
     def _dtype_ok(self, node: fx.Node, dtype: torch.dtype, allowed) -> None:
         if dtype not in allowed:
             raise UnsupportedError(f"%{node.name}: dtype {dtype} (the megakernel takes {', '.join(map(str, allowed))})")
 
-    def phase(self, node: fx.Node, task: str, sync: bool = True, reads: tuple = (), **args) -> None:
+    def phase(self, node: fx.Node, task: str, sync: bool = True, reads: tuple = (), stages: int = 0,
+              **args) -> None:
         """A phase of ``task`` for ``node``; ``reads``: the weights (get_attr nodes) it reads whole, which an earlier
-        phase prefetches into L2."""
+        phase prefetches into L2; ``stages``: bytes a row of the activations it stages in shared memory."""
+        self.xs = max(self.xs, min(stages * self.max_rows, XS_BYTES))
+        folds, self.folding = self.folding, []
         self.phases.append({"node": node.name, "op": op_name(node.target), "where": module_path(node), "task": task,
-                            "sync": sync, "reads": [w for w in reads if w is not None],
+                            "sync": sync, "folds": folds, "reads": [w for w in reads if w is not None],
                             "args": {k: (v.ctx() if isinstance(v, Value) else v) for k, v in args.items()}})
 
     def schedule_prefetch(self) -> None:
@@ -217,19 +244,47 @@ class _Planner:
         self.phase(node, "embedding", ids=self.arg(ids), table=self.arg(weight),
                    out=self.result(node, node.meta["val"]), H=h, V=v)
 
+    def _foldable(self, carriers: list, out_meta, sum_dtype: torch.dtype, sum_users: list) -> bool:
+        """Whether an RMSNorm's output (carried by the fx nodes ``carriers``) can be left to its consumers: each one
+        stages it as its activations (x, its first argument, and no other), and always can (max_rows rows of it fit
+        in shared memory, and it has the sum's dtype, which the staging holds between its passes); the graph does
+        not return it; and its sum (if any) is first read after the first consumer, which stores it."""
+        users = [u for c in carriers for u in c.users]
+        if not users or any(c in self.outputs for c in carriers) or out_meta.dtype != sum_dtype \
+                or self.max_rows * out_meta.shape[-1] * out_meta.dtype.itemsize > XS_BYTES:
+            return False
+        for u in users:
+            if u.op != "call_function" or op_name(u.target) not in _STAGING_OPS or u.args[0] not in carriers \
+                    or any(a in carriers for a in u.args[1:] if isinstance(a, fx.Node)):
+                return False
+        first = min(self.order[u] for u in users)
+        return all(self.order[u] > first for u in sum_users)
+
+    def _norm(self, node, x, residual, weight, eps, out_meta, sum_meta) -> None:
+        """tilec.rms_norm (``residual`` None) or add_rms_norm: folded into its consumers' phases where it can be,
+        else a phase of its own."""
+        h = out_meta.shape[-1]
+        self._k_ok(node, h)
+        getters = {i: [g for g in node.users if g.target is operator.getitem and g.args[1] == i] for i in (0, 1)}
+        carriers = [node] if residual is None else getters[0]
+        sum_users = [u for g in getters[1] for u in g.users]
+        total = self.result(node, sum_meta, 1) if residual is not None else None
+        sum_dtype = sum_meta.dtype if sum_meta is not None else x.meta["val"].dtype  # what x + res is rounded to
+        if self._foldable(carriers, out_meta, sum_dtype, sum_users):
+            self.folded[node if residual is None else (node, 0)] = {"node": node.name, "into": [], "source": {
+                "norm": True, "x": self.arg(x).ctx(), "res": self.arg(residual).ctx() if residual is not None else None,
+                "weight": self.arg(weight).ctx(), "sum": total.ctx() if total is not None else None,
+                "sum_dtype": dtype_name(sum_dtype), "eps": float(eps)}}
+            return
+        out = self.result(node, out_meta) if residual is None else self.result(node, out_meta, 0)
+        self.phase(node, "rms_norm", reads=(weight,), x=self.arg(x), res=self.arg(residual), weight=self.arg(weight),
+                   out=out, sum=total, H=h, eps=float(eps))
+
     def op_rms_norm(self, node, x, weight, eps):
-        meta = node.meta["val"]
-        self._k_ok(node, meta.shape[-1])
-        self.phase(node, "rms_norm", reads=(weight,), x=self.arg(x), res=None, weight=self.arg(weight),
-                   out=self.result(node, meta),
-                   sum=None, H=meta.shape[-1], eps=float(eps))
+        self._norm(node, x, None, weight, eps, node.meta["val"], None)
 
     def op_add_rms_norm(self, node, x, residual, weight, eps):
-        out_meta, sum_meta = node.meta["val"]
-        self._k_ok(node, out_meta.shape[-1])
-        self.phase(node, "rms_norm", reads=(weight,), x=self.arg(x), res=self.arg(residual), weight=self.arg(weight),
-                   out=self.result(node, out_meta, 0), sum=self.result(node, sum_meta, 1), H=out_meta.shape[-1],
-                   eps=float(eps))
+        self._norm(node, x, residual, weight, eps, *node.meta["val"])
 
     def op_add(self, node, a, b):
         meta = node.meta["val"]
@@ -252,7 +307,8 @@ class _Planner:
     def op_linear(self, node, x, weight, bias):
         n, k = weight.meta["val"].shape
         self._k_ok(node, k)
-        self.phase(node, "linear", reads=(weight, bias), w=self.arg(weight), bias=self.arg(bias), x=self.arg(x),
+        self.phase(node, "linear", reads=(weight, bias), stages=k * x.meta["val"].dtype.itemsize,
+                   w=self.arg(weight), bias=self.arg(bias), x=self.source(x),
                    y=self.result(node, node.meta["val"]), K=k, N=n)
 
     def op_qkv_rope(self, node, x, wq, wk, wv, bq, bk, bv, start_pos, head_dim, rotary_dim, theta):
@@ -266,7 +322,8 @@ class _Planner:
                                 "y": self.result(node, node.meta["val"][i], i).ctx(), "heads": heads, "D": d,
                                 "rotary_dim": rd, "item0": item0})
             item0 += heads * (rd // 2 + d - rd)
-        self.phase(node, "qkv_rope", reads=(wq, wk, wv, bq, bk, bv), x=self.arg(x), pos=self.arg(start_pos),
+        self.phase(node, "qkv_rope", reads=(wq, wk, wv, bq, bk, bv), stages=k * x.meta["val"].dtype.itemsize,
+                   x=self.source(x), pos=self.arg(start_pos),
                    projections=projections, K=k, theta=float(theta))
 
     def op_attention(self, node, q, k, v, k_cache, v_cache, start_pos, sinks, num_heads, head_dim, v_head_dim,
@@ -303,7 +360,8 @@ class _Planner:
         if n_group > 32 or top_k > 32:
             raise UnsupportedError(f"%{node.name}: {n_group} groups / top-{top_k} (the megakernel takes up to 32)")
         scores = self.workspace(torch.float32, e)
-        self.phase(node, "router_scores", reads=(weight,), w=self.arg(weight), x=self.arg(x), scores=scores, H=h, E=e)
+        self.phase(node, "router_scores", reads=(weight,), stages=h * x.meta["val"].dtype.itemsize,
+                   w=self.arg(weight), x=self.source(x), scores=scores, H=h, E=e)
         w_meta, i_meta = node.meta["val"]
         self.smem = max(self.smem, 4 * (THREADS // 32) * e)
         self.phase(node, "router_topk", scores=scores, bias=self.arg(bias), weights=self.result(node, w_meta, 0),
@@ -317,9 +375,10 @@ class _Planner:
         act = self.workspace(xm.dtype, k * inter)
         if k > 16:
             raise UnsupportedError(f"%{node.name}: top-{k} experts a row (the megakernel takes up to 16)")
-        self.phase(node, "experts_gate_up", x=self.arg(x), ids=self.arg(ids), act=act, H=hidden, I=inter, K=k,
+        self.phase(node, "experts_gate_up", stages=hidden * xm.dtype.itemsize, x=self.source(x), ids=self.arg(ids),
+                   act=act, H=hidden, I=inter, K=k,
                    xdtype=dtype_name(xm.dtype), **gate_up)
-        self.phase(node, "experts_down", act=act, weights=self.arg(weights), ids=self.arg(ids),
+        self.phase(node, "experts_down", stages=k * inter * xm.dtype.itemsize, act=act, weights=self.arg(weights), ids=self.arg(ids),
                    out=self.result(node, node.meta["val"]), H=hidden, I=inter, K=k, xdtype=dtype_name(xm.dtype),
                    **down)
 
@@ -338,9 +397,11 @@ class _Planner:
         inter, h = w_gate.meta["val"].shape
         self._k_ok(node, h, inter)
         act = self.workspace(x.meta["val"].dtype, inter)
-        self.phase(node, "swiglu_gate_up", reads=(w_gate, w_up), wg=self.arg(w_gate), wu=self.arg(w_up),
-                   x=self.arg(x), act=act, H=h, I=inter)
-        self.phase(node, "linear", reads=(w_down,), w=self.arg(w_down), bias=None, x=act,
+        self.phase(node, "swiglu_gate_up", reads=(w_gate, w_up), stages=h * x.meta["val"].dtype.itemsize,
+                   wg=self.arg(w_gate), wu=self.arg(w_up),
+                   x=self.source(x), act=act, H=h, I=inter)
+        self.phase(node, "linear", reads=(w_down,), stages=inter * x.meta["val"].dtype.itemsize,
+                   w=self.arg(w_down), bias=None, x={"norm": False, "x": act.ctx()},
                    y=self.result(node, node.meta["val"]), K=inter, N=w_down.meta["val"].shape[0])
 
     def op_lm_head_argmax(self, node, x, weight):
@@ -348,7 +409,8 @@ class _Planner:
         self._k_ok(node, h)
         best_v = self.workspace(torch.float32, self.max_rows, rows=MAX_GRID)
         best_i = self.workspace(torch.int32, self.max_rows, rows=MAX_GRID)
-        self.phase(node, "head_argmax_partial", reads=(weight,), w=self.arg(weight), x=self.arg(x), best_v=best_v,
+        self.phase(node, "head_argmax_partial", reads=(weight,), stages=h * x.meta["val"].dtype.itemsize,
+                   w=self.arg(weight), x=self.source(x), best_v=best_v,
                    best_i=best_i, H=h, V=v,
                    logit_dtype=dtype_name(torch.result_type(x.meta["val"], weight.meta["val"])))
         self.phase(node, "head_argmax_final", best_v=best_v, best_i=best_i, out=self.result(node, node.meta["val"]))
@@ -363,7 +425,8 @@ def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
     p.run()
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     return Plan(p.weights, p.io, p.phases, p.attention, [p.arg(o).index for o in p.outputs],
-                isinstance(out, (tuple, list)), max(p.ws, ALIGN), p.smem, max_rows, stage, info(gm).description)
+                isinstance(out, (tuple, list)), max(p.ws, ALIGN), max(p.smem, 4 * RED_FLOATS + p.xs), p.xs, max_rows,
+                stage, info(gm).description)
 
 
 class MegakernelProgram(TritonProgram):
