@@ -34,7 +34,14 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--rows", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prefetch-mb", type=float, default=None,
+                   help="the most of a weight a phase prefetches into L2 for a later one (default: the planner's "
+                        "PREFETCH_BYTES; 0: no prefetch), for A/B runs")
     args = p.parse_args()
+    if args.prefetch_mb is not None:
+        from tilec.codegen import megakernel
+
+        megakernel.PREFETCH_BYTES = int(args.prefetch_mb * 2**20)
     model = build_model(args.preset, device="cuda")
     cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=args.mxfp4))
     program = cm.program
@@ -76,7 +83,8 @@ def main() -> None:
         t[0] += 1
         t[1] += r["work_us"]
         t[2] += r["barrier_us"]
-    print(f"{args.preset} {'mxfp4' if args.mxfp4 else 'bf16'} ctx {args.context}, {args.rows} row(s): "
+    prefetch = "" if args.prefetch_mb is None else f", prefetch {args.prefetch_mb:g} MB"
+    print(f"{args.preset} {'mxfp4' if args.mxfp4 else 'bf16'} ctx {args.context}, {args.rows} row(s){prefetch}: "
           f"{total:.1f} us from the first phase's first stamp to the last (medians of {args.repeats})")
     print(f"{'task':<22} {'phases':>6} {'work_us':>9} {'barrier_us':>10}")
     for task, (n, w, b) in sorted(by_task.items(), key=lambda kv: -kv[1][1] - kv[1][2]):
@@ -88,6 +96,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile_megakernel.json").write_text(json.dumps(
         {"preset": args.preset, "mxfp4": args.mxfp4, "context": args.context, "rows": args.rows,
+         "prefetch_mb": args.prefetch_mb,
          "device": torch.cuda.get_device_name(), "total_us": total, "phases": rows,
          "by_task": {k: {"phases": n, "work_us": w, "barrier_us": b} for k, (n, w, b) in by_task.items()}},
         indent=1))

@@ -62,6 +62,17 @@ def test_norm_gets_a_phase_when_its_rows_do_not_fit_in_shared_memory(monkeypatch
     assert "mk::Normed<" not in source and source.count("mk::rms_norm(") == len(norms)
 
 
+def test_l2_prefetch_is_off_by_default_and_takes_each_weight_once(monkeypatch):
+    source = tilec.compile(build_model("tiny"), target="cuda").program.sources["megakernel.cu"]
+    assert "mk::prefetch_l2(" not in source
+    monkeypatch.setattr(megakernel, "PREFETCH_BYTES", 1 << 20)
+    plan = tilec.compile(build_model("tiny"), target="cuda").program.plan
+    fetched = [(i, w["name"], w["phase"]) for i, p in enumerate(plan.phases) for w in p["prefetch"]]
+    assert fetched and len({name for _, name, _ in fetched}) == len(fetched)
+    # each for the next phase that reads weights, issued in an earlier phase
+    assert all(i < phase and plan.phases[phase]["task"] not in ("attn_chunks", "kv_append") for i, _, phase in fetched)
+
+
 def test_artifact_holds_the_megakernel(tmp_path):
     cm = tilec.compile(build_model("tiny"), target="cuda")
     out = cm.save(tmp_path / "art")

@@ -654,10 +654,14 @@ MK_TASK void attn_chunks(const TQ* q, const TK* k, const TV* v, const TC* kc, co
         } else if (window) {
           seen = seen && kp > p0 - window;
         }
-        if (seen) {
-          float dot = 0.0f;
-          for (int d = 0; d < D; ++d) dot = fmaf(q_s[warp * D + d], k_s[lane * ks + d], dot);
-          s = dot * scale;
+        if (seen) {  // four partial sums (D % 8 == 0): four chains of shared-memory loads and FMAs, not one
+          float dot[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 2
+          for (int d = 0; d < D; d += 4) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dot[e] = fmaf(q_s[warp * D + d + e], k_s[lane * ks + d + e], dot[e]);
+          }
+          s = ((dot[0] + dot[1]) + (dot[2] + dot[3])) * scale;
         }
       }
       const float m = warp_max(s);

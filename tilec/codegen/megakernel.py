@@ -35,7 +35,11 @@ MAX_GRID = 1024  # blocks the greedy head's partial results are sized for
 ALIGN = 256
 RED_FLOATS = 512  # shared memory's first floats: the tasks' reductions (rms_norm's, the greedy head's)
 XS_BYTES = 160 << 10  # the most shared memory a GEMV phase stages its activations in (H100: 227 KB a block)
-PREFETCH_BYTES = 24 << 20  # the most of one weight a phase prefetches into L2 for a later one (L2: 50 MB on H100)
+# The most of one weight a phase bulk-prefetches into L2 for the next phase that reads weights. Off: on the H100
+# (2026-11-24, benchmarks/profile_megakernel.py, mini bf16, ctx 256, results/h100-2026-11-24j) a step took 1274 us
+# without and 1436 us with 24 MB, the prefetches queueing ahead of the phase's own loads (a router phase of 0.5 MB
+# took 14 us with them, 9 without). profile_megakernel.py --prefetch-mb sets it for A/B runs.
+PREFETCH_BYTES = 0
 _FLOAT_TYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The ops whose phases stage their first argument (x) in shared memory, and so can compute an RMSNorm of it there.
 _STAGING_OPS = ("linear", "qkv_rope", "moe_router", "moe_experts", "mxfp4_moe_experts", "swiglu", "lm_head_argmax")
@@ -182,12 +186,13 @@ class _Planner:
             if nxt is None:
                 continue
             for w in self.phases[nxt]["reads"]:
-                if w.target in done:
+                meta = w.meta["val"]
+                size = min(meta.numel() * meta.element_size(), PREFETCH_BYTES) // 16 * 16
+                if w.target in done or not size:
                     continue
                 done.add(w.target)
-                meta = w.meta["val"]
                 ph["prefetch"].append({"index": self.weight_index[w.target], "name": w.target, "phase": nxt,
-                                       "bytes": min(meta.numel() * meta.element_size(), PREFETCH_BYTES) // 16 * 16})
+                                       "bytes": size})
         for ph in self.phases:
             del ph["reads"]
 
