@@ -741,78 +741,132 @@ MK_TASK void router_scores(const TW* __restrict__ w, Src src, float* scores, int
   });
 }
 
-// tilec.moe_router, second half: a warp a row. The choice (score + correction bias, groups kept by their top-2
-// sums) picks top_k experts, best first (the lower id on ties); their weights are the plain scores, renormalised
-// when `norm`, times `scaling`.
-template <class TB, class TI>
-MK_TASK void router_topk(const float* scores, const TB* __restrict__ bias, float* weights, TI* ids, int E, int K,
-                         int n_group, int topk_group, bool norm, float scaling, int R, int gwarp, int nwarps,
-                         float* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float* choice = smem + warp * E;  // this warp's row of choice values
-  for (int r = gwarp; r < R; r += nwarps) {
-    for (int e = lane; e < E; e += 32)
-      choice[e] = __ldcg(scores + r * E + e) + (bias != nullptr ? ld_nc(bias + e) : 0.0f);
-    __syncwarp();
-    if (n_group > 1) {  // keep the topk_group groups with the largest sums of their top two
-      const int per = E / n_group;
-      float gsum = -MK_INF;
-      if (lane < n_group) {
-        float a = -MK_INF, b2 = -MK_INF;
-        for (int e = lane * per; e < (lane + 1) * per; ++e) {
-          const float v = choice[e];
-          if (v > a) { b2 = a; a = v; } else if (v > b2) { b2 = v; }
-        }
-        gsum = a + b2;
-      }
-      unsigned keep = 0;
-      for (int k = 0; k < topk_group; ++k) {
-        float best = gsum;
-        int who = lane < n_group && !((keep >> lane) & 1u) ? lane : 1 << 30;
-        if (who == 1 << 30) best = -MK_INF;
-        for (int o = 16; o; o >>= 1) {
-          const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-          const int ow = __shfl_xor_sync(0xffffffffu, who, o);
-          if (ob > best || (ob == best && ow < who)) { best = ob; who = ow; }
-        }
-        if (who < n_group) keep |= 1u << who;
-      }
-      __syncwarp();
-      for (int e = lane; e < E; e += 32)
-        if (!((keep >> (e / per)) & 1u)) choice[e] = -MK_INF;
-      __syncwarp();
-    }
-    float total = 0.0f;
-    float chosen_w = 0.0f;
-    int chosen_e = 0;
-    for (int k = 0; k < K; ++k) {
-      float best = -MK_INF;
-      int who = 1 << 30;
-      for (int e = lane; e < E; e += 32) {
+// tilec.moe_router's choice for one row by one warp: the choice values (score + correction bias, groups kept by
+// their top-2 sums) pick K experts, best first (the lower id on ties); their weights are the plain scores,
+// renormalised when `norm`, times `scaling`. Lane j < K gets the j-th expert and weight. `choice`: E floats of
+// shared memory for this warp.
+template <class TB>
+__device__ __forceinline__ void topk_row(const float* scores, const TB* __restrict__ bias, int E, int K, int n_group,
+                                         int topk_group, bool norm, float scaling, float* choice, float* weight,
+                                         int* expert) {
+  const int lane = threadIdx.x & 31;
+  for (int e = lane; e < E; e += 32) choice[e] = __ldcg(scores + e) + (bias != nullptr ? ld_nc(bias + e) : 0.0f);
+  __syncwarp();
+  if (n_group > 1) {  // keep the topk_group groups with the largest sums of their top two
+    const int per = E / n_group;
+    float gsum = -MK_INF;
+    if (lane < n_group) {
+      float a = -MK_INF, b2 = -MK_INF;
+      for (int e = lane * per; e < (lane + 1) * per; ++e) {
         const float v = choice[e];
-        if (v > best || (v == best && e < who)) { best = v; who = e; }
+        if (v > a) { b2 = a; a = v; } else if (v > b2) { b2 = v; }
       }
+      gsum = a + b2;
+    }
+    unsigned keep = 0;
+    for (int k = 0; k < topk_group; ++k) {
+      float best = gsum;
+      int who = lane < n_group && !((keep >> lane) & 1u) ? lane : 1 << 30;
+      if (who == 1 << 30) best = -MK_INF;
       for (int o = 16; o; o >>= 1) {
         const float ob = __shfl_xor_sync(0xffffffffu, best, o);
         const int ow = __shfl_xor_sync(0xffffffffu, who, o);
         if (ob > best || (ob == best && ow < who)) { best = ob; who = ow; }
       }
-      if (who >= E) who = 0;  // every choice -inf (NaN scores): expert 0, as a defined fallback
-      const float s = __ldcg(scores + r * E + who);
-      total += s;
-      if (lane == k) { chosen_w = s; chosen_e = who; }
-      __syncwarp();
-      if (lane == 0) choice[who] = -MK_INF;
-      __syncwarp();
+      if (who < n_group) keep |= 1u << who;
     }
+    __syncwarp();
+    for (int e = lane; e < E; e += 32)
+      if (!((keep >> (e / per)) & 1u)) choice[e] = -MK_INF;
+    __syncwarp();
+  }
+  float total = 0.0f;
+  float chosen_w = 0.0f;
+  int chosen_e = 0;
+  for (int k = 0; k < K; ++k) {
+    float best = -MK_INF;
+    int who = 1 << 30;
+    for (int e = lane; e < E; e += 32) {
+      const float v = choice[e];
+      if (v > best || (v == best && e < who)) { best = v; who = e; }
+    }
+    for (int o = 16; o; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int ow = __shfl_xor_sync(0xffffffffu, who, o);
+      if (ob > best || (ob == best && ow < who)) { best = ob; who = ow; }
+    }
+    if (who >= E) who = 0;  // every choice -inf (NaN scores): expert 0, as a defined fallback
+    const float s = __ldcg(scores + who);
+    total += s;
+    if (lane == k) { chosen_w = s; chosen_e = who; }
+    __syncwarp();
+    if (lane == 0) choice[who] = -MK_INF;
+    __syncwarp();
+  }
+  *weight = (norm ? chosen_w / (total + 1e-20f) : chosen_w) * scaling;
+  *expert = chosen_e;
+}
+
+// tilec.moe_router, second half, as a phase of its own: a warp a row.
+template <class TB, class TI>
+MK_TASK void router_topk(const float* scores, const TB* __restrict__ bias, float* weights, TI* ids, int E, int K,
+                         int n_group, int topk_group, bool norm, float scaling, int R, int gwarp, int nwarps,
+                         float* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int r = gwarp; r < R; r += nwarps) {
+    float w;
+    int e;
+    topk_row(scores + r * E, bias, E, K, n_group, topk_group, norm, scaling, smem + warp * E, &w, &e);
     if (lane < K) {
-      const float wgt = norm ? chosen_w / (total + 1e-20f) : chosen_w;
-      weights[r * K + lane] = wgt * scaling;
-      ids[r * K + lane] = static_cast<TI>(chosen_e);
+      weights[r * K + lane] = w;
+      ids[r * K + lane] = static_cast<TI>(e);
     }
     __syncwarp();
   }
 }
+
+// Which experts the experts' first half reads for row r, slot j. Chosen: the router's ids, from an earlier phase.
+// Routed: the router's choice folded into the experts' phase: every block chooses every row's experts into its
+// shared memory (`area`: K * R ints, then a warp's E floats of choice values each), and block 0 stores the weights
+// and ids for experts_down (and the graph).
+template <class TI>
+struct Chosen {
+  const TI* ids;
+  __device__ __forceinline__ void prepare(int, int, float*) const {}
+  __device__ __forceinline__ int id(int r, int j, int K, const float*) const { return ld_id(ids + r * K + j); }
+};
+template <class TB, class TI>
+struct Routed {
+  const float* scores;
+  const TB* bias;
+  float* weights;
+  TI* ids;
+  int E, n_group, topk_group;
+  bool norm;
+  float scaling;
+  __device__ __forceinline__ void prepare(int R, int K, float* area) const {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int* chosen = reinterpret_cast<int*>(area);
+    __syncthreads();  // the block's reads of the previous phase's area are done
+    for (int r = warp; r < R; r += warps) {
+      float w;
+      int e;
+      topk_row(scores + r * E, bias, E, K, n_group, topk_group, norm, scaling, area + R * K + warp * E, &w, &e);
+      if (lane < K) {
+        chosen[r * K + lane] = e;
+        if (blockIdx.x == 0) {
+          weights[r * K + lane] = w;
+          ids[r * K + lane] = static_cast<TI>(e);
+        }
+      }
+      __syncwarp();
+    }
+    __syncthreads();
+  }
+  __device__ __forceinline__ int id(int r, int j, int K, const float* area) const {
+    return reinterpret_cast<const int*>(area)[r * K + j];
+  }
+};
 
 // ---------------------------------------------------------------------------------------------------- MXFP4
 // E2M1 code c as the float c's value times 2^-126 (its bits placed as a subnormal-range float: exact for every code),
@@ -906,16 +960,18 @@ __device__ __forceinline__ void dot_rows(const Rows& rows, const long long* row_
 
 // Experts, first half: act[r, j, i] = rnd(rnd(silu(g)) * u), g and u = x[r] . gate_up[e][i] and [I + i], rounded to
 // TA (the reference's bf16 or fp32 expert outputs), for the expert e = ids[r, j]; a warp an (r, j, i).
-template <class Rows, class Src, class TI, class TA>
-MK_TASK void experts_gate_up(Rows gate_up, Src src, const TI* ids, TA* act, int H, int I, int K,
+template <class Rows, class Src, class Route, class TA>
+MK_TASK void experts_gate_up(Rows gate_up, Src src, Route route, TA* act, int H, int I, int K,
                              int R, int gwarp, int nwarps, float* smem) {
   using TX = typename Src::T;
   TX* xs = staging<TX>(smem);
   const bool staged = src.stage(R, H, smem, true);
   const TX* x = staged ? xs : src.global();
+  float* area = smem + MK_AREA_FLOATS;
+  route.prepare(R, K, area);
   for (int it = gwarp; it < R * K * I; it += nwarps) {
     const int r = it / (K * I), j = (it / I) % K, i = it % I;
-    const long long e = ld_id(ids + r * K + j);
+    const long long e = route.id(r, j, K, area);
     const long long row_of[2] = {e * 2 * I + i, e * 2 * I + I + i};
     const TX* xr[2] = {x + r * H, x + r * H};
     float gu[2];

@@ -102,7 +102,9 @@ class _Planner:
         self.phases: list[dict] = []
         self.attention: list[dict] = []
         self.folded: dict[Any, dict] = {}  # an RMSNorm's output (node or (node, 0)) -> its source for the consumers
-        self.folding: list[str] = []  # the norms the next phase computes in its prologue
+        self.folding: list[str] = []  # the norms (and router choices) the next phase computes in its prologue
+        self.routes: dict[fx.Node, dict] = {}  # a router whose choice its experts' phase makes
+        self.route_floats = 0  # shared memory (floats) a folded router's choice takes past the staging area
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.ws = 0
         assert 33 + 2 * MAX_ROWS * (THREADS // 32) <= RED_FLOATS  # rms_norm's and the head's reductions
@@ -368,10 +370,19 @@ class _Planner:
         self.phase(node, "router_scores", reads=(weight,), stages=h * x.meta["val"].dtype.itemsize,
                    w=self.arg(weight), x=self.source(x), scores=scores, H=h, E=e)
         w_meta, i_meta = node.meta["val"]
+        choice = dict(scores=scores, bias=self.arg(bias), weights=self.result(node, w_meta, 0),
+                      ids=self.result(node, i_meta, 1), E=e, n_group=n_group, topk_group=topk_group,
+                      norm=bool(norm_topk_prob), scaling=float(scaling))
+        # The choice goes into the experts' phase when the experts are the first to read it (their first half reads
+        # the ids; block 0 stores both outputs for the second half and any later reader): a phase and a barrier fewer.
+        readers = sorted({u for g in node.users for u in g.users}, key=self.order.__getitem__)
+        if readers and op_name(readers[0].target) in ("moe_experts", "mxfp4_moe_experts") and \
+                {a for a in readers[0].args[1:3]} == set(node.users) and top_k <= 16:
+            self.routes[node] = {k: (v.ctx() if isinstance(v, Value) else v) for k, v in choice.items()}
+            self.route_floats = max(self.route_floats, self.max_rows * top_k + (THREADS // 32) * e)
+            return
         self.smem = max(self.smem, 4 * (THREADS // 32) * e)
-        self.phase(node, "router_topk", scores=scores, bias=self.arg(bias), weights=self.result(node, w_meta, 0),
-                   ids=self.result(node, i_meta, 1), E=e, K=top_k, n_group=n_group, topk_group=topk_group,
-                   norm=bool(norm_topk_prob), scaling=float(scaling))
+        self.phase(node, "router_topk", K=top_k, **choice)
 
     def _experts(self, node, x, weights, ids, hidden, inter, gate_up: dict, down: dict):
         xm = x.meta["val"]
@@ -380,8 +391,12 @@ class _Planner:
         act = self.workspace(xm.dtype, k * inter)
         if k > 16:
             raise UnsupportedError(f"%{node.name}: top-{k} experts a row (the megakernel takes up to 16)")
+        router = ids.args[0] if ids.op == "call_function" and ids.target is operator.getitem else None
+        route = self.routes.pop(router, None)
+        if route is not None:
+            self.folding.append(router.name)
         self.phase(node, "experts_gate_up", stages=hidden * xm.dtype.itemsize, x=self.source(x), ids=self.arg(ids),
-                   act=act, H=hidden, I=inter, K=k,
+                   route=route, act=act, H=hidden, I=inter, K=k,
                    xdtype=dtype_name(xm.dtype), **gate_up)
         self.phase(node, "experts_down", stages=k * inter * xm.dtype.itemsize, act=act, weights=self.arg(weights), ids=self.arg(ids),
                    out=self.result(node, node.meta["val"]), H=hidden, I=inter, K=k, xdtype=dtype_name(xm.dtype),
@@ -430,7 +445,8 @@ def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
     p.run()
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     return Plan(p.weights, p.io, p.phases, p.attention, [p.arg(o).index for o in p.outputs],
-                isinstance(out, (tuple, list)), max(p.ws, ALIGN), max(p.smem, 4 * RED_FLOATS + p.xs), p.xs, max_rows,
+                isinstance(out, (tuple, list)), max(p.ws, ALIGN),
+                max(p.smem, 4 * (RED_FLOATS + -(-p.xs // 16) * 4 + p.route_floats)), p.xs, max_rows,
                 stage, info(gm).description)
 
 
