@@ -40,6 +40,9 @@ XS_BYTES = 160 << 10  # the most shared memory a GEMV phase stages its activatio
 # without and 1436 us with 24 MB, the prefetches queueing ahead of the phase's own loads (a router phase of 0.5 MB
 # took 14 us with them, 9 without). profile_megakernel.py --prefetch-mb sets it for A/B runs.
 PREFETCH_BYTES = 0
+# A router's top-k choice made in its experts' first phase where it can be (op_moe_router). H100 2026-11-24, one
+# start (profile_megakernel.py, mini bf16, ctx 256): 1270 us a step with, 1295 without.
+FOLD_ROUTER = True
 _FLOAT_TYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The ops whose phases stage their first argument (x) in shared memory, and so can compute an RMSNorm of it there.
 _STAGING_OPS = ("linear", "qkv_rope", "moe_router", "moe_experts", "mxfp4_moe_experts", "swiglu", "lm_head_argmax")
@@ -376,7 +379,7 @@ class _Planner:
         # The choice goes into the experts' phase when the experts are the first to read it (their first half reads
         # the ids; block 0 stores both outputs for the second half and any later reader): a phase and a barrier fewer.
         readers = sorted({u for g in node.users for u in g.users}, key=self.order.__getitem__)
-        if readers and op_name(readers[0].target) in ("moe_experts", "mxfp4_moe_experts") and \
+        if FOLD_ROUTER and readers and op_name(readers[0].target) in ("moe_experts", "mxfp4_moe_experts") and \
                 {a for a in readers[0].args[1:3]} == set(node.users) and top_k <= 16:
             self.routes[node] = {k: (v.ctx() if isinstance(v, Value) else v) for k, v in choice.items()}
             self.route_floats = max(self.route_floats, self.max_rows * top_k + (THREADS // 32) * e)
