@@ -6,9 +6,15 @@ place: weights by index in a table of addresses, the step's intermediates at fix
 for MAXR rows), the step's inputs and outputs as kernel arguments. A graph with an op the megakernel lacks gets no
 plan; `MegakernelProgram` then runs every step on the Triton kernels, and the report says why.
 
-This first megakernel is bulk-synchronous: a phase starts when the whole grid has finished the one before. What the
-design (DESIGN.md) adds next is a loader warp streaming the next phase's weights during the barrier, and tile-level
-dependencies instead of whole-phase barriers.
+A GEMV phase copies its activations into each block's shared memory once (`stages`), so its dot products never wait
+on L2 for them. Two producers need no phase of their own: an RMSNorm whose consumers all stage its output (each
+consumer block computes the norm while staging: `_foldable`), and a router's top-k choice when its experts read it
+first (their first phase makes it: `FOLD_ROUTER`). The report's schedule names what each phase computes first.
+
+The megakernel is bulk-synchronous: a phase starts when the whole grid has finished the one before. What the design
+(DESIGN.md) adds next is a loader warp streaming weights into shared memory ahead of the math (the phases' weight
+loads now wait on HBM latency with 8 loads a lane in flight), and tile-level dependencies instead of whole-phase
+barriers.
 """
 
 from __future__ import annotations
@@ -401,8 +407,8 @@ class _Planner:
         self.phase(node, "experts_gate_up", stages=hidden * xm.dtype.itemsize, x=self.source(x), ids=self.arg(ids),
                    route=route, act=act, H=hidden, I=inter, K=k,
                    xdtype=dtype_name(xm.dtype), **gate_up)
-        self.phase(node, "experts_down", stages=k * inter * xm.dtype.itemsize, act=act, weights=self.arg(weights), ids=self.arg(ids),
-                   out=self.result(node, node.meta["val"]), H=hidden, I=inter, K=k, xdtype=dtype_name(xm.dtype),
+        self.phase(node, "experts_down", stages=k * inter * xm.dtype.itemsize, act=act, weights=self.arg(weights),
+                   ids=self.arg(ids), out=self.result(node, node.meta["val"]), H=hidden, I=inter, K=k, xdtype=dtype_name(xm.dtype),
                    **down)
 
     def op_moe_experts(self, node, x, weights, ids, gate_up, down):
