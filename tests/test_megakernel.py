@@ -67,6 +67,24 @@ def test_norm_gets_a_phase_when_its_rows_do_not_fit_in_shared_memory(monkeypatch
     assert "mk::Normed<" not in source and source.count("mk::rms_norm(") == len(norms)
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_router_choice_as_a_phase_of_its_own_compiles(monkeypatch, tmp_path):
+    """Without the router fold (FOLD_ROUTER, or a router whose choice another op reads first) the choice is a
+    router_topk phase and the experts read its ids from global memory (Chosen); that kernel compiles too."""
+    monkeypatch.setattr(megakernel, "FOLD_ROUTER", False)
+    cm = tilec.compile(build_model("tiny"), target="cuda", options=tilec.Options(mxfp4=True, greedy=True))
+    mk = cm.report["megakernel"]
+    routers = [p for p in mk["schedule"] if p["op"] == "moe_router"]
+    assert [p["task"] for p in routers] == ["router_scores", "router_topk"] * 3
+    assert not any("router" in f for p in mk["schedule"] for f in p["folds"])
+    source = cm.program.sources["megakernel.cu"]
+    assert "mk::Chosen<" in source and "mk::Routed<" not in source
+    (tmp_path / "mk.cu").write_text(source)
+    proc = subprocess.run(["nvcc", "-cubin", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-o",
+                           str(tmp_path / "mk.cubin"), str(tmp_path / "mk.cu")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_l2_prefetch_is_off_by_default_and_takes_each_weight_once(monkeypatch):
     source = tilec.compile(build_model("tiny"), target="cuda").program.sources["megakernel.cu"]
     assert "mk::prefetch_l2(" not in source
