@@ -120,8 +120,9 @@ def _megakernel_section(mk: dict) -> list[str]:
               f"{mk['phases']} phases, each dealt over the whole grid (a block an SM), with {mk['barriers']} grid "
               f"barriers between them; workspace {_fmt_bytes(mk['workspace_bytes'])}, shared memory "
               f"{mk['shared_memory_bytes']} bytes a block. Longer steps (prefill) run on the Triton kernels. An "
-              f"RMSNorm whose consumers all stage their activations in shared memory has no phase: each consumer "
-              f"computes it there first (column 'computes first').", "",
+              f"RMSNorm whose consumers all stage their activations in shared memory has no phase, nor has a "
+              f"router's top-k choice that its experts read first: each consumer computes them there first, in the "
+              f"order listed (column 'computes first').", "",
               "| phase | node | op | task | computes first | barrier after |", "|---:|---|---|---|---|---|"]
     for p in mk["schedule"]:
         lines.append(f"| {p['phase']} | {p['node']} | {p['op']} | {p['task']} | {', '.join(p['folds']) or '-'} | "

@@ -400,11 +400,12 @@ class _Planner:
         act = self.workspace(xm.dtype, k * inter)
         if k > 16:
             raise UnsupportedError(f"%{node.name}: top-{k} experts a row (the megakernel takes up to 16)")
+        src = self.source(x)  # the norm first, then the router's choice: the order the phase computes them in
         router = ids.args[0] if ids.op == "call_function" and ids.target is operator.getitem else None
         route = self.routes.pop(router, None)
         if route is not None:
             self.folding.append(router.name)
-        self.phase(node, "experts_gate_up", stages=hidden * xm.dtype.itemsize, x=self.source(x), ids=self.arg(ids),
+        self.phase(node, "experts_gate_up", stages=hidden * xm.dtype.itemsize, x=src, ids=self.arg(ids),
                    route=route, act=act, H=hidden, I=inter, K=k,
                    xdtype=dtype_name(xm.dtype), **gate_up)
         self.phase(node, "experts_down", stages=k * inter * xm.dtype.itemsize, act=act, weights=self.arg(weights),
