@@ -6,7 +6,12 @@ Compiles the preset with ``target="cuda"``, prefills a random prompt of ``--cont
 of ``--rows`` rows on a variant of the megakernel that stamps the time in every block when a phase's work is done
 and after its barrier (`MegakernelProgram.timeline`). Per phase: the work (from the previous barrier's release to
 the slowest block's done, p50 over blocks too) and the barrier (from the slowest block's done to the release seen
-by the last block). Sums by task kind. Writes ``DIR/profile_megakernel.json`` and prints the tables.
+by the last block). Sums by task kind, and by op: the work of its phases beside the bytes it reads (tilec.cost, as
+the decode floor counts them) and their rate. Writes ``DIR/profile_megakernel.json`` and prints the tables.
+
+    python3 benchmarks/profile_megakernel.py --from-json DIR/profile_megakernel.json
+
+prints the by-op table of a saved profile again, without a GPU (the preset is compiled on the meta device).
 """
 
 from __future__ import annotations
@@ -23,12 +28,56 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import tilec  # noqa: E402
+from tilec.cost import node_step_bytes  # noqa: E402
 from tilec.models import build_model  # noqa: E402
+from tilec.ops import op_name  # noqa: E402
+
+
+def op_rates(gm, rows: list[dict], context: int) -> list[dict]:
+    """Per op kind of the step (summed over its nodes, e.g. the layers): its phases' work in us, the bytes its nodes
+    read at ``context`` (weights and KV, tilec.cost.node_step_bytes) and the rate, slowest rate first. A norm or a
+    router choice folded into a consumer's phase has no phase: its time is its consumer's."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    ops: dict[str, dict] = {}
+    seen = set()
+    for r in rows:
+        node = nodes[r["node"]]
+        d = ops.setdefault(op_name(node.target), {"op": op_name(node.target), "nodes": 0, "phases": 0,
+                                                  "work_us": 0.0, "bytes": 0})
+        d["phases"] += 1
+        d["work_us"] += r["work_us"]
+        if node.name not in seen:
+            seen.add(node.name)
+            d["nodes"] += 1
+            d["bytes"] += sum(node_step_bytes(node, context))
+    for d in ops.values():
+        d["tb_per_s"] = d["bytes"] / (d["work_us"] * 1e-6) / 1e12 if d["work_us"] > 0 else 0.0
+    return sorted(ops.values(), key=lambda d: d["tb_per_s"])
+
+
+def print_rates(rates: list[dict]) -> None:
+    print(f"\n{'op':<22} {'nodes':>5} {'phases':>6} {'work_us':>9} {'MB':>9} {'TB/s':>6}")
+    for d in rates:
+        print(f"{d['op']:<22} {d['nodes']:>5} {d['phases']:>6} {d['work_us']:>9.1f} {d['bytes'] / 1e6:>9.2f} "
+              f"{d['tb_per_s']:>6.2f}")
+
+
+def from_json(path: Path) -> list[dict]:
+    """The by-op table of a saved profile (its preset compiled on the meta device for the graph)."""
+    saved = json.loads(path.read_text())
+    model = build_model(saved["preset"], device="meta")
+    cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=saved["mxfp4"]))
+    rates = op_rates(cm.graph, saved["phases"], saved["context"])
+    print(f"{path}: {saved['preset']} {'mxfp4' if saved['mxfp4'] else 'bf16'} ctx {saved['context']}, "
+          f"{saved['total_us']:.1f} us a step")
+    print_rates(rates)
+    return rates
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", type=Path, help="folder for profile_megakernel.json (needed unless --from-json)")
+    p.add_argument("--from-json", type=Path, help="print the by-op table of a saved profile (no GPU needed)")
     p.add_argument("--preset", default="mini")
     p.add_argument("--mxfp4", action="store_true")
     p.add_argument("--context", type=int, default=256)
@@ -38,6 +87,11 @@ def main() -> None:
                    help="the most of a weight a phase prefetches into L2 for a later one (default: the planner's "
                         "PREFETCH_BYTES; 0: no prefetch), for A/B runs")
     args = p.parse_args()
+    if args.from_json is not None:
+        from_json(args.from_json)
+        return
+    if args.out is None:
+        p.error("--out is required (or --from-json)")
     if args.prefetch_mb is not None:
         from tilec.codegen import megakernel
 
@@ -93,12 +147,15 @@ def main() -> None:
     for r in rows:
         print(f"{r['phase']:>3} {r['node'][:44]:<44} {r['task']:<20} {r['work_us']:>7.2f} {r['work_p50_us']:>7.2f} "
               f"{r['barrier_us']:>7.2f}")
+    rates = op_rates(cm.graph, rows, args.context)
+    print_rates(rates)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile_megakernel.json").write_text(json.dumps(
         {"preset": args.preset, "mxfp4": args.mxfp4, "context": args.context, "rows": args.rows,
          "prefetch_mb": args.prefetch_mb,
          "device": torch.cuda.get_device_name(), "total_us": total, "phases": rows,
-         "by_task": {k: {"phases": n, "work_us": w, "barrier_us": b} for k, (n, w, b) in by_task.items()}},
+         "by_task": {k: {"phases": n, "work_us": w, "barrier_us": b} for k, (n, w, b) in by_task.items()},
+         "by_op": rates},
         indent=1))
 
 

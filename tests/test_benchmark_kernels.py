@@ -1,8 +1,8 @@
 """The GPU-only parts of the benchmark scripts, kept in step on the CPU: benchmarks/read_floor.py's floor kernels compile
 for sm_90a without spills, timeline_experts.py reads the experts template's stamps as the template lays them out, and
 fence_probe.py's kernels compile; bench_mxfp4_experts.py profiles kernels only after its timings,
-ncu_stalls.py adds Nsight Compute's samples up by instruction, bench_dense_tiles.py runs (interpreter, tiny), and
-bench_decode.py sizes its sessions' caches as asked.
+ncu_stalls.py adds Nsight Compute's samples up by instruction, bench_dense_tiles.py runs (interpreter, tiny),
+bench_decode.py sizes its sessions' caches as asked, and profile_megakernel.py rates a saved profile by op.
 (The split-K experiment that was tested here lost on the GPU, benchmarks/results/h100-2026-11-23e; it was on the
 branch experiment/split-k, which this repository no longer has.)
 """
@@ -188,3 +188,25 @@ def test_bench_moe_prefill_smoke(tmp_path):
     assert sorted(kernels) == sorted([("reference dense", 40), ("reference mxfp4", 40), ("tilec mxfp4", 40),
                                       ("tilec dense", 40)])
     assert all(r["rel_err"] < 1e-5 for r in data["results"] if "rel_err" in r)
+
+
+def test_profile_megakernel_rates_a_saved_profile_by_op():
+    """profile_megakernel.py --from-json: a saved profile's phases joined with the bytes tilec.cost counts for their
+    nodes (no GPU): every op of the step, its bytes as the decode floor counts them, and the rate."""
+    import profile_megakernel as pm
+
+    import tilec
+    from tilec.cost import step_bytes
+    from tilec.models import build_model
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks/results/h100-2026-11-24j"
+    rates = {d["op"]: d for d in pm.from_json(results / "run7_profile/profile_megakernel.json")}
+    graph = tilec.compile(build_model("mini", device="meta"), target="cuda").graph
+    # every op with a phase; the norms are computed in their consumers' phases (their weights: 12 * 2 + 1 rows of
+    # 2048 bf16), so the ops' bytes are the floor's less theirs
+    norms = [n for n in graph.graph.nodes if n.op == "call_function" and "rms_norm" in (pm.op_name(n.target) or "")]
+    assert len(norms) == 25 and "rms_norm" not in rates and "add_rms_norm" not in rates
+    assert sum(d["bytes"] for d in rates.values()) == step_bytes(graph, 256)["total"] - 25 * 2048 * 2
+    assert rates["qkv_rope"]["nodes"] == 12 and rates["moe_experts"]["phases"] == 22
+    qkv = rates["qkv_rope"]
+    assert qkv["tb_per_s"] == pytest.approx(qkv["bytes"] / (qkv["work_us"] * 1e-6) / 1e12)
