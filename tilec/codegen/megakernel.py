@@ -6,10 +6,11 @@ place: weights by index in a table of addresses, the step's intermediates at fix
 for MAXR rows), the step's inputs and outputs as kernel arguments. A graph with an op the megakernel lacks gets no
 plan; `MegakernelProgram` then runs every step on the Triton kernels, and the report says why.
 
-A GEMV phase copies its activations into each block's shared memory once (`stages`), so its dot products never wait
-on L2 for them. Two producers need no phase of their own: an RMSNorm whose consumers all stage its output (each
-consumer block computes the norm while staging: `_foldable`), and a router's top-k choice when its experts read it
-first (their first phase makes it: `FOLD_ROUTER`). The report's schedule names what each phase computes first.
+A GEMV phase copies its activations into each block's shared memory once (`source`, `staging`), so its dot
+products never wait on L2 for them. Two producers need no phase of their own: an RMSNorm whose consumers all stage
+its output (each consumer block computes the norm while staging: `_foldable`), and a router's top-k choice when its
+experts read it first (their first phase makes it: `FOLD_ROUTER`). The report's schedule names what each phase
+computes first.
 
 The megakernel is bulk-synchronous: a phase starts when the whole grid has finished the one before. What the design
 (DESIGN.md) adds next is a loader warp streaming weights into shared memory ahead of the math (the phases' weight
@@ -88,10 +89,15 @@ class Plan:
     stage: str
     description: str
 
+    @property
+    def area_floats(self) -> int:
+        """Where a folded router's choice starts in shared memory (floats): past the reductions and the staging."""
+        return RED_FLOATS + -(-self.xs_bytes // 16) * 4
+
     def context(self, timeline: bool = False) -> dict:
         return {"phases": self.phases, "io": self.io, "attention": [a["node"] for a in self.attention],
-                "max_rows": self.max_rows, "threads": THREADS, "chunk": CHUNK,
-                "red_floats": RED_FLOATS, "xs_bytes": self.xs_bytes, "stage": self.stage,
+                "max_rows": self.max_rows, "threads": THREADS, "chunk": CHUNK, "red_floats": RED_FLOATS,
+                "xs_bytes": self.xs_bytes, "area_floats": self.area_floats, "stage": self.stage,
                 "description": self.description, "timeline": timeline}
 
     def schedule(self) -> list[dict]:
@@ -159,15 +165,22 @@ class _Planner:
             return self.values[(a.args[0], a.args[1])]
         return self.values[a]
 
+    def staging(self, row_bytes: int) -> None:
+        """A phase stages activations of ``row_bytes`` a row in shared memory: the staging area holds max_rows of
+        them (up to XS_BYTES; a step whose rows do not fit reads them from L2)."""
+        self.xs = max(self.xs, min(row_bytes * self.max_rows, XS_BYTES))
+
     def source(self, x: fx.Node) -> dict:
-        """A GEMV phase's activations: the tensor's place, or the RMSNorm folded into this phase (it stores the
-        norm's sum only in the norm's first consumer phase)."""
+        """A GEMV phase's activations ``x`` [batch, rows, K], staged in shared memory: the tensor's place, or the
+        RMSNorm folded into this phase (it stores the norm's sum only in the norm's first consumer phase)."""
+        meta = x.meta["val"]
+        self.staging(meta.shape[-1] * meta.dtype.itemsize)
         key = (x.args[0], x.args[1]) if x.op == "call_function" and x.target is operator.getitem else x
         fold = self.folded.get(key)
         if fold is None:
             return {"norm": False, "x": self.arg(x).ctx()}
-        src = dict(fold["source"], sum=fold["source"]["sum"] if not fold["into"] else None)
-        fold["into"].append(len(self.phases))
+        src = dict(fold["source"], sum=None if fold["sum_stored"] else fold["source"]["sum"])
+        fold["sum_stored"] = True
         self.folding.append(fold["node"])
         return src
 
@@ -175,11 +188,9 @@ class _Planner:
         if dtype not in allowed:
             raise UnsupportedError(f"%{node.name}: dtype {dtype} (the megakernel takes {', '.join(map(str, allowed))})")
 
-    def phase(self, node: fx.Node, task: str, sync: bool = True, reads: tuple = (), stages: int = 0,
-              **args) -> None:
+    def phase(self, node: fx.Node, task: str, sync: bool = True, reads: tuple = (), **args) -> None:
         """A phase of ``task`` for ``node``; ``reads``: the weights (get_attr nodes) it reads whole, which an earlier
-        phase prefetches into L2; ``stages``: bytes a row of the activations it stages in shared memory."""
-        self.xs = max(self.xs, min(stages * self.max_rows, XS_BYTES))
+        phase prefetches into L2."""
         folds, self.folding = self.folding, []
         self.phases.append({"node": node.name, "op": op_name(node.target), "where": module_path(node), "task": task,
                             "sync": sync, "folds": folds, "reads": [w for w in reads if w is not None],
@@ -287,7 +298,7 @@ class _Planner:
         total = self.result(node, sum_meta, 1) if residual is not None else None
         sum_dtype = sum_meta.dtype if sum_meta is not None else x.meta["val"].dtype  # what x + res is rounded to
         if self._foldable(carriers, out_meta, sum_dtype, sum_users):
-            self.folded[node if residual is None else (node, 0)] = {"node": node.name, "into": [], "source": {
+            self.folded[node if residual is None else (node, 0)] = {"node": node.name, "sum_stored": False, "source": {
                 "norm": True, "x": self.arg(x).ctx(), "res": self.arg(residual).ctx() if residual is not None else None,
                 "weight": self.arg(weight).ctx(), "sum": total.ctx() if total is not None else None,
                 "sum_dtype": dtype_name(sum_dtype), "eps": float(eps)}}
@@ -323,8 +334,7 @@ class _Planner:
     def op_linear(self, node, x, weight, bias):
         n, k = weight.meta["val"].shape
         self._k_ok(node, k)
-        self.phase(node, "linear", reads=(weight, bias), stages=k * x.meta["val"].dtype.itemsize,
-                   w=self.arg(weight), bias=self.arg(bias), x=self.source(x),
+        self.phase(node, "linear", reads=(weight, bias), w=self.arg(weight), bias=self.arg(bias), x=self.source(x),
                    y=self.result(node, node.meta["val"]), K=k, N=n)
 
     def op_qkv_rope(self, node, x, wq, wk, wv, bq, bk, bv, start_pos, head_dim, rotary_dim, theta):
@@ -338,8 +348,7 @@ class _Planner:
                                 "y": self.result(node, node.meta["val"][i], i).ctx(), "heads": heads, "D": d,
                                 "rotary_dim": rd, "item0": item0})
             item0 += heads * (rd // 2 + d - rd)
-        self.phase(node, "qkv_rope", reads=(wq, wk, wv, bq, bk, bv), stages=k * x.meta["val"].dtype.itemsize,
-                   x=self.source(x), pos=self.arg(start_pos),
+        self.phase(node, "qkv_rope", reads=(wq, wk, wv, bq, bk, bv), x=self.source(x), pos=self.arg(start_pos),
                    projections=projections, K=k, theta=float(theta))
 
     def op_attention(self, node, q, k, v, k_cache, v_cache, start_pos, sinks, num_heads, head_dim, v_head_dim,
@@ -376,8 +385,8 @@ class _Planner:
         if n_group > 32 or top_k > 32:
             raise UnsupportedError(f"%{node.name}: {n_group} groups / top-{top_k} (the megakernel takes up to 32)")
         scores = self.workspace(torch.float32, e)
-        self.phase(node, "router_scores", reads=(weight,), stages=h * x.meta["val"].dtype.itemsize,
-                   w=self.arg(weight), x=self.source(x), scores=scores, H=h, E=e)
+        self.phase(node, "router_scores", reads=(weight,), w=self.arg(weight), x=self.source(x), scores=scores, H=h,
+                   E=e)
         w_meta, i_meta = node.meta["val"]
         choice = dict(scores=scores, bias=self.arg(bias), weights=self.result(node, w_meta, 0),
                       ids=self.result(node, i_meta, 1), E=e, n_group=n_group, topk_group=topk_group,
@@ -386,7 +395,7 @@ class _Planner:
         # the ids; block 0 stores both outputs for the second half and any later reader): a phase and a barrier fewer.
         readers = sorted({u for g in node.users for u in g.users}, key=self.order.__getitem__)
         if FOLD_ROUTER and readers and op_name(readers[0].target) in ("moe_experts", "mxfp4_moe_experts") and \
-                {a for a in readers[0].args[1:3]} == set(node.users) and top_k <= 16:
+                set(readers[0].args[1:3]) == set(node.users):
             self.routes[node] = {k: (v.ctx() if isinstance(v, Value) else v) for k, v in choice.items()}
             self.route_floats = max(self.route_floats, self.max_rows * top_k + (THREADS // 32) * e)
             return
@@ -405,11 +414,12 @@ class _Planner:
         route = self.routes.pop(router, None)
         if route is not None:
             self.folding.append(router.name)
-        self.phase(node, "experts_gate_up", stages=hidden * xm.dtype.itemsize, x=src, ids=self.arg(ids),
+        self.phase(node, "experts_gate_up", x=src, ids=self.arg(ids),
                    route=route, act=act, H=hidden, I=inter, K=k,
                    xdtype=dtype_name(xm.dtype), **gate_up)
-        self.phase(node, "experts_down", stages=k * inter * xm.dtype.itemsize, act=act, weights=self.arg(weights),
-                   ids=self.arg(ids), out=self.result(node, node.meta["val"]), H=hidden, I=inter, K=k, xdtype=dtype_name(xm.dtype),
+        self.staging(k * inter * xm.dtype.itemsize)  # experts_down stages a row's k activations
+        self.phase(node, "experts_down", act=act, weights=self.arg(weights), ids=self.arg(ids),
+                   out=self.result(node, node.meta["val"]), H=hidden, I=inter, K=k, xdtype=dtype_name(xm.dtype),
                    **down)
 
     def op_moe_experts(self, node, x, weights, ids, gate_up, down):
@@ -427,11 +437,10 @@ class _Planner:
         inter, h = w_gate.meta["val"].shape
         self._k_ok(node, h, inter)
         act = self.workspace(x.meta["val"].dtype, inter)
-        self.phase(node, "swiglu_gate_up", reads=(w_gate, w_up), stages=h * x.meta["val"].dtype.itemsize,
-                   wg=self.arg(w_gate), wu=self.arg(w_up),
+        self.phase(node, "swiglu_gate_up", reads=(w_gate, w_up), wg=self.arg(w_gate), wu=self.arg(w_up),
                    x=self.source(x), act=act, H=h, I=inter)
-        self.phase(node, "linear", reads=(w_down,), stages=inter * x.meta["val"].dtype.itemsize,
-                   w=self.arg(w_down), bias=None, x={"norm": False, "x": act.ctx()},
+        self.staging(inter * x.meta["val"].dtype.itemsize)
+        self.phase(node, "linear", reads=(w_down,), w=self.arg(w_down), bias=None, x={"norm": False, "x": act.ctx()},
                    y=self.result(node, node.meta["val"]), K=inter, N=w_down.meta["val"].shape[0])
 
     def op_lm_head_argmax(self, node, x, weight):
@@ -439,8 +448,7 @@ class _Planner:
         self._k_ok(node, h)
         best_v = self.workspace(torch.float32, self.max_rows, rows=MAX_GRID)
         best_i = self.workspace(torch.int32, self.max_rows, rows=MAX_GRID)
-        self.phase(node, "head_argmax_partial", reads=(weight,), stages=h * x.meta["val"].dtype.itemsize,
-                   w=self.arg(weight), x=self.source(x), best_v=best_v,
+        self.phase(node, "head_argmax_partial", reads=(weight,), w=self.arg(weight), x=self.source(x), best_v=best_v,
                    best_i=best_i, H=h, V=v,
                    logit_dtype=dtype_name(torch.result_type(x.meta["val"], weight.meta["val"])))
         self.phase(node, "head_argmax_final", best_v=best_v, best_i=best_i, out=self.result(node, node.meta["val"]))
@@ -454,10 +462,11 @@ def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
     p = _Planner(gm, max_rows)
     p.run()
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    return Plan(p.weights, p.io, p.phases, p.attention, [p.arg(o).index for o in p.outputs],
-                isinstance(out, (tuple, list)), max(p.ws, ALIGN),
-                max(p.smem, 4 * (RED_FLOATS + -(-p.xs // 16) * 4 + p.route_floats)), p.xs, max_rows,
-                stage, info(gm).description)
+    result = Plan(p.weights, p.io, p.phases, p.attention, [p.arg(o).index for o in p.outputs],
+                  isinstance(out, (tuple, list)), max(p.ws, ALIGN), p.smem, p.xs, max_rows, stage,
+                  info(gm).description)
+    result.smem_bytes = max(p.smem, 4 * (result.area_floats + p.route_floats))
+    return result
 
 
 class MegakernelProgram(TritonProgram):
