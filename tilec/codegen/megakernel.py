@@ -12,10 +12,11 @@ its output (each consumer block computes the norm while staging: `_foldable`), a
 experts read it first (their first phase makes it: `FOLD_ROUTER`). The report's schedule names what each phase
 computes first.
 
-The megakernel is bulk-synchronous: a phase starts when the whole grid has finished the one before. What the design
-(DESIGN.md) adds next is a loader warp streaming weights into shared memory ahead of the math (the phases' weight
-loads now wait on HBM latency with 8 loads a lane in flight), and tile-level dependencies instead of whole-phase
-barriers.
+The megakernel is bulk-synchronous: a phase starts when the whole grid has finished the one before. The weights
+reach the math through registers, 8 loads of 16 bytes a lane in flight. Streaming them through shared memory instead
+(a ring of bulk copies for each warp, 16 KB a warp in flight) was measured slower on the H100 and is not in the
+kernel: see benchmarks/results/h100-2026-11-25/README.md. What limits the GEMV phases (2 to 3 times their bytes'
+time) is still open; the design's other step is tile-level dependencies instead of whole-phase barriers.
 """
 
 from __future__ import annotations
