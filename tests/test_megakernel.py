@@ -252,6 +252,29 @@ def test_tiny_fp32_equals_reference_on_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["unstaged", "router_phase"])
+def test_planner_variants_equal_reference_on_gpu(monkeypatch, variant):
+    """Paths the presets' plans never take, against the reference on tiny fp32 (MoE layers and a dense one):
+    ``unstaged``, staging too small for any activation row (every RMSNorm a phase of its own, a warp a row, and every
+    GEMV reading x from L2); ``router_phase``, the router's choice as a router_topk phase (no fold), the experts
+    reading its ids."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    if variant == "unstaged":
+        monkeypatch.setattr(megakernel, "XS_BYTES", 64 * 4 - 1)  # tiny: hidden 64 in fp32, one row does not fit
+    else:
+        monkeypatch.setattr(megakernel, "FOLD_ROUTER", False)
+    model = build_model("tiny", seed=5, device="cuda")
+    ref, mk = tilec.compile(model), tilec.compile(model, target="cuda")
+    tasks = {p["task"] for p in mk.report["megakernel"]["schedule"]}
+    assert ("rms_norm" if variant == "unstaged" else "router_topk") in tasks
+    ids = torch.randint(0, 512, (1, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(6))
+    for x, y in _steps(ref, mk, ids, 11):
+        assert float((x - y).norm() / x.norm()) < 1e-5
+    assert mk.program.launches >= 2
+    assert torch.equal(mk.generate(ids[:, :11], 8), ref.generate(ids[:, :11], 8))
+
+
+@pytest.mark.gpu
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=mimo_configs(), seed=st.integers(0, 2**16), prompt=st.integers(1, 12), mxfp4=st.booleans())
 def test_drawn_configs_megakernel_equals_reference(cfg, seed, prompt, mxfp4):
