@@ -1,8 +1,9 @@
 """target="cuda": decode steps as one persistent CUDA kernel (tilec/codegen/megakernel.py), prefill on Triton.
 
 On this machine the megakernel is rendered and compiled with nvcc (no spills); the `gpu` tests run it against the
-reference target: fp32 within 1e-5 on `tiny` and on drawn configurations, bf16 and MXFP4 `mini` as close to fp32
-truth as the bf16 reference is, a verify step's rows equal to single-row steps bit for bit, and greedy tokens.
+reference target: fp32 within 1e-5 on `tiny` (also with two planner paths the presets never take) and on drawn
+configurations, bf16 and MXFP4 `mini` as close to fp32 truth as the bf16 reference is, a verify step's rows equal
+to single-row steps bit for bit, and greedy tokens.
 """
 
 from __future__ import annotations
