@@ -86,6 +86,26 @@ def test_router_choice_as_a_phase_of_its_own_compiles(monkeypatch, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_templates_directory_overrides_the_package_templates(monkeypatch, tmp_path):
+    """$TILEC_TEMPLATES: a template found there is used in place of the package's (an A/B of a kernel template in one
+    process); the others still come from the package; a directory that does not exist is a TilecError."""
+    from tilec.codegen import render as render_mod
+    from tilec.errors import TilecError
+
+    package = render_mod.template_dirs()[-1]
+    tasks = open(os.path.join(package, "cuda", "megakernel_tasks.cuh")).read()
+    (tmp_path / "cuda").mkdir()
+    (tmp_path / "cuda" / "megakernel_tasks.cuh").write_text("// variant B\n" + tasks)
+    before = tilec.compile(build_model("tiny"), target="cuda").program.sources["megakernel.cu"]
+    monkeypatch.setenv("TILEC_TEMPLATES", str(tmp_path))
+    after = tilec.compile(build_model("tiny"), target="cuda").program.sources["megakernel.cu"]
+    assert "// variant B" in after and "// variant B" not in before
+    assert after.replace("// variant B\n", "") == before  # the skeleton came from the package
+    monkeypatch.setenv("TILEC_TEMPLATES", str(tmp_path / "missing"))
+    with pytest.raises(TilecError, match="TILEC_TEMPLATES"):
+        tilec.compile(build_model("tiny"), target="cuda")
+
+
 def test_l2_prefetch_is_off_by_default_and_takes_each_weight_once(monkeypatch):
     source = tilec.compile(build_model("tiny"), target="cuda").program.sources["megakernel.cu"]
     assert "mk::prefetch_l2(" not in source

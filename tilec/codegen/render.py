@@ -1,6 +1,9 @@
 """Rendering templates and loading what they render.
 
 Templates live in the ``tilec.templates`` package and hold all target syntax; Python passes them a small context.
+``$TILEC_TEMPLATES`` names a directory laid out like the package whose templates are used in place of the package's
+(the rest still come from the package): a variant of a kernel template, for an A/B run in one process or machine
+start, without reinstalling tilec.
 Rendered sources are written to a cache directory under a name made of their content hash, so identical kernels
 (the same op at the same shapes in every layer) are one file, compiled once, and re-rendering is free.
 """
@@ -21,15 +24,30 @@ import jinja2
 from tilec.errors import TilecError
 
 
-@lru_cache(maxsize=1)
-def environment() -> jinja2.Environment:
+def template_dirs() -> list[str]:
+    """Where templates are looked up, first match first: ``$TILEC_TEMPLATES`` (if set), then the package."""
     import tilec.templates
 
-    root = Path(tilec.templates.__file__).parent
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(root)), undefined=jinja2.StrictUndefined,
+    dirs = [str(Path(tilec.templates.__file__).parent)]
+    override = os.environ.get("TILEC_TEMPLATES")
+    if override:
+        if not Path(override).is_dir():
+            raise TilecError(f"TILEC_TEMPLATES={override!r} is not a directory; set it to a directory laid out like "
+                             f"tilec's templates (e.g. one holding cuda/megakernel_tasks.cuh), or unset it")
+        dirs.insert(0, override)
+    return dirs
+
+
+@lru_cache(maxsize=4)
+def _environment(dirs: tuple[str, ...]) -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(list(dirs)), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["pyrepr"] = repr  # Python literals (True, None, 1e-05) in generated Python code
     return env
+
+
+def environment() -> jinja2.Environment:
+    return _environment(tuple(template_dirs()))
 
 
 def render(template: str, **context) -> str:
