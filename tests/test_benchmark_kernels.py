@@ -213,3 +213,31 @@ def test_profile_megakernel_rates_a_saved_profile_by_op():
     assert rates["qkv_rope"]["nodes"] == 12 and rates["moe_experts"]["phases"] == 22
     qkv = rates["qkv_rope"]
     assert qkv["tb_per_s"] == pytest.approx(qkv["bytes"] / (qkv["work_us"] * 1e-6) / 1e12)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_sass_diff_names_the_task_functions_a_template_change_reaches(tmp_path):
+    """sass_diff.py compiles the megakernel with tilec's templates and with a variant directory and compares each task
+    function's SASS: a comment changes nothing; a change to the attention merge changes its machine code."""
+    import sass_diff
+    from tilec.codegen.render import template_dirs
+
+    if sass_diff.tool("nvdisasm") is None:
+        pytest.skip("needs nvdisasm (on PATH or Triton's copy)")
+    tasks = (Path(template_dirs()[-1]) / "cuda" / "megakernel_tasks.cuh").read_text()
+    assert "__expf(sink - m_safe)" in tasks
+    for name, text in (("comment", "// a comment\n" + tasks),
+                       ("merge", tasks.replace("__expf(sink - m_safe)", "expf(sink - m_safe)"))):
+        (tmp_path / name / "cuda").mkdir(parents=True)
+        (tmp_path / name / "cuda" / "megakernel_tasks.cuh").write_text(text)
+    builds = {}
+    for name in (None, "comment", "merge"):
+        source = sass_diff.megakernel_source("tiny", None, False, None if name is None else str(tmp_path / name))
+        cubin, regs = sass_diff.compile_cubin(source, tmp_path, name or "base")
+        assert regs > 0
+        builds[name] = sass_diff.functions(cubin, sass_diff.tool("nvdisasm"))
+    same = sass_diff.compare(builds[None], builds["comment"])
+    assert {r["function"] for r in same} >= {"attn_combine", "proj_rope", "experts_gate_up", "tilec_megakernel"}
+    assert all(r["identical"] for r in same)
+    merge = {r["function"]: r for r in sass_diff.compare(builds[None], builds["merge"])}
+    assert not merge["attn_combine"]["identical"] and merge["attn_combine"]["opcodes_changed"]

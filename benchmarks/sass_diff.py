@@ -1,0 +1,176 @@
+"""Which of the megakernel's task functions change machine code between two template versions (no GPU needed).
+
+The megakernel is one compilation unit, and ptxas allocates registers across its task functions. So a change to one
+task can change the machine code of others, and their speed: on the H100, a batched load in the attention merge
+slowed the experts' gate/up phase by 50% with that phase's PTX unchanged
+(benchmarks/results/h100-2026-11-25/README.md). This script renders the megakernel of a preset (a few layers, on
+the meta device) with tilec's templates (A) and with a directory of template variants (B, `$TILEC_TEMPLATES`),
+compiles both with nvcc for sm_90a, and compares each task function's SASS. For each function it reports:
+- whether the instructions are identical;
+- whether they are the same modulo register names;
+- the instruction counts;
+- the opcodes whose counts changed.
+
+It needs nvcc and nvdisasm (Triton ships one). A difference it shows is a reason to time the whole step, not only
+the changed phase.
+
+    python3 benchmarks/sass_diff.py --variant DIR [--preset mini --layers 2 --mxfp4] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ARCH = ["-gencode=arch=compute_90a,code=sm_90a"]
+
+
+def tool(name: str) -> str | None:
+    """``name`` on PATH, else the copy Triton ships (triton/backends/nvidia/bin), else None."""
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        import triton
+
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+        return str(bundled) if bundled.exists() else None
+    except ImportError:
+        return None
+
+
+def megakernel_source(preset: str, layers: int | None, mxfp4: bool, variant: str | None) -> str:
+    """The megakernel of ``preset``'s first ``layers`` layers (all where None), rendered with the templates of
+    ``variant`` (a TILEC_TEMPLATES directory) or tilec's own."""
+    import torch
+
+    import tilec
+    from tilec.models import build_model, preset_config
+
+    overrides = {}
+    if layers is not None:
+        cfg = preset_config(preset)
+        overrides = {"num_hidden_layers": layers, "layer_types": list(cfg.layer_types[:layers]),
+                     "mlp_layer_types": list(cfg.mlp_layer_types[:layers])}
+
+    old = os.environ.pop("TILEC_TEMPLATES", None)
+    try:
+        if variant is not None:
+            os.environ["TILEC_TEMPLATES"] = variant
+        model = build_model(preset, device="meta", dtype=torch.bfloat16, **overrides)
+        cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=mxfp4, greedy=True))
+        if cm.program.plan is None:
+            sys.exit(f"no megakernel for {preset}: {cm.program.unsupported}")
+        return cm.program.sources["megakernel.cu"]
+    finally:
+        os.environ.pop("TILEC_TEMPLATES", None)
+        if old is not None:
+            os.environ["TILEC_TEMPLATES"] = old
+
+
+def compile_cubin(source: str, folder: Path, name: str) -> tuple[Path, int]:
+    """The cubin of ``source`` and the kernel's register count."""
+    cu, cubin = folder / f"{name}.cu", folder / f"{name}.cubin"
+    cu.write_text(source)
+    proc = subprocess.run(["nvcc", "-cubin", "-O3", "-std=c++17", *ARCH, "-Xptxas", "-v", "-o", str(cubin), str(cu)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"nvcc failed on {name}:\n{proc.stderr[-3000:]}")
+    regs = re.findall(r"Used (\d+) registers", proc.stderr)
+    return cubin, int(regs[-1]) if regs else -1
+
+
+def functions(cubin: Path, nvdisasm: str) -> dict[str, list[str]]:
+    """Each function of the cubin (the kernel and its task functions, by mangled name): its instructions."""
+    text = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True, check=True).stdout
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        label = re.match(r"^(\$\w+\$\w+|\w+):\s*$", line)
+        if label and (label.group(1).startswith("$tilec_megakernel$") or label.group(1) == "tilec_megakernel"):
+            current = label.group(1)
+            out[current] = []
+            continue
+        if current and re.match(r"\s*\.size", line):
+            current = None
+            continue
+        ins = re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
+        if current and ins:
+            out[current].append(re.sub(r"\s+", " ", ins.group(1)))
+    return out
+
+
+def short_name(mangled: str) -> str:
+    m = re.search(r"mk\d+([a-z_0-9]+?)I", mangled) or re.search(r"mk\d+([a-z_0-9]+)", mangled)
+    return m.group(1) if m else mangled.removeprefix("$tilec_megakernel$")
+
+
+def _strip(ins: str, registers: bool) -> str:
+    ins = re.sub(r"0x[0-9a-f]+|`\(.*?\)", "X", ins)  # addresses and branch targets
+    if registers:
+        ins = re.sub(r"\bU?R\d+\b|\bU?P\d\b", "R", ins)
+    return ins
+
+
+def opcode(ins: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", ins).split(" ")[0]
+
+
+def compare(a: dict[str, list[str]], b: dict[str, list[str]]) -> list[dict]:
+    rows = []
+    for name in sorted(set(a) | set(b), key=lambda n: -len(a.get(n, b.get(n, [])))):
+        fa, fb = a.get(name), b.get(name)
+        row = {"function": short_name(name), "mangled": name, "a": len(fa) if fa else None,
+               "b": len(fb) if fb else None}
+        if fa is not None and fb is not None:
+            row["identical"] = [_strip(x, False) for x in fa] == [_strip(x, False) for x in fb]
+            row["same_modulo_registers"] = [_strip(x, True) for x in fa] == [_strip(x, True) for x in fb]
+            ca, cb = collections.Counter(map(opcode, fa)), collections.Counter(map(opcode, fb))
+            row["opcodes_changed"] = {k: cb[k] - ca[k] for k in sorted(set(ca) | set(cb)) if cb[k] != ca[k]}
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", required=True, help="directory of template variants (as TILEC_TEMPLATES)")
+    p.add_argument("--preset", default="mini")
+    p.add_argument("--layers", type=int, default=2, help="the preset's first layers to render (default 2; 0: all)")
+    p.add_argument("--mxfp4", action="store_true")
+    p.add_argument("--out", type=Path, help="folder for sass_diff.json")
+    args = p.parse_args()
+    nvdisasm = tool("nvdisasm")
+    if shutil.which("nvcc") is None or nvdisasm is None:
+        sys.exit("sass_diff.py needs nvcc on PATH and nvdisasm (on PATH or Triton's bundled copy)")
+    if not Path(args.variant).is_dir():
+        sys.exit(f"--variant {args.variant!r} is not a directory")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        layers = args.layers or None
+        cubin_a, regs_a = compile_cubin(megakernel_source(args.preset, layers, args.mxfp4, None), folder, "a")
+        cubin_b, regs_b = compile_cubin(megakernel_source(args.preset, layers, args.mxfp4, args.variant), folder, "b")
+        rows = compare(functions(cubin_a, nvdisasm), functions(cubin_b, nvdisasm))
+    what = f"{args.preset}, {args.layers or 'all'} layers" + (", mxfp4" if args.mxfp4 else "")
+    print(f"{what}: kernel registers A {regs_a}, B {regs_b}")
+    print(f"{'function':<22} {'A':>6} {'B':>6} {'identical':>9} {'mod regs':>8}  opcodes changed (B - A)")
+    for r in rows:
+        changed = ", ".join(f"{k} {v:+d}" for k, v in list(r.get("opcodes_changed", {}).items())[:6])
+        print(f"{r['function'][:22]:<22} {r['a'] or '-':>6} {r['b'] or '-':>6} {str(r.get('identical', '-')):>9} "
+              f"{str(r.get('same_modulo_registers', '-')):>8}  {changed}")
+    if args.out is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from common import write_json
+
+        write_json(args.out / "sass_diff.json", {"preset": args.preset, "layers": args.layers, "mxfp4": args.mxfp4,
+                                                 "registers": {"a": regs_a, "b": regs_b}, "functions": rows})
+
+
+if __name__ == "__main__":
+    main()
