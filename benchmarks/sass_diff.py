@@ -29,9 +29,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-ARCH = ["-gencode=arch=compute_90a,code=sm_90a"]
-
-
 def tool(name: str) -> str | None:
     """``name`` on PATH, else the copy Triton ships (triton/backends/nvidia/bin), else None."""
     found = shutil.which(name)
@@ -76,14 +73,13 @@ def megakernel_source(preset: str, layers: int | None, mxfp4: bool, variant: str
 
 
 def compile_cubin(source: str, folder: Path, name: str) -> tuple[Path, int]:
-    """The cubin of ``source`` and the kernel's register count."""
-    cu, cubin = folder / f"{name}.cu", folder / f"{name}.cubin"
-    cu.write_text(source)
-    proc = subprocess.run(["nvcc", "-cubin", "-O3", "-std=c++17", *ARCH, "-Xptxas", "-v", "-o", str(cubin), str(cu)],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"nvcc failed on {name}:\n{proc.stderr[-3000:]}")
-    regs = re.findall(r"Used (\d+) registers", proc.stderr)
+    """The cubin of ``source`` (written into ``folder``) and the kernel's register count."""
+    from tilec.codegen.cuda_build import nvcc_cubin
+
+    code, report = nvcc_cubin(source, name, "sm_90a", ptxas_info=True)
+    cubin = folder / f"{name}.cubin"
+    cubin.write_bytes(code)
+    regs = re.findall(r"Used (\d+) registers", report)
     return cubin, int(regs[-1]) if regs else -1
 
 

@@ -19,10 +19,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tilec
 from tilec.codegen import megakernel
+from tilec.codegen.cuda_build import nvcc_cubin
 from tilec.models import MiMoForCausalLM, build_model
 from tilec.report import render_markdown
 
 from test_hf_parity import mimo_configs
+
+TINY_ROW_BYTES = 64 * 4  # a row of tiny's activations (hidden 64, fp32): staging one byte smaller holds none
 
 
 @pytest.mark.parametrize("mxfp4", [False, True])
@@ -58,7 +61,7 @@ def test_every_op_of_a_decode_step_has_a_phase(mxfp4):
 def test_norm_gets_a_phase_when_its_rows_do_not_fit_in_shared_memory(monkeypatch):
     """A norm is folded into its consumers only if max_rows rows of its output always fit in their staging area;
     otherwise it runs as a phase of its own and the consumers read its output from global memory."""
-    monkeypatch.setattr(megakernel, "XS_BYTES", 64 * 4 - 1)  # tiny: hidden 64 in fp32, one row does not fit
+    monkeypatch.setattr(megakernel, "XS_BYTES", TINY_ROW_BYTES - 1)
     cm = tilec.compile(build_model("tiny"), target="cuda", options=tilec.Options(greedy=True))
     mk = cm.report["megakernel"]
     assert not any("norm" in f for p in mk["schedule"] for f in p["folds"])
@@ -80,10 +83,7 @@ def test_router_choice_as_a_phase_of_its_own_compiles(monkeypatch, tmp_path):
     assert not any("router" in f for p in mk["schedule"] for f in p["folds"])
     source = cm.program.sources["megakernel.cu"]
     assert "mk::Chosen<" in source and "mk::Routed<" not in source
-    (tmp_path / "mk.cu").write_text(source)
-    proc = subprocess.run(["nvcc", "-cubin", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-o",
-                           str(tmp_path / "mk.cubin"), str(tmp_path / "mk.cu")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert nvcc_cubin(source, "mk", "sm_90a")[0]  # compiles (a TilecError with nvcc's messages otherwise)
 
 
 def test_templates_directory_overrides_the_package_templates(monkeypatch, tmp_path):
@@ -206,18 +206,14 @@ def test_launch_passes_every_kernel_parameter_and_returns_the_graphs_outputs(gre
 def test_megakernel_compiles_for_hopper_without_spills(tmp_path, mxfp4):
     model = build_model("mini", device="meta", num_hidden_layers=2, dtype=torch.bfloat16)
     cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=mxfp4, greedy=True))
-    src = tmp_path / "mk.cu"
-    src.write_text(cm.program.sources["megakernel.cu"])
-    proc = subprocess.run(["nvcc", "-cubin", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a",
-                           "-Xptxas", "-v", "-o", str(tmp_path / "mk.cubin"), str(src)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = nvcc_cubin(cm.program.sources["megakernel.cu"], "mk", "sm_90a", ptxas_info=True)[1]
     # No task function spills (their loops are the step's time). The kernel's body only calls them in turn and may
     # keep a few values across the calls in local memory: a few bytes stored once a launch.
-    lines = proc.stderr.splitlines()
+    lines = report.splitlines()
     spilled = {lines[i - 1].split("for ")[-1]: int(re.search(r"(\d+) bytes spill stores", line).group(1))
                for i, line in enumerate(lines) if re.search(r"[1-9]\d* bytes spill stores", line)}
     assert all(fn == "tilec_megakernel" and n <= 16 for fn, n in spilled.items()), spilled
-    regs = [int(m) for m in re.findall(r"Used (\d+) registers", proc.stderr)]
+    regs = [int(m) for m in re.findall(r"Used (\d+) registers", report)]
     assert regs and max(regs) * megakernel.THREADS <= 65536  # one block an SM fits the register file
 
 
@@ -281,7 +277,7 @@ def test_planner_variants_equal_reference_on_gpu(monkeypatch, variant):
     reading its ids."""
     os.environ.pop("TRITON_INTERPRET", None)
     if variant == "unstaged":
-        monkeypatch.setattr(megakernel, "XS_BYTES", 64 * 4 - 1)  # tiny: hidden 64 in fp32, one row does not fit
+        monkeypatch.setattr(megakernel, "XS_BYTES", TINY_ROW_BYTES - 1)
     else:
         monkeypatch.setattr(megakernel, "FOLD_ROUTER", False)
     model = build_model("tiny", seed=5, device="cuda")

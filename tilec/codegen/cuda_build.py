@@ -64,7 +64,9 @@ def _nvrtc(source: str, name: str, arch: str) -> bytes:
         raise TilecError(f"NVRTC could not compile the generated CUDA source {name} for {arch}:\n{exc}") from exc
 
 
-def _nvcc(source: str, name: str, arch: str) -> bytes:
+def nvcc_cubin(source: str, name: str, arch: str, ptxas_info: bool = False) -> tuple[bytes, str]:
+    """``source`` compiled by nvcc for ``arch`` (e.g. ``sm_90a``): the cubin, and nvcc's messages (with
+    ``ptxas_info``, ptxas's report of each function's registers, stack and spills)."""
     nvcc = _nvcc_path()
     if nvcc is None:
         raise TargetError(f"compiling the generated CUDA source {name} needs NVRTC (pip install cuda-core "
@@ -73,12 +75,13 @@ def _nvcc(source: str, name: str, arch: str) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / f"{name}.cu", Path(tmp) / f"{name}.cubin"
         src.write_text(source)
-        proc = subprocess.run([nvcc, "-cubin", "-O3", "-std=c++17", f"-gencode=arch={code},code={arch}", "-o",
-                               str(out), str(src)], capture_output=True, text=True)
+        proc = subprocess.run([nvcc, "-cubin", "-O3", "-std=c++17", f"-gencode=arch={code},code={arch}",
+                               *(["-Xptxas", "-v"] if ptxas_info else []), "-o", str(out), str(src)],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise TilecError(f"nvcc could not compile the generated CUDA source {name} for {arch}:\n"
                              f"{proc.stderr[-4000:]}")
-        return out.read_bytes()
+        return out.read_bytes(), proc.stderr
 
 
 def compile_cubin(source: str, name: str, arch: str) -> bytes:
@@ -86,7 +89,7 @@ def compile_cubin(source: str, name: str, arch: str) -> bytes:
     path = cache_dir() / f"{name}_{arch}_{source_hash(source)}.cubin"
     if path.exists():
         return path.read_bytes()
-    cubin = _nvrtc(source, name, arch) if _nvrtc_available() else _nvcc(source, name, arch)
+    cubin = _nvrtc(source, name, arch) if _nvrtc_available() else nvcc_cubin(source, name, arch)[0]
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(cubin)
     os.replace(tmp, path)  # whole or not at all

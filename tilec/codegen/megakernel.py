@@ -415,8 +415,7 @@ class _Planner:
         route = self.routes.pop(router, None)
         if route is not None:
             self.folding.append(router.name)
-        self.phase(node, "experts_gate_up", x=src, ids=self.arg(ids),
-                   route=route, act=act, H=hidden, I=inter, K=k,
+        self.phase(node, "experts_gate_up", x=src, ids=self.arg(ids), route=route, act=act, H=hidden, I=inter, K=k,
                    xdtype=dtype_name(xm.dtype), **gate_up)
         self.staging(k * inter * xm.dtype.itemsize)  # experts_down stages a row's k activations
         self.phase(node, "experts_down", act=act, weights=self.arg(weights), ids=self.arg(ids),
