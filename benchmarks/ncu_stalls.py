@@ -9,22 +9,33 @@ group:smsp__pcsamp_warp_stall_reasons_not_issued -o rep -f python3 benchmarks/nc
 The samples of every profiled launch in the file are added up by instruction (the launches run the same SASS). It
 prints the stall reasons over all instructions, those over each ``--ranges`` slice of instruction indices (find the
 phases' boundaries in the ``--top`` list: a phase's barriers and loads name it), and the most sampled instructions
-with their three main reasons. No GPU needed.
+with their three main reasons. ``--cubin`` (the machine code that ran; benchmarks/ncu_megakernel.py saves the
+megakernel's) adds them up by function as well: the megakernel's task functions are separate functions in the
+kernel's code, and nvdisasm (on PATH or Triton's copy) names where each starts. No GPU needed.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import csv
 import gzip
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sass_diff import short_name, tool  # noqa: E402
 
 ALL = "Warp Stall Sampling (All Samples)"
 
 
-def read(path: Path) -> tuple[list[str], dict[int, collections.Counter], list[str]]:
-    """(SASS text by instruction index, samples by index and reason summed over launches, the reason columns)."""
+def read(path: Path) -> tuple[list[str], dict[int, collections.Counter], list[str], list[int]]:
+    """(SASS text by instruction index, samples by index and reason summed over launches, the reason columns, each
+    instruction's byte offset from the kernel's first)."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         rows = list(csv.reader(f))
@@ -51,7 +62,47 @@ def read(path: Path) -> tuple[list[str], dict[int, collections.Counter], list[st
             for name in [ALL, *reasons]:
                 value = row[col[name]]
                 sums[index][name] += int(value) if value.isdigit() else 0
-    return [row[col["Source"]].strip() for row in launches[0]], sums, reasons
+    addresses = [int(row[col["Address"]], 16) for row in launches[0]]
+    offsets = [a - addresses[0] for a in addresses]
+    return [row[col["Source"]].strip() for row in launches[0]], sums, reasons, offsets
+
+
+def function_starts(cubin: Path) -> list[tuple[int, str]]:
+    """(byte offset, name) of each function in the kernel's code section of ``cubin``, in order of offset."""
+    nvdisasm = tool("nvdisasm")
+    if nvdisasm is None:
+        raise SystemExit("--cubin needs nvdisasm (on PATH, or Triton's copy)")
+    text = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True, check=True).stdout
+    starts, label, in_text = [], None, False
+    for line in text.splitlines():
+        if line.startswith("//---"):
+            in_text = ".text." in line
+            continue
+        if not in_text:
+            continue
+        m = re.match(r"^(\$?[A-Za-z_][\w$]*):\s*$", line)
+        if m and not m.group(1).startswith(".") and not m.group(1).startswith(".L"):
+            label = m.group(1)
+            continue
+        ins = re.match(r"\s*/\*([0-9a-f]+)\*/\s+\S", line)
+        if ins and label is not None:
+            starts.append((int(ins.group(1), 16), short_name(label)))
+            label = None
+    return starts
+
+
+def by_function(sums, reasons, offsets: list[int], starts: list[tuple[int, str]]) -> list[tuple[str, int, list]]:
+    """(function, samples, reasons by count) for each function, most sampled first (a function's copies are one)."""
+    keys = [s for s, _ in starts]
+    groups: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    totals: collections.Counter = collections.Counter()
+    for index, counts in sums.items():
+        at = bisect.bisect_right(keys, offsets[index]) - 1
+        name = starts[at][1] if at >= 0 else "?"
+        totals[name] += counts[ALL]
+        for r in reasons:
+            groups[name][r[len("stall_"):]] += counts[r]
+    return [(name, totals[name], groups[name].most_common()) for name, _ in totals.most_common()]
 
 
 def summary(sums, reasons, lo: int, hi: int) -> tuple[int, list[tuple[str, int]]]:
@@ -70,8 +121,9 @@ def main() -> None:
     ap.add_argument("csv", type=Path, help="ncu --page source --csv --print-source sass output (.csv or .csv.gz)")
     ap.add_argument("--ranges", nargs="*", default=[], help="instruction index slices a:b to sum apart")
     ap.add_argument("--top", type=int, default=25, help="most sampled instructions to list")
+    ap.add_argument("--cubin", type=Path, help="the cubin that ran: add the samples up by function too")
     args = ap.parse_args()
-    sass, sums, reasons = read(args.csv)
+    sass, sums, reasons, offsets = read(args.csv)
     n = len(sass)
     total, by = summary(sums, reasons, 0, n)
     print(f"{n} instructions, {total} samples")
@@ -81,6 +133,11 @@ def main() -> None:
         part, by = summary(sums, reasons, lo, hi)
         print(f"[{lo}:{hi}] {part} samples: " + ", ".join(f"{r} {c} ({100 * c / max(part, 1):.0f}%)" for r, c in by
                                                             if c))
+    if args.cubin is not None:
+        print("\nby function (samples, share of all, main reasons as shares of the function's):")
+        for name, part, by in by_function(sums, reasons, offsets, function_starts(args.cubin)):
+            print(f"{name[:28]:<28} {part:8d} {100 * part / max(total, 1):5.1f}%  "
+                  + ", ".join(f"{r} {100 * c / max(part, 1):.0f}%" for r, c in by[:5] if c))
     print("\nmost sampled (index, SASS, samples, main reasons):")
     for index, counts in sorted(sorted(sums.items(), key=lambda kv: -kv[1][ALL])[:args.top]):
         main_reasons = sorted(((r[len("stall_"):], counts[r]) for r in reasons if counts[r]), key=lambda x: -x[1])[:3]

@@ -3,13 +3,16 @@
 The megakernel is one compilation unit, and ptxas allocates registers across its task functions. So a change to one
 task can change the machine code of others, and their speed: on the H100, a batched load in the attention merge
 slowed the experts' gate/up phase by 50% with that phase's PTX unchanged
-(benchmarks/results/h100-2026-11-25/README.md). This script renders the megakernel of a preset (a few layers, on
+(benchmarks/results/h100-2026-11-25/README.md): ptxas had split the phase's batch of 8 weight loads a lane into
+batches of 2 (found with Nsight Compute, benchmarks/results/h100-2026-11-25b/README.md). This script renders the megakernel of a preset (a few layers, on
 the meta device) with tilec's templates (A) and with a directory of template variants (B, `$TILEC_TEMPLATES`),
 compiles both with nvcc for sm_90a, and compares each task function's SASS. For each function it reports:
 - whether the instructions are identical;
 - whether they are the same modulo register names;
 - the instruction counts;
 - the opcodes whose counts changed.
+It also names, in each build, the GEMV loops whose weight loads ptxas split by FMAs (`load_batches`): fewer loads
+in flight at once, a slower phase.
 
 It needs nvcc and nvdisasm (Triton ships one). A difference it shows is a reason to time the whole step, not only
 the changed phase.
@@ -103,6 +106,67 @@ def functions(cubin: Path, nvdisasm: str) -> dict[str, list[str]]:
     return out
 
 
+def load_batches(cubin: Path, nvdisasm: str) -> dict[str, list[dict]]:
+    """Each function's innermost loops that load weights (ld.global.nc) and do FMAs (a loop: a branch back to an
+    earlier instruction of the function): its instruction count, its weight loads, and ``batch``, the most of them
+    issued between two FMAs (around the back edge). A GEMV loop whose loads are one batch keeps them all in flight
+    together; ptxas under register pressure may move loads past FMAs instead, and so split a batch: that made the
+    experts' gate/up phase of the mini megakernel 45% slower (benchmarks/results/h100-2026-11-25b).
+    """
+    text = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True, check=True).stdout
+    funcs: dict[str, list[tuple[int, str]]] = {}
+    labels: dict[str, int] = {}
+    pending: list[str] = []
+    current = None
+    for line in text.splitlines():
+        label = re.match(r"^(\$?[\w$.]+):\s*$", line)
+        if label:
+            name = label.group(1)
+            if name.startswith("$tilec_megakernel$") or name == "tilec_megakernel":
+                current = name
+                funcs[current] = []
+            pending.append(name)
+            continue
+        ins = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;", line)
+        if ins and current:
+            at = int(ins.group(1), 16)
+            for name in pending:
+                labels[name] = at
+            pending = []
+            funcs[current].append((at, ins.group(2)))
+    out: dict[str, list[dict]] = {}
+    for name, body in funcs.items():
+        spans = []  # (first, last) offsets of each loop
+        for at, ins in body:
+            target = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", ins)
+            if target and body[0][0] <= labels.get(target.group(1), -1) < at:
+                spans.append((labels[target.group(1)], at))
+        loops = []
+        for lo, hi in spans:
+            if any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in spans):
+                continue  # not innermost
+            loop = [text_ for a, text_ in body if lo <= a <= hi]
+            # weight loads: ld.global.nc (__ldg), LDG...CONSTANT; activations from L2 (__ldcg) are not counted
+            kinds = ["L" if re.match(r"(@!?U?P\w+\s+)?LDG\S*CONSTANT", x) else "F" if "FFMA" in x else "" for x in loop]
+            if "L" in kinds and "F" in kinds:
+                # the loop's loads between two FMAs, taken around the back edge (a loop ptxas rotated issues the
+                # next turn's loads at its end)
+                first = kinds.index("F")
+                runs = "".join(kinds[first:] + kinds[:first]).split("F")
+                loops.append({"instructions": len(loop), "loads": kinds.count("L"),
+                              "batch": max(len(r) for r in runs)})
+        if loops:
+            out[short_name(name)] = out.get(short_name(name), []) + loops
+    return out
+
+
+def split_batches(batches: dict[str, list[dict]], depth: int = 8) -> list[tuple[str, int, int]]:
+    """(function, loads, batch) of each loop of `load_batches` whose batch is smaller than ``depth`` loads (the GEMV
+    loops' DEPTH x rows), or than all of its loads where it has fewer."""
+    return [(f, lp["loads"], lp["batch"]) for f, loops in batches.items() for lp in loops
+            if lp["batch"] < min(lp["loads"], depth)]
+
+
 def short_name(mangled: str) -> str:
     m = re.search(r"mk\d+([a-z_0-9]+?)I", mangled) or re.search(r"mk\d+([a-z_0-9]+)", mangled)
     return m.group(1) if m else mangled.removeprefix("$tilec_megakernel$")
@@ -153,6 +217,8 @@ def main() -> None:
         cubin_a, regs_a = compile_cubin(megakernel_source(args.preset, layers, args.mxfp4, None), folder, "a")
         cubin_b, regs_b = compile_cubin(megakernel_source(args.preset, layers, args.mxfp4, args.variant), folder, "b")
         rows = compare(functions(cubin_a, nvdisasm), functions(cubin_b, nvdisasm))
+        batches = {"a": split_batches(load_batches(cubin_a, nvdisasm)),
+                   "b": split_batches(load_batches(cubin_b, nvdisasm))}
     what = f"{args.preset}, {args.layers or 'all'} layers" + (", mxfp4" if args.mxfp4 else "")
     print(f"{what}: kernel registers A {regs_a}, B {regs_b}")
     print(f"{'function':<22} {'A':>6} {'B':>6} {'identical':>9} {'mod regs':>8}  opcodes changed (B - A)")
@@ -160,12 +226,16 @@ def main() -> None:
         changed = ", ".join(f"{k} {v:+d}" for k, v in list(r.get("opcodes_changed", {}).items())[:6])
         print(f"{r['function'][:22]:<22} {r['a'] or '-':>6} {r['b'] or '-':>6} {str(r.get('identical', '-')):>9} "
               f"{str(r.get('same_modulo_registers', '-')):>8}  {changed}")
+    for build, split in batches.items():
+        print(f"{build.upper()}: weight loads split by FMAs (loads / most in one batch): "
+              + (", ".join(f"{f} {n}/{b}" for f, n, b in split) or "none"))
     if args.out is not None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from common import write_json
 
         write_json(args.out / "sass_diff.json", {"preset": args.preset, "layers": args.layers, "mxfp4": args.mxfp4,
-                                                 "registers": {"a": regs_a, "b": regs_b}, "functions": rows})
+                                                 "registers": {"a": regs_a, "b": regs_b}, "functions": rows,
+                                                 "split_batches": batches})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ branch experiment/split-k, which this repository no longer has.)
 
 from __future__ import annotations
 
+import collections
 import re
 import shutil
 import subprocess
@@ -105,11 +106,63 @@ def test_ncu_stalls_adds_the_launches_by_instruction(tmp_path):
             w.writerow(["Kernel Name", "experts_kernel"])
             w.writerow(header)
             w.writerows(rows)
-    sass, sums, reasons = ncu_stalls.read(path)
+    sass, sums, reasons, offsets = ncu_stalls.read(path)
     assert sass == ["LDG.E R2, [R4]", "HMMA R0, R2"] and reasons == ["stall_wait", "stall_long_sb"]
+    assert offsets == [0, 16]
     assert (sums[0][ncu_stalls.ALL], sums[0]["stall_long_sb"], sums[1]["stall_wait"]) == (7, 6, 3)
     assert ncu_stalls.summary(sums, reasons, 0, 1) == (7, [("long_sb", 6), ("wait", 1)])
     assert ncu_stalls.summary(sums, reasons, 0, 2)[0] == 10
+
+
+def test_ncu_stalls_adds_the_samples_up_by_function(tmp_path):
+    """With the cubin that ran, ncu_stalls.py names the function of each sampled instruction (the kernel and the
+    __noinline__ functions it calls share one code section) and adds the samples up by function."""
+    import ncu_stalls
+    from tilec.codegen.cuda_build import nvcc_cubin
+
+    if ncu_stalls.tool("nvdisasm") is None or shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc and nvdisasm (on PATH or Triton's copy)")
+    source = """
+__device__ __noinline__ float twice(const float* p, int i) { return p[i] * 2.f; }
+__device__ __noinline__ float plus3(const float* p, int i) { return p[i] + 3.f; }
+extern "C" __global__ void k(float* p) { p[threadIdx.x] = twice(p, threadIdx.x + 1) + plus3(p, threadIdx.x + 2); }
+"""
+    cubin = tmp_path / "k.cubin"
+    cubin.write_bytes(nvcc_cubin(source, "k", "sm_90a")[0])
+    starts = ncu_stalls.function_starts(cubin)
+    names = [name for _, name in starts]
+    assert names[0] == "k" and len(starts) == 3 and any("twice" in n for n in names) and any("plus3" in n for n in names)
+    assert [s for s, _ in starts] == sorted(s for s, _ in starts) and starts[0][0] == 0
+    twice_at = next(s for s, n in starts if "twice" in n)
+    # one sampled instruction in the kernel, two in the first callee (its first and its second instruction)
+    sums = {0: {ncu_stalls.ALL: 4, "stall_wait": 4, "stall_long_sb": 0},
+            1: {ncu_stalls.ALL: 5, "stall_wait": 1, "stall_long_sb": 4},
+            2: {ncu_stalls.ALL: 1, "stall_wait": 0, "stall_long_sb": 1}}
+    sums = {i: collections.Counter(c) for i, c in sums.items()}
+    rows = ncu_stalls.by_function(sums, ["stall_wait", "stall_long_sb"], [0, twice_at, twice_at + 16], starts)
+    assert rows[0][0] == next(n for n in names if "twice" in n) and rows[0][1] == 6
+    assert rows[0][2][0] == ("long_sb", 5) and rows[1] == ("k", 4, [("wait", 4), ("long_sb", 0)])
+
+
+def test_megakernel_gemv_loops_keep_their_weight_loads_in_one_batch(tmp_path):
+    """In the mini megakernel as nvcc builds it for sm_90a (255 registers, the ceiling), every GEMV loop issues its
+    lane's 8 weight loads before the FMAs that use them. Without the __syncwarp after the loads, ptxas split the
+    experts' gate/up batch into 4 of 2 and the q/k/v projection's one-row batch into 5 and 3 (on the H100, gate/up
+    went from 279 to 403 us a step: benchmarks/results/h100-2026-11-25b)."""
+    import sass_diff
+
+    if sass_diff.tool("nvdisasm") is None or shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc and nvdisasm (on PATH or Triton's copy)")
+    source = sass_diff.megakernel_source("mini", None, False, None)
+    cubin, regs = sass_diff.compile_cubin(source, tmp_path, "mini")
+    batches = sass_diff.load_batches(cubin, sass_diff.tool("nvdisasm"))
+    gemv = {"linear", "proj_rope", "router_scores", "swiglu_gate_up", "experts_gate_up", "experts_down"}
+    assert gemv <= set(batches), batches.keys()
+    assert all(lp["loads"] >= 8 for f in gemv for lp in batches[f])
+    assert sass_diff.split_batches(batches) == [], (regs, sass_diff.split_batches(batches))
+    # and the check itself sees a split batch: a loop whose loads come two between FMAs
+    fake = {"f": [{"instructions": 40, "loads": 8, "batch": 2}, {"instructions": 40, "loads": 4, "batch": 4}]}
+    assert sass_diff.split_batches(fake) == [("f", 8, 2)]
 
 
 def test_dense_tiles_bench_runs_and_checks_every_variant(tmp_path):

@@ -241,6 +241,9 @@ __device__ __forceinline__ void dot_impl(const TW* const* w, const TX* x, int K,
 #pragma unroll
       for (int i = 0; i < NW; ++i)
         if (k0 + u * 256 < K) wv[i][u].nc(w[i] + k0 + u * 256);
+    // ptxas does not move loads past a warp barrier: without it, under the kernel's register pressure, it may
+    // interleave them with the FMAs and keep 2 in flight instead of 8 (sass_diff.load_batches checks the build).
+    __syncwarp();
 #pragma unroll
     for (int u = 0; u < DEPTH; ++u) {
       const int k = k0 + u * 256;
@@ -268,9 +271,22 @@ __device__ __forceinline__ void dot_impl(const TW* const* w, const TX* x, int K,
     for (int r = 0; r < MAXR; ++r)
       if (r < R) acc[i][r] = warp_sum(acc[i][r]);
 }
-// dot_impl with x staged (`staged`: from stage_x, x then the staging area) or not.
+// dot_impl with x staged (`staged`: from stage_x, x then the staging area) or not. A step of one row (every decode
+// step without speculation) takes a loop made for one row: the MAXR loop's row branches (a taken branch past the
+// other rows' code for every chunk) left the GEMV tasks' warps waiting on instruction fetch for 25 to 52% of their
+// samples (Nsight Compute, benchmarks/results/h100-2026-11-25b). Row 0's sums are the same bits either way.
 template <int MAXR, int NW, class TW, class TX>
 __device__ __forceinline__ void dot(const TW* const* w, const TX* x, bool staged, int K, int R, float (*acc)[MAXR]) {
+  if (MAXR > 1 && R == 1) {
+    float one[NW][1];
+    if (staged)
+      dot_impl<1, NW, true>(w, x, K, 1, one);
+    else
+      dot_impl<1, NW, false>(w, x, K, 1, one);
+#pragma unroll
+    for (int i = 0; i < NW; ++i) acc[i][0] = one[i][0];
+    return;
+  }
   if (staged)
     dot_impl<MAXR, NW, true>(w, x, K, R, acc);
   else
@@ -948,6 +964,7 @@ __device__ __forceinline__ void dot_rows(const Rows& rows, const long long* row_
 #pragma unroll
       for (int j = 0; j < NR; ++j)
         if (c0 + 32 * u < per) f[u][j] = rows.load(row_of[j], K, c0 + 32 * u);
+    __syncwarp();  // the loads stay one batch (see dot_impl)
 #pragma unroll
     for (int u = 0; u < DEPTH; ++u)
 #pragma unroll
