@@ -234,7 +234,8 @@ __device__ __forceinline__ void dot_impl(const TW* const* w, const TX* x, int K,
   for (int i = 0; i < NW; ++i)
 #pragma unroll
     for (int r = 0; r < MAXR; ++r) acc[i][r] = 0.0f;
-  for (int k0 = lane * 8; k0 < K; k0 += DEPTH * 256) {
+  for (int k00 = 0; k00 < K; k00 += DEPTH * 256) {  // as many turns in every lane: the __syncwarp below
+    const int k0 = k00 + lane * 8;
     Vec8<TW> wv[NW][DEPTH];
 #pragma unroll
     for (int u = 0; u < DEPTH; ++u)
@@ -957,7 +958,8 @@ __device__ __forceinline__ void dot_rows(const Rows& rows, const long long* row_
   float part[NR];
 #pragma unroll
   for (int j = 0; j < NR; ++j) part[j] = 0.0f;
-  for (int c0 = lane; c0 < per; c0 += 32 * DEPTH) {
+  for (int c00 = 0; c00 < per; c00 += 32 * DEPTH) {  // as many turns in every lane: the __syncwarp below
+    const int c0 = c00 + lane;
     typename Rows::Frag f[DEPTH][NR];
 #pragma unroll
     for (int u = 0; u < DEPTH; ++u)
