@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-import tilec  # noqa: E402
+from profile_megakernel import prefilled  # noqa: E402
 from tilec.codegen.cuda_build import arch_of, compile_cubin  # noqa: E402
-from tilec.models import build_model  # noqa: E402
 
 
 def main() -> None:
@@ -35,17 +35,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="decode steps (megakernel launches)")
     ap.add_argument("--cubin", type=Path, help="where to write the megakernel's cubin")
     args = ap.parse_args()
-    device = torch.device("cuda")
-    model = build_model(args.preset, device="cuda")
-    cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=args.mxfp4))
+    cm, session, ids = prefilled(args.preset, args.mxfp4, args.context, args.steps)
     program = cm.program
-    if program.plan is None:
-        sys.exit(f"no megakernel: {program.unsupported}")
-    gen = torch.Generator("cuda").manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.context + args.steps), device="cuda", generator=gen)
-    session = cm.new_session(1, ids.shape[1] + 8)
     with torch.inference_mode():
-        session.step(ids[:, :args.context])
         before = program.launches
         for i in range(args.steps):
             session.step(ids[:, args.context + i:args.context + i + 1])
@@ -53,7 +45,7 @@ def main() -> None:
     print(f"{args.steps} steps, {program.launches - before} megakernel launches")
     if args.cubin is not None:
         args.cubin.parent.mkdir(parents=True, exist_ok=True)
-        args.cubin.write_bytes(compile_cubin(program.megakernel_source, "tilec_megakernel", arch_of(device)))
+        args.cubin.write_bytes(compile_cubin(program.megakernel_source, "tilec_megakernel", arch_of(ids.device)))
 
 
 if __name__ == "__main__":

@@ -21,14 +21,12 @@ import bisect
 import collections
 import csv
 import gzip
-import re
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sass_diff import short_name, tool  # noqa: E402
+from sass_diff import disassembly, short_name, tool  # noqa: E402
 
 ALL = "Warp Stall Sampling (All Samples)"
 
@@ -68,27 +66,13 @@ def read(path: Path) -> tuple[list[str], dict[int, collections.Counter], list[st
 
 
 def function_starts(cubin: Path) -> list[tuple[int, str]]:
-    """(byte offset, name) of each function in the kernel's code section of ``cubin``, in order of offset."""
+    """(byte offset, name) of each function in the code of ``cubin``, in order of offset (the kernel's code section
+    holds the functions it calls)."""
     nvdisasm = tool("nvdisasm")
     if nvdisasm is None:
         raise SystemExit("--cubin needs nvdisasm (on PATH, or Triton's copy)")
-    text = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True, check=True).stdout
-    starts, label, in_text = [], None, False
-    for line in text.splitlines():
-        if line.startswith("//---"):
-            in_text = ".text." in line
-            continue
-        if not in_text:
-            continue
-        m = re.match(r"^(\$?[A-Za-z_][\w$]*):\s*$", line)
-        if m and not m.group(1).startswith(".") and not m.group(1).startswith(".L"):
-            label = m.group(1)
-            continue
-        ins = re.match(r"\s*/\*([0-9a-f]+)\*/\s+\S", line)
-        if ins and label is not None:
-            starts.append((int(ins.group(1), 16), short_name(label)))
-            label = None
-    return starts
+    funcs, _ = disassembly(cubin, nvdisasm)
+    return sorted((body[0][0], short_name(name)) for name, body in funcs.items() if body)
 
 
 def by_function(sums, reasons, offsets: list[int], starts: list[tuple[int, str]]) -> list[tuple[str, int, list]]:

@@ -74,6 +74,21 @@ def from_json(path: Path) -> list[dict]:
     return rates
 
 
+def prefilled(preset: str, mxfp4: bool, context: int, more: int) -> tuple:
+    """``preset`` (random weights) compiled for the ``cuda`` target, a session that has prefilled a random prompt of
+    ``context`` tokens, and the prompt's ids followed by ``more`` ids for the decode steps: (compiled, session, ids).
+    Exits where the preset has no megakernel."""
+    model = build_model(preset, device="cuda")
+    cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=mxfp4))
+    if cm.program.plan is None:
+        sys.exit(f"no megakernel: {cm.program.unsupported}")
+    gen = torch.Generator("cuda").manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, context + more), device="cuda", generator=gen)
+    session = cm.new_session(1, ids.shape[1] + 8)
+    session.step(ids[:, :context])
+    return cm, session, ids
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="folder for profile_megakernel.json (needed unless --from-json)")
@@ -96,16 +111,8 @@ def main() -> None:
         from tilec.codegen import megakernel
 
         megakernel.PREFETCH_BYTES = int(args.prefetch_mb * 2**20)
-    model = build_model(args.preset, device="cuda")
-    cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=args.mxfp4))
+    cm, session, ids = prefilled(args.preset, args.mxfp4, args.context, args.rows * (args.repeats + 1))
     program = cm.program
-    if program.plan is None:
-        sys.exit(f"no megakernel: {program.unsupported}")
-    gen = torch.Generator("cuda").manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.context + args.rows * (args.repeats + 1)), device="cuda",
-                        generator=gen)
-    session = cm.new_session(1, ids.shape[1] + 8)
-    session.step(ids[:, :args.context])
     runs = []
     for i in range(args.repeats + 1):  # the first compiles the timeline variant and warms up
         first = args.context + i * args.rows

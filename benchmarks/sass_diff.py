@@ -4,9 +4,10 @@ The megakernel is one compilation unit, and ptxas allocates registers across its
 task can change the machine code of others, and their speed: on the H100, a batched load in the attention merge
 slowed the experts' gate/up phase by 50% with that phase's PTX unchanged
 (benchmarks/results/h100-2026-11-25/README.md): ptxas had split the phase's batch of 8 weight loads a lane into
-batches of 2 (found with Nsight Compute, benchmarks/results/h100-2026-11-25b/README.md). This script renders the megakernel of a preset (a few layers, on
-the meta device) with tilec's templates (A) and with a directory of template variants (B, `$TILEC_TEMPLATES`),
-compiles both with nvcc for sm_90a, and compares each task function's SASS. For each function it reports:
+batches of 2 (found with Nsight Compute, benchmarks/results/h100-2026-11-25b/README.md). This script renders the
+megakernel of a preset (a few layers, on the meta device) with tilec's templates (A) and with a directory of template
+variants (B, `$TILEC_TEMPLATES`), compiles both with nvcc for sm_90a, and compares each task function's SASS. For
+each function it reports:
 - whether the instructions are identical;
 - whether they are the same modulo register names;
 - the instruction counts;
@@ -86,24 +87,47 @@ def compile_cubin(source: str, folder: Path, name: str) -> tuple[Path, int]:
     return cubin, int(regs[-1]) if regs else -1
 
 
-def functions(cubin: Path, nvdisasm: str) -> dict[str, list[str]]:
-    """Each function of the cubin (the kernel and its task functions, by mangled name): its instructions."""
+def disassembly(cubin: Path, nvdisasm: str) -> tuple[dict[str, list[tuple[int, str]]], dict[str, int]]:
+    """The cubin's functions, from nvdisasm: each function's instructions as (byte offset in its code section, text),
+    by mangled name, and the offset of every label (branch targets included). A function is a label of a code
+    section that does not start with a dot (the megakernel's task functions are labels in the kernel's section); it
+    ends at the next one or at a ``.size`` line."""
     text = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True, check=True).stdout
-    out: dict[str, list[str]] = {}
-    current = None
+    funcs: dict[str, list[tuple[int, str]]] = {}
+    labels: dict[str, int] = {}
+    pending: list[str] = []
+    current, in_code = None, False
     for line in text.splitlines():
-        label = re.match(r"^(\$\w+\$\w+|\w+):\s*$", line)
-        if label and (label.group(1).startswith("$tilec_megakernel$") or label.group(1) == "tilec_megakernel"):
-            current = label.group(1)
-            out[current] = []
+        if line.startswith("//---"):
+            in_code, current = ".text." in line, None
             continue
-        if current and re.match(r"\s*\.size", line):
+        if not in_code:
+            continue
+        label = re.match(r"^(\$?[\w$.]+):\s*$", line)
+        if label:
+            name = label.group(1)
+            if not name.startswith("."):
+                current = name
+                funcs[current] = []
+            pending.append(name)
+            continue
+        if re.match(r"\s*\.size", line):
             current = None
             continue
-        ins = re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
-        if current and ins:
-            out[current].append(re.sub(r"\s+", " ", ins.group(1)))
-    return out
+        ins = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;", line)
+        if ins:
+            at = int(ins.group(1), 16)
+            for name in pending:
+                labels[name] = at
+            pending = []
+            if current is not None:
+                funcs[current].append((at, re.sub(r"\s+", " ", ins.group(2))))
+    return funcs, labels
+
+
+def functions(cubin: Path, nvdisasm: str) -> dict[str, list[str]]:
+    """Each function of the cubin (the kernel and its task functions, by mangled name): its instructions."""
+    return {name: [ins for _, ins in body] for name, body in disassembly(cubin, nvdisasm)[0].items()}
 
 
 def load_batches(cubin: Path, nvdisasm: str) -> dict[str, list[dict]]:
@@ -113,29 +137,11 @@ def load_batches(cubin: Path, nvdisasm: str) -> dict[str, list[dict]]:
     together; ptxas under register pressure may move loads past FMAs instead, and so split a batch: that made the
     experts' gate/up phase of the mini megakernel 45% slower (benchmarks/results/h100-2026-11-25b).
     """
-    text = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True, check=True).stdout
-    funcs: dict[str, list[tuple[int, str]]] = {}
-    labels: dict[str, int] = {}
-    pending: list[str] = []
-    current = None
-    for line in text.splitlines():
-        label = re.match(r"^(\$?[\w$.]+):\s*$", line)
-        if label:
-            name = label.group(1)
-            if name.startswith("$tilec_megakernel$") or name == "tilec_megakernel":
-                current = name
-                funcs[current] = []
-            pending.append(name)
-            continue
-        ins = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;", line)
-        if ins and current:
-            at = int(ins.group(1), 16)
-            for name in pending:
-                labels[name] = at
-            pending = []
-            funcs[current].append((at, ins.group(2)))
+    funcs, labels = disassembly(cubin, nvdisasm)
     out: dict[str, list[dict]] = {}
     for name, body in funcs.items():
+        if not body:
+            continue
         spans = []  # (first, last) offsets of each loop
         for at, ins in body:
             target = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", ins)
@@ -145,7 +151,7 @@ def load_batches(cubin: Path, nvdisasm: str) -> dict[str, list[dict]]:
         for lo, hi in spans:
             if any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in spans):
                 continue  # not innermost
-            loop = [text_ for a, text_ in body if lo <= a <= hi]
+            loop = [ins for at, ins in body if lo <= at <= hi]
             # weight loads: ld.global.nc (__ldg), LDG...CONSTANT; activations from L2 (__ldcg) are not counted
             kinds = ["L" if re.match(r"(@!?U?P\w+\s+)?LDG\S*CONSTANT", x) else "F" if "FFMA" in x else "" for x in loop]
             if "L" in kinds and "F" in kinds:

@@ -131,7 +131,8 @@ extern "C" __global__ void k(float* p) { p[threadIdx.x] = twice(p, threadIdx.x +
     cubin.write_bytes(nvcc_cubin(source, "k", "sm_90a")[0])
     starts = ncu_stalls.function_starts(cubin)
     names = [name for _, name in starts]
-    assert names[0] == "k" and len(starts) == 3 and any("twice" in n for n in names) and any("plus3" in n for n in names)
+    assert names[0] == "k" and len(starts) == 3
+    assert any("twice" in n for n in names) and any("plus3" in n for n in names)
     assert [s for s, _ in starts] == sorted(s for s, _ in starts) and starts[0][0] == 0
     twice_at = next(s for s, n in starts if "twice" in n)
     # one sampled instruction in the kernel, two in the first callee (its first and its second instruction)
