@@ -19,6 +19,7 @@ It needs nvcc and nvdisasm (Triton ships one). A difference it shows is a reason
 the changed phase.
 
     python3 benchmarks/sass_diff.py --variant DIR [--preset mini --layers 2 --mxfp4] [--out DIR]
+    python3 benchmarks/sass_diff.py --layers 0     # tilec's templates only: exits 1 where a load batch is split
 """
 
 from __future__ import annotations
@@ -206,32 +207,38 @@ def compare(a: dict[str, list[str]], b: dict[str, list[str]]) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", required=True, help="directory of template variants (as TILEC_TEMPLATES)")
+    p.add_argument("--variant", help="directory of template variants (as TILEC_TEMPLATES); without it, only tilec's "
+                                     "templates are built and checked for split load batches")
     p.add_argument("--preset", default="mini")
-    p.add_argument("--layers", type=int, default=2, help="the preset's first layers to render (default 2; 0: all)")
+    p.add_argument("--layers", type=int, default=2, help="the preset's first layers to render (default 2; 0: all, "
+                                                         "the register pressure of the real kernel)")
     p.add_argument("--mxfp4", action="store_true")
     p.add_argument("--out", type=Path, help="folder for sass_diff.json")
     args = p.parse_args()
     nvdisasm = tool("nvdisasm")
     if shutil.which("nvcc") is None or nvdisasm is None:
         sys.exit("sass_diff.py needs nvcc on PATH and nvdisasm (on PATH or Triton's bundled copy)")
-    if not Path(args.variant).is_dir():
+    if args.variant is not None and not Path(args.variant).is_dir():
         sys.exit(f"--variant {args.variant!r} is not a directory")
+    layers = args.layers or None
+    builds = {"a": None} if args.variant is None else {"a": None, "b": args.variant}
+    code, regs, batches = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        layers = args.layers or None
-        cubin_a, regs_a = compile_cubin(megakernel_source(args.preset, layers, args.mxfp4, None), folder, "a")
-        cubin_b, regs_b = compile_cubin(megakernel_source(args.preset, layers, args.mxfp4, args.variant), folder, "b")
-        rows = compare(functions(cubin_a, nvdisasm), functions(cubin_b, nvdisasm))
-        batches = {"a": split_batches(load_batches(cubin_a, nvdisasm)),
-                   "b": split_batches(load_batches(cubin_b, nvdisasm))}
+        for build, variant in builds.items():
+            cubin, regs[build] = compile_cubin(megakernel_source(args.preset, layers, args.mxfp4, variant), Path(tmp),
+                                               build)
+            code[build] = functions(cubin, nvdisasm)
+            batches[build] = split_batches(load_batches(cubin, nvdisasm))
     what = f"{args.preset}, {args.layers or 'all'} layers" + (", mxfp4" if args.mxfp4 else "")
-    print(f"{what}: kernel registers A {regs_a}, B {regs_b}")
-    print(f"{'function':<22} {'A':>6} {'B':>6} {'identical':>9} {'mod regs':>8}  opcodes changed (B - A)")
-    for r in rows:
-        changed = ", ".join(f"{k} {v:+d}" for k, v in list(r.get("opcodes_changed", {}).items())[:6])
-        print(f"{r['function'][:22]:<22} {r['a'] or '-':>6} {r['b'] or '-':>6} {str(r.get('identical', '-')):>9} "
-              f"{str(r.get('same_modulo_registers', '-')):>8}  {changed}")
+    print(f"{what}: kernel registers " + ", ".join(f"{b.upper()} {r}" for b, r in regs.items()))
+    rows = []
+    if "b" in code:
+        rows = compare(code["a"], code["b"])
+        print(f"{'function':<22} {'A':>6} {'B':>6} {'identical':>9} {'mod regs':>8}  opcodes changed (B - A)")
+        for r in rows:
+            changed = ", ".join(f"{k} {v:+d}" for k, v in list(r.get("opcodes_changed", {}).items())[:6])
+            print(f"{r['function'][:22]:<22} {r['a'] or '-':>6} {r['b'] or '-':>6} "
+                  f"{str(r.get('identical', '-')):>9} {str(r.get('same_modulo_registers', '-')):>8}  {changed}")
     for build, split in batches.items():
         print(f"{build.upper()}: weight loads split by FMAs (loads / most in one batch): "
               + (", ".join(f"{f} {n}/{b}" for f, n, b in split) or "none"))
@@ -240,8 +247,9 @@ def main() -> None:
         from common import write_json
 
         write_json(args.out / "sass_diff.json", {"preset": args.preset, "layers": args.layers, "mxfp4": args.mxfp4,
-                                                 "registers": {"a": regs_a, "b": regs_b}, "functions": rows,
-                                                 "split_batches": batches})
+                                                 "registers": regs, "functions": rows, "split_batches": batches})
+    if args.variant is None and batches["a"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
