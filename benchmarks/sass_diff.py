@@ -137,6 +137,8 @@ def load_batches(cubin: Path, nvdisasm: str) -> dict[str, list[dict]]:
     issued between two FMAs (around the back edge). A GEMV loop whose loads are one batch keeps them all in flight
     together; ptxas under register pressure may move loads past FMAs instead, and so split a batch: that made the
     experts' gate/up phase of the mini megakernel 45% slower (benchmarks/results/h100-2026-11-25b).
+    A heuristic, checked on mini's bf16 builds: on the tiny preset's fp32 build, the branches back from a warp sum's
+    divergent fallback (BRA.DIV) also read as loops, and their few loads as split batches.
     """
     funcs, labels = disassembly(cubin, nvdisasm)
     out: dict[str, list[dict]] = {}
