@@ -137,8 +137,10 @@ def load_batches(cubin: Path, nvdisasm: str) -> dict[str, list[dict]]:
     issued between two FMAs (around the back edge). A GEMV loop whose loads are one batch keeps them all in flight
     together; ptxas under register pressure may move loads past FMAs instead, and so split a batch: that made the
     experts' gate/up phase of the mini megakernel 45% slower (benchmarks/results/h100-2026-11-25b).
-    A heuristic, checked on mini's bf16 builds: on the tiny preset's fp32 build, the branches back from a warp sum's
-    divergent fallback (BRA.DIV) also read as loops, and their few loads as split batches.
+    A heuristic: spans with shuffles are left out (the branches back from a warp sum's divergent fallback, BRA.DIV,
+    read as loops, and a GEMV's k loop has no shuffle). Checked on the mini and tiny builds of nvcc 13.0 and on four
+    NVRTC builds that ran on the H100; in one of these, ptxas placed the one-row loops' back edges where this finds
+    no innermost loop, so a loop it does not list is not checked.
     """
     funcs, labels = disassembly(cubin, nvdisasm)
     out: dict[str, list[dict]] = {}
@@ -155,6 +157,8 @@ def load_batches(cubin: Path, nvdisasm: str) -> dict[str, list[dict]]:
             if any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in spans):
                 continue  # not innermost
             loop = [ins for at, ins in body if lo <= at <= hi]
+            if any("SHFL" in ins for ins in loop):
+                continue  # a warp sum's divergent fallback (BRA.DIV) branching back, or not a GEMV's k loop
             # weight loads: ld.global.nc (__ldg), LDG...CONSTANT; activations from L2 (__ldcg) are not counted
             kinds = ["L" if re.match(r"(@!?U?P\w+\s+)?LDG\S*CONSTANT", x) else "F" if "FFMA" in x else "" for x in loop]
             if "L" in kinds and "F" in kinds:
