@@ -6,18 +6,19 @@ Compiles the preset with ``target="cuda"``, prefills a random prompt of ``--cont
 of ``--rows`` rows on a variant of the megakernel that stamps the time in every block when a phase's work is done
 and after its barrier (`MegakernelProgram.timeline`). Per phase: the work (from the previous barrier's release to
 the slowest block's done, p50 over blocks too) and the barrier (from the slowest block's done to the release seen
-by the last block). Sums by task kind, and by op: the work of its phases beside the bytes it reads (tilec.cost, as
-the decode floor counts them) and their rate. Writes ``DIR/profile_megakernel.json`` and prints the tables.
+by the last block). Sums by task kind (with the slowest block's lead over the median block: what spreading a phase
+over more blocks could save), and by op: the work of its phases beside the bytes it reads (tilec.cost, as the decode
+floor counts them) and their rate. Writes ``DIR/profile_megakernel.json`` and prints the tables.
 
     python3 benchmarks/profile_megakernel.py --from-json DIR/profile_megakernel.json
 
-prints the by-op table of a saved profile again, without a GPU (the preset is compiled on the meta device).
+prints the by-task and by-op tables of a saved profile again, without a GPU (the preset is compiled on the meta
+device).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 from pathlib import Path
@@ -62,14 +63,37 @@ def print_rates(rates: list[dict]) -> None:
               f"{d['tb_per_s']:>6.2f}")
 
 
+def by_task(rows: list[dict]) -> dict[str, dict]:
+    """Per task kind: its phases, their work (the slowest block's), the slowest block's lead over the median block
+    (``lead_us``: the work less the median block's, which counts as 0 where that block was done before the last
+    release, i.e. had nothing to do) and the barriers after them. The lead is the part of the work that spreading the
+    phase over more blocks could save."""
+    tasks: dict[str, dict] = {}
+    for r in rows:
+        t = tasks.setdefault(r["task"], {"phases": 0, "work_us": 0.0, "lead_us": 0.0, "barrier_us": 0.0})
+        t["phases"] += 1
+        t["work_us"] += r["work_us"]
+        t["lead_us"] += r["work_us"] - max(r["work_p50_us"], 0.0)
+        t["barrier_us"] += r["barrier_us"]
+    return tasks
+
+
+def print_tasks(tasks: dict[str, dict]) -> None:
+    print(f"{'task':<22} {'phases':>6} {'work_us':>9} {'lead_us':>9} {'barrier_us':>10}")
+    for task, t in sorted(tasks.items(), key=lambda kv: -kv[1]["work_us"] - kv[1]["barrier_us"]):
+        print(f"{task:<22} {t['phases']:>6} {t['work_us']:>9.1f} {t['lead_us']:>9.1f} {t['barrier_us']:>10.1f}")
+
+
 def from_json(path: Path) -> list[dict]:
-    """The by-op table of a saved profile (its preset compiled on the meta device for the graph)."""
+    """The by-task and by-op tables of a saved profile (its preset compiled on the meta device for the graph); returns
+    the by-op rates."""
     saved = json.loads(path.read_text())
     model = build_model(saved["preset"], device="meta")
     cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=saved["mxfp4"]))
     rates = op_rates(cm.graph, saved["phases"], saved["context"])
     print(f"{path}: {saved['preset']} {'mxfp4' if saved['mxfp4'] else 'bf16'} ctx {saved['context']}, "
           f"{saved['total_us']:.1f} us a step")
+    print_tasks(by_task(saved["phases"]))
     print_rates(rates)
     return rates
 
@@ -138,18 +162,11 @@ def main() -> None:
         rows.append({"phase": k, "node": ph["node"], "task": ph["task"], "work_us": med(work),
                      "work_p50_us": med(work_p50), "barrier_us": med(barrier) if ph["sync"] else 0.0})
     total = sum(r["work_us"] + r["barrier_us"] for r in rows)
-    by_task = collections.defaultdict(lambda: [0, 0.0, 0.0])
-    for r in rows:
-        t = by_task[r["task"]]
-        t[0] += 1
-        t[1] += r["work_us"]
-        t[2] += r["barrier_us"]
+    tasks = by_task(rows)
     prefetch = "" if args.prefetch_mb is None else f", prefetch {args.prefetch_mb:g} MB"
     print(f"{args.preset} {'mxfp4' if args.mxfp4 else 'bf16'} ctx {args.context}, {args.rows} row(s){prefetch}: "
           f"{total:.1f} us from the first phase's first stamp to the last (medians of {args.repeats})")
-    print(f"{'task':<22} {'phases':>6} {'work_us':>9} {'barrier_us':>10}")
-    for task, (n, w, b) in sorted(by_task.items(), key=lambda kv: -kv[1][1] - kv[1][2]):
-        print(f"{task:<22} {n:>6} {w:>9.1f} {b:>10.1f}")
+    print_tasks(tasks)
     print(f"\n{'#':>3} {'node':<44} {'task':<20} {'work':>7} {'p50':>7} {'barrier':>7}")
     for r in rows:
         print(f"{r['phase']:>3} {r['node'][:44]:<44} {r['task']:<20} {r['work_us']:>7.2f} {r['work_p50_us']:>7.2f} "
@@ -161,7 +178,7 @@ def main() -> None:
         {"preset": args.preset, "mxfp4": args.mxfp4, "context": args.context, "rows": args.rows,
          "prefetch_mb": args.prefetch_mb,
          "device": torch.cuda.get_device_name(), "total_us": total, "phases": rows,
-         "by_task": {k: {"phases": n, "work_us": w, "barrier_us": b} for k, (n, w, b) in by_task.items()},
+         "by_task": tasks,
          "by_op": rates},
         indent=1))
 

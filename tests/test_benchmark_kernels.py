@@ -273,6 +273,13 @@ def test_profile_megakernel_rates_a_saved_profile_by_op():
     assert rates["qkv_rope"]["nodes"] == 12 and rates["moe_experts"]["phases"] == 22
     qkv = rates["qkv_rope"]
     assert qkv["tb_per_s"] == pytest.approx(qkv["bytes"] / (qkv["work_us"] * 1e-6) / 1e12)
+    # by task: the slowest block's lead over the median one, the median counted as 0 where it had nothing to do
+    phases = [{"task": "a", "work_us": 10.0, "work_p50_us": 4.0, "barrier_us": 1.0},
+              {"task": "a", "work_us": 6.0, "work_p50_us": -3.0, "barrier_us": 1.5},
+              {"task": "b", "work_us": 2.0, "work_p50_us": 2.0, "barrier_us": 0.0}]
+    tasks = pm.by_task(phases)
+    assert tasks["a"] == {"phases": 2, "work_us": 16.0, "lead_us": 12.0, "barrier_us": 2.5}
+    assert tasks["b"]["lead_us"] == 0.0
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
