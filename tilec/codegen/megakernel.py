@@ -13,10 +13,13 @@ experts read it first (their first phase makes it: `FOLD_ROUTER`). The report's 
 computes first.
 
 The megakernel is bulk-synchronous: a phase starts when the whole grid has finished the one before. The weights
-reach the math through registers, 8 loads of 16 bytes a lane in flight. Streaming them through shared memory instead
-(a ring of bulk copies for each warp, 16 KB a warp in flight) was measured slower on the H100 and is not in the
-kernel: see benchmarks/results/h100-2026-11-25/README.md. What limits the GEMV phases (2 to 3 times their bytes'
-time) is still open; the design's other step is tile-level dependencies instead of whole-phase barriers.
+reach the math through registers, 8 loads of 16 bytes a lane in flight, kept one batch by a __syncwarp (at the
+kernel's register ceiling ptxas otherwise may split them; benchmarks/sass_diff.py checks a build). Streaming them
+through shared memory instead (a ring of bulk copies for each warp, 16 KB a warp in flight) was measured slower on
+the H100 and is not in the kernel: see benchmarks/results/h100-2026-11-25/README.md. The GEMV phases take 1.5 to 3
+times their bytes' time, and a third of the step's warp time waits at grid barriers behind the slowest block
+(benchmarks/results/h100-2026-11-25b/README.md); the design's other step is tile-level dependencies instead of
+whole-phase barriers.
 """
 
 from __future__ import annotations
