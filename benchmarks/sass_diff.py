@@ -133,8 +133,8 @@ def functions(cubin: Path, nvdisasm: str) -> dict[str, list[str]]:
 
 def load_batches(cubin: Path, nvdisasm: str) -> dict[str, list[dict]]:
     """Each function's innermost loops that load weights (ld.global.nc) and do FMAs (a loop: a branch back to an
-    earlier instruction of the function): its instruction count, its weight loads, and ``batch``, the most of them
-    issued between two FMAs (around the back edge). A GEMV loop whose loads are one batch keeps them all in flight
+    earlier instruction of the function): its instruction count, its weight loads, ``batch``, the most of them
+    issued between two FMAs (around the back edge), and ``local``, its local-memory loads and stores (spills). A GEMV loop whose loads are one batch keeps them all in flight
     together; ptxas under register pressure may move loads past FMAs instead, and so split a batch: that made the
     experts' gate/up phase of the mini megakernel 45% slower (benchmarks/results/h100-2026-11-25b).
     A heuristic: spans with shuffles are left out (the branches back from a warp sum's divergent fallback, BRA.DIV,
@@ -167,7 +167,8 @@ def load_batches(cubin: Path, nvdisasm: str) -> dict[str, list[dict]]:
                 first = kinds.index("F")
                 runs = "".join(kinds[first:] + kinds[:first]).split("F")
                 loops.append({"instructions": len(loop), "loads": kinds.count("L"),
-                              "batch": max(len(r) for r in runs)})
+                              "batch": max(len(r) for r in runs),
+                              "local": sum(bool(re.match(r"(@!?U?P\w+\s+)?(LDL|STL)\b", x)) for x in loop)})
         if loops:
             out[short_name(name)] = out.get(short_name(name), []) + loops
     return out
@@ -178,6 +179,11 @@ def split_batches(batches: dict[str, list[dict]], depth: int = 8) -> list[tuple[
     loops' DEPTH x rows), or than all of its loads where it has fewer."""
     return [(f, lp["loads"], lp["batch"]) for f, loops in batches.items() for lp in loops
             if lp["batch"] < min(lp["loads"], depth)]
+
+
+def spilled_loops(batches: dict[str, list[dict]]) -> list[tuple[str, int, int]]:
+    """(function, instructions, local-memory operations) of each loop of `load_batches` that spills."""
+    return [(f, lp["instructions"], lp["local"]) for f, loops in batches.items() for lp in loops if lp["local"]]
 
 
 def short_name(mangled: str) -> str:
@@ -228,13 +234,14 @@ def main() -> None:
         sys.exit(f"--variant {args.variant!r} is not a directory")
     layers = args.layers or None
     builds = {"a": None} if args.variant is None else {"a": None, "b": args.variant}
-    code, regs, batches = {}, {}, {}
+    code, regs, batches, spills = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for build, variant in builds.items():
             cubin, regs[build] = compile_cubin(megakernel_source(args.preset, layers, args.mxfp4, variant), Path(tmp),
                                                build)
             code[build] = functions(cubin, nvdisasm)
-            batches[build] = split_batches(load_batches(cubin, nvdisasm))
+            loops = load_batches(cubin, nvdisasm)
+            batches[build], spills[build] = split_batches(loops), spilled_loops(loops)
     what = f"{args.preset}, {args.layers or 'all'} layers" + (", mxfp4" if args.mxfp4 else "")
     print(f"{what}: kernel registers " + ", ".join(f"{b.upper()} {r}" for b, r in regs.items()))
     rows = []
@@ -248,13 +255,16 @@ def main() -> None:
     for build, split in batches.items():
         print(f"{build.upper()}: weight loads split by FMAs (loads / most in one batch): "
               + (", ".join(f"{f} {n}/{b}" for f, n, b in split) or "none"))
+        print(f"{build.upper()}: weight loops with local-memory operations (instructions / local): "
+              + (", ".join(f"{f} {n}/{k}" for f, n, k in spills[build]) or "none"))
     if args.out is not None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from common import write_json
 
         write_json(args.out / "sass_diff.json", {"preset": args.preset, "layers": args.layers, "mxfp4": args.mxfp4,
-                                                 "registers": regs, "functions": rows, "split_batches": batches})
-    if args.variant is None and batches["a"]:
+                                                 "registers": regs, "functions": rows, "split_batches": batches,
+                                                 "spilled_loops": spills})
+    if args.variant is None and (batches["a"] or spills["a"]):
         sys.exit(1)
 
 

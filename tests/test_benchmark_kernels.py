@@ -161,9 +161,12 @@ def test_megakernel_gemv_loops_keep_their_weight_loads_in_one_batch(tmp_path):
     assert gemv <= set(batches), batches.keys()
     assert all(lp["loads"] >= 8 for f in gemv for lp in batches[f])
     assert sass_diff.split_batches(batches) == [], (regs, sass_diff.split_batches(batches))
+    # nor do they touch local memory (spills): each would be a round trip a turn
+    assert sass_diff.spilled_loops(batches) == [], sass_diff.spilled_loops(batches)
     # and the check itself sees a split batch: a loop whose loads come two between FMAs
-    fake = {"f": [{"instructions": 40, "loads": 8, "batch": 2}, {"instructions": 40, "loads": 4, "batch": 4}]}
-    assert sass_diff.split_batches(fake) == [("f", 8, 2)]
+    fake = {"f": [{"instructions": 40, "loads": 8, "batch": 2, "local": 0},
+                  {"instructions": 40, "loads": 4, "batch": 4, "local": 2}]}
+    assert sass_diff.split_batches(fake) == [("f", 8, 2)] and sass_diff.spilled_loops(fake) == [("f", 40, 2)]
     # the command line's check of tilec's templates alone (no --variant) says so and exits 0: here on the tiny
     # preset's fp32 build, whose warp sums' divergent fallbacks branch back into the code (not loops)
     done = subprocess.run([sys.executable, sass_diff.__file__, "--preset", "tiny", "--layers", "0"],
@@ -304,7 +307,7 @@ def test_sass_diff_names_the_task_functions_a_template_change_reaches(tmp_path):
         assert regs > 0
         builds[name] = sass_diff.functions(cubin, sass_diff.tool("nvdisasm"))
     same = sass_diff.compare(builds[None], builds["comment"])
-    assert {r["function"] for r in same} >= {"attn_combine", "proj_rope", "experts_gate_up", "tilec_megakernel"}
+    assert {r["function"] for r in same} >= {"attention", "proj_rope", "experts_gate_up", "tilec_megakernel"}
     assert all(r["identical"] for r in same)
     merge = {r["function"]: r for r in sass_diff.compare(builds[None], builds["merge"])}
-    assert not merge["attn_combine"]["identical"] and merge["attn_combine"]["opcodes_changed"]
+    assert not merge["attention"]["identical"] and merge["attention"]["opcodes_changed"]

@@ -545,27 +545,22 @@ MK_TASK void proj_rope(const TW* __restrict__ w, const TB* __restrict__ bias, Sr
   }
 }
 
-// The first half of tilec.attention (and tilec.kv_append): store the step's new keys and values (values times
-// value_scale, rounded as the reference does) at slot position % C of their kv head.
-template <class TK, class TV, class TC, class TP>
-MK_TASK void kv_append(const TK* k, const TV* v, TC* kc, TC* vc, const TP* pos, int B, int T, int HKV, int D,
-                       int DV, int C, float value_scale) {
-  const int per_row = HKV * (D + DV);
-  const int n = B * T * per_row;
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    const int row = i / per_row, e = i % per_row;
-    const int b = row / T, t = row % T;
-    const long long p = static_cast<long long>(pos[b]) + t;
-    // only the last C rows of a step survive in a ring of C slots
-    if (T > C && t < T - C) continue;
-    const long long slot = p % C;
-    if (e < HKV * D) {
-      const int h = e / D, d = e % D;
-      kc[((static_cast<long long>(b) * HKV + h) * C + slot) * D + d] = fromf<TC>(ld_cg(k + row * HKV * D + e));
+// The step's new keys and values of batch row b and kv head h (values times value_scale, rounded as the reference
+// does) stored at slot position % C of the cache, by the whole block: attention's last step for (b, h).
+template <class TK, class TV, class TC>
+__device__ __forceinline__ void append_rows(const TK* k, const TV* v, TC* kc, TC* vc, long long p0, int b, int h,
+                                            int T, int HKV, int D, int DV, int C, float value_scale) {
+  const int t0 = T > C ? T - C : 0;  // only the last C rows of a step survive in a ring of C slots
+  const int n = (T - t0) * (D + DV);
+  const long long head = static_cast<long long>(b) * HKV + h;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int t = t0 + i / (D + DV), e = i % (D + DV);
+    const long long row = static_cast<long long>(b) * T + t, slot = (p0 + t) % C;
+    if (e < D) {
+      kc[(head * C + slot) * D + e] = fromf<TC>(ld_cg(k + (row * HKV + h) * D + e));
     } else {
-      const int f = e - HKV * D, h = f / DV, d = f % DV;
-      const float val = rnd<TV>(ld_cg(v + row * HKV * DV + f) * value_scale);
-      vc[((static_cast<long long>(b) * HKV + h) * C + slot) * DV + d] = fromf<TC>(val);
+      const float val = rnd<TV>(ld_cg(v + (row * HKV + h) * DV + e - D) * value_scale);
+      vc[(head * C + slot) * DV + e - D] = fromf<TC>(val);
     }
   }
 }
@@ -580,87 +575,147 @@ __device__ __forceinline__ int chunk_count(long long p0, int T, int window, int 
   return static_cast<int>((p0 + T - base + CH - 1) / CH);
 }
 
-// Stage n_keys rows of `width` elements (width % 8 == 0) into dst (row stride `stride` floats), 8 elements a
-// thread at a time, every load of a thread issued before its stores. Row j comes from the cache (keys before p0,
-// slot kp % C) or from the step's new rows (new_row + (kp - p0) * new_stride; values times value_scale, rounded as
-// when cached); keys outside [lo, end) are zeros.
-template <class TC, class TN>
-__device__ __forceinline__ void stage_rows(float* dst, int stride, const TC* cache, const TN* fresh, int new_stride,
-                                           long long base, long long lo, long long p0, long long end, int C,
-                                           int width, int CH, float value_scale, bool values) {
-  constexpr int DEPTH = 4;
-  const int per_row = width / 8, n = CH * per_row;
-  for (int i0 = threadIdx.x; i0 < n; i0 += DEPTH * blockDim.x) {
-    float f[DEPTH][8];
-#pragma unroll
-    for (int u = 0; u < DEPTH; ++u) {
-      const int i = i0 + u * blockDim.x;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) f[u][e] = 0.0f;
-      if (i >= n) continue;
-      const int j = i / per_row, d = (i % per_row) * 8;
-      const long long kp = base + j;
-      if (kp < lo || kp >= end) continue;
-      if (kp < p0) {
-        Vec8<TC> v;
-        v.cg(cache + (kp % C) * width + d);
-        v.get(f[u]);
-      } else {
-        Vec8<TN> v;
-        v.cg(fresh + (kp - p0) * new_stride + d);
-        v.get(f[u]);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) f[u][e] = rnd<TC>(values ? rnd<TN>(f[u][e] * value_scale) : f[u][e]);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < DEPTH; ++u) {
-      const int i = i0 + u * blockDim.x;
-      if (i >= n) continue;
-      const int j = i / per_row, d = (i % per_row) * 8;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) dst[j * stride + d + e] = f[u][e];
-    }
-  }
+// 16 bytes from global to shared memory without passing through registers (cp.async, L2 only): `bytes` of them read
+// (0: the 16 bytes are zeros). `cp_async_wait` waits for this thread's copies; a __syncthreads then shows them all.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+  unsigned long long at;
+  asm("cvta.to.shared.u64 %0, %1;" : "=l"(at) : "l"(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"l"(at), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// A row of `width` elements of T in shared memory: its stride, padded so that a row is an odd number of 16-byte
+// units (lanes reading 16 bytes each of rows 8 apart then hit distinct banks).
+template <class T> __device__ __forceinline__ int padded_row(int width) {
+  const int units = width * static_cast<int>(sizeof(T)) / 16;
+  return (units | 1) * 16 / static_cast<int>(sizeof(T));
 }
 
-// tilec.attention: one block an item (batch b, kv head h, chunk c). Keys and values of the chunk are staged in
-// shared memory as floats: cached ones from the cache, the step's own from k and v (the cache is written after, by
-// kv_append, so a step may overwrite slots its rows still read). Each warp takes query rows (row = t * G + g), a lane
-// a key for the scores, a lane 32nd of the value dims for the sums. Partial softmax state (max, sum, weighted
-// values) goes to scratch; `attn_combine` merges the chunks in order. Every row's sums depend only on the keys it
-// sees and their chunks' fixed positions, not on the step's other rows.
-template <int CH, class TQ, class TK, class TV, class TC, class TP>
-MK_TASK void attn_chunks(const TQ* q, const TK* k, const TV* v, const TC* kc, const TC* vc,
-                         const TP* pos, float* sm, float* sl, float* sacc, int B, int T, int HQ,
-                         int HKV, int D, int DV, int C, int window, bool causal, float scale,
-                         float value_scale, int nch_max, float* smem) {
+// An attention sink of head `head`: `kind` 0 fp32, 1 bf16, 2 fp16.
+__device__ __forceinline__ float sink_of(const void* sinks, int kind, int head) {
+  if (kind == 1) return ld_nc(static_cast<const bf16*>(sinks) + head);
+  if (kind == 2) return ld_nc(static_cast<const f16*>(sinks) + head);
+  return ld_nc(static_cast<const float*>(sinks) + head);
+}
+
+// tilec.attention (with its kv_append), as one phase: an item is (batch b, kv head h, chunk c of CH keys), dealt
+// to blocks densely over the step's live chunks, so that a step's few items run on as many blocks.
+// - The chunk's cached keys and values are copied into shared memory as they are (cp.async: the whole chunk in
+//   flight at once, from a short loop), zeros for keys outside [lo, p0); the step's own rows (keys from p0 on) come
+//   from k and v (values times value_scale, rounded as when cached), loaded with each warp's first query row while
+//   the copies fly. Short loops on purpose: a phase this short runs cold from the instruction cache.
+// - Each warp takes query rows (row = t * G + g), a lane a key for the scores, a lane 32nd of the value dims for the
+//   sums; the partial softmax state (max, sum, weighted values) goes to `scratch`.
+// - The block that finishes (b, h)'s last chunk (a count a (b, h) in `count`, which it sets back to 0 for the next
+//   launch) merges the chunks for every query row in order, the sink in the denominator, stores the output, and
+//   then stores (b, h)'s new rows in the cache: every chunk of (b, h) has been read by then, so a ring may be
+//   overwritten whatever its slack. No phase and no grid barrier for the merge or the stores.
+// Every row's sums depend only on the keys it sees and their chunks' fixed positions, not on the step's other rows.
+// `flags`: bit 0 causal, bits 1 and 2 the sinks' type (sink_of). One instantiation serves layers with and without
+// sinks: with two copies of this function in the kernel, ptxas spilled around the kernel's calls (nvcc 13.0).
+template <int CH, class TQ, class TK, class TV, class TC, class TP, class TO>
+MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, const TP* pos, float* scratch,
+                       const void* sinks, TO* out, u32* count, int B, int T, int HQ, int HKV, int D, int DV, int C,
+                       int window, int flags, float scale, float value_scale, int nch_max, float* smem) {
+  __shared__ int last;
+  const bool causal = flags & 1;
   const int G = HQ / HKV, Q = G * T;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int ks = D + 1;  // padded row strides: lanes reading different keys hit different banks
-  float* k_s = smem;
-  float* v_s = k_s + CH * ks;
-  float* q_s = v_s + CH * DV;  // a row of q per warp
-  const int items = B * HKV * nch_max;
+  // scratch: max, then sum, then weighted values, by ((b * HKV + h) * nch_max + chunk) * Q + row
+  const long long n_state = static_cast<long long>(B) * HKV * nch_max * Q;
+  float* sm = scratch;
+  float* sl = scratch + n_state;
+  float* sacc = scratch + 2 * n_state;
+  const int ks = padded_row<TC>(D), vs = padded_row<TC>(DV);
+  TC* k_s = reinterpret_cast<TC*>(smem);
+  TC* v_s = k_s + CH * ks;
+  float* q_s = reinterpret_cast<float*>(v_s + CH * vs);  // a row of q per warp (16-byte aligned: ks, vs even)
+  int items = 0;
+  for (int b = 0; b < B; ++b) items += HKV * chunk_count(static_cast<long long>(pos[b]), T, window, CH);
   for (int item = blockIdx.x; item < items; item += gridDim.x) {
-    const int b = item / (HKV * nch_max), h = (item / nch_max) % HKV, c = item % nch_max;
+    int b = 0, c = item, nch = chunk_count(static_cast<long long>(pos[0]), T, window, CH);
+    while (c >= HKV * nch) {
+      c -= HKV * nch;
+      nch = chunk_count(static_cast<long long>(pos[++b]), T, window, CH);
+    }
+    const int h = c / nch;
+    c %= nch;
     const long long p0 = static_cast<long long>(pos[b]);
-    if (c >= chunk_count(p0, T, window, CH)) continue;
     const long long lo = first_key(p0, window), end = p0 + T;
     const long long base = (lo / CH + c) * CH;
-    __syncthreads();  // the previous item's reads of k_s / v_s are done
     const long long head = static_cast<long long>(b) * HKV + h;
-    stage_rows(k_s, ks, kc + head * C * D, k + (static_cast<long long>(b) * T * HKV + h) * D, HKV * D, base, lo,
-               p0, end, C, D, CH, 1.0f, false);
-    stage_rows(v_s, DV, vc + head * C * DV, v + (static_cast<long long>(b) * T * HKV + h) * DV, HKV * DV, base, lo,
-               p0, end, C, DV, CH, value_scale, true);
+    const int s0 = static_cast<int>(base % C);
+    __syncthreads();  // the previous item's reads of k_s / v_s / q_s are done
+    {
+      // the cached keys and values, zeros outside [lo, end), 8 elements a copy (the step's own rows come below)
+      const int kp8 = D / 8, n_k = CH * kp8, n = n_k + CH * (DV / 8);
+      for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const bool key = i < n_k;
+        const int w8 = key ? kp8 : DV / 8, at = key ? i : i - n_k, j = at / w8, d = (at % w8) * 8;
+        const long long kp = base + j;
+        if (kp >= p0 && kp < end) continue;
+        const bool cached = kp >= lo && kp < p0;
+        const long long slot = (s0 + j) % C;
+        const TC* src = key ? kc + (head * C + slot) * D + d : vc + (head * C + slot) * DV + d;
+        TC* dst = key ? k_s + j * ks + d : v_s + j * vs + d;
+        for (int part = 0; part < static_cast<int>(sizeof(TC)) / 2; ++part)  // 16 bytes each (2 for fp32)
+          cp_async16(dst + part * 16 / sizeof(TC), cached ? src + part * 16 / sizeof(TC) : kc, cached ? 16 : 0);
+      }
+      // this warp's first query row, and the step's own keys and values in this chunk, loaded meanwhile
+      const int row = warp, t = row / G;
+      const bool has_q = row < Q && D <= 256 && lane * 8 < D;  // the row whole in one 8-element load a lane
+      float qf[8];
+      if (has_q) {
+        Vec8<TQ> u;
+        u.cg(q + (static_cast<long long>(b * T + t) * HQ + h * G + row % G) * D + lane * 8);
+        u.get(qf);
+      }
+      const long long f0 = p0 > base ? p0 : base, f1 = end < base + CH ? end : base + CH;  // fresh keys here
+      const int n_f = f1 > f0 ? static_cast<int>(f1 - f0) * (D + DV) / 8 : 0;
+      for (int i = threadIdx.x; i < n_f; i += blockDim.x) {
+        const int j = i / ((D + DV) / 8), e = (i % ((D + DV) / 8)) * 8;
+        const long long kp = f0 + j, row_kv = static_cast<long long>(b) * T + (kp - p0);
+        float f[8];
+        if (e < D) {
+          Vec8<TK> u;
+          u.cg(k + (row_kv * HKV + h) * D + e);
+          u.get(f);
+#pragma unroll
+          for (int x = 0; x < 8; ++x) f[x] = rnd<TC>(f[x]);
+        } else {
+          Vec8<TV> u;
+          u.cg(v + (row_kv * HKV + h) * DV + e - D);
+          u.get(f);
+#pragma unroll
+          for (int x = 0; x < 8; ++x) f[x] = rnd<TC>(rnd<TV>(f[x] * value_scale));
+        }
+        Vec8<TC> w;
+        w.set(f);
+        w.put(e < D ? k_s + (kp - base) * ks + e : v_s + (kp - base) * vs + e - D);
+      }
+      if (has_q) {
+#pragma unroll
+        for (int x = 0; x < 8; ++x) q_s[warp * D + lane * 8 + x] = qf[x];
+      }
+      cp_async_wait();
+    }
     __syncthreads();
     for (int row = warp; row < Q; row += warps) {
       const int t = row / G, g = row % G, qh = h * G + g;
       const long long qp = p0 + t;
-      const TQ* qrow = q + (static_cast<long long>(b * T + t) * HQ + qh) * D;
-      for (int d = lane; d < D; d += 32) q_s[warp * D + d] = ld_cg(qrow + d);
-      __syncwarp();
+      if (row != warp || D > 256) {  // else the row came with the keys
+        __syncwarp();
+        const TQ* qrow = q + (static_cast<long long>(b * T + t) * HQ + qh) * D;
+        for (int d = lane * 8; d < D; d += 256) {
+          float f[8];
+          Vec8<TQ> u;
+          u.cg(qrow + d);
+          u.get(f);
+#pragma unroll
+          for (int x = 0; x < 8; ++x) q_s[warp * D + d + x] = f[x];
+        }
+        __syncwarp();
+      }
       float s = -MK_INF;
       if (lane < CH) {
         const long long kp = base + lane;
@@ -671,12 +726,18 @@ MK_TASK void attn_chunks(const TQ* q, const TK* k, const TV* v, const TC* kc, co
         } else if (window) {
           seen = seen && kp > p0 - window;
         }
-        if (seen) {  // four partial sums (D % 8 == 0): four chains of shared-memory loads and FMAs, not one
+        if (seen) {  // four partial sums (D % 8 == 0), element d in dot[d % 4]: four chains
           float dot[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          const TC* kr = k_s + lane * ks;
+          const float* qr = q_s + warp * D;
 #pragma unroll 2
-          for (int d = 0; d < D; d += 4) {
+          for (int d = 0; d < D; d += 8) {
+            float kf[8];
+            Vec8<TC> u;
+            u.sh(kr + d);
+            u.get(kf);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) dot[e] = fmaf(q_s[warp * D + d + e], k_s[lane * ks + d + e], dot[e]);
+            for (int x = 0; x < 8; ++x) dot[x & 3] = fmaf(qr[d + x], kf[x], dot[x & 3]);
           }
           s = ((dot[0] + dot[1]) + (dot[2] + dot[3])) * scale;
         }
@@ -691,9 +752,9 @@ MK_TASK void attn_chunks(const TQ* q, const TK* k, const TV* v, const TC* kc, co
         const float pj = __shfl_sync(0xffffffffu, p, j);
 #pragma unroll
         for (int i = 0; i < 8; ++i)
-          if (lane + 32 * i < DV) acc[i] = fmaf(pj, v_s[j * DV + lane + 32 * i], acc[i]);
+          if (lane + 32 * i < DV) acc[i] = fmaf(pj, tof(v_s[j * vs + lane + 32 * i]), acc[i]);
       }
-      const long long at = ((static_cast<long long>(b) * HKV + h) * nch_max + c) * Q + row;
+      const long long at = (head * nch_max + c) * Q + row;
       if (lane == 0) {
         sm[at] = m;
         sl[at] = l;
@@ -701,45 +762,64 @@ MK_TASK void attn_chunks(const TQ* q, const TK* k, const TV* v, const TC* kc, co
 #pragma unroll
       for (int i = 0; i < 8; ++i)
         if (lane + 32 * i < DV) sacc[at * DV + lane + 32 * i] = acc[i];
-      __syncwarp();
     }
-  }
-}
-
-// tilec.attention's merge: a warp a query row (b, t, head), over the chunks in order, the sink in the denominator.
-template <class TS, class TO, class TP>
-MK_TASK void attn_combine(const float* sm, const float* sl, const float* sacc, const TS* __restrict__ sinks,
-                          TO* out, const TP* pos, int B, int T, int HQ, int HKV, int DV, int window, int CH,
-                          int nch_max, int gwarp, int nwarps) {
-  const int G = HQ / HKV, Q = G * T;
-  const int lane = threadIdx.x & 31;
-  for (int item = gwarp; item < B * T * HQ; item += nwarps) {
-    const int b = item / (T * HQ), t = (item / HQ) % T, head = item % HQ;
-    const int h = head / G, row = t * G + head % G;
-    const int nch = chunk_count(static_cast<long long>(pos[b]), T, window, CH);
-    const long long at0 = (static_cast<long long>(b) * HKV + h) * nch_max * Q + row;
-    float m_all = -MK_INF;
-    for (int c = 0; c < nch; ++c) m_all = fmaxf(m_all, __ldcg(sm + at0 + static_cast<long long>(c) * Q));
-    const float sink = sinks != nullptr ? ld_nc(sinks + head) : -MK_INF;
-    m_all = fmaxf(m_all, sink);
-    const float m_safe = m_all == -MK_INF ? 0.0f : m_all;
-    float l = 0.0f, acc[8];
+    // the arrival: the block's partial state is stored (the release covers the block's stores, ordered by the
+    // __syncthreads), and the last block of (b, h) to arrive merges (its acquire covers the others')
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      u32 before;
+      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(count + head) : "memory");
+      last = before == static_cast<u32>(nch - 1);
+      if (last) count[head] = 0;  // every chunk of (b, h) has arrived: nothing else reads it in this launch
+    }
+    __syncthreads();
+    if (!last) continue;
+    for (int row = warp; row < Q; row += warps) {
+      const int t = row / G, qh = h * G + row % G;
+      const long long at0 = head * nch_max * Q + row;  // chunk c's state at at0 + c * Q
+      float m_all = -MK_INF;
+      for (int cc = lane; cc < nch; cc += 32) m_all = fmaxf(m_all, __ldcg(sm + at0 + static_cast<long long>(cc) * Q));
+      m_all = warp_max(m_all);
+      const float sink = sinks != nullptr ? sink_of(sinks, flags >> 1, qh) : -MK_INF;
+      m_all = fmaxf(m_all, sink);
+      const float m_safe = m_all == -MK_INF ? 0.0f : m_all;
+      float l = 0.0f, acc[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    for (int c = 0; c < nch; ++c) {
-      const long long at = at0 + static_cast<long long>(c) * Q;
-      const float wgt = __expf(__ldcg(sm + at) - m_safe);
-      l = fmaf(wgt, __ldcg(sl + at), l);
+      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+      // the chunks in order, 4 at a time: their weighted values loaded first, then the sums (one chain)
+      for (int c0 = 0; c0 < nch; c0 += 4) {
+        float w_c = 0.0f, l_c = 0.0f;  // lane u < 4: chunk c0 + u's weight and sum
+        if (lane < 4 && c0 + lane < nch) {
+          const long long at = at0 + static_cast<long long>(c0 + lane) * Q;
+          w_c = __expf(__ldcg(sm + at) - m_safe);
+          l_c = __ldcg(sl + at);
+        }
+        float va[4][8];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const long long at = at0 + static_cast<long long>(c0 + u) * Q;
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            va[u][i] = c0 + u < nch && lane + 32 * i < DV ? __ldcg(sacc + at * DV + lane + 32 * i) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          if (c0 + u >= nch) break;
+          const float wgt = __shfl_sync(0xffffffffu, w_c, u);
+          l = fmaf(wgt, __shfl_sync(0xffffffffu, l_c, u), l);
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            if (lane + 32 * i < DV) acc[i] = fmaf(wgt, va[u][i], acc[i]);
+        }
+      }
+      if (sinks != nullptr) l += __expf(sink - m_safe);
+      const float inv = l == 0.0f ? 1.0f : 1.0f / l;
+      TO* o = out + (static_cast<long long>(b * T + t) * HQ + qh) * DV;
 #pragma unroll
       for (int i = 0; i < 8; ++i)
-        if (lane + 32 * i < DV) acc[i] = fmaf(wgt, __ldcg(sacc + at * DV + lane + 32 * i), acc[i]);
+        if (lane + 32 * i < DV) o[lane + 32 * i] = fromf<TO>(acc[i] * inv);
     }
-    if (sinks != nullptr) l += __expf(sink - m_safe);
-    const float inv = l == 0.0f ? 1.0f : 1.0f / l;
-    TO* o = out + (static_cast<long long>(b * T + t) * HQ + head) * DV;
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-      if (lane + 32 * i < DV) o[lane + 32 * i] = fromf<TO>(acc[i] * inv);
+    append_rows(k, v, kc, vc, p0, b, h, T, HKV, D, DV, C, value_scale);
   }
 }
 

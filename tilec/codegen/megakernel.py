@@ -10,7 +10,8 @@ A GEMV phase copies its activations into each block's shared memory once (`sourc
 products never wait on L2 for them. Two producers need no phase of their own: an RMSNorm whose consumers all stage
 its output (each consumer block computes the norm while staging: `_foldable`), and a router's top-k choice when its
 experts read it first (their first phase makes it: `FOLD_ROUTER`). The report's schedule names what each phase
-computes first.
+computes first. Attention is one phase: the last block to finish a (batch row, kv head) merges its chunks and stores
+its new rows in the cache (an arrival count each, in the barrier's array).
 
 The megakernel is bulk-synchronous: a phase starts when the whole grid has finished the one before. The weights
 reach the math through registers, 8 loads of 16 bytes a lane in flight, kept one batch by a __syncwarp (at the
@@ -58,6 +59,7 @@ _FLOAT_TYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The ops whose phases stage their first argument (x) in shared memory, and so can compute an RMSNorm of it there.
 _STAGING_OPS = ("linear", "qkv_rope", "moe_router", "moe_experts", "mxfp4_moe_experts", "swiglu", "lm_head_argmax")
 _ID_TYPES = (torch.int64, torch.int32)
+_SINK_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # attention's `flags` >> 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,7 @@ class Plan:
     outputs: list[int]  # io indices of the graph's outputs, in order
     output_tuple: bool
     workspace_bytes: int
+    sync_words: int  # the SYNC array's 64-bit words: the grid barrier's count, then attention's arrival counts
     smem_bytes: int
     xs_bytes: int  # shared memory for a GEMV phase's activations (past RED_FLOATS floats)
     max_rows: int
@@ -126,6 +129,7 @@ class _Planner:
         self.route_floats = 0  # shared memory (floats) a folded router's choice takes past the staging area
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.ws = 0
+        self.counts = 0  # attention's arrival counts (32-bit) in the SYNC array, past the barrier's count
         assert 33 + 2 * MAX_ROWS * (THREADS // 32) <= RED_FLOATS  # rms_norm's and the head's reductions
         self.smem = 4 * RED_FLOATS
         self.xs = 0  # bytes of activations a GEMV phase stages in shared memory at max_rows, the most of any phase
@@ -224,8 +228,8 @@ class _Planner:
 
     # ---------------------------------------------------------------------------------------------- walk
     def run(self) -> None:
-        for name in ("m", "l", "acc"):  # attention's scratch, sized per call (the caches' sizes)
-            self.io.append({"name": f"attention scratch {name}", "kind": "scratch", "dtype": torch.float32})
+        # attention's scratch (each chunk's max, sum and weighted values), sized per call (the caches' sizes)
+        self.io.append({"name": "attention scratch", "kind": "scratch", "dtype": torch.float32})
         inputs = 0
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
@@ -259,8 +263,8 @@ class _Planner:
             self.phases[-1]["sync"] = False  # the launch's end orders the last phase
         self.schedule_prefetch()
 
-    def scratch(self, name: str) -> Value:
-        index = next(i for i, io in enumerate(self.io) if io["name"] == f"attention scratch {name}")
+    def scratch(self) -> Value:
+        index = next(i for i, io in enumerate(self.io) if io["name"] == "attention scratch")
         return Value("io", "float32", index=index)
 
     def _k_ok(self, node: fx.Node, *ks: int) -> None:
@@ -365,23 +369,25 @@ class _Planner:
             raise UnsupportedError(f"%{node.name}: caches must be the step's inputs")
         cache = len(self.attention)
         self.attention.append({"node": node.name, "k_cache": self.io[self.arg(k_cache).index]["input"],
-                               "window": int(window),
-                               "hkv": hkv, "group": num_heads // hkv, "dv": v_head_dim})
-        pos = self.arg(start_pos)
+                               "window": int(window), "hkv": hkv, "group": num_heads // hkv, "dv": v_head_dim})
         if head_dim % 8 or v_head_dim % 8:
             raise UnsupportedError(f"%{node.name}: head dims {head_dim} / {v_head_dim} are not multiples of 8")
-        common = dict(HQ=num_heads, HKV=hkv, D=head_dim, DV=v_head_dim, cache=cache)
-        m, l_, acc = self.scratch("m"), self.scratch("l"), self.scratch("acc")
-        # The cache is read before this step's rows are stored (they come from k and v), so a ring may be
-        # overwritten whatever its slack: the stores join the merge's phase, which reads only scratch.
-        self.phase(node, "attn_chunks", q=self.arg(q), k=self.arg(k), v=self.arg(v), k_cache=self.arg(k_cache),
-                   v_cache=self.arg(v_cache), pos=pos, m=m, l=l_, acc=acc, window=int(window), causal=bool(causal),
-                   scale=float(scale), value_scale=float(value_scale), **common)
-        self.smem = max(self.smem, 4 * (CHUNK * (head_dim + 1) + CHUNK * v_head_dim + (THREADS // 32) * head_dim))
-        self.phase(node, "attn_combine", sync=False, m=m, l=l_, acc=acc, sinks=self.arg(sinks),
-                   out=self.result(node, node.meta["val"]), pos=pos, window=int(window), **common)
-        self.phase(node, "kv_append", k=self.arg(k), v=self.arg(v), k_cache=self.arg(k_cache),
-                   v_cache=self.arg(v_cache), pos=pos, value_scale=float(value_scale), **common)
+        sink_kind = 0 if sinks is None else _SINK_KINDS.get(sinks.meta["val"].dtype)
+        if sink_kind is None:
+            raise UnsupportedError(f"%{node.name}: attention sinks of dtype {sinks.meta['val'].dtype} (the megakernel "
+                                   f"takes {', '.join(map(str, _SINK_KINDS))})")
+        # One phase: each chunk's partial state to scratch; the last block of a (batch row, kv head) to finish (an
+        # arrival count each, max_rows x hkv of them) merges them and then stores the step's rows in the cache.
+        self.phase(node, "attention", q=self.arg(q), k=self.arg(k), v=self.arg(v), k_cache=self.arg(k_cache),
+                   v_cache=self.arg(v_cache), pos=self.arg(start_pos), scratch=self.scratch(), sinks=self.arg(sinks),
+                   out=self.result(node, node.meta["val"]), counts=self.counts, window=int(window),
+                   flags=int(bool(causal)) | 2 * sink_kind, scale=float(scale), value_scale=float(value_scale),
+                   HQ=num_heads, HKV=hkv, D=head_dim, DV=v_head_dim, cache=cache)
+        self.counts += self.max_rows * hkv
+        # the chunk's keys and values in the cache's dtype (rows padded to an odd count of 16 bytes), a row of q a warp
+        item = kc.dtype.itemsize
+        self.smem = max(self.smem, CHUNK * sum((w * item // 16 | 1) * 16 for w in (head_dim, v_head_dim))
+                        + 4 * (THREADS // 32) * head_dim)
 
     def op_moe_router(self, node, x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling):
         e, h = weight.meta["val"].shape
@@ -466,8 +472,8 @@ def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
     p.run()
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     result = Plan(p.weights, p.io, p.phases, p.attention, [p.arg(o).index for o in p.outputs],
-                  isinstance(out, (tuple, list)), max(p.ws, ALIGN), p.smem, p.xs, max_rows, stage,
-                  info(gm).description)
+                  isinstance(out, (tuple, list)), max(p.ws, ALIGN), 1 + -(-p.counts // 2), p.smem, p.xs, max_rows,
+                  stage, info(gm).description)
     result.smem_bytes = max(p.smem, 4 * (result.area_floats + p.route_floats))
     return result
 
@@ -534,7 +540,7 @@ class MegakernelProgram(TritonProgram):
                                  dtype=torch.int64, device=device)
             state = {"sms": sms, "table": table,
                      "workspace": torch.empty(self.plan.workspace_bytes, dtype=torch.uint8, device=device),
-                     "sync": torch.zeros(8, dtype=torch.int64, device=device), "scratch": None}
+                     "sync": torch.zeros(self.plan.sync_words, dtype=torch.int64, device=device), "scratch": None}
             self._state[index] = state
         return state
 
@@ -566,13 +572,11 @@ class MegakernelProgram(TritonProgram):
             cap = inputs[a["k_cache"]].shape[2]
             nch = (-(-(a["window"] - 1 + t) // CHUNK) + 1) if a["window"] else -(-(cap + t) // CHUNK)
             caps.append((cap, nch))
-        need = max([b * a["hkv"] * nch * a["group"] * t for a, (_, nch) in zip(self.plan.attention, caps)] or [1])
-        width = max([a["dv"] for a in self.plan.attention] or [1])
-        if state["scratch"] is None or state["scratch"][0].numel() < need or state["scratch"][2].numel() < need * width:
-            state["scratch"] = (torch.empty(need, dtype=torch.float32, device=device),
-                                torch.empty(need, dtype=torch.float32, device=device),
-                                torch.empty(need * width, dtype=torch.float32, device=device))
-        scratch = iter(state["scratch"])
+        # attention's scratch: each op's max, sum and weighted values of every (batch row, kv head, chunk, query row)
+        need = max([b * a["hkv"] * nch * a["group"] * t * (2 + a["dv"]) for a, (_, nch) in
+                    zip(self.plan.attention, caps)] or [1])
+        if state["scratch"] is None or state["scratch"].numel() < need:
+            state["scratch"] = torch.empty(need, dtype=torch.float32, device=device)
         for i, io in enumerate(self.plan.io):
             if io["kind"] == "input":
                 args.append(pointer(inputs[io["input"]]))
@@ -580,7 +584,7 @@ class MegakernelProgram(TritonProgram):
                 outputs[i] = torch.empty((b, t, *io["shape"][2:]), dtype=io["dtype"], device=device)
                 args.append(pointer(outputs[i]))
             else:
-                args.append(pointer(next(scratch)))
+                args.append(pointer(state["scratch"]))
         for cap, nch in caps:
             args += [ctypes.c_int32(cap), ctypes.c_int32(nch)]
         if stamps is not None:
