@@ -211,7 +211,7 @@ def test_megakernel_compiles_for_hopper_without_spills(tmp_path, mxfp4):
     report = nvcc_cubin(cm.program.sources["megakernel.cu"], "mk", "sm_90a", ptxas_info=True)[1]
     # No task function spills (their loops are the step's time). The kernel's body only calls them in turn and may
     # keep a few values across the calls in local memory: a few bytes stored once a launch, reloaded before calls
-    # (28 bytes with the one-phase attention, which made the whole step faster on the H100:
+    # (up to 28 bytes with the one-phase attention, which made the bf16 step 6% faster on the H100:
     # benchmarks/results/h100-2026-11-25c). The full kernel's weight loops are checked for spills in
     # test_megakernel_gemv_loops_keep_their_weight_loads_in_one_batch.
     lines = report.splitlines()

@@ -611,12 +611,16 @@ __device__ __forceinline__ float sink_of(const void* sinks, int kind, int head) 
 //   then stores (b, h)'s new rows in the cache: every chunk of (b, h) has been read by then, so a ring may be
 //   overwritten whatever its slack. No phase and no grid barrier for the merge or the stores.
 // Every row's sums depend only on the keys it sees and their chunks' fixed positions, not on the step's other rows.
-// `flags`: bit 0 causal, bits 1 and 2 the sinks' type (sink_of). One instantiation serves layers with and without
-// sinks: with two copies of this function in the kernel, ptxas spilled around the kernel's calls (nvcc 13.0).
-template <int CH, class TQ, class TK, class TV, class TC, class TP, class TO>
+// Registers: the kernel is allocated as a whole at its ceiling, so this function's needs move the others' code
+// (benchmarks/results/h100-2026-11-25c). One instantiation serves layers with and without sinks (`flags`: bit 0
+// causal, bits 1 and 2 the sinks' type, sink_of): with two copies, ptxas spilled around the kernel's calls. The head
+// dims are template parameters (a model's layers share them), so a lane's value sums are DV / 32 floats, not 8; the
+// merge loads 2 chunks at a time (4 put spills in the MXFP4 experts' loops; nvcc 13.0).
+template <int CH, int D, int DV, class TQ, class TK, class TV, class TC, class TP, class TO>
 MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, const TP* pos, float* scratch,
-                       const void* sinks, TO* out, u32* count, int B, int T, int HQ, int HKV, int D, int DV, int C,
+                       const void* sinks, TO* out, u32* count, int B, int T, int HQ, int HKV, int C,
                        int window, int flags, float scale, float value_scale, int nch_max, float* smem) {
+  constexpr int NV = (DV + 31) / 32;  // value dims a lane (DV <= 256)
   __shared__ int last;
   const bool causal = flags & 1;
   const int G = HQ / HKV, Q = G * T;
@@ -745,13 +749,13 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
       const float m = warp_max(s);
       const float p = m == -MK_INF ? 0.0f : __expf(s - m);
       const float l = warp_sum(p);
-      float acc[8];  // DV / 32 <= 8
+      float acc[NV];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+      for (int i = 0; i < NV; ++i) acc[i] = 0.0f;
       for (int j = 0; j < CH; ++j) {
         const float pj = __shfl_sync(0xffffffffu, p, j);
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
+        for (int i = 0; i < NV; ++i)
           if (lane + 32 * i < DV) acc[i] = fmaf(pj, tof(v_s[j * vs + lane + 32 * i]), acc[i]);
       }
       const long long at = (head * nch_max + c) * Q + row;
@@ -760,7 +764,7 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
         sl[at] = l;
       }
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
+      for (int i = 0; i < NV; ++i)
         if (lane + 32 * i < DV) sacc[at * DV + lane + 32 * i] = acc[i];
     }
     // the arrival: the block's partial state is stored (the release covers the block's stores, ordered by the
@@ -783,32 +787,32 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
       const float sink = sinks != nullptr ? sink_of(sinks, flags >> 1, qh) : -MK_INF;
       m_all = fmaxf(m_all, sink);
       const float m_safe = m_all == -MK_INF ? 0.0f : m_all;
-      float l = 0.0f, acc[8];
+      float l = 0.0f, acc[NV];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-      // the chunks in order, 4 at a time: their weighted values loaded first, then the sums (one chain)
-      for (int c0 = 0; c0 < nch; c0 += 4) {
-        float w_c = 0.0f, l_c = 0.0f;  // lane u < 4: chunk c0 + u's weight and sum
-        if (lane < 4 && c0 + lane < nch) {
+      for (int i = 0; i < NV; ++i) acc[i] = 0.0f;
+      // the chunks in order, 2 at a time: their weighted values loaded first, then the sums (one chain)
+      for (int c0 = 0; c0 < nch; c0 += 2) {
+        float w_c = 0.0f, l_c = 0.0f;  // lane u < 2: chunk c0 + u's weight and sum
+        if (lane < 2 && c0 + lane < nch) {
           const long long at = at0 + static_cast<long long>(c0 + lane) * Q;
           w_c = __expf(__ldcg(sm + at) - m_safe);
           l_c = __ldcg(sl + at);
         }
-        float va[4][8];
+        float va[2][NV];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
+        for (int u = 0; u < 2; ++u) {
           const long long at = at0 + static_cast<long long>(c0 + u) * Q;
 #pragma unroll
-          for (int i = 0; i < 8; ++i)
+          for (int i = 0; i < NV; ++i)
             va[u][i] = c0 + u < nch && lane + 32 * i < DV ? __ldcg(sacc + at * DV + lane + 32 * i) : 0.0f;
         }
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
+        for (int u = 0; u < 2; ++u) {
           if (c0 + u >= nch) break;
           const float wgt = __shfl_sync(0xffffffffu, w_c, u);
           l = fmaf(wgt, __shfl_sync(0xffffffffu, l_c, u), l);
 #pragma unroll
-          for (int i = 0; i < 8; ++i)
+          for (int i = 0; i < NV; ++i)
             if (lane + 32 * i < DV) acc[i] = fmaf(wgt, va[u][i], acc[i]);
         }
       }
@@ -816,7 +820,7 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
       const float inv = l == 0.0f ? 1.0f : 1.0f / l;
       TO* o = out + (static_cast<long long>(b * T + t) * HQ + qh) * DV;
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
+      for (int i = 0; i < NV; ++i)
         if (lane + 32 * i < DV) o[lane + 32 * i] = fromf<TO>(acc[i] * inv);
     }
     append_rows(k, v, kc, vc, p0, b, h, T, HKV, D, DV, C, value_scale);
