@@ -60,6 +60,26 @@ def test_every_op_of_a_decode_step_has_a_phase(mxfp4):
     assert ("mk::Mxfp4Rows<" in source) == mxfp4
 
 
+@pytest.mark.parametrize("max_rows", [1, 8])
+def test_attention_arrival_counts_have_a_place_each(max_rows):
+    """Each attention op's last block of a (batch row, kv head) is found by counting arrivals: every op gets its own
+    max_rows x hkv counts past the grid barrier's 64-bit count, within the SYNC array the runtime zeroes, and its
+    shared memory (keys and values in the cache's dtype, rows padded to an odd count of 16 bytes, a row of q a warp)
+    fits the kernel's."""
+    model = build_model("tiny")
+    plan = megakernel.plan(tilec.compile(model, target="reference").graph, max_rows)
+    phases = [p for p in plan.phases if p["task"] == "attention"]
+    assert len(phases) == model.config.num_hidden_layers == len(plan.attention)
+    spans = sorted((p["args"]["counts"], p["args"]["counts"] + max_rows * p["args"]["HKV"]) for p in phases)
+    assert spans[0][0] == 0 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # disjoint
+    assert spans[-1][1] <= 2 * (plan.sync_words - 1)  # 32-bit counts after the barrier's word
+    for p in phases:
+        a, item = p["args"], 4  # tiny's caches are fp32
+        rows = [(w * item // 16 | 1) * 16 for w in (a["D"], a["DV"])]
+        assert all((r // 16) % 2 == 1 for r in rows)
+        assert megakernel.CHUNK * sum(rows) + 4 * (megakernel.THREADS // 32) * a["D"] <= plan.smem_bytes
+
+
 def test_norm_gets_a_phase_when_its_rows_do_not_fit_in_shared_memory(monkeypatch):
     """A norm is folded into its consumers only if max_rows rows of its output always fit in their staging area;
     otherwise it runs as a phase of its own and the consumers read its output from global memory."""
