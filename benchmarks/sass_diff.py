@@ -134,9 +134,10 @@ def functions(cubin: Path, nvdisasm: str) -> dict[str, list[str]]:
 def load_batches(cubin: Path, nvdisasm: str) -> dict[str, list[dict]]:
     """Each function's innermost loops that load weights (ld.global.nc) and do FMAs (a loop: a branch back to an
     earlier instruction of the function): its instruction count, its weight loads, ``batch``, the most of them
-    issued between two FMAs (around the back edge), and ``local``, its local-memory loads and stores (spills). A GEMV loop whose loads are one batch keeps them all in flight
-    together; ptxas under register pressure may move loads past FMAs instead, and so split a batch: that made the
-    experts' gate/up phase of the mini megakernel 45% slower (benchmarks/results/h100-2026-11-25b).
+    issued between two FMAs (around the back edge), and ``local``, its local-memory loads and stores (spills). A
+    GEMV loop whose loads are one batch keeps them all in flight together; ptxas under register pressure may move
+    loads past FMAs instead, and so split a batch: that made the experts' gate/up phase of the mini megakernel 45%
+    slower (benchmarks/results/h100-2026-11-25b).
     A heuristic: spans with shuffles are left out (the branches back from a warp sum's divergent fallback, BRA.DIV,
     read as loops, and a GEMV's k loop has no shuffle). Checked on the mini and tiny builds of nvcc 13.0 and on four
     NVRTC builds that ran on the H100; in one of these, ptxas placed the one-row loops' back edges where this finds

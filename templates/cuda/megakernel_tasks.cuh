@@ -601,7 +601,7 @@ __device__ __forceinline__ float sink_of(const void* sinks, int kind, int head) 
 // tilec.attention (with its kv_append), as one phase: an item is (batch b, kv head h, chunk c of CH keys), dealt
 // to blocks densely over the step's live chunks, so that a step's few items run on as many blocks.
 // - The chunk's cached keys and values are copied into shared memory as they are (cp.async: the whole chunk in
-//   flight at once, from a short loop), zeros for keys outside [lo, p0); the step's own rows (keys from p0 on) come
+//   flight at once, from a short loop), zeros for keys outside [lo, end); the step's own rows (keys from p0 on) come
 //   from k and v (values times value_scale, rounded as when cached), loaded with each warp's first query row while
 //   the copies fly. Short loops on purpose: a phase this short runs cold from the instruction cache.
 // - Each warp takes query rows (row = t * G + g), a lane a key for the scores, a lane 32nd of the value dims for the
@@ -615,7 +615,7 @@ __device__ __forceinline__ float sink_of(const void* sinks, int kind, int head) 
 // (benchmarks/results/h100-2026-11-25c). One instantiation serves layers with and without sinks (`flags`: bit 0
 // causal, bits 1 and 2 the sinks' type, sink_of): with two copies, ptxas spilled around the kernel's calls. The head
 // dims are template parameters (a model's layers share them), so a lane's value sums are DV / 32 floats, not 8; the
-// merge loads 2 chunks at a time (4 put spills in the MXFP4 experts' loops; nvcc 13.0).
+// merge loads 2 chunks at a time (with 4, nvcc 13.0 spilled in the MXFP4 experts' loops).
 template <int CH, int D, int DV, class TQ, class TK, class TV, class TC, class TP, class TO>
 MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, const TP* pos, float* scratch,
                        const void* sinks, TO* out, u32* count, int B, int T, int HQ, int HKV, int C,
@@ -633,7 +633,7 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
   const int ks = padded_row<TC>(D), vs = padded_row<TC>(DV);
   TC* k_s = reinterpret_cast<TC*>(smem);
   TC* v_s = k_s + CH * ks;
-  float* q_s = reinterpret_cast<float*>(v_s + CH * vs);  // a row of q per warp (16-byte aligned: ks, vs even)
+  float* q_s = reinterpret_cast<float*>(v_s + CH * vs);  // a row of q per warp (rows are whole 16-byte units)
   int items = 0;
   for (int b = 0; b < B; ++b) items += HKV * chunk_count(static_cast<long long>(pos[b]), T, window, CH);
   for (int item = blockIdx.x; item < items; item += gridDim.x) {

@@ -1,6 +1,7 @@
 #!/bin/bash
-# benchmarks/results/h100-2026-11-25c/mkpkg.sh SRC DEST (the runs kept it as .scratch/mkpkg.sh): a flat copy of tilec (models, runtime, templates inside) plus the benchmark scripts, runnable as
-# python3 DEST/benchmarks/X.py without installing (the scripts put DEST first on sys.path).
+# mkpkg.sh SRC DEST (the runs kept it as .scratch/mkpkg.sh): a flat copy of tilec (models, passes, runtime and
+# templates inside) plus the benchmark scripts, runnable as python3 DEST/benchmarks/X.py without installing (the
+# scripts put DEST first on sys.path).
 set -e
 src=$1; dest=$2
 rm -rf $dest; mkdir -p $dest/benchmarks
