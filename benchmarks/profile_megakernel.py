@@ -8,7 +8,9 @@ and after its barrier (`MegakernelProgram.timeline`). Per phase: the work (from 
 the slowest block's done, p50 over blocks too) and the barrier (from the slowest block's done to the release seen
 by the last block). Sums by task kind (with the slowest block's lead over the median block: what spreading a phase
 over more blocks could save), and by op: the work of its phases beside the bytes it reads (tilec.cost, as the decode
-floor counts them) and their rate. Writes ``DIR/profile_megakernel.json`` and prints the tables.
+floor counts them) and their rate. Inside each attention phase, the steps of each block's first item (the timeline
+build's MK_ATTENTION_STAMPS): the median block's and the last-finishing block's. Writes
+``DIR/profile_megakernel.json`` and prints the tables.
 
     python3 benchmarks/profile_megakernel.py --from-json DIR/profile_megakernel.json
 
@@ -113,6 +115,52 @@ def prefilled(preset: str, mxfp4: bool, context: int, more: int) -> tuple:
     return cm, session, ids
 
 
+ATTENTION_STEPS = ("start", "staged", "stored", "arrived", "merged", "appended")  # MK_ATTENTION_STAMP's 0 to 5
+
+
+def attention_steps(phases: list[dict], runs: list, att_runs: list) -> list[dict]:
+    """Inside each attention phase, from its blocks' first items (stamps [ops, blocks, 8]): the median over blocks
+    and runs of each step's time (start: from the previous barrier's release), and the same for the block that
+    finished last; merge and append only where the block was its head's last."""
+    med = lambda v: sorted(v)[len(v) // 2] if v else None  # noqa: E731
+    out = []
+    for k, at in enumerate(i for i, p in enumerate(phases) if p["task"] == "attention"):
+        steps: dict[str, list] = {name: [] for name in ATTENTION_STEPS}
+        slowest: dict[str, list] = {name: [] for name in ATTENTION_STEPS}
+        used: list[int] = []
+        for st, att in zip(runs, att_runs):
+            release = int(st[:, at - 1, 1].max()) if at else int(st[:, 0, 0].min())
+            a = att[k]
+            used = [b for b in range(a.shape[0]) if int(a[b, 0])]
+            last_done = max(used, key=lambda b: int(st[b, at, 0]), default=None)
+            for b in used:
+                prev = release
+                for j, name in enumerate(ATTENTION_STEPS):
+                    t = int(a[b, j])
+                    if not t:
+                        break
+                    steps[name].append((t - prev) / 1e3)
+                    if b == last_done:
+                        slowest[name].append((t - prev) / 1e3)
+                    prev = t
+        out.append({"node": phases[at]["node"], "items": len(used),
+                    "median_us": {n: med(v) for n, v in steps.items()},
+                    "last_block_us": {n: med(v) for n, v in slowest.items()}})
+    return out
+
+
+def print_attention_steps(inside: list[dict]) -> None:
+    """One line an attention phase: each step's median over blocks, and the last block's, in us."""
+    if not inside:
+        return
+    print("\nattention inside (us: median of the blocks with an item / the block that finished last)")
+    print(f"{'node':<36} {'items':>5} " + " ".join(f"{n:>13}" for n in ATTENTION_STEPS))
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in inside:
+        print(f"{r['node'][:36]:<36} {r['items']:>5} " + " ".join(
+            f"{fmt(r['median_us'][n]) + '/' + fmt(r['last_block_us'][n]):>13}" for n in ATTENTION_STEPS))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="folder for profile_megakernel.json (needed unless --from-json)")
@@ -137,15 +185,16 @@ def main() -> None:
         megakernel.PREFETCH_BYTES = int(args.prefetch_mb * 2**20)
     cm, session, ids = prefilled(args.preset, args.mxfp4, args.context, args.rows * (args.repeats + 1))
     program = cm.program
-    runs = []
+    runs, att_runs = [], []
     for i in range(args.repeats + 1):  # the first compiles the timeline variant and warms up
         first = args.context + i * args.rows
         pos = torch.full((1,), first, dtype=torch.int64, device="cuda")
         with torch.inference_mode():
-            _, stamps = program.timeline(ids[:, first:first + args.rows], pos, *session.cache.tensors)
+            _, stamps, att = program.timeline(ids[:, first:first + args.rows], pos, *session.cache.tensors)
         torch.cuda.synchronize()
         if i:
             runs.append(stamps.cpu())
+            att_runs.append(att.cpu())
     phases = program.plan.phases
     rows = []
     for k, ph in enumerate(phases):
@@ -173,13 +222,15 @@ def main() -> None:
               f"{r['barrier_us']:>7.2f}")
     rates = op_rates(cm.graph, rows, args.context)
     print_rates(rates)
+    inside = attention_steps(phases, runs, att_runs)
+    print_attention_steps(inside)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile_megakernel.json").write_text(json.dumps(
         {"preset": args.preset, "mxfp4": args.mxfp4, "context": args.context, "rows": args.rows,
          "prefetch_mb": args.prefetch_mb,
          "device": torch.cuda.get_device_name(), "total_us": total, "phases": rows,
          "by_task": tasks,
-         "by_op": rates},
+         "by_op": rates, "attention_steps": inside},
         indent=1))
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -283,6 +284,27 @@ def test_profile_megakernel_rates_a_saved_profile_by_op():
     tasks = pm.by_task(phases)
     assert tasks["a"] == {"phases": 2, "work_us": 16.0, "lead_us": 12.0, "barrier_us": 2.5}
     assert tasks["b"]["lead_us"] == 0.0
+
+
+def test_profile_megakernel_times_the_steps_inside_attention():
+    """profile_megakernel.py's attention table from the timeline build's stamps (no GPU): each step from the one
+    before (the first from the previous phase's release), over the blocks that had an item; the merge and the
+    stores only where the block was its head's last; and the same for the block that finished the phase last."""
+    import profile_megakernel as pm
+
+    phases = [{"task": "qkv_rope", "node": "q"}, {"task": "attention", "node": "att"}]
+    st = torch.zeros((3, 2, 2), dtype=torch.int64)  # [blocks, phases, (done, released)]
+    st[:, 0, 1] = torch.tensor([900, 1000, 950])  # the qkv phase's barrier released at 1000 ns
+    st[:, 1, 0] = torch.tensor([5000, 9000, 1000])  # block 1 finished attention last
+    att = torch.zeros((1, 3, 8), dtype=torch.int64)  # [attention ops, blocks, stamps]
+    att[0, 0, :4] = torch.tensor([1100, 2100, 3100, 3600])  # not its head's last
+    att[0, 1, :7] = torch.tensor([1200, 2200, 4200, 5200, 6200, 7200, 1])  # the last: merged and stored
+    (row,) = pm.attention_steps(phases, [st], [att])  # block 2 had no item
+    assert row["node"] == "att" and row["items"] == 2
+    assert row["last_block_us"] == {"start": 0.2, "staged": 1.0, "stored": 2.0, "arrived": 1.0, "merged": 1.0,
+                                    "appended": 1.0}
+    assert row["median_us"]["staged"] == 1.0 and row["median_us"]["arrived"] == 1.0
+    assert row["median_us"]["start"] == 0.2 and row["median_us"]["merged"] == 1.0  # the upper median; one block
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

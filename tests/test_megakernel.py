@@ -243,6 +243,21 @@ def test_megakernel_compiles_for_hopper_without_spills(tmp_path, mxfp4):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_timeline_build_stamps_inside_attention_and_compiles(tmp_path):
+    """profile_megakernel.py's build (MegakernelProgram.timeline) stamps each phase and, inside attention, the steps
+    of each block's first item, past the phases' stamps in TL; the production build compiles none of it."""
+    cm = tilec.compile(build_model("tiny"), target="cuda", options=tilec.Options(greedy=True))
+    plan = cm.program.plan
+    source = megakernel.render("cuda/megakernel.cu.j2", ctx=plan.context(timeline=True))
+    defined = re.compile(r"^#define MK_ATTENTION_STAMPS\s", re.M)
+    assert defined.search(source) and not defined.search(cm.program.sources["megakernel.cu"])
+    n = len(plan.phases)
+    for i in range(len(plan.attention)):
+        assert f"smem, TL + gridDim.x * ({2 * n} + 8 * {i}));" in source
+    nvcc_cubin(source, "mk_timeline", "sm_90a")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=mimo_configs(), mxfp4=st.booleans(), greedy=st.booleans(), dtype=st.sampled_from(["float32", "bfloat16"]))
 def test_drawn_configs_megakernel_compiles(tmp_path_factory, cfg, mxfp4, greedy, dtype):

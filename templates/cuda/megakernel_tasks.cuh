@@ -616,10 +616,27 @@ __device__ __forceinline__ float sink_of(const void* sinks, int kind, int head) 
 // causal, bits 1 and 2 the sinks' type, sink_of): with two copies, ptxas spilled around the kernel's calls. The head
 // dims are template parameters (a model's layers share them), so a lane's value sums are DV / 32 floats, not 8; the
 // merge loads 2 chunks at a time (with 4, nvcc 13.0 spilled in the MXFP4 experts' loops).
+// Diagnostics (the timeline build only, MK_ATTENTION_STAMPS): `stamps` [gridDim.x][8], a block's first item's
+// %globaltimer at its start, its chunk staged, its partial state stored, its arrival counted, and (the last block of
+// its head only, after a __syncthreads) the merge stored and the new rows stored; [6] = 1 where it was the last.
+// Zero where the block had no item. The production build compiles none of it.
+#ifdef MK_ATTENTION_STAMPS
+#define MK_ATTENTION_STAMP(at) \
+  if (threadIdx.x == 0 && item == static_cast<int>(blockIdx.x)) stamps[blockIdx.x * 8 + (at)] = globaltimer()
+#define MK_ATTENTION_SYNC_STAMP(at) \
+  __syncthreads();                   \
+  MK_ATTENTION_STAMP(at)
+#define MK_ATTENTION_STAMPS_ARG , unsigned long long* stamps
+#else
+#define MK_ATTENTION_STAMP(at)
+#define MK_ATTENTION_SYNC_STAMP(at)
+#define MK_ATTENTION_STAMPS_ARG
+#endif
 template <int CH, int D, int DV, class TQ, class TK, class TV, class TC, class TP, class TO>
 MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, const TP* pos, float* scratch,
                        const void* sinks, TO* out, u32* count, int B, int T, int HQ, int HKV, int C,
-                       int window, int flags, float scale, float value_scale, int nch_max, float* smem) {
+                       int window, int flags, float scale, float value_scale, int nch_max,
+                       float* smem MK_ATTENTION_STAMPS_ARG) {
   constexpr int NV = (DV + 31) / 32;  // value dims a lane (DV <= 256)
   __shared__ int last;
   const bool causal = flags & 1;
@@ -649,6 +666,7 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
     const long long base = (lo / CH + c) * CH;
     const long long head = static_cast<long long>(b) * HKV + h;
     const int s0 = static_cast<int>(base % C);
+    MK_ATTENTION_STAMP(0);
     __syncthreads();  // the previous item's reads of k_s / v_s / q_s are done
     {
       // the cached keys and values, zeros outside [lo, end), 8 elements a copy (the step's own rows come below)
@@ -704,6 +722,7 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
       cp_async_wait();
     }
     __syncthreads();
+    MK_ATTENTION_STAMP(1);
     for (int row = warp; row < Q; row += warps) {
       const int t = row / G, g = row % G, qh = h * G + g;
       const long long qp = p0 + t;
@@ -770,6 +789,7 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
     // the arrival: the block's partial state is stored (the release covers the block's stores, ordered by the
     // __syncthreads), and the last block of (b, h) to arrive merges (its acquire covers the others')
     __syncthreads();
+    MK_ATTENTION_STAMP(2);
     if (threadIdx.x == 0) {
       u32 before;
       asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(count + head) : "memory");
@@ -777,6 +797,10 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
       if (last) count[head] = 0;  // every chunk of (b, h) has arrived: nothing else reads it in this launch
     }
     __syncthreads();
+    MK_ATTENTION_STAMP(3);
+#ifdef MK_ATTENTION_STAMPS
+    if (threadIdx.x == 0 && item == static_cast<int>(blockIdx.x)) stamps[blockIdx.x * 8 + 6] = last;
+#endif
     if (!last) continue;
     for (int row = warp; row < Q; row += warps) {
       const int t = row / G, qh = h * G + row % G;
@@ -823,7 +847,9 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
       for (int i = 0; i < NV; ++i)
         if (lane + 32 * i < DV) o[lane + 32 * i] = fromf<TO>(acc[i] * inv);
     }
+    MK_ATTENTION_SYNC_STAMP(4);
     append_rows(k, v, kc, vc, p0, b, h, T, HKV, D, DV, C, value_scale);
+    MK_ATTENTION_SYNC_STAMP(5);
   }
 }
 

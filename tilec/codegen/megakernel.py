@@ -546,8 +546,9 @@ class MegakernelProgram(TritonProgram):
 
     def timeline(self, *inputs) -> tuple:
         """Diagnostics (benchmarks/profile_megakernel.py): run one step on a variant of the kernel that stamps
-        %globaltimer in every block when each phase's work is done and after its barrier. Returns the step's outputs
-        and the stamps, int64 [blocks, phases, 2] in ns."""
+        %globaltimer in every block when each phase's work is done and after its barrier, and in attention the
+        steps of each block's first item (MK_ATTENTION_STAMPS in megakernel_tasks.cuh). Returns the step's outputs,
+        the phases' stamps, int64 [blocks, phases, 2] in ns, and attention's, int64 [attention ops, blocks, 8]."""
         from tilec.codegen.cuda_build import CudaModule
 
         if not self.fits(inputs):
@@ -556,9 +557,10 @@ class MegakernelProgram(TritonProgram):
             self._timeline_module = CudaModule(render("cuda/megakernel.cu.j2", ctx=self.plan.context(timeline=True)),
                                                "tilec_megakernel_timeline")
         sms = self._setup(inputs[0].device)["sms"]
-        stamps = torch.zeros((sms, len(self.plan.phases), 2), dtype=torch.int64, device=inputs[0].device)
+        phases, ops = sms * len(self.plan.phases) * 2, len(self.plan.attention) * sms * 8
+        stamps = torch.zeros(phases + ops, dtype=torch.int64, device=inputs[0].device)
         out = self._launch(self.dense_inputs(inputs), stamps)
-        return out, stamps
+        return out, stamps[:phases].view(sms, -1, 2), stamps[phases:].view(-1, sms, 8)
 
     def _launch(self, inputs: tuple, stamps: torch.Tensor | None = None):
         from tilec.codegen.cuda_build import pointer
