@@ -79,6 +79,29 @@ def run_experts(fmt, mod, x, w, ids, gate_up, down):
 
 
 # ---------------------------------------------------------------------------------------------------------- router
+def ties_sorted(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``ids`` with each run of exactly equal ``weights`` (the reference's) in a row put in ascending order. Where two
+    experts' fp32 scores are equal (a sigmoid saturated at 1 - 2^-24 ... for logits near 14), their order is
+    torch.topk's, which is not defined; the kernel takes the lower id first."""
+    out = ids.clone()
+    flat_w, flat_i = weights.reshape(-1, weights.shape[-1]), out.view(-1, ids.shape[-1])
+    for r in range(flat_w.shape[0]):
+        j = 0
+        while j < flat_w.shape[1]:
+            e = j
+            while e + 1 < flat_w.shape[1] and flat_w[r, e + 1] == flat_w[r, j]:
+                e += 1
+            flat_i[r, j:e + 1] = flat_i[r, j:e + 1].sort().values
+            j = e + 1
+    return out
+
+
+def test_ties_sorted_orders_only_equal_weights():
+    ids = torch.tensor([[[21, 9, 7, 3]]])
+    assert ties_sorted(ids, torch.tensor([[[0.9, 0.9, 0.5, 0.4]]])).tolist() == [[[9, 21, 7, 3]]]
+    assert ties_sorted(ids, torch.tensor([[[0.9, 0.8, 0.5, 0.4]]])).tolist() == [[[21, 9, 7, 3]]]
+
+
 @FAST
 @given(rows=st.sampled_from([1, 2, 5, 17, 40]), group_size=st.sampled_from([2, 4, 8]),
        n_group=st.sampled_from([1, 2, 4]), data=st.data(), bias=st.booleans(), norm=st.booleans(),
@@ -95,8 +118,20 @@ def test_router(rows, group_size, n_group, data, bias, norm, seed):
     args = (correction, top_k, n_group, topk_group, norm, 2.5)
     (gw, gi), (rw, ri) = mod.launch(x, weight, *args), ops.moe_router(x, weight, *args)
     assert gi.dtype == torch.int64 and gw.dtype == torch.float32 and gi.shape == ri.shape
-    assert torch.equal(gi, ri)
+    assert torch.equal(ties_sorted(gi, rw), ties_sorted(ri, rw))
     assert torch.allclose(gw, rw, rtol=1e-6, atol=1e-6)
+
+
+def test_router_takes_the_lower_id_first_on_a_tie():
+    """The case hypothesis found (CI, 2026-11-25): two experts' logits 14.05 and 14.04 give the same fp32 sigmoid;
+    the kernel puts the lower id first, torch.topk the other; the same experts and weights either way."""
+    g = torch.Generator().manual_seed(31)
+    x, weight = torch.randn(1, 5, 24, generator=g), torch.randn(32, 24, generator=g)
+    mod = load("triton/moe_router.py.j2", router_context(32, 24, CPU), True)
+    args = (None, 6, 4, 4, False, 2.5)
+    (gw, gi), (rw, ri) = mod.launch(x, weight, *args), ops.moe_router(x, weight, *args)
+    assert gi[0, 1, :2].tolist() == [9, 21] and rw[0, 1, 0] == rw[0, 1, 1]
+    assert torch.equal(ties_sorted(gi, rw), ties_sorted(ri, rw)) and torch.allclose(gw, rw, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("rows,n_group,topk_group", [(17, 1, 1), (70, 4, 2)])
