@@ -73,8 +73,9 @@ def test_attention_arrival_counts_have_a_place_each(max_rows):
     spans = sorted((p["args"]["counts"], p["args"]["counts"] + max_rows * p["args"]["HKV"]) for p in phases)
     assert spans[0][0] == 0 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # disjoint
     assert spans[-1][1] <= 2 * (plan.sync_words - 1)  # 32-bit counts after the barrier's word
-    for p in phases:
-        a, item = p["args"], 4  # tiny's caches are fp32
+    caches = {io["input"]: io["dtype"].itemsize for io in plan.io if io["kind"] == "input"}
+    for p, att in zip(phases, plan.attention):
+        a, item = p["args"], caches[att["k_cache"]]
         rows = [(w * item // 16 | 1) * 16 for w in (a["D"], a["DV"])]
         assert all((r // 16) % 2 == 1 for r in rows)
         assert megakernel.CHUNK * sum(rows) + 4 * (megakernel.THREADS // 32) * a["D"] <= plan.smem_bytes
