@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import tilec
 from tilec.codegen import megakernel
 from tilec.codegen.cuda_build import nvcc_cubin
+from tilec.codegen.render import render
 from tilec.models import MiMoForCausalLM, build_model
 from tilec.report import render_markdown
 
@@ -65,7 +66,8 @@ def test_attention_arrival_counts_have_a_place_each(max_rows):
     """Each attention op's last block of a (batch row, kv head) is found by counting arrivals: every op gets its own
     max_rows x hkv counts past the grid barrier's 64-bit count, within the SYNC array the runtime zeroes, and its
     shared memory (keys and values in the cache's dtype, rows padded to an odd count of 16 bytes, a row of q a warp)
-    fits the kernel's."""
+    fits the kernel's, and so does its merge's state of one chunk at max_rows (the task takes as many chunks at a time
+    as fit; the kernel's MK_SMEM_FLOATS is all of it)."""
     model = build_model("tiny")
     plan = megakernel.plan(tilec.compile(model, target="reference").graph, max_rows)
     phases = [p for p in plan.phases if p["task"] == "attention"]
@@ -79,6 +81,12 @@ def test_attention_arrival_counts_have_a_place_each(max_rows):
         rows = [(w * item // 16 | 1) * 16 for w in (a["D"], a["DV"])]
         assert all((r // 16) % 2 == 1 for r in rows)
         assert megakernel.CHUNK * sum(rows) + 4 * (megakernel.THREADS // 32) * a["D"] <= plan.smem_bytes
+        group = a["HQ"] // a["HKV"]
+        merge = group * max_rows * (a["DV"] + 2) + group * max_rows * (a["DV"] + 3)  # a chunk, and the rows' state
+        assert merge == megakernel.attention_merge_floats(group * max_rows, a["DV"], 1)
+        assert 4 * merge <= plan.smem_bytes
+    source = render("cuda/megakernel.cu.j2", ctx=plan.context())
+    assert f"#define MK_SMEM_FLOATS {plan.smem_bytes // 4} " in source
 
 
 def test_norm_gets_a_phase_when_its_rows_do_not_fit_in_shared_memory(monkeypatch):
@@ -310,26 +318,31 @@ def test_tiny_fp32_equals_reference_on_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["unstaged", "router_phase"])
+@pytest.mark.parametrize("variant", ["unstaged", "router_phase", "merge_groups"])
 def test_planner_variants_equal_reference_on_gpu(monkeypatch, variant):
     """Paths the presets' plans never take, against the reference on tiny fp32 (MoE layers and a dense one):
     ``unstaged``, staging too small for any activation row (every RMSNorm a phase of its own, a warp a row, and every
     GEMV reading x from L2); ``router_phase``, the router's choice as a router_topk phase (no fold), the experts
-    reading its ids."""
+    reading its ids; ``merge_groups``, attention's merge taking one chunk into shared memory at a time (a prompt of
+    70 tokens: 3 chunks of 32 keys in the full-attention layers)."""
     os.environ.pop("TRITON_INTERPRET", None)
+    prompt, tasks_wanted = 11, {"unstaged": "rms_norm", "router_phase": "router_topk", "merge_groups": "attention"}
     if variant == "unstaged":
         monkeypatch.setattr(megakernel, "XS_BYTES", TINY_ROW_BYTES - 1)
-    else:
+    elif variant == "router_phase":
         monkeypatch.setattr(megakernel, "FOLD_ROUTER", False)
+    else:
+        monkeypatch.setattr(megakernel, "MERGE_CHUNKS", 1)
+        prompt = 70
     model = build_model("tiny", seed=5, device="cuda")
     ref, mk = tilec.compile(model), tilec.compile(model, target="cuda")
     tasks = {p["task"] for p in mk.report["megakernel"]["schedule"]}
-    assert ("rms_norm" if variant == "unstaged" else "router_topk") in tasks
-    ids = torch.randint(0, 512, (1, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(6))
-    for x, y in _steps(ref, mk, ids, 11):
+    assert tasks_wanted[variant] in tasks
+    ids = torch.randint(0, 512, (1, prompt + 13), device="cuda", generator=torch.Generator("cuda").manual_seed(6))
+    for x, y in _steps(ref, mk, ids, prompt):
         assert float((x - y).norm() / x.norm()) < 1e-5
     assert mk.program.launches >= 2
-    assert torch.equal(mk.generate(ids[:, :11], 8), ref.generate(ids[:, :11], 8))
+    assert torch.equal(mk.generate(ids[:, :prompt], 8), ref.generate(ids[:, :prompt], 8))
 
 
 @pytest.mark.gpu

@@ -545,23 +545,33 @@ MK_TASK void proj_rope(const TW* __restrict__ w, const TB* __restrict__ bias, Sr
   }
 }
 
-// The step's new keys and values of batch row b and kv head h (values times value_scale, rounded as the reference
-// does) stored at slot position % C of the cache, by the whole block: attention's last step for (b, h).
-template <class TK, class TV, class TC>
+// Whether A and B are one type.
+template <class A, class B> struct same_type { static constexpr bool value = false; };
+template <class A> struct same_type<A, A> { static constexpr bool value = true; };
+
+// A value (TV) as the cache (TC) holds it, before the rounding to TC (fromf or Vec8::set): times value_scale,
+// rounded to TV as the reference rounds it, except where TV is TC (that rounding is then the same, done once). A key
+// needs only the rounding to TC.
+template <class TC, class TV> __device__ __forceinline__ float value_for_cache(float x, float value_scale) {
+  return same_type<TC, TV>::value ? x * value_scale : rnd<TV>(x * value_scale);
+}
+
+// The step's new keys and values of batch row b and kv head h stored at slot position % C of the cache, by the whole
+// block: attention's last step for (b, h).
+template <int D, int DV, class TK, class TV, class TC>
 __device__ __forceinline__ void append_rows(const TK* k, const TV* v, TC* kc, TC* vc, long long p0, int b, int h,
-                                            int T, int HKV, int D, int DV, int C, float value_scale) {
+                                            int T, int HKV, int C, float value_scale) {
   const int t0 = T > C ? T - C : 0;  // only the last C rows of a step survive in a ring of C slots
-  const int n = (T - t0) * (D + DV);
+  const int n = (T - t0) * (D + DV), s = static_cast<int>(p0 % C);
   const long long head = static_cast<long long>(b) * HKV + h;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const int t = t0 + i / (D + DV), e = i % (D + DV);
-    const long long row = static_cast<long long>(b) * T + t, slot = (p0 + t) % C;
-    if (e < D) {
+    const int t = t0 + i / (D + DV), e = i % (D + DV), slot = (s + t) % C;
+    const long long row = static_cast<long long>(b) * T + t;
+    if (e < D)
       kc[(head * C + slot) * D + e] = fromf<TC>(ld_cg(k + (row * HKV + h) * D + e));
-    } else {
-      const float val = rnd<TV>(ld_cg(v + (row * HKV + h) * DV + e - D) * value_scale);
-      vc[(head * C + slot) * DV + e - D] = fromf<TC>(val);
-    }
+    else
+      vc[(head * C + slot) * DV + e - D] =
+          fromf<TC>(value_for_cache<TC, TV>(ld_cg(v + (row * HKV + h) * DV + e - D), value_scale));
   }
 }
 
@@ -602,20 +612,23 @@ __device__ __forceinline__ float sink_of(const void* sinks, int kind, int head) 
 // to blocks densely over the step's live chunks, so that a step's few items run on as many blocks.
 // - The chunk's cached keys and values are copied into shared memory as they are (cp.async: the whole chunk in
 //   flight at once, from a short loop), zeros for keys outside [lo, end); the step's own rows (keys from p0 on) come
-//   from k and v (values times value_scale, rounded as when cached), loaded with each warp's first query row while
-//   the copies fly. Short loops on purpose: a phase this short runs cold from the instruction cache.
+//   from k and v (rounded as when cached), loaded with each warp's first query row while the copies fly.
 // - Each warp takes query rows (row = t * G + g), a lane a key for the scores, a lane 32nd of the value dims for the
 //   sums; the partial softmax state (max, sum, weighted values) goes to `scratch`.
 // - The block that finishes (b, h)'s last chunk (a count a (b, h) in `count`, which it sets back to 0 for the next
 //   launch) merges the chunks for every query row in order, the sink in the denominator, stores the output, and
 //   then stores (b, h)'s new rows in the cache: every chunk of (b, h) has been read by then, so a ring may be
-//   overwritten whatever its slack. No phase and no grid barrier for the merge or the stores.
+//   overwritten whatever its slack. No phase and no grid barrier for the merge or the stores. The chunks' states
+//   come to shared memory by cp.async in groups of as many chunks as MK_SMEM_FLOATS holds (all of them, at the
+//   contexts a step's few items serve), so the merge waits for one round trip a group, not one a chunk.
 // Every row's sums depend only on the keys it sees and their chunks' fixed positions, not on the step's other rows.
+// Code size: a phase this short runs from a cold instruction cache, where each KB of code executed costs about
+// 0.1 to 0.4 us (benchmarks/icache_probe.py, results/h100-2026-11-25d); so the loops are short and rolled, divisions
+// are by constants, and no path converts what needs no conversion.
 // Registers: the kernel is allocated as a whole at its ceiling, so this function's needs move the others' code
 // (benchmarks/results/h100-2026-11-25c). One instantiation serves layers with and without sinks (`flags`: bit 0
 // causal, bits 1 and 2 the sinks' type, sink_of): with two copies, ptxas spilled around the kernel's calls. The head
-// dims are template parameters (a model's layers share them), so a lane's value sums are DV / 32 floats, not 8; the
-// merge loads 2 chunks at a time (with 4, nvcc 13.0 spilled in the MXFP4 experts' loops).
+// dims are template parameters (a model's layers share them), so a lane's value sums are DV / 32 floats, not 8.
 // Diagnostics (the timeline build only, MK_ATTENTION_STAMPS): `stamps` [gridDim.x][8], a block's first item's
 // %globaltimer at its start, its chunk staged, its partial state stored, its arrival counted, and (the last block of
 // its head only, after a __syncthreads) the merge stored and the new rows stored; [6] = 1 where it was the last.
@@ -637,16 +650,18 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
                        const void* sinks, TO* out, u32* count, int B, int T, int HQ, int HKV, int C,
                        int window, int flags, float scale, float value_scale, int nch_max,
                        float* smem MK_ATTENTION_STAMPS_ARG) {
-  constexpr int NV = (DV + 31) / 32;  // value dims a lane (DV <= 256)
+  constexpr int NV = (DV + 31) / 32;   // value dims a lane (DV <= 256)
+  constexpr int KU = D / 8, VU = DV / 8;  // 8-element units of a key row and of a value row
   __shared__ int last;
   const bool causal = flags & 1;
   const int G = HQ / HKV, Q = G * T;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  // scratch: max, then sum, then weighted values, by ((b * HKV + h) * nch_max + chunk) * Q + row
+  // scratch: weighted values (first, so that the merge's copies are 16-byte aligned), then max, then sum, by
+  // ((b * HKV + h) * nch_max + chunk) * Q + row
   const long long n_state = static_cast<long long>(B) * HKV * nch_max * Q;
-  float* sm = scratch;
-  float* sl = scratch + n_state;
-  float* sacc = scratch + 2 * n_state;
+  float* sacc = scratch;
+  float* sm = scratch + n_state * DV;
+  float* sl = sm + n_state;
   const int ks = padded_row<TC>(D), vs = padded_row<TC>(DV);
   TC* k_s = reinterpret_cast<TC*>(smem);
   TC* v_s = k_s + CH * ks;
@@ -670,14 +685,13 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
     __syncthreads();  // the previous item's reads of k_s / v_s / q_s are done
     {
       // the cached keys and values, zeros outside [lo, end), 8 elements a copy (the step's own rows come below)
-      const int kp8 = D / 8, n_k = CH * kp8, n = n_k + CH * (DV / 8);
-      for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const bool key = i < n_k;
-        const int w8 = key ? kp8 : DV / 8, at = key ? i : i - n_k, j = at / w8, d = (at % w8) * 8;
+      for (int i = threadIdx.x; i < CH * (KU + VU); i += blockDim.x) {
+        const bool key = i < CH * KU;
+        const int at = key ? i : i - CH * KU, j = key ? at / KU : at / VU, d = (key ? at % KU : at % VU) * 8;
         const long long kp = base + j;
         if (kp >= p0 && kp < end) continue;
         const bool cached = kp >= lo && kp < p0;
-        const long long slot = (s0 + j) % C;
+        const int slot = (s0 + j) % C;
         const TC* src = key ? kc + (head * C + slot) * D + d : vc + (head * C + slot) * DV + d;
         TC* dst = key ? k_s + j * ks + d : v_s + j * vs + d;
         for (int part = 0; part < static_cast<int>(sizeof(TC)) / 2; ++part)  // 16 bytes each (2 for fp32)
@@ -693,27 +707,31 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
         u.get(qf);
       }
       const long long f0 = p0 > base ? p0 : base, f1 = end < base + CH ? end : base + CH;  // fresh keys here
-      const int n_f = f1 > f0 ? static_cast<int>(f1 - f0) * (D + DV) / 8 : 0;
+      const int n_f = f1 > f0 ? static_cast<int>(f1 - f0) * (KU + VU) : 0;
       for (int i = threadIdx.x; i < n_f; i += blockDim.x) {
-        const int j = i / ((D + DV) / 8), e = (i % ((D + DV) / 8)) * 8;
+        const int j = i / (KU + VU), e = i % (KU + VU) * 8;
         const long long kp = f0 + j, row_kv = static_cast<long long>(b) * T + (kp - p0);
         float f[8];
+        Vec8<TC> w;
         if (e < D) {
           Vec8<TK> u;
           u.cg(k + (row_kv * HKV + h) * D + e);
-          u.get(f);
-#pragma unroll
-          for (int x = 0; x < 8; ++x) f[x] = rnd<TC>(f[x]);
+          if constexpr (same_type<TC, TK>::value) {
+            w = u;  // the same bits
+          } else {
+            u.get(f);
+            w.set(f);
+          }
+          w.put(k_s + (kp - base) * ks + e);
         } else {
           Vec8<TV> u;
           u.cg(v + (row_kv * HKV + h) * DV + e - D);
           u.get(f);
 #pragma unroll
-          for (int x = 0; x < 8; ++x) f[x] = rnd<TC>(rnd<TV>(f[x] * value_scale));
+          for (int x = 0; x < 8; ++x) f[x] = value_for_cache<TC, TV>(f[x], value_scale);
+          w.set(f);
+          w.put(v_s + (kp - base) * vs + e - D);
         }
-        Vec8<TC> w;
-        w.set(f);
-        w.put(e < D ? k_s + (kp - base) * ks + e : v_s + (kp - base) * vs + e - D);
       }
       if (has_q) {
 #pragma unroll
@@ -771,6 +789,7 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
       float acc[NV];
 #pragma unroll
       for (int i = 0; i < NV; ++i) acc[i] = 0.0f;
+#pragma unroll 4
       for (int j = 0; j < CH; ++j) {
         const float pj = __shfl_sync(0xffffffffu, p, j);
 #pragma unroll
@@ -802,53 +821,75 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
     if (threadIdx.x == 0 && item == static_cast<int>(blockIdx.x)) stamps[blockIdx.x * 8 + 6] = last;
 #endif
     if (!last) continue;
-    for (int row = warp; row < Q; row += warps) {
-      const int t = row / G, qh = h * G + row % G;
-      const long long at0 = head * nch_max * Q + row;  // chunk c's state at at0 + c * Q
-      float m_all = -MK_INF;
-      for (int cc = lane; cc < nch; cc += 32) m_all = fmaxf(m_all, __ldcg(sm + at0 + static_cast<long long>(cc) * Q));
-      m_all = warp_max(m_all);
-      const float sink = sinks != nullptr ? sink_of(sinks, flags >> 1, qh) : -MK_INF;
-      m_all = fmaxf(m_all, sink);
-      const float m_safe = m_all == -MK_INF ? 0.0f : m_all;
-      float l = 0.0f, acc[NV];
-#pragma unroll
-      for (int i = 0; i < NV; ++i) acc[i] = 0.0f;
-      // the chunks in order, 2 at a time: their weighted values loaded first, then the sums (one chain)
-      for (int c0 = 0; c0 < nch; c0 += 2) {
-        float w_c = 0.0f, l_c = 0.0f;  // lane u < 2: chunk c0 + u's weight and sum
-        if (lane < 2 && c0 + lane < nch) {
-          const long long at = at0 + static_cast<long long>(c0 + lane) * Q;
-          w_c = __expf(__ldcg(sm + at) - m_safe);
-          l_c = __ldcg(sl + at);
-        }
-        float va[2][NV];
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const long long at = at0 + static_cast<long long>(c0 + u) * Q;
-#pragma unroll
-          for (int i = 0; i < NV; ++i)
-            va[u][i] = c0 + u < nch && lane + 32 * i < DV ? __ldcg(sacc + at * DV + lane + 32 * i) : 0.0f;
-        }
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          if (c0 + u >= nch) break;
-          const float wgt = __shfl_sync(0xffffffffu, w_c, u);
-          l = fmaf(wgt, __shfl_sync(0xffffffffu, l_c, u), l);
-#pragma unroll
-          for (int i = 0; i < NV; ++i)
-            if (lane + 32 * i < DV) acc[i] = fmaf(wgt, va[u][i], acc[i]);
+    // The merge, a group of `fit` chunks at a time (shared memory, the keys' place: every warp is done with them):
+    // grp_s [fit][Q][DV] weighted values and m_s, l_s [fit][Q]; row_s [Q] each row's max over all chunks and the
+    // sink, sink_s [Q] its sink (-inf: none); run_s [Q][1 + DV] its sum and weighted values over the groups so far.
+    // The planner's shared memory holds at least one chunk (tilec.codegen.megakernel.attention_merge_floats).
+    const long long first = head * nch_max * Q;  // (b, h)'s chunk 0, row 0
+    int fit = min(nch, (MK_SMEM_FLOATS - Q * (DV + 3)) / (Q * (DV + 2)));
+    if (MK_MERGE_CHUNKS) fit = min(fit, MK_MERGE_CHUNKS);
+    float* grp_s = smem;
+    float* m_s = grp_s + fit * Q * DV;
+    float* l_s = m_s + fit * Q;
+    float* row_s = l_s + fit * Q;
+    float* sink_s = row_s + Q;
+    float* run_s = sink_s + Q;
+    for (int c0 = 0; c0 < nch; c0 += fit) {
+      const int n = min(fit, nch - c0);
+      const long long at0 = first + static_cast<long long>(c0) * Q;
+      if (c0) __syncthreads();  // the previous group's reads are done
+      for (int i = threadIdx.x; i < n * Q * DV / 4; i += blockDim.x)
+        cp_async16(grp_s + 4 * i, sacc + at0 * DV + 4 * i, 16);
+      for (int i = threadIdx.x; i < n * Q; i += blockDim.x) {
+        m_s[i] = __ldcg(sm + at0 + i);
+        l_s[i] = __ldcg(sl + at0 + i);
+      }
+      if (c0 == 0) {  // each row's max (lanes over the chunks, then the warp), while the copies fly
+        for (int row = warp; row < Q; row += warps) {
+          float m_all = -MK_INF;
+#pragma unroll 1
+          for (int cc = lane; cc < nch; cc += 32) m_all = fmaxf(m_all, __ldcg(sm + first + cc * Q + row));
+          const float sink = sinks != nullptr ? sink_of(sinks, flags >> 1, h * G + row % G) : -MK_INF;
+          m_all = fmaxf(warp_max(m_all), sink);
+          if (lane == 0) {
+            row_s[row] = m_all;
+            sink_s[row] = sink;
+          }
         }
       }
-      if (sinks != nullptr) l += __expf(sink - m_safe);
-      const float inv = l == 0.0f ? 1.0f : 1.0f / l;
-      TO* o = out + (static_cast<long long>(b * T + t) * HQ + qh) * DV;
+      cp_async_wait();
+      __syncthreads();
+      for (int row = warp; row < Q; row += warps) {
+        const float m_all = row_s[row], m_safe = m_all == -MK_INF ? 0.0f : m_all;
+        float* run = run_s + row * (1 + DV);
+        float l = c0 ? run[0] : 0.0f, acc[NV];
 #pragma unroll
-      for (int i = 0; i < NV; ++i)
-        if (lane + 32 * i < DV) o[lane + 32 * i] = fromf<TO>(acc[i] * inv);
+        for (int i = 0; i < NV; ++i) acc[i] = c0 && lane + 32 * i < DV ? run[1 + lane + 32 * i] : 0.0f;
+#pragma unroll 2
+        for (int cc = 0; cc < n; ++cc) {  // the chunks in order: one chain of sums
+          const float wgt = __expf(m_s[cc * Q + row] - m_safe);
+          l = fmaf(wgt, l_s[cc * Q + row], l);
+#pragma unroll
+          for (int i = 0; i < NV; ++i)
+            if (lane + 32 * i < DV) acc[i] = fmaf(wgt, grp_s[(cc * Q + row) * DV + lane + 32 * i], acc[i]);
+        }
+        if (c0 + n < nch) {  // more groups to come: keep the row's sums (each lane its own)
+          if (lane == 0) run[0] = l;
+#pragma unroll
+          for (int i = 0; i < NV; ++i)
+            if (lane + 32 * i < DV) run[1 + lane + 32 * i] = acc[i];
+          continue;
+        }
+        if (sinks != nullptr) l += __expf(sink_s[row] - m_safe);
+        const float inv = l == 0.0f ? 1.0f : 1.0f / l;
+        TO* o = out + (static_cast<long long>(b * T + row / G) * HQ + h * G + row % G) * DV;
+#pragma unroll
+        for (int i = 0; i < NV; ++i)
+          if (lane + 32 * i < DV) o[lane + 32 * i] = fromf<TO>(acc[i] * inv);
+      }
     }
     MK_ATTENTION_SYNC_STAMP(4);
-    append_rows(k, v, kc, vc, p0, b, h, T, HKV, D, DV, C, value_scale);
+    append_rows<D, DV>(k, v, kc, vc, p0, b, h, T, HKV, C, value_scale);
     MK_ATTENTION_SYNC_STAMP(5);
   }
 }

@@ -55,6 +55,9 @@ PREFETCH_BYTES = 0
 # A router's top-k choice made in its experts' first phase where it can be (op_moe_router). H100 2026-11-24, one
 # start (profile_megakernel.py, mini bf16, ctx 256): 1270 us a step with, 1295 without.
 FOLD_ROUTER = True
+# The most chunks attention's merge takes into shared memory at a time (0: as many as fit, all of them at the
+# contexts a decode step's few items serve). Tests set it to 1 so that the merge's loop over groups runs.
+MERGE_CHUNKS = 0
 _FLOAT_TYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The ops whose phases stage their first argument (x) in shared memory, and so can compute an RMSNorm of it there.
 _STAGING_OPS = ("linear", "qkv_rope", "moe_router", "moe_experts", "mxfp4_moe_experts", "swiglu", "lm_head_argmax")
@@ -73,6 +76,12 @@ class Value:
 
     def ctx(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def attention_merge_floats(rows: int, v_head_dim: int, chunks: int) -> int:
+    """Shared memory (floats) the attention task's merge takes for ``chunks`` chunks of ``rows`` query rows at a time
+    (weighted values, max and sum a chunk and row; a row's max, sink, and running sum and values)."""
+    return chunks * rows * (v_head_dim + 2) + rows * (v_head_dim + 3)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -104,7 +113,8 @@ class Plan:
     def context(self, timeline: bool = False) -> dict:
         return {"phases": self.phases, "io": self.io, "attention": [a["node"] for a in self.attention],
                 "max_rows": self.max_rows, "threads": THREADS, "chunk": CHUNK, "red_floats": RED_FLOATS,
-                "xs_bytes": self.xs_bytes, "area_floats": self.area_floats, "stage": self.stage,
+                "xs_bytes": self.xs_bytes, "area_floats": self.area_floats, "smem_floats": self.smem_bytes // 4, "merge_chunks": MERGE_CHUNKS,
+                "stage": self.stage,
                 "description": self.description, "timeline": timeline}
 
     def schedule(self) -> list[dict]:
@@ -384,10 +394,12 @@ class _Planner:
                    flags=int(bool(causal)) | 2 * sink_kind, scale=float(scale), value_scale=float(value_scale),
                    HQ=num_heads, HKV=hkv, D=head_dim, DV=v_head_dim, cache=cache)
         self.counts += self.max_rows * hkv
-        # the chunk's keys and values in the cache's dtype (rows padded to an odd count of 16 bytes), a row of q a warp
+        # the chunk's keys and values in the cache's dtype (rows padded to an odd count of 16 bytes), a row of q a warp;
+        # and the merge's room for at least one chunk's state (the task merges as many chunks at a time as fit)
         item = kc.dtype.itemsize
         self.smem = max(self.smem, CHUNK * sum((w * item // 16 | 1) * 16 for w in (head_dim, v_head_dim))
-                        + 4 * (THREADS // 32) * head_dim)
+                        + 4 * (THREADS // 32) * head_dim,
+                        4 * attention_merge_floats(num_heads // hkv * self.max_rows, v_head_dim, 1))
 
     def op_moe_router(self, node, x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling):
         e, h = weight.meta["val"].shape

@@ -1,0 +1,110 @@
+"""What running code costs when it is not in the SM's instruction caches: the megakernel's phases run it cold.
+
+    python3 benchmarks/icache_probe.py --out DIR [--sizes 4,8,16,32,64,128,192,256] [--warps 1,8]
+
+The megakernel's task functions run once a layer each, between grid barriers, and the kernel's code is hundreds of
+KB, so a phase may fetch its instructions from L2 (or HBM) every time. This probe times straight-line code of SIZE KB
+(independent FFMAs in 8 chains, so that issue, not latency, bounds a warm pass) run three times in a row by one block
+an SM, at each of three starts:
+- ``hbm``: after a 256 MB copy, so that the code is in neither the SMs' caches nor L2;
+- ``l2``: after a launch of another kernel of 256 KB of code (the SMs' caches hold that one; L2 holds both);
+- ``again``: right after a launch of the same kernel.
+Each pass is timed with clock64 by the block's warp 0 (cycles, median over blocks); pass 0 is the cold one, passes 1
+and 2 show whether SIZE KB stays in the instruction caches. Writes DIR/icache_probe.json and prints cycles a KB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+
+from tilec.codegen.cuda_build import CudaModule, pointer  # noqa: E402
+
+PASSES = 3
+FLUSH_KB = 256
+
+
+def body(kb: int) -> str:
+    """``kb`` KB of FFMAs (16 bytes each) over 8 independent chains, as volatile PTX so that none is dropped."""
+    lines = []
+    for i in range(kb * 1024 // 16):
+        r = i % 8
+        lines.append(f'    asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(a{r}) : "f"(m), "f"(c));')
+    return "\n".join(lines)
+
+
+def kernel(kb: int) -> str:
+    regs = "\n".join(f"  float a{r} = threadIdx.x * {r + 1}.0f;" for r in range(8))
+    total = " + ".join(f"a{r}" for r in range(8))
+    return f"""
+extern "C" __global__ void __launch_bounds__(1024, 1) code_{kb}(long long* cycles, float* sink, float m, float c) {{
+{regs}
+  long long t[{PASSES + 1}];
+#pragma unroll 1
+  for (int p = 0; p < {PASSES}; ++p) {{
+    __syncthreads();
+    t[p] = clock64();
+{body(kb)}
+  }}
+  __syncthreads();
+  t[{PASSES}] = clock64();
+  if (threadIdx.x == 0)
+    for (int p = 0; p < {PASSES}; ++p) cycles[blockIdx.x * {PASSES} + p] = t[p + 1] - t[p];
+  if ({total} == 12345.0f) sink[0] = 1.0f;  // keeps the chains
+}}
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sizes", default="4,8,16,32,64,96,128,192,256", help="KB of code, comma-separated")
+    ap.add_argument("--warps", default="1,8", help="warps a block, comma-separated")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    module = CudaModule("\n".join(kernel(kb) for kb in sorted(set(sizes + [FLUSH_KB]))), "icache_probe")
+    cycles = torch.zeros(sms * PASSES, dtype=torch.int64, device=dev)
+    sink = torch.zeros(1, device=dev)
+    big = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    big2 = torch.empty_like(big)
+
+    def launch(kb: int, warps: int) -> list[list[int]]:
+        module.launch(f"code_{kb}", (sms,), 32 * warps, [pointer(cycles), pointer(sink), ctypes.c_float(1.0),
+                                                           ctypes.c_float(0.0)], dev)
+        torch.cuda.synchronize()
+        c = cycles.view(sms, PASSES).tolist()
+        return [statistics.median(row[p] for row in c) for p in range(PASSES)]
+
+    results = []
+    for warps in [int(w) for w in args.warps.split(",")]:
+        for kb in sizes:
+            launch(kb, warps)  # loads the module's code, warms nothing that matters below
+            row = {"kb": kb, "warps": warps}
+            big2.copy_(big)
+            torch.cuda.synchronize()
+            row["hbm"] = launch(kb, warps)
+            launch(FLUSH_KB, warps)
+            row["l2"] = launch(kb, warps)
+            row["again"] = launch(kb, warps)
+            results.append(row)
+            per = lambda v: f"{v / kb:7.0f}"  # noqa: E731
+            print(f"{kb:4d} KB {warps} warps  cycles/KB pass0 hbm {per(row['hbm'][0])} l2 {per(row['l2'][0])} "
+                  f"again {per(row['again'][0])} | pass1 {per(row['l2'][1])} pass2 {per(row['l2'][2])}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    common.write_json(args.out / "icache_probe.json", {"environment": common.environment(dev), "sms": sms,
+                                                       "passes": PASSES, "results": results})
+
+
+if __name__ == "__main__":
+    main()
