@@ -11,7 +11,10 @@ prints the stall reasons over all instructions, those over each ``--ranges`` sli
 phases' boundaries in the ``--top`` list: a phase's barriers and loads name it), and the most sampled instructions
 with their three main reasons. ``--cubin`` (the machine code that ran; benchmarks/ncu_megakernel.py saves the
 megakernel's) adds them up by function as well: the megakernel's task functions are separate functions in the
-kernel's code, and nvdisasm (on PATH or Triton's copy) names where each starts. No GPU needed.
+kernel's code, and nvdisasm (on PATH or Triton's copy) names where each starts. With it, each function's row also
+gives its code and the part of it that ran (KB of instructions with an "Instructions Executed" count, the SourceCounters
+section's): code that runs once a phase is fetched cold, at about 0.1 to 0.4 us a KB on the H100
+(benchmarks/icache_probe.py, results/h100-2026-11-25d). No GPU needed.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sass_diff import disassembly, short_name, tool  # noqa: E402
 
 ALL = "Warp Stall Sampling (All Samples)"
+EXECUTED = "Instructions Executed"
+INSTRUCTION_BYTES = 16
 
 
 def read(path: Path) -> tuple[list[str], dict[int, collections.Counter], list[str], list[int]]:
@@ -55,9 +60,10 @@ def read(path: Path) -> tuple[list[str], dict[int, collections.Counter], list[st
     if not reasons:
         raise SystemExit(f"{path}: no stall_* columns (profile with --metrics group:smsp__pcsamp_warp_stall_reasons)")
     sums: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    counted = [ALL, *reasons] + ([EXECUTED] if EXECUTED in col else [])
     for launch in launches:
         for index, row in enumerate(launch):
-            for name in [ALL, *reasons]:
+            for name in counted:
                 value = row[col[name]]
                 sums[index][name] += int(value) if value.isdigit() else 0
     addresses = [int(row[col["Address"]], 16) for row in launches[0]]
@@ -89,6 +95,19 @@ def by_function(sums, reasons, offsets: list[int], starts: list[tuple[int, str]]
     return [(name, totals[name], groups[name].most_common()) for name, _ in totals.most_common()]
 
 
+def executed_code(sums, offsets: list[int], starts: list[tuple[int, str]]) -> dict[str, tuple[int, int]]:
+    """(bytes of code, bytes of it that ran: instructions with a count under EXECUTED) by function."""
+    keys = [s for s, _ in starts]
+    code: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for index, offset in enumerate(offsets):
+        at = bisect.bisect_right(keys, offset) - 1
+        row = code[starts[at][1] if at >= 0 else "?"]
+        row[0] += INSTRUCTION_BYTES
+        if sums.get(index, {}).get(EXECUTED, 0):
+            row[1] += INSTRUCTION_BYTES
+    return {name: (c, e) for name, (c, e) in code.items()}
+
+
 def summary(sums, reasons, lo: int, hi: int) -> tuple[int, list[tuple[str, int]]]:
     total, by = 0, collections.Counter()
     for index in range(lo, hi):
@@ -118,9 +137,12 @@ def main() -> None:
         print(f"[{lo}:{hi}] {part} samples: " + ", ".join(f"{r} {c} ({100 * c / max(part, 1):.0f}%)" for r, c in by
                                                             if c))
     if args.cubin is not None:
-        print("\nby function (samples, share of all, main reasons as shares of the function's):")
-        for name, part, by in by_function(sums, reasons, offsets, function_starts(args.cubin)):
-            print(f"{name[:28]:<28} {part:8d} {100 * part / max(total, 1):5.1f}%  "
+        starts = function_starts(args.cubin)
+        code = executed_code(sums, offsets, starts)
+        print("\nby function (code KB, KB that ran, samples, share of all, main reasons as shares of the function's):")
+        for name, part, by in by_function(sums, reasons, offsets, starts):
+            size, ran = code.get(name, (0, 0))
+            print(f"{name[:28]:<28} {size / 1024:7.1f} {ran / 1024:7.1f} {part:8d} {100 * part / max(total, 1):5.1f}%  "
                   + ", ".join(f"{r} {100 * c / max(part, 1):.0f}%" for r, c in by[:5] if c))
     print("\nmost sampled (index, SASS, samples, main reasons):")
     for index, counts in sorted(sorted(sums.items(), key=lambda kv: -kv[1][ALL])[:args.top]):

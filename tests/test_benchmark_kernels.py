@@ -144,6 +144,16 @@ extern "C" __global__ void k(float* p) { p[threadIdx.x] = twice(p, threadIdx.x +
     rows = ncu_stalls.by_function(sums, ["stall_wait", "stall_long_sb"], [0, twice_at, twice_at + 16], starts)
     assert rows[0][0] == next(n for n in names if "twice" in n) and rows[0][1] == 6
     assert rows[0][2][0] == ("long_sb", 5) and rows[1] == ("k", 4, [("wait", 4), ("long_sb", 0)])
+    # the code that ran: the kernel's first instruction and twice's first (counts under EXECUTED), by function
+    for i, n in ((0, 32), (1, 64), (2, 0)):
+        sums[i][ncu_stalls.EXECUTED] = n
+    offsets = list(range(0, starts[-1][0] + 32, 16))
+    sums = {offsets.index(o): sums[i] for i, o in enumerate((0, twice_at, twice_at + 16))}
+    code = ncu_stalls.executed_code(sums, offsets, starts)
+    twice = next(n for n in names if "twice" in n)
+    ends = {name: end for (_, name), (end, _) in zip(starts, starts[1:] + [(len(offsets) * 16, None)])}
+    assert code["k"] == (ends["k"], 16) and code[twice] == (ends[twice] - twice_at, 16)
+    assert sum(size for size, _ in code.values()) == len(offsets) * 16
 
 
 def test_megakernel_gemv_loops_keep_their_weight_loads_in_one_batch(tmp_path):
@@ -317,9 +327,9 @@ def test_sass_diff_names_the_task_functions_a_template_change_reaches(tmp_path):
     if sass_diff.tool("nvdisasm") is None:
         pytest.skip("needs nvdisasm (on PATH or Triton's copy)")
     tasks = (Path(template_dirs()[-1]) / "cuda" / "megakernel_tasks.cuh").read_text()
-    assert "__expf(sink - m_safe)" in tasks
+    assert "__expf(sink_s[row] - m_safe)" in tasks
     for name, text in (("comment", "// a comment\n" + tasks),
-                       ("merge", tasks.replace("__expf(sink - m_safe)", "expf(sink - m_safe)"))):
+                       ("merge", tasks.replace("__expf(sink_s[row] - m_safe)", "expf(sink_s[row] - m_safe)"))):
         (tmp_path / name / "cuda").mkdir(parents=True)
         (tmp_path / name / "cuda" / "megakernel_tasks.cuh").write_text(text)
     builds = {}
