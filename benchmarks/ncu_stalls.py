@@ -108,6 +108,36 @@ def executed_code(sums, offsets: list[int], starts: list[tuple[int, str]]) -> di
     return {name: (c, e) for name, (c, e) in code.items()}
 
 
+def executed_runs(sass: list[str], sums, offsets: list[int], starts: list[tuple[int, str]], function: str) -> list[dict]:
+    """The stretches of ``function``'s code that ran (consecutive instructions with an EXECUTED count): each one's
+    byte offset, instruction count, fewest and most executions, samples, "no instruction" samples and first opcodes.
+    Many short stretches far apart (a branch past unused code to each) fetch a cold line each."""
+    keys = [s for s, _ in starts]
+    runs: list[dict] = []
+    open_run = False
+    for index, offset in enumerate(offsets):
+        at = bisect.bisect_right(keys, offset) - 1
+        if at < 0 or starts[at][1] != function:
+            open_run = False
+            continue
+        counts = sums.get(index, {})
+        ran = counts.get(EXECUTED, 0)
+        if not ran:
+            open_run = False
+            continue
+        if not open_run:
+            runs.append({"offset": offset, "n": 0, "min": ran, "max": ran, "samples": 0, "no_inst": 0, "ops": []})
+            open_run = True
+        r = runs[-1]
+        r["n"] += 1
+        r["min"], r["max"] = min(r["min"], ran), max(r["max"], ran)
+        r["samples"] += counts.get(ALL, 0)
+        r["no_inst"] += counts.get("stall_no_inst", 0)
+        if len(r["ops"]) < 5:
+            r["ops"].append(next((w for w in sass[index].split() if not w.startswith("@")), ""))
+    return runs
+
+
 def summary(sums, reasons, lo: int, hi: int) -> tuple[int, list[tuple[str, int]]]:
     total, by = 0, collections.Counter()
     for index in range(lo, hi):
@@ -125,6 +155,7 @@ def main() -> None:
     ap.add_argument("--ranges", nargs="*", default=[], help="instruction index slices a:b to sum apart")
     ap.add_argument("--top", type=int, default=25, help="most sampled instructions to list")
     ap.add_argument("--cubin", type=Path, help="the cubin that ran: add the samples up by function too")
+    ap.add_argument("--runs", metavar="FUNCTION", help="with --cubin: the stretches of FUNCTION's code that ran")
     args = ap.parse_args()
     sass, sums, reasons, offsets = read(args.csv)
     n = len(sass)
@@ -144,6 +175,11 @@ def main() -> None:
             size, ran = code.get(name, (0, 0))
             print(f"{name[:28]:<28} {size / 1024:7.1f} {ran / 1024:7.1f} {part:8d} {100 * part / max(total, 1):5.1f}%  "
                   + ", ".join(f"{r} {100 * c / max(part, 1):.0f}%" for r, c in by[:5] if c))
+        if args.runs:
+            print(f"\nstretches of {args.runs} that ran (offset, instructions, executions, samples, no_inst, opcodes):")
+            for r in executed_runs(sass, sums, offsets, starts, args.runs):
+                print(f"{r['offset']:8x} {r['n']:5d} {r['min']:7d}-{r['max']:<7d} {r['samples']:7d} {r['no_inst']:6d}  "
+                      + " ".join(r["ops"]))
     print("\nmost sampled (index, SASS, samples, main reasons):")
     for index, counts in sorted(sorted(sums.items(), key=lambda kv: -kv[1][ALL])[:args.top]):
         main_reasons = sorted(((r[len("stall_"):], counts[r]) for r in reasons if counts[r]), key=lambda x: -x[1])[:3]

@@ -147,13 +147,20 @@ extern "C" __global__ void k(float* p) { p[threadIdx.x] = twice(p, threadIdx.x +
     # the code that ran: the kernel's first instruction and twice's first (counts under EXECUTED), by function
     for i, n in ((0, 32), (1, 64), (2, 0)):
         sums[i][ncu_stalls.EXECUTED] = n
-    offsets = list(range(0, starts[-1][0] + 32, 16))
+    offsets = list(range(0, starts[-1][0] + 64, 16))
     sums = {offsets.index(o): sums[i] for i, o in enumerate((0, twice_at, twice_at + 16))}
     code = ncu_stalls.executed_code(sums, offsets, starts)
     twice = next(n for n in names if "twice" in n)
     ends = {name: end for (_, name), (end, _) in zip(starts, starts[1:] + [(len(offsets) * 16, None)])}
     assert code["k"] == (ends["k"], 16) and code[twice] == (ends[twice] - twice_at, 16)
     assert sum(size for size, _ in code.values()) == len(offsets) * 16
+    sums[offsets.index(twice_at + 32)] = collections.Counter({ncu_stalls.EXECUTED: 8, ncu_stalls.ALL: 2,
+                                                             "stall_no_inst": 2})
+    sass = [f"OP{i} R0" for i in range(len(offsets))]
+    runs = ncu_stalls.executed_runs(sass, sums, offsets, starts, twice)  # the first and the third: two stretches
+    assert [(r["offset"], r["n"], r["min"], r["max"], r["no_inst"]) for r in runs] == \
+        [(twice_at, 1, 64, 64, 0), (twice_at + 32, 1, 8, 8, 2)]
+    assert runs[0]["ops"] == [f"OP{offsets.index(twice_at)}"]
 
 
 def test_megakernel_gemv_loops_keep_their_weight_loads_in_one_batch(tmp_path):
