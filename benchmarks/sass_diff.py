@@ -187,6 +187,16 @@ def spilled_loops(batches: dict[str, list[dict]]) -> list[tuple[str, int, int]]:
     return [(f, lp["instructions"], lp["local"]) for f, loops in batches.items() for lp in loops if lp["local"]]
 
 
+def local_operations(code: dict[str, list[str]]) -> dict[str, int]:
+    """Each function's local-memory loads and stores (LDL / STL: spills, and values kept across calls), where it has
+    any. The kernel body's are values it keeps across the task calls, cheap where they stay in L1; more of them is a
+    sign that ptxas's whole-kernel allocation got tighter (a one-row dispatch of whole GEMV task bodies took the mini
+    bf16 body from 72 to 587, nvcc 13.0, benchmarks/results/h100-2026-11-25d/next/README.md)."""
+    counts = {short_name(name): sum(1 for ins in body if opcode(ins).startswith(("LDL", "STL")))
+              for name, body in code.items()}
+    return {name: n for name, n in counts.items() if n}
+
+
 def short_name(mangled: str) -> str:
     m = re.search(r"mk\d+([a-z_0-9]+?)I", mangled) or re.search(r"mk\d+([a-z_0-9]+)", mangled)
     return m.group(1) if m else mangled.removeprefix("$tilec_megakernel$")
@@ -258,13 +268,16 @@ def main() -> None:
               + (", ".join(f"{f} {n}/{b}" for f, n, b in split) or "none"))
         print(f"{build.upper()}: weight loops with local-memory operations (instructions / local): "
               + (", ".join(f"{f} {n}/{k}" for f, n, k in spills[build]) or "none"))
+        print(f"{build.upper()}: local-memory operations by function: "
+              + (", ".join(f"{f} {n}" for f, n in local_operations(code[build]).items()) or "none"))
     if args.out is not None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from common import write_json
 
         write_json(args.out / "sass_diff.json", {"preset": args.preset, "layers": args.layers, "mxfp4": args.mxfp4,
                                                  "registers": regs, "functions": rows, "split_batches": batches,
-                                                 "spilled_loops": spills})
+                                                 "spilled_loops": spills,
+                                                 "local_operations": {k: local_operations(c) for k, c in code.items()}})
     if args.variant is None and (batches["a"] or spills["a"]):
         sys.exit(1)
 

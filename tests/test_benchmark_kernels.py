@@ -163,6 +163,16 @@ extern "C" __global__ void k(float* p) { p[threadIdx.x] = twice(p, threadIdx.x +
     assert runs[0]["ops"] == [f"OP{offsets.index(twice_at)}"]
 
 
+def test_sass_diff_counts_local_operations_by_function():
+    """sass_diff.local_operations: each function's LDL / STL instructions (predicated ones too), by short name."""
+    import sass_diff
+
+    code = {"tilec_megakernel": ["STL [R1+0x70], R2", "LDL R2, [R1+0x70]", "FADD R1, R2, R3"],
+            "$tilec_megakernel$_ZN2mk6linearILi8ENS_4bf16E": ["@P0 LDL.LU R3, [R1]", "FFMA R1, R2, R3, R4"],
+            "$tilec_megakernel$_ZN2mk9attentionILi32E": ["LDS R3, [R1]", "STS [R2], R3"]}
+    assert sass_diff.local_operations(code) == {"tilec_megakernel": 2, "linear": 1}
+
+
 def test_megakernel_gemv_loops_keep_their_weight_loads_in_one_batch(tmp_path):
     """In the mini megakernel as nvcc builds it for sm_90a (255 registers, the ceiling), every GEMV loop issues its
     lane's 8 weight loads before the FMAs that use them. Without the __syncwarp after the loads, ptxas split the
