@@ -21,6 +21,7 @@ import tilec
 from tilec.codegen import megakernel
 from tilec.codegen.cuda_build import nvcc_cubin
 from tilec.codegen.render import render
+from tilec.errors import UnsupportedError
 from tilec.models import MiMoForCausalLM, build_model
 from tilec.report import render_markdown
 
@@ -87,6 +88,20 @@ def test_attention_arrival_counts_have_a_place_each(max_rows):
         assert 4 * merge <= plan.smem_bytes
     source = render("cuda/megakernel.cu.j2", ctx=plan.context())
     assert f"#define MK_SMEM_FLOATS {plan.smem_bytes // 4} " in source
+
+
+def test_attention_merge_beyond_a_blocks_shared_memory_is_unsupported_and_says_why():
+    """Attention's merge takes at least one chunk's state of every query row of a (batch row, kv head) into shared
+    memory: with MiMo-V2-Flash's 16 query heads a kv head, 8 rows a step fit (134 KB), 16 do not (267 KB, more than a
+    block may take); the plan then raises UnsupportedError naming the op and what would fit, so that the cuda target
+    runs the Triton kernels and says why, instead of failing at launch."""
+    model = build_model("mini", device="meta", dtype=torch.bfloat16, num_hidden_layers=1, num_attention_heads=64,
+                        num_key_value_heads=4, layer_types=["full_attention"], mlp_layer_types=["dense"])
+    graph = tilec.compile(model, target="reference").graph
+    assert megakernel.plan(graph, 8).smem_bytes <= megakernel.MAX_SMEM_BYTES
+    with pytest.raises(UnsupportedError, match=r"%l0_self_attn_attention: attention's merge .* 16 rows .*"
+                                                     r"fewer rows a step"):
+        megakernel.plan(graph, 16)
 
 
 def test_norm_gets_a_phase_when_its_rows_do_not_fit_in_shared_memory(monkeypatch):

@@ -47,6 +47,7 @@ MAX_GRID = 1024  # blocks the greedy head's partial results are sized for
 ALIGN = 256
 RED_FLOATS = 512  # shared memory's first floats: the tasks' reductions (rms_norm's, the greedy head's)
 XS_BYTES = 160 << 10  # the most shared memory a GEMV phase stages its activations in (H100: 227 KB a block)
+MAX_SMEM_BYTES = (227 << 10) - 1024  # the most dynamic shared memory a block may take (H100), static kept aside
 # The most of one weight a phase bulk-prefetches into L2 for the next phase that reads weights. Off: on the H100
 # (2026-11-24, benchmarks/profile_megakernel.py, mini bf16, ctx 256, results/h100-2026-11-24j) a step took 1274 us
 # without and 1436 us with 24 MB, the prefetches queueing ahead of the phase's own loads (a router phase of 0.5 MB
@@ -397,9 +398,13 @@ class _Planner:
         # the chunk's keys and values in the cache's dtype (rows padded to an odd count of 16 bytes), a row of q a warp;
         # and the merge's room for at least one chunk's state (the task merges as many chunks at a time as fit)
         item = kc.dtype.itemsize
+        merge = 4 * attention_merge_floats(num_heads // hkv * self.max_rows, v_head_dim, 1)
+        if merge > MAX_SMEM_BYTES:
+            raise UnsupportedError(f"%{node.name}: attention's merge of {num_heads // hkv} query heads a kv head x "
+                                   f"{self.max_rows} rows needs {merge} bytes of shared memory, more than a block's "
+                                   f"{MAX_SMEM_BYTES}; fewer rows a step (Options spec_rows x max_batch) would fit")
         self.smem = max(self.smem, CHUNK * sum((w * item // 16 | 1) * 16 for w in (head_dim, v_head_dim))
-                        + 4 * (THREADS // 32) * head_dim,
-                        4 * attention_merge_floats(num_heads // hkv * self.max_rows, v_head_dim, 1))
+                        + 4 * (THREADS // 32) * head_dim, merge)
 
     def op_moe_router(self, node, x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling):
         e, h = weight.meta["val"].shape
@@ -487,6 +492,10 @@ def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
                   isinstance(out, (tuple, list)), max(p.ws, ALIGN), 1 + -(-p.counts // 2), p.smem, p.xs, max_rows,
                   stage, info(gm).description)
     result.smem_bytes = max(p.smem, 4 * (result.area_floats + p.route_floats))
+    if result.smem_bytes > MAX_SMEM_BYTES:
+        raise UnsupportedError(f"{result.smem_bytes} bytes of shared memory a block (a router's choice of "
+                               f"{4 * p.route_floats} bytes past {4 * result.area_floats} of staging), more than a "
+                               f"block's {MAX_SMEM_BYTES}")
     return result
 
 
