@@ -13,7 +13,7 @@ build() {  # build NAME [PATCH]: a flat copy of the package (h100-2026-11-25c/mk
   if [ -n "$2" ]; then (cd /tmp/src_$1 && patch -s -p1 < $OLDPWD/$here/$2); fi
   bash benchmarks/results/h100-2026-11-25c/mkpkg.sh /tmp/src_$1 /tmp/pkg_$1
 }
-build main; build rows rows_break.patch; build ws weights_in_smem.patch; build merge merge_one_trip.patch
+build main; build rows rows_break.patch; build ws weights_in_smem.patch; build merge merge.patch
 if [ -n "$DRY" ]; then
   for v in main rows ws merge; do
     python3 -c "
