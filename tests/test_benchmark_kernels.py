@@ -163,6 +163,22 @@ extern "C" __global__ void k(float* p) { p[threadIdx.x] = twice(p, threadIdx.x +
     assert runs[0]["ops"] == [f"OP{offsets.index(twice_at)}"]
 
 
+def test_icache_probe_kernel_is_straight_code_of_its_size_timed_by_every_warp(tmp_path):
+    """benchmarks/icache_probe.py's kernel of SIZE KB: SIZE * 64 FFMAs in its pass loop (16 bytes each, none dropped),
+    and each warp's clock read before and after them (a pass: the earliest start to the latest end over warps)."""
+    import icache_probe
+    import sass_diff
+    from tilec.codegen.cuda_build import nvcc_cubin
+
+    if sass_diff.tool("nvdisasm") is None or shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc and nvdisasm (on PATH or Triton's copy)")
+    cubin = tmp_path / "probe.cubin"
+    cubin.write_bytes(nvcc_cubin(icache_probe.kernel(4), "probe", "sm_90a")[0])
+    body = sass_diff.functions(cubin, sass_diff.tool("nvdisasm"))["code_4"]
+    clocks = [i for i, ins in enumerate(body) if "SR_CLOCKLO" in ins]
+    assert len(clocks) == 2 and sum(ins.startswith("FFMA") for ins in body[clocks[0]:clocks[1]]) == 4 * 64
+
+
 def test_sass_diff_counts_local_operations_by_function():
     """sass_diff.local_operations: each function's LDL / STL instructions (predicated ones too), by short name."""
     import sass_diff
