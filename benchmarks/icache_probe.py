@@ -9,8 +9,9 @@ an SM, at each of three starts:
 - ``hbm``: after a 256 MB copy, so that the code is in neither the SMs' caches nor L2;
 - ``l2``: after a launch of another kernel of 256 KB of code (the SMs' caches hold that one; L2 holds both);
 - ``again``: right after a launch of the same kernel.
-Each pass is timed with clock64 by the block's warp 0 (cycles, median over blocks); pass 0 is the cold one, passes 1
-and 2 show whether SIZE KB stays in the instruction caches. Writes DIR/icache_probe.json and prints cycles a KB.
+Each pass is timed with clock64 from the earliest warp's start to the latest warp's end (cycles, median over blocks);
+pass 0 is the cold one, passes 1 and 2 show whether SIZE KB stays in the instruction caches. Writes
+DIR/icache_probe.json and prints cycles a KB.
 """
 
 from __future__ import annotations

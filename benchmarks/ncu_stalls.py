@@ -81,14 +81,19 @@ def function_starts(cubin: Path) -> list[tuple[int, str]]:
     return sorted((body[0][0], short_name(name)) for name, body in funcs.items() if body)
 
 
+def functions_of(offsets: list[int], starts: list[tuple[int, str]]) -> list[str]:
+    """The function of each instruction (by its byte offset; "?" before the first function's start)."""
+    keys = [s for s, _ in starts]
+    return [starts[at][1] if at >= 0 else "?" for at in (bisect.bisect_right(keys, o) - 1 for o in offsets)]
+
+
 def by_function(sums, reasons, offsets: list[int], starts: list[tuple[int, str]]) -> list[tuple[str, int, list]]:
     """(function, samples, reasons by count) for each function, most sampled first (a function's copies are one)."""
-    keys = [s for s, _ in starts]
+    names = functions_of(offsets, starts)
     groups: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     totals: collections.Counter = collections.Counter()
     for index, counts in sums.items():
-        at = bisect.bisect_right(keys, offsets[index]) - 1
-        name = starts[at][1] if at >= 0 else "?"
+        name = names[index]
         totals[name] += counts[ALL]
         for r in reasons:
             groups[name][r[len("stall_"):]] += counts[r]
@@ -97,31 +102,25 @@ def by_function(sums, reasons, offsets: list[int], starts: list[tuple[int, str]]
 
 def executed_code(sums, offsets: list[int], starts: list[tuple[int, str]]) -> dict[str, tuple[int, int]]:
     """(bytes of code, bytes of it that ran: instructions with a count under EXECUTED) by function."""
-    keys = [s for s, _ in starts]
     code: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    for index, offset in enumerate(offsets):
-        at = bisect.bisect_right(keys, offset) - 1
-        row = code[starts[at][1] if at >= 0 else "?"]
+    for index, name in enumerate(functions_of(offsets, starts)):
+        row = code[name]
         row[0] += INSTRUCTION_BYTES
         if sums.get(index, {}).get(EXECUTED, 0):
             row[1] += INSTRUCTION_BYTES
     return {name: (c, e) for name, (c, e) in code.items()}
 
 
-def executed_runs(sass: list[str], sums, offsets: list[int], starts: list[tuple[int, str]], function: str) -> list[dict]:
+def executed_runs(sass: list[str], sums, offsets: list[int], starts: list[tuple[int, str]],
+                  function: str) -> list[dict]:
     """The stretches of ``function``'s code that ran (consecutive instructions with an EXECUTED count): each one's
     byte offset, instruction count, fewest and most executions, samples, "no instruction" samples and first opcodes.
     Many short stretches far apart (a branch past unused code to each) fetch a cold line each."""
-    keys = [s for s, _ in starts]
     runs: list[dict] = []
     open_run = False
-    for index, offset in enumerate(offsets):
-        at = bisect.bisect_right(keys, offset) - 1
-        if at < 0 or starts[at][1] != function:
-            open_run = False
-            continue
+    for index, (offset, name) in enumerate(zip(offsets, functions_of(offsets, starts))):
         counts = sums.get(index, {})
-        ran = counts.get(EXECUTED, 0)
+        ran = counts.get(EXECUTED, 0) if name == function else 0
         if not ran:
             open_run = False
             continue

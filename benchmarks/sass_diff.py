@@ -169,7 +169,7 @@ def load_batches(cubin: Path, nvdisasm: str) -> dict[str, list[dict]]:
                 runs = "".join(kinds[first:] + kinds[:first]).split("F")
                 loops.append({"instructions": len(loop), "loads": kinds.count("L"),
                               "batch": max(len(r) for r in runs),
-                              "local": sum(bool(re.match(r"(@!?U?P\w+\s+)?(LDL|STL)\b", x)) for x in loop)})
+                              "local": sum(map(is_local, loop))})
         if loops:
             out[short_name(name)] = out.get(short_name(name), []) + loops
     return out
@@ -192,8 +192,7 @@ def local_operations(code: dict[str, list[str]]) -> dict[str, int]:
     any. The kernel body's are values it keeps across the task calls, cheap where they stay in L1; more of them is a
     sign that ptxas's whole-kernel allocation got tighter (a one-row dispatch of whole GEMV task bodies took the mini
     bf16 body from 72 to 587, nvcc 13.0, benchmarks/results/h100-2026-11-25d/next/README.md)."""
-    counts = {short_name(name): sum(1 for ins in body if opcode(ins).startswith(("LDL", "STL")))
-              for name, body in code.items()}
+    counts = {short_name(name): sum(map(is_local, body)) for name, body in code.items()}
     return {name: n for name, n in counts.items() if n}
 
 
@@ -211,6 +210,11 @@ def _strip(ins: str, registers: bool) -> str:
 
 def opcode(ins: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", ins).split(" ")[0]
+
+
+def is_local(ins: str) -> bool:
+    """Whether an instruction loads or stores local memory (LDL, LDL.LU, STL.64, ...; predicated or not)."""
+    return opcode(ins).split(".")[0] in ("LDL", "STL")
 
 
 def compare(a: dict[str, list[str]], b: dict[str, list[str]]) -> list[dict]:

@@ -99,8 +99,8 @@ def test_attention_merge_beyond_a_blocks_shared_memory_is_unsupported_and_says_w
                         num_key_value_heads=4, layer_types=["full_attention"], mlp_layer_types=["dense"])
     graph = tilec.compile(model, target="reference").graph
     assert megakernel.plan(graph, 8).smem_bytes <= megakernel.MAX_SMEM_BYTES
-    with pytest.raises(UnsupportedError, match=r"%l0_self_attn_attention: attention's merge .* 16 rows .*"
-                                                     r"fewer rows a step"):
+    with pytest.raises(UnsupportedError, match=r"shared memory a block, for %l0_self_attn_attention: attention's "
+                                                     r"merge of 16 query heads a kv head x 16 rows .*fewer rows a step"):
         megakernel.plan(graph, 16)
 
 

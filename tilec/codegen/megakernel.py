@@ -114,8 +114,8 @@ class Plan:
     def context(self, timeline: bool = False) -> dict:
         return {"phases": self.phases, "io": self.io, "attention": [a["node"] for a in self.attention],
                 "max_rows": self.max_rows, "threads": THREADS, "chunk": CHUNK, "red_floats": RED_FLOATS,
-                "xs_bytes": self.xs_bytes, "area_floats": self.area_floats, "smem_floats": self.smem_bytes // 4, "merge_chunks": MERGE_CHUNKS,
-                "stage": self.stage,
+                "xs_bytes": self.xs_bytes, "area_floats": self.area_floats, "smem_floats": self.smem_bytes // 4,
+                "merge_chunks": MERGE_CHUNKS, "stage": self.stage,
                 "description": self.description, "timeline": timeline}
 
     def schedule(self) -> list[dict]:
@@ -142,7 +142,7 @@ class _Planner:
         self.ws = 0
         self.counts = 0  # attention's arrival counts (32-bit) in the SYNC array, past the barrier's count
         assert 33 + 2 * MAX_ROWS * (THREADS // 32) <= RED_FLOATS  # rms_norm's and the head's reductions
-        self.smem = 4 * RED_FLOATS
+        self.smem, self.smem_why = 4 * RED_FLOATS, "the tasks' reductions"  # bytes a block, and what needs the most
         self.xs = 0  # bytes of activations a GEMV phase stages in shared memory at max_rows, the most of any phase
         self.outputs = self._output_nodes()
 
@@ -278,6 +278,11 @@ class _Planner:
         index = next(i for i, io in enumerate(self.io) if io["name"] == "attention scratch")
         return Value("io", "float32", index=index)
 
+    def shared(self, nbytes: int, why: str) -> None:
+        """A phase needs ``nbytes`` of shared memory a block, for ``why`` (named where the plan takes too much)."""
+        if nbytes > self.smem:
+            self.smem, self.smem_why = nbytes, why
+
     def _k_ok(self, node: fx.Node, *ks: int) -> None:
         for k in ks:
             if k % 8:
@@ -398,13 +403,11 @@ class _Planner:
         # the chunk's keys and values in the cache's dtype (rows padded to an odd count of 16 bytes), a row of q a warp;
         # and the merge's room for at least one chunk's state (the task merges as many chunks at a time as fit)
         item = kc.dtype.itemsize
-        merge = 4 * attention_merge_floats(num_heads // hkv * self.max_rows, v_head_dim, 1)
-        if merge > MAX_SMEM_BYTES:
-            raise UnsupportedError(f"%{node.name}: attention's merge of {num_heads // hkv} query heads a kv head x "
-                                   f"{self.max_rows} rows needs {merge} bytes of shared memory, more than a block's "
-                                   f"{MAX_SMEM_BYTES}; fewer rows a step (Options spec_rows x max_batch) would fit")
-        self.smem = max(self.smem, CHUNK * sum((w * item // 16 | 1) * 16 for w in (head_dim, v_head_dim))
-                        + 4 * (THREADS // 32) * head_dim, merge)
+        self.shared(CHUNK * sum((w * item // 16 | 1) * 16 for w in (head_dim, v_head_dim))
+                    + 4 * (THREADS // 32) * head_dim, f"%{node.name}: attention's keys and values of a chunk")
+        self.shared(4 * attention_merge_floats(num_heads // hkv * self.max_rows, v_head_dim, 1),
+                    f"%{node.name}: attention's merge of {num_heads // hkv} query heads a kv head x {self.max_rows} "
+                    f"rows (fewer rows a step, Options spec_rows x max_batch, would take less)")
 
     def op_moe_router(self, node, x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling):
         e, h = weight.meta["val"].shape
@@ -426,7 +429,7 @@ class _Planner:
             self.routes[node] = {k: (v.ctx() if isinstance(v, Value) else v) for k, v in choice.items()}
             self.route_floats = max(self.route_floats, self.max_rows * top_k + (THREADS // 32) * e)
             return
-        self.smem = max(self.smem, 4 * (THREADS // 32) * e)
+        self.shared(4 * (THREADS // 32) * e, f"%{node.name}: the router's choice over {e} experts")
         self.phase(node, "router_topk", K=top_k, **choice)
 
     def _experts(self, node, x, weights, ids, hidden, inter, gate_up: dict, down: dict):
@@ -491,11 +494,12 @@ def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
     result = Plan(p.weights, p.io, p.phases, p.attention, [p.arg(o).index for o in p.outputs],
                   isinstance(out, (tuple, list)), max(p.ws, ALIGN), 1 + -(-p.counts // 2), p.smem, p.xs, max_rows,
                   stage, info(gm).description)
-    result.smem_bytes = max(p.smem, 4 * (result.area_floats + p.route_floats))
+    p.shared(4 * (result.area_floats + p.route_floats), f"activations staged for a GEMV phase ({p.xs} bytes) and a "
+             f"folded router's choice ({4 * p.route_floats} bytes)")
+    result.smem_bytes = p.smem
     if result.smem_bytes > MAX_SMEM_BYTES:
-        raise UnsupportedError(f"{result.smem_bytes} bytes of shared memory a block (a router's choice of "
-                               f"{4 * p.route_floats} bytes past {4 * result.area_floats} of staging), more than a "
-                               f"block's {MAX_SMEM_BYTES}")
+        raise UnsupportedError(f"{result.smem_bytes} bytes of shared memory a block, for {p.smem_why}: more than a "
+                               f"block may take ({MAX_SMEM_BYTES})")
     return result
 
 
