@@ -104,6 +104,23 @@ def test_attention_merge_beyond_a_blocks_shared_memory_is_unsupported_and_says_w
         megakernel.plan(graph, 16)
 
 
+def test_weight_table_is_read_from_shared_memory_and_counted_in_the_plans_shared_memory(monkeypatch):
+    """Each block copies the weight table into shared memory at the kernel's start and every phase reads its weights'
+    addresses from that copy; the plan's guard counts the copy beside the phases' dynamic shared memory."""
+    graph = tilec.compile(build_model("tiny", device="meta", dtype=torch.bfloat16), target="reference").graph
+    plan = megakernel.plan(graph, 2)
+    table = 8 * len(plan.weights)
+    source = render("cuda/megakernel.cu.j2", ctx=plan.context())
+    assert f"__shared__ unsigned long long Ws[{len(plan.weights)}];" in source
+    assert re.findall(r"\bW\[[^]]*\]", source) == ["W[i]"]  # the copy; the phases read Ws
+    assert source.count("Ws[") > len(plan.weights) // 2
+    monkeypatch.setattr(megakernel, "MAX_SMEM_BYTES", plan.smem_bytes + table)
+    megakernel.plan(graph, 2)
+    monkeypatch.setattr(megakernel, "MAX_SMEM_BYTES", plan.smem_bytes + table - 1)
+    with pytest.raises(UnsupportedError, match=rf"beside the weight table's {table}: more than a block may take"):
+        megakernel.plan(graph, 2)
+
+
 def test_norm_gets_a_phase_when_its_rows_do_not_fit_in_shared_memory(monkeypatch):
     """A norm is folded into its consumers only if max_rows rows of its output always fit in their staging area;
     otherwise it runs as a phase of its own and the consumers read its output from global memory."""

@@ -484,8 +484,10 @@ MK_TASK void linear(const TW* __restrict__ w, const TB* __restrict__ bias, Src s
     if ((threadIdx.x & 31) == 0) {
       const float b = bias != nullptr ? ld_nc(bias + n) : 0.0f;
 #pragma unroll
-      for (int r = 0; r < MAXR; ++r)
-        if (r < R) y[r * N + n] = fromf<TY>(acc[r] + b);
+      for (int r = 0; r < MAXR; ++r) {
+        if (r >= R) break;  // one branch past the other rows' code (each row's test would be a cold line)
+        y[r * N + n] = fromf<TY>(acc[r] + b);
+      }
     }
   });
 }
@@ -526,7 +528,7 @@ MK_TASK void proj_rope(const TW* __restrict__ w, const TB* __restrict__ bias, Sr
       const float ba = bias != nullptr ? ld_nc(bias + col) : 0.0f;
 #pragma unroll
       for (int r = 0; r < MAXR; ++r) {
-        if (r >= R) continue;
+        if (r >= R) break;  // one branch past the other rows' code (each row's test would be a cold line)
         const float x1 = rnd<TY>(acc[0][r] + ba);  // F.linear's output, rounded to its dtype
         if (j >= half) {
           y[r * N + col] = fromf<TY>(x1);
@@ -903,8 +905,10 @@ MK_TASK void router_scores(const TW* __restrict__ w, Src src, float* scores, int
   gemv_rows<MAXR>(w, staged ? xs : src.global(), staged, H, E, R, gwarp, nwarps, [&](int e, const float* acc) {
     if ((threadIdx.x & 31) == 0) {
 #pragma unroll
-      for (int r = 0; r < MAXR; ++r)
-        if (r < R) scores[r * E + e] = 1.0f / (1.0f + expf(-acc[r]));
+      for (int r = 0; r < MAXR; ++r) {
+        if (r >= R) break;  // one branch past the other rows' code (each row's test would be a cold line)
+        scores[r * E + e] = 1.0f / (1.0f + expf(-acc[r]));
+      }
     }
   });
 }
@@ -1201,8 +1205,10 @@ MK_TASK void swiglu_gate_up(const TW* __restrict__ wg, const TW* __restrict__ wu
     dot<MAXR, 2>(rows, x, staged, H, R, gu);
     if ((threadIdx.x & 31) == 0) {
 #pragma unroll
-      for (int r = 0; r < MAXR; ++r)
-        if (r < R) act[r * I + i] = fromf<TA>(rnd<TA>(rnd<TA>(silu(rnd<TA>(gu[0][r]))) * rnd<TA>(gu[1][r])));
+      for (int r = 0; r < MAXR; ++r) {
+        if (r >= R) break;  // one branch past the other rows' code (each row's test would be a cold line)
+        act[r * I + i] = fromf<TA>(rnd<TA>(rnd<TA>(silu(rnd<TA>(gu[0][r]))) * rnd<TA>(gu[1][r])));
+      }
     }
   }
 }

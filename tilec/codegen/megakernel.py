@@ -113,6 +113,7 @@ class Plan:
 
     def context(self, timeline: bool = False) -> dict:
         return {"phases": self.phases, "io": self.io, "attention": [a["node"] for a in self.attention],
+                "weights": len(self.weights),
                 "max_rows": self.max_rows, "threads": THREADS, "chunk": CHUNK, "red_floats": RED_FLOATS,
                 "xs_bytes": self.xs_bytes, "area_floats": self.area_floats, "smem_floats": self.smem_bytes // 4,
                 "merge_chunks": MERGE_CHUNKS, "stage": self.stage,
@@ -497,9 +498,10 @@ def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
     p.shared(4 * (result.area_floats + p.route_floats), f"activations staged for a GEMV phase ({p.xs} bytes) and a "
              f"folded router's choice ({4 * p.route_floats} bytes)")
     result.smem_bytes = p.smem
-    if result.smem_bytes > MAX_SMEM_BYTES:
-        raise UnsupportedError(f"{result.smem_bytes} bytes of shared memory a block, for {p.smem_why}: more than a "
-                               f"block may take ({MAX_SMEM_BYTES})")
+    table = 8 * max(len(p.weights), 1)  # the weight table's static copy in each block
+    if result.smem_bytes + table > MAX_SMEM_BYTES:
+        raise UnsupportedError(f"{result.smem_bytes} bytes of shared memory a block, for {p.smem_why}, beside the "
+                               f"weight table's {table}: more than a block may take ({MAX_SMEM_BYTES})")
     return result
 
 
