@@ -360,9 +360,9 @@ def test_sass_diff_names_the_task_functions_a_template_change_reaches(tmp_path):
     if sass_diff.tool("nvdisasm") is None:
         pytest.skip("needs nvdisasm (on PATH or Triton's copy)")
     tasks = (Path(template_dirs()[-1]) / "cuda" / "megakernel_tasks.cuh").read_text()
-    assert "__expf(sink_s[row] - m_safe)" in tasks
+    assert "__expf(sink_s[r] - m_safe)" in tasks
     for name, text in (("comment", "// a comment\n" + tasks),
-                       ("merge", tasks.replace("__expf(sink_s[row] - m_safe)", "expf(sink_s[row] - m_safe)"))):
+                       ("merge", tasks.replace("__expf(sink_s[r] - m_safe)", "expf(sink_s[r] - m_safe)"))):
         (tmp_path / name / "cuda").mkdir(parents=True)
         (tmp_path / name / "cuda" / "megakernel_tasks.cuh").write_text(text)
     builds = {}

@@ -90,18 +90,26 @@ def test_attention_arrival_counts_have_a_place_each(max_rows):
     assert f"#define MK_SMEM_FLOATS {plan.smem_bytes // 4} " in source
 
 
-def test_attention_merge_beyond_a_blocks_shared_memory_is_unsupported_and_says_why():
-    """Attention's merge takes at least one chunk's state of every query row of a (batch row, kv head) into shared
-    memory: with MiMo-V2-Flash's 16 query heads a kv head, 8 rows a step fit (134 KB), 16 do not (267 KB, more than a
-    block may take); the plan then raises UnsupportedError naming the op and what would fit, so that the cuda target
-    runs the Triton kernels and says why, instead of failing at launch."""
+def test_attention_merge_of_more_rows_than_fit_takes_them_a_block_at_a_time():
+    """Attention's merge takes a chunk's state of a block of query rows into shared memory at a time: with
+    MiMo-V2-Flash's 16 query heads a kv head, a chunk of all 8 rows' states fits (134 KB), of 16 rows' does not (267
+    KB, more than a block may take): the plan then asks for the most a block may take beside the weight table, and
+    the task merges the rows a block at a time (the gpu test's merge_rows variant runs that loop)."""
     model = build_model("mini", device="meta", dtype=torch.bfloat16, num_hidden_layers=1, num_attention_heads=64,
                         num_key_value_heads=4, layer_types=["full_attention"], mlp_layer_types=["dense"])
     graph = tilec.compile(model, target="reference").graph
-    assert megakernel.plan(graph, 8).smem_bytes <= megakernel.MAX_SMEM_BYTES
-    with pytest.raises(UnsupportedError, match=r"shared memory a block, for %l0_self_attn_attention: attention's "
-                                                     r"merge of 16 query heads a kv head x 16 rows .*fewer rows a step"):
-        megakernel.plan(graph, 16)
+    assert megakernel.plan(graph, 8).smem_bytes == 4 * megakernel.attention_merge_floats(16 * 8, 128, 1)
+    plan = megakernel.plan(graph, 16)
+    assert plan.smem_bytes == megakernel.MAX_SMEM_BYTES - 8 * len(plan.weights)
+    assert plan.smem_bytes < 4 * megakernel.attention_merge_floats(16 * 16, 128, 1)
+
+
+def test_plan_beyond_a_blocks_shared_memory_is_unsupported_and_says_why(monkeypatch):
+    """A plan whose shared memory a block cannot take raises UnsupportedError naming what needs it, so that the cuda
+    target runs the Triton kernels and says why instead of failing at launch."""
+    monkeypatch.setattr(megakernel, "MAX_SMEM_BYTES", 4096)
+    with pytest.raises(UnsupportedError, match="bytes of shared memory a block, for %"):
+        megakernel.plan(tilec.compile(build_model("tiny"), target="reference").graph, 8)
 
 
 def test_weight_table_is_read_from_shared_memory_and_counted_in_the_plans_shared_memory(monkeypatch):
@@ -350,21 +358,26 @@ def test_tiny_fp32_equals_reference_on_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["unstaged", "router_phase", "merge_groups"])
+@pytest.mark.parametrize("variant", ["unstaged", "router_phase", "merge_groups", "merge_rows"])
 def test_planner_variants_equal_reference_on_gpu(monkeypatch, variant):
     """Paths the presets' plans never take, against the reference on tiny fp32 (MoE layers and a dense one):
     ``unstaged``, staging too small for any activation row (every RMSNorm a phase of its own, a warp a row, and every
     GEMV reading x from L2); ``router_phase``, the router's choice as a router_topk phase (no fold), the experts
     reading its ids; ``merge_groups``, attention's merge taking one chunk into shared memory at a time (a prompt of
-    70 tokens: 3 chunks of 32 keys in the full-attention layers)."""
+    70 tokens: 3 chunks of 32 keys in the full-attention layers); ``merge_rows``, 2 chunks and 3 query rows at a
+    time (4 query heads a kv head: blocks of 3 and 1 rows in a decode step, 11 blocks in a verify step)."""
     os.environ.pop("TRITON_INTERPRET", None)
-    prompt, tasks_wanted = 11, {"unstaged": "rms_norm", "router_phase": "router_topk", "merge_groups": "attention"}
+    prompt = 11
+    tasks_wanted = {"unstaged": "rms_norm", "router_phase": "router_topk", "merge_groups": "attention",
+                    "merge_rows": "attention"}
     if variant == "unstaged":
         monkeypatch.setattr(megakernel, "XS_BYTES", TINY_ROW_BYTES - 1)
     elif variant == "router_phase":
         monkeypatch.setattr(megakernel, "FOLD_ROUTER", False)
     else:
-        monkeypatch.setattr(megakernel, "MERGE_CHUNKS", 1)
+        monkeypatch.setattr(megakernel, "MERGE_CHUNKS", 1 if variant == "merge_groups" else 2)
+        if variant == "merge_rows":
+            monkeypatch.setattr(megakernel, "MERGE_ROWS", 3)
         prompt = 70
     model = build_model("tiny", seed=5, device="cuda")
     ref, mk = tilec.compile(model), tilec.compile(model, target="cuda")

@@ -823,71 +823,82 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
     if (threadIdx.x == 0 && item == static_cast<int>(blockIdx.x)) stamps[blockIdx.x * 8 + 6] = last;
 #endif
     if (!last) continue;
-    // The merge, a group of `fit` chunks at a time (shared memory, the keys' place: every warp is done with them):
-    // grp_s [fit][Q][DV] weighted values and m_s, l_s [fit][Q]; row_s [Q] each row's max over all chunks and the
-    // sink, sink_s [Q] its sink (-inf: none); run_s [Q][1 + DV] its sum and weighted values over the groups so far.
-    // The planner's shared memory holds at least one chunk (tilec.codegen.megakernel.attention_merge_floats).
+    // The merge, a block of `nr` query rows and a group of `fit` chunks at a time (shared memory, the keys' place:
+    // every warp is done with them): grp_s [fit][nr][DV] weighted values and m_s, l_s [fit][nr]; row_s [nr] each
+    // row's max over all chunks and the sink, sink_s [nr] its sink (-inf: none); run_s [nr][1 + DV] its sum and
+    // weighted values over the groups so far. All rows are one block where a chunk of them fits (up to 8 rows of 16
+    // query heads a kv head); the planner's shared memory holds at least one row's chunk
+    // (tilec.codegen.megakernel.attention_merge_floats).
     const long long first = head * nch_max * Q;  // (b, h)'s chunk 0, row 0
-    int fit = min(nch, (MK_SMEM_FLOATS - Q * (DV + 3)) / (Q * (DV + 2)));
-    if (MK_MERGE_CHUNKS) fit = min(fit, MK_MERGE_CHUNKS);
-    float* grp_s = smem;
-    float* m_s = grp_s + fit * Q * DV;
-    float* l_s = m_s + fit * Q;
-    float* row_s = l_s + fit * Q;
-    float* sink_s = row_s + Q;
-    float* run_s = sink_s + Q;
-    for (int c0 = 0; c0 < nch; c0 += fit) {
-      const int n = min(fit, nch - c0);
-      const long long at0 = first + static_cast<long long>(c0) * Q;
-      if (c0) __syncthreads();  // the previous group's reads are done
-      for (int i = threadIdx.x; i < n * Q * DV / 4; i += blockDim.x)
-        cp_async16(grp_s + 4 * i, sacc + at0 * DV + 4 * i, 16);
-      for (int i = threadIdx.x; i < n * Q; i += blockDim.x) {
-        m_s[i] = __ldcg(sm + at0 + i);
-        l_s[i] = __ldcg(sl + at0 + i);
-      }
-      if (c0 == 0) {  // each row's max (lanes over the chunks, then the warp), while the copies fly
-        for (int row = warp; row < Q; row += warps) {
-          float m_all = -MK_INF;
+    int rows_most = min(Q, MK_SMEM_FLOATS / (2 * DV + 5));
+    if (MK_MERGE_ROWS) rows_most = min(rows_most, MK_MERGE_ROWS);
+    for (int r0 = 0; r0 < Q; r0 += rows_most) {
+      const int nr = min(rows_most, Q - r0);
+      int fit = min(nch, (MK_SMEM_FLOATS - nr * (DV + 3)) / (nr * (DV + 2)));
+      if (MK_MERGE_CHUNKS) fit = min(fit, MK_MERGE_CHUNKS);
+      float* grp_s = smem;
+      float* m_s = grp_s + fit * nr * DV;
+      float* l_s = m_s + fit * nr;
+      float* row_s = l_s + fit * nr;
+      float* sink_s = row_s + nr;
+      float* run_s = sink_s + nr;
+      for (int c0 = 0; c0 < nch; c0 += fit) {
+        const int n = min(fit, nch - c0);
+        if (c0 || r0) __syncthreads();  // the previous group's reads are done
+        for (int cc = 0; cc < n; ++cc) {  // chunk c0 + cc: rows r0.. are one run
+          const float* from = sacc + (first + static_cast<long long>(c0 + cc) * Q + r0) * DV;
+          for (int i = threadIdx.x; i < nr * DV / 4; i += blockDim.x)
+            cp_async16(grp_s + (cc * nr * DV + 4 * i), from + 4 * i, 16);
+        }
+        for (int i = threadIdx.x; i < n * nr; i += blockDim.x) {
+          const long long at = first + static_cast<long long>(c0 + i / nr) * Q + r0 + i % nr;
+          m_s[i] = __ldcg(sm + at);
+          l_s[i] = __ldcg(sl + at);
+        }
+        if (c0 == 0) {  // each row's max (lanes over the chunks, then the warp), while the copies fly
+          for (int r = warp; r < nr; r += warps) {
+            float m_all = -MK_INF;
 #pragma unroll 1
-          for (int cc = lane; cc < nch; cc += 32) m_all = fmaxf(m_all, __ldcg(sm + first + cc * Q + row));
-          const float sink = sinks != nullptr ? sink_of(sinks, flags >> 1, h * G + row % G) : -MK_INF;
-          m_all = fmaxf(warp_max(m_all), sink);
-          if (lane == 0) {
-            row_s[row] = m_all;
-            sink_s[row] = sink;
+            for (int cc = lane; cc < nch; cc += 32) m_all = fmaxf(m_all, __ldcg(sm + first + cc * Q + r0 + r));
+            const float sink = sinks != nullptr ? sink_of(sinks, flags >> 1, h * G + (r0 + r) % G) : -MK_INF;
+            m_all = fmaxf(warp_max(m_all), sink);
+            if (lane == 0) {
+              row_s[r] = m_all;
+              sink_s[r] = sink;
+            }
           }
         }
-      }
-      cp_async_wait();
-      __syncthreads();
-      for (int row = warp; row < Q; row += warps) {
-        const float m_all = row_s[row], m_safe = m_all == -MK_INF ? 0.0f : m_all;
-        float* run = run_s + row * (1 + DV);
-        float l = c0 ? run[0] : 0.0f, acc[NV];
+        cp_async_wait();
+        __syncthreads();
+        for (int r = warp; r < nr; r += warps) {
+          const int row = r0 + r;
+          const float m_all = row_s[r], m_safe = m_all == -MK_INF ? 0.0f : m_all;
+          float* run = run_s + r * (1 + DV);
+          float l = c0 ? run[0] : 0.0f, acc[NV];
 #pragma unroll
-        for (int i = 0; i < NV; ++i) acc[i] = c0 && lane + 32 * i < DV ? run[1 + lane + 32 * i] : 0.0f;
+          for (int i = 0; i < NV; ++i) acc[i] = c0 && lane + 32 * i < DV ? run[1 + lane + 32 * i] : 0.0f;
 #pragma unroll 2
-        for (int cc = 0; cc < n; ++cc) {  // the chunks in order: one chain of sums
-          const float wgt = __expf(m_s[cc * Q + row] - m_safe);
-          l = fmaf(wgt, l_s[cc * Q + row], l);
+          for (int cc = 0; cc < n; ++cc) {  // the chunks in order: one chain of sums
+            const float wgt = __expf(m_s[cc * nr + r] - m_safe);
+            l = fmaf(wgt, l_s[cc * nr + r], l);
+#pragma unroll
+            for (int i = 0; i < NV; ++i)
+              if (lane + 32 * i < DV) acc[i] = fmaf(wgt, grp_s[(cc * nr + r) * DV + lane + 32 * i], acc[i]);
+          }
+          if (c0 + n < nch) {  // more groups to come: keep the row's sums (each lane its own)
+            if (lane == 0) run[0] = l;
+#pragma unroll
+            for (int i = 0; i < NV; ++i)
+              if (lane + 32 * i < DV) run[1 + lane + 32 * i] = acc[i];
+            continue;
+          }
+          if (sinks != nullptr) l += __expf(sink_s[r] - m_safe);
+          const float inv = l == 0.0f ? 1.0f : 1.0f / l;
+          TO* o = out + (static_cast<long long>(b * T + row / G) * HQ + h * G + row % G) * DV;
 #pragma unroll
           for (int i = 0; i < NV; ++i)
-            if (lane + 32 * i < DV) acc[i] = fmaf(wgt, grp_s[(cc * Q + row) * DV + lane + 32 * i], acc[i]);
+            if (lane + 32 * i < DV) o[lane + 32 * i] = fromf<TO>(acc[i] * inv);
         }
-        if (c0 + n < nch) {  // more groups to come: keep the row's sums (each lane its own)
-          if (lane == 0) run[0] = l;
-#pragma unroll
-          for (int i = 0; i < NV; ++i)
-            if (lane + 32 * i < DV) run[1 + lane + 32 * i] = acc[i];
-          continue;
-        }
-        if (sinks != nullptr) l += __expf(sink_s[row] - m_safe);
-        const float inv = l == 0.0f ? 1.0f : 1.0f / l;
-        TO* o = out + (static_cast<long long>(b * T + row / G) * HQ + h * G + row % G) * DV;
-#pragma unroll
-        for (int i = 0; i < NV; ++i)
-          if (lane + 32 * i < DV) o[lane + 32 * i] = fromf<TO>(acc[i] * inv);
       }
     }
     MK_ATTENTION_SYNC_STAMP(4);

@@ -59,6 +59,7 @@ FOLD_ROUTER = True
 # The most chunks attention's merge takes into shared memory at a time (0: as many as fit, all of them at the
 # contexts a decode step's few items serve). Tests set it to 1 so that the merge's loop over groups runs.
 MERGE_CHUNKS = 0
+MERGE_ROWS = 0  # and the most query rows (0: as many as fit; tests set it small so that the loop over rows runs)
 _FLOAT_TYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The ops whose phases stage their first argument (x) in shared memory, and so can compute an RMSNorm of it there.
 _STAGING_OPS = ("linear", "qkv_rope", "moe_router", "moe_experts", "mxfp4_moe_experts", "swiglu", "lm_head_argmax")
@@ -116,7 +117,7 @@ class Plan:
                 "weights": len(self.weights),
                 "max_rows": self.max_rows, "threads": THREADS, "chunk": CHUNK, "red_floats": RED_FLOATS,
                 "xs_bytes": self.xs_bytes, "area_floats": self.area_floats, "smem_floats": self.smem_bytes // 4,
-                "merge_chunks": MERGE_CHUNKS, "stage": self.stage,
+                "merge_chunks": MERGE_CHUNKS, "merge_rows": MERGE_ROWS, "stage": self.stage,
                 "description": self.description, "timeline": timeline}
 
     def schedule(self) -> list[dict]:
@@ -142,6 +143,7 @@ class _Planner:
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.ws = 0
         self.counts = 0  # attention's arrival counts (32-bit) in the SYNC array, past the barrier's count
+        self.merge_bytes = 0  # attention's merge at all rows a (batch row, kv head) at once (plan() gives what fits)
         assert 33 + 2 * MAX_ROWS * (THREADS // 32) <= RED_FLOATS  # rms_norm's and the head's reductions
         self.smem, self.smem_why = 4 * RED_FLOATS, "the tasks' reductions"  # bytes a block, and what needs the most
         self.xs = 0  # bytes of activations a GEMV phase stages in shared memory at max_rows, the most of any phase
@@ -402,13 +404,14 @@ class _Planner:
                    HQ=num_heads, HKV=hkv, D=head_dim, DV=v_head_dim, cache=cache)
         self.counts += self.max_rows * hkv
         # the chunk's keys and values in the cache's dtype (rows padded to an odd count of 16 bytes), a row of q a warp;
-        # and the merge's room for at least one chunk's state (the task merges as many chunks at a time as fit)
+        # and the merge's room for at least one row's chunk state (the task merges as many rows and chunks at a time
+        # as fit; plan() gives it room for all rows where the block has it)
         item = kc.dtype.itemsize
         self.shared(CHUNK * sum((w * item // 16 | 1) * 16 for w in (head_dim, v_head_dim))
                     + 4 * (THREADS // 32) * head_dim, f"%{node.name}: attention's keys and values of a chunk")
-        self.shared(4 * attention_merge_floats(num_heads // hkv * self.max_rows, v_head_dim, 1),
-                    f"%{node.name}: attention's merge of {num_heads // hkv} query heads a kv head x {self.max_rows} "
-                    f"rows (fewer rows a step, Options spec_rows x max_batch, would take less)")
+        self.shared(4 * attention_merge_floats(1, v_head_dim, 1), f"%{node.name}: attention's merge of one query row")
+        self.merge_bytes = max(self.merge_bytes, 4 * attention_merge_floats(num_heads // hkv * self.max_rows,
+                                                                            v_head_dim, 1))
 
     def op_moe_router(self, node, x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling):
         e, h = weight.meta["val"].shape
@@ -497,8 +500,10 @@ def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
                   stage, info(gm).description)
     p.shared(4 * (result.area_floats + p.route_floats), f"activations staged for a GEMV phase ({p.xs} bytes) and a "
              f"folded router's choice ({4 * p.route_floats} bytes)")
-    result.smem_bytes = p.smem
     table = 8 * max(len(p.weights), 1)  # the weight table's static copy in each block
+    # attention's merge: all of a (batch row, kv head)'s query rows at a time where they fit, else blocks of them
+    p.smem = max(p.smem, min(p.merge_bytes, MAX_SMEM_BYTES - table))
+    result.smem_bytes = p.smem
     if result.smem_bytes + table > MAX_SMEM_BYTES:
         raise UnsupportedError(f"{result.smem_bytes} bytes of shared memory a block, for {p.smem_why}, beside the "
                                f"weight table's {table}: more than a block may take ({MAX_SMEM_BYTES})")
