@@ -845,15 +845,16 @@ MK_TASK void attention(const TQ* q, const TK* k, const TV* v, TC* kc, TC* vc, co
       for (int c0 = 0; c0 < nch; c0 += fit) {
         const int n = min(fit, nch - c0);
         if (c0 || r0) __syncthreads();  // the previous group's reads are done
-        for (int cc = 0; cc < n; ++cc) {  // chunk c0 + cc: rows r0.. are one run
-          const float* from = sacc + (first + static_cast<long long>(c0 + cc) * Q + r0) * DV;
-          for (int i = threadIdx.x; i < nr * DV / 4; i += blockDim.x)
-            cp_async16(grp_s + (cc * nr * DV + 4 * i), from + 4 * i, 16);
-        }
-        for (int i = threadIdx.x; i < n * nr; i += blockDim.x) {
-          const long long at = first + static_cast<long long>(c0 + i / nr) * Q + r0 + i % nr;
-          m_s[i] = __ldcg(sm + at);
-          l_s[i] = __ldcg(sl + at);
+        // the group's states: a run of rows r0.. a chunk, one run in all where the block has every row
+        const int runs = nr == Q ? 1 : n, run = nr == Q ? n * Q : nr;
+        for (int cc = 0; cc < runs; ++cc) {
+          const long long at = first + static_cast<long long>(c0 + cc) * Q + r0;
+          for (int i = threadIdx.x; i < run * DV / 4; i += blockDim.x)
+            cp_async16(grp_s + (cc * nr * DV + 4 * i), sacc + at * DV + 4 * i, 16);
+          for (int i = threadIdx.x; i < run; i += blockDim.x) {
+            m_s[cc * nr + i] = __ldcg(sm + at + i);
+            l_s[cc * nr + i] = __ldcg(sl + at + i);
+          }
         }
         if (c0 == 0) {  // each row's max (lanes over the chunks, then the warp), while the copies fly
           for (int r = warp; r < nr; r += warps) {
