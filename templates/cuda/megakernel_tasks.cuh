@@ -1145,41 +1145,29 @@ __device__ __forceinline__ void dot_rows(const Rows& rows, const long long* row_
 }
 
 // Experts, first half: act[r, j, i] = rnd(rnd(silu(g)) * u), g and u = x[r] . gate_up[e][i] and [I + i], rounded to
-// TA (the reference's bf16 or fp32 expert outputs), for the expert e = ids[r, j]; a warp an (r, j) and NI columns
-// i.., their 2 x NI rows' loads in flight together (NI = 2 for MXFP4: a row of H = 2048 is only 64 chunks, 2 a lane).
-template <int NI, class Rows, class Src, class Route, class TA>
+// TA (the reference's bf16 or fp32 expert outputs), for the expert e = ids[r, j]; a warp an (r, j, i).
+template <class Rows, class Src, class Route, class TA>
 MK_TASK void experts_gate_up(Rows gate_up, Src src, Route route, TA* act, int H, int I, int K,
                              int R, int gwarp, int nwarps, float* smem) {
   using TX = typename Src::T;
-  constexpr int DEPTH = 4 / NI;
   TX* xs = staging<TX>(smem);
   const bool staged = src.stage(R, H, smem, true);
   const TX* x = staged ? xs : src.global();
   float* area = smem + MK_AREA_FLOATS;
   route.prepare(R, K, area);
-  const int cols = I / NI;  // the planner's I is a multiple of 8
-  for (int it = gwarp; it < R * K * cols; it += nwarps) {
-    const int r = it / (K * cols), j = (it / cols) % K, i = it % cols * NI;
+  for (int it = gwarp; it < R * K * I; it += nwarps) {
+    const int r = it / (K * I), j = (it / I) % K, i = it % I;
     const long long e = route.id(r, j, K, area);
-    long long row_of[2 * NI];
-    const TX* xr[2 * NI];
-#pragma unroll
-    for (int n = 0; n < NI; ++n) {
-      row_of[n] = e * 2 * I + i + n;
-      row_of[NI + n] = e * 2 * I + I + i + n;
-      xr[n] = xr[NI + n] = x + r * H;
-    }
-    float gu[2 * NI];
+    const long long row_of[2] = {e * 2 * I + i, e * 2 * I + I + i};
+    const TX* xr[2] = {x + r * H, x + r * H};
+    float gu[2];
     if (staged)
-      dot_rows<2 * NI, DEPTH, true>(gate_up, row_of, xr, H, gu);
+      dot_rows<2, 4, true>(gate_up, row_of, xr, H, gu);
     else
-      dot_rows<2 * NI, DEPTH, false>(gate_up, row_of, xr, H, gu);
+      dot_rows<2, 4, false>(gate_up, row_of, xr, H, gu);
     if ((threadIdx.x & 31) == 0) {
-#pragma unroll
-      for (int n = 0; n < NI; ++n) {
-        const float gr = rnd<TA>(gu[n]), ur = rnd<TA>(gu[NI + n]);
-        act[(r * K + j) * I + i + n] = fromf<TA>(rnd<TA>(silu(gr)) * ur);
-      }
+      const float gr = rnd<TA>(gu[0]), ur = rnd<TA>(gu[1]);
+      act[(r * K + j) * I + i] = fromf<TA>(rnd<TA>(silu(gr)) * ur);
     }
   }
 }

@@ -60,9 +60,6 @@ FOLD_ROUTER = True
 # contexts a decode step's few items serve). Tests set it to 1 so that the merge's loop over groups runs.
 MERGE_CHUNKS = 0
 MERGE_ROWS = 0  # and the most query rows (0: as many as fit; tests set it small so that the loop over rows runs)
-# The columns a warp of the MXFP4 experts' gate/up phase takes at once (their gate and up rows' loads in flight
-# together): a row of H = 2048 is only 64 chunks of 32, so one column a warp leaves half of a lane's loads empty.
-MXFP4_GATE_UP_COLUMNS = 2
 _FLOAT_TYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The ops whose phases stage their first argument (x) in shared memory, and so can compute an RMSNorm of it there.
 _STAGING_OPS = ("linear", "qkv_rope", "moe_router", "moe_experts", "mxfp4_moe_experts", "swiglu", "lm_head_argmax")
@@ -452,7 +449,7 @@ class _Planner:
         if route is not None:
             self.folding.append(router.name)
         self.phase(node, "experts_gate_up", x=src, ids=self.arg(ids), route=route, act=act, H=hidden, I=inter, K=k,
-                   NI=MXFP4_GATE_UP_COLUMNS if gate_up["mxfp4"] else 1, xdtype=dtype_name(xm.dtype), **gate_up)
+                   xdtype=dtype_name(xm.dtype), **gate_up)
         self.staging(k * inter * xm.dtype.itemsize)  # experts_down stages a row's k activations
         self.phase(node, "experts_down", act=act, weights=self.arg(weights), ids=self.arg(ids),
                    out=self.result(node, node.meta["val"]), H=hidden, I=inter, K=k, xdtype=dtype_name(xm.dtype),
