@@ -502,7 +502,7 @@ def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
              f"folded router's choice ({4 * p.route_floats} bytes)")
     table = 8 * max(len(p.weights), 1)  # the weight table's static copy in each block
     # attention's merge: all of a (batch row, kv head)'s query rows at a time where they fit, else blocks of them
-    p.smem = max(p.smem, min(p.merge_bytes, MAX_SMEM_BYTES - table))
+    p.shared(min(p.merge_bytes, MAX_SMEM_BYTES - table), "attention's merge of all of a kv head's query rows")
     result.smem_bytes = p.smem
     if result.smem_bytes + table > MAX_SMEM_BYTES:
         raise UnsupportedError(f"{result.smem_bytes} bytes of shared memory a block, for {p.smem_why}, beside the "
