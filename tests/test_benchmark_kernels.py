@@ -11,6 +11,7 @@ branch experiment/split-k, which this repository no longer has.)
 from __future__ import annotations
 
 import collections
+import json
 import re
 import shutil
 import subprocess
@@ -376,3 +377,31 @@ def test_sass_diff_names_the_task_functions_a_template_change_reaches(tmp_path):
     assert all(r["identical"] for r in same)
     merge = {r["function"]: r for r in sass_diff.compare(builds[None], builds["merge"])}
     assert not merge["attention"]["identical"] and merge["attention"]["opcodes_changed"]
+
+
+def test_ab_megakernel_reads_a_profile_and_runs_each_tree_from_its_own_copy(tmp_path):
+    """ab_megakernel.py: the step time and the by-task table of a profile_megakernel.py log saved on the H100; a dry
+    A/B of two trees renders each tree's megakernel from its own flat copy (not the installed package) and writes
+    ab.json whole; an --order naming no tree is an error that says which."""
+    import ab_megakernel
+
+    root = Path(__file__).resolve().parents[1]
+    log = (root / "benchmarks/results/h100-2026-11-25e/run1/log_main.txt").read_text()
+    run = ab_megakernel.parse_profile(log)
+    assert (run["preset"], run["dtype"], run["context"], run["rows"], run["step_us"]) == ("mini", "bf16", 256, 1,
+                                                                                          1095.7)
+    assert run["tasks"]["attention"] == {"phases": 12, "work_us": 144.5, "lead_us": 135.1, "barrier_us": 15.2}
+    assert len(run["tasks"]) == 8  # the per-phase table after the blank line is not read as tasks
+    script = root / "benchmarks" / "ab_megakernel.py"
+    done = subprocess.run([sys.executable, str(script), "--tree", f"a={root}", "--tree", f"b={root}", "--order",
+                           "a,b,a", "--dry", "--mxfp4", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    runs = json.loads((tmp_path / "ab.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == ["a", "b", "a"] and all(r["rc"] == 0 for r in runs)
+    for r in runs:
+        assert r["dry"][0].startswith(f"{tmp_path / 'packages' / r['name'] / 'tilec' / '__init__.py'}: megakernel.cu")
+        assert r["dry"][0].endswith("MXFP4 experts True")  # --mxfp4 reaches the build
+    assert "Mxfp4Rows" in (tmp_path / "packages/a/tilec/templates/cuda/megakernel_tasks.cuh").read_text()
+    bad = subprocess.run([sys.executable, str(script), "--tree", f"a={root}", "--order", "a,c", "--out",
+                          str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--order names ['c'], which no --tree gives (['a'])" in bad.stderr

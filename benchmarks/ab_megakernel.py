@@ -1,0 +1,125 @@
+"""A same-start A/B of megakernel builds: step profiles of several source trees, one after the other, in one process
+tree on one machine.
+
+    python3 benchmarks/ab_megakernel.py --tree base=DIR --tree new=. --order new,base,new,base [--mxfp4] \\
+        [--guard-s 470] --out OUT
+
+Each tree (a checkout: `tilec/`, `models/`, `passes/`, `runtime/`, `templates/`, `benchmarks/`) becomes a flat copy of
+the package under ``OUT/packages/NAME`` (the modules inside `tilec/`, as the installed package lays them out), and
+each entry of ``--order`` runs that copy's `benchmarks/profile_megakernel.py` in a subprocess, which puts the copy
+first on `sys.path`. A planner change and a template change both ride along, which `$TILEC_TEMPLATES` cannot do.
+Alternate the builds (new, base, new, base): the machine's state drifts within a start.
+
+It stops starting runs once ``--guard-s`` seconds have passed, and writes ``OUT/ab.json``: each run's step time and
+its time by task, with its log under ``OUT/logs``. ``--dry`` renders each tree's megakernel on the meta device
+instead (no GPU) and checks that each subprocess imported its own copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODULES = ("models", "passes", "runtime", "templates")  # top-level folders the package maps inside tilec
+SCRIPTS = ("profile_megakernel.py", "common.py")
+STEP = re.compile(r"^(\S+) (\S+) ctx (\d+), (\d+) row\(s\): ([\d.]+) us")
+TASK = re.compile(r"^(\w+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$")
+
+
+def flat_package(tree: Path, dest: Path) -> Path:
+    """``tree``'s package as one folder (``dest/tilec`` with its modules inside) beside its benchmark scripts."""
+    if not (tree / "tilec" / "__init__.py").is_file():
+        sys.exit(f"ab_megakernel: {tree} is not a tilec checkout (no tilec/__init__.py)")
+    if dest.exists():
+        shutil.rmtree(dest)
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(tree / "tilec", dest / "tilec", ignore=ignore)
+    for name in MODULES:
+        shutil.copytree(tree / name, dest / "tilec" / name, ignore=ignore)
+    (dest / "benchmarks").mkdir()
+    for name in SCRIPTS:
+        shutil.copy2(tree / "benchmarks" / name, dest / "benchmarks" / name)
+    return dest
+
+
+def parse_profile(text: str) -> dict:
+    """The step line and the by-task table of profile_megakernel.py's output."""
+    out: dict = {"tasks": {}}
+    for line in text.splitlines():
+        if m := STEP.match(line):
+            out.update(preset=m[1], dtype=m[2], context=int(m[3]), rows=int(m[4]), step_us=float(m[5]))
+        elif "step_us" in out and (m := TASK.match(line.strip())):
+            out["tasks"][m[1]] = {"phases": int(m[2]), "work_us": float(m[3]), "lead_us": float(m[4]),
+                                  "barrier_us": float(m[5])}
+        elif out["tasks"] and not line.strip():
+            break  # the by-task table ends at its first blank line
+    return out
+
+
+DRY = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import tilec
+from tilec.models import build_model
+assert tilec.__file__.startswith(sys.argv[1]), f"imported {tilec.__file__}, not the copy in {sys.argv[1]}"
+cm = tilec.compile(build_model("mini", device="meta", dtype=torch.bfloat16, num_hidden_layers=2), target="cuda",
+                   options=tilec.Options(mxfp4=sys.argv[2] == "1"))
+src = cm.program.sources["megakernel.cu"]
+print(f"{tilec.__file__}: megakernel.cu {len(src)} characters, MXFP4 experts {'mk::Mxfp4Rows<' in src}")
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tree", action="append", required=True, metavar="NAME=DIR")
+    ap.add_argument("--order", required=True, help="comma-separated NAMEs, e.g. new,base,new,base")
+    ap.add_argument("--mxfp4", action="store_true")
+    ap.add_argument("--guard-s", type=float, default=470.0, help="start no run after this many seconds")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dry", action="store_true", help="render each tree's megakernel (no GPU)")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    trees = dict(t.split("=", 1) for t in args.tree)
+    order = args.order.split(",")
+    if unknown := sorted(set(order) - set(trees)):
+        sys.exit(f"ab_megakernel: --order names {unknown}, which no --tree gives ({sorted(trees)})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "logs").mkdir(exist_ok=True)
+    packages = {name: flat_package(Path(d).resolve(), args.out.resolve() / "packages" / name)
+                for name, d in trees.items()}
+    start, runs = time.monotonic(), []
+    for i, name in enumerate(order):
+        if time.monotonic() - start > args.guard_s:
+            print(f"ab_megakernel: {args.guard_s:.0f} s passed; {len(order) - i} runs not started")
+            break
+        pkg = packages[name]
+        if args.dry:
+            cmd = [sys.executable, "-c", DRY, str(pkg), "1" if args.mxfp4 else "0"]
+        else:
+            cmd = [sys.executable, str(pkg / "benchmarks" / "profile_megakernel.py"), "--out",
+                   str(args.out / "profiles" / f"{i}_{name}"), "--repeats", str(args.repeats)]
+            cmd += ["--mxfp4"] if args.mxfp4 else []
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=pkg)
+        log = proc.stdout + proc.stderr
+        (args.out / "logs" / f"{i}_{name}.txt").write_text(log)
+        run = {"name": name, "tree": trees[name], "rc": proc.returncode, "seconds": round(time.monotonic() - t0, 1)}
+        run.update(parse_profile(log) if not args.dry else {"dry": log.strip().splitlines()[-1:] or [""]})
+        runs.append(run)
+        step = run.get("step_us", "-")
+        print(f"{i} {name}: rc {proc.returncode}, step {step} us, {run['seconds']} s", flush=True)
+    tmp = args.out / "ab.json.tmp"
+    tmp.write_text(json.dumps({"mxfp4": args.mxfp4, "order": order, "runs": runs}, indent=1))
+    tmp.replace(args.out / "ab.json")
+    if any(r["rc"] for r in runs):
+        sys.exit("ab_megakernel: a run failed; its log is under " + str(args.out / "logs"))
+
+
+if __name__ == "__main__":
+    main()
