@@ -12,7 +12,7 @@ Alternate the builds (new, base, new, base): the machine's state drifts within a
 
 It stops starting runs once ``--guard-s`` seconds have passed, and writes ``OUT/ab.json``: each run's step time and
 its time by task, with its log under ``OUT/logs``. ``--dry`` renders each tree's megakernel on the meta device
-instead (no GPU) and checks that each subprocess imported its own copy.
+instead (no GPU). Before each run it checks that a script in the copy imports the copy, not an installed tilec.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 MODULES = ("models", "passes", "runtime", "templates")  # top-level folders the package maps inside tilec
-SCRIPTS = ("profile_megakernel.py", "common.py")
+SCRIPTS = ("profile_megakernel.py",)
 STEP = re.compile(r"^(\S+) (\S+) ctx (\d+), (\d+) row\(s\): ([\d.]+) us")
 TASK = re.compile(r"^(\w+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$")
 
@@ -62,12 +62,18 @@ def parse_profile(text: str) -> dict:
     return out
 
 
-DRY = """
-import sys, torch
+# Which tilec a script in the copy ARGV[1] imports (the copy first on sys.path, as profile_megakernel.py puts it): an
+# installed package found first would make the A/B compare that package with itself.
+IMPORTS = """
+import sys
 sys.path.insert(0, sys.argv[1])
 import tilec
+if not tilec.__file__.startswith(sys.argv[1]):
+    sys.exit(f"imported {tilec.__file__}, not the copy in {sys.argv[1]} (pip uninstall tilec first)")
+"""
+DRY = IMPORTS + """
+import torch
 from tilec.models import build_model
-assert tilec.__file__.startswith(sys.argv[1]), f"imported {tilec.__file__}, not the copy in {sys.argv[1]}"
 cm = tilec.compile(build_model("mini", device="meta", dtype=torch.bfloat16, num_hidden_layers=2), target="cuda",
                    options=tilec.Options(mxfp4=sys.argv[2] == "1"))
 src = cm.program.sources["megakernel.cu"]
@@ -99,6 +105,9 @@ def main() -> None:
             print(f"ab_megakernel: {args.guard_s:.0f} s passed; {len(order) - i} runs not started")
             break
         pkg = packages[name]
+        imports = subprocess.run([sys.executable, "-c", IMPORTS, str(pkg)], capture_output=True, text=True)
+        if imports.returncode:
+            sys.exit(f"ab_megakernel: {imports.stderr.strip().splitlines()[-1]}")
         if args.dry:
             cmd = [sys.executable, "-c", DRY, str(pkg), "1" if args.mxfp4 else "0"]
         else:
@@ -110,7 +119,10 @@ def main() -> None:
         log = proc.stdout + proc.stderr
         (args.out / "logs" / f"{i}_{name}.txt").write_text(log)
         run = {"name": name, "tree": trees[name], "rc": proc.returncode, "seconds": round(time.monotonic() - t0, 1)}
-        run.update(parse_profile(log) if not args.dry else {"dry": log.strip().splitlines()[-1:] or [""]})
+        if args.dry:
+            run["dry"] = log.strip().splitlines()[-1] if log.strip() else ""
+        else:
+            run.update(parse_profile(log))
         runs.append(run)
         step = run.get("step_us", "-")
         print(f"{i} {name}: rc {proc.returncode}, step {step} us, {run['seconds']} s", flush=True)

@@ -399,8 +399,8 @@ def test_ab_megakernel_reads_a_profile_and_runs_each_tree_from_its_own_copy(tmp_
     runs = json.loads((tmp_path / "ab.json").read_text())["runs"]
     assert [r["name"] for r in runs] == ["a", "b", "a"] and all(r["rc"] == 0 for r in runs)
     for r in runs:
-        assert r["dry"][0].startswith(f"{tmp_path / 'packages' / r['name'] / 'tilec' / '__init__.py'}: megakernel.cu")
-        assert r["dry"][0].endswith("MXFP4 experts True")  # --mxfp4 reaches the build
+        assert r["dry"].startswith(f"{tmp_path / 'packages' / r['name'] / 'tilec' / '__init__.py'}: megakernel.cu")
+        assert r["dry"].endswith("MXFP4 experts True")  # --mxfp4 reaches the build
     assert "Mxfp4Rows" in (tmp_path / "packages/a/tilec/templates/cuda/megakernel_tasks.cuh").read_text()
     bad = subprocess.run([sys.executable, str(script), "--tree", f"a={root}", "--order", "a,c", "--out",
                           str(tmp_path / "bad")], capture_output=True, text=True)
