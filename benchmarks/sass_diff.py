@@ -131,9 +131,14 @@ def functions(cubin: Path, nvdisasm: str) -> dict[str, list[str]]:
     return {name: [ins for _, ins in body] for name, body in disassembly(cubin, nvdisasm)[0].items()}
 
 
+WEIGHT_LOAD = r"(@!?U?P\w+\s+)?LDG\S*CONSTANT"  # ld.global.nc, predicated or not
+STREAMED_LOAD = r"(@!?U?P\w+\s+)?LDG\S*\.NA\S*CONSTANT"  # ld.global.nc.L1::no_allocate
+
+
 def load_batches(cubin: Path, nvdisasm: str) -> dict[str, list[dict]]:
     """Each function's innermost loops that load weights (ld.global.nc) and do FMAs (a loop: a branch back to an
-    earlier instruction of the function): its instruction count, its weight loads, ``batch``, the most of them
+    earlier instruction of the function): its instruction count, its weight loads, ``streamed``, those of them that
+    take no place in L1 (LDG.E.NA: ld.global.nc.L1::no_allocate), ``batch``, the most of them
     issued between two FMAs (around the back edge), and ``local``, its local-memory loads and stores (spills). A
     GEMV loop whose loads are one batch keeps them all in flight together; ptxas under register pressure may move
     loads past FMAs instead, and so split a batch: that made the experts' gate/up phase of the mini megakernel 45%
@@ -161,13 +166,14 @@ def load_batches(cubin: Path, nvdisasm: str) -> dict[str, list[dict]]:
             if any("SHFL" in ins for ins in loop):
                 continue  # a warp sum's divergent fallback (BRA.DIV) branching back, or not a GEMV's k loop
             # weight loads: ld.global.nc (__ldg), LDG...CONSTANT; activations from L2 (__ldcg) are not counted
-            kinds = ["L" if re.match(r"(@!?U?P\w+\s+)?LDG\S*CONSTANT", x) else "F" if "FFMA" in x else "" for x in loop]
+            kinds = ["L" if re.match(WEIGHT_LOAD, x) else "F" if "FFMA" in x else "" for x in loop]
             if "L" in kinds and "F" in kinds:
                 # the loop's loads between two FMAs, taken around the back edge (a loop ptxas rotated issues the
                 # next turn's loads at its end)
                 first = kinds.index("F")
                 runs = "".join(kinds[first:] + kinds[:first]).split("F")
                 loops.append({"instructions": len(loop), "loads": kinds.count("L"),
+                              "streamed": sum(bool(re.match(STREAMED_LOAD, x)) for x in loop),
                               "batch": max(len(r) for r in runs),
                               "local": sum(map(is_local, loop))})
         if loops:

@@ -205,12 +205,16 @@ def test_megakernel_gemv_loops_keep_their_weight_loads_in_one_batch(tmp_path):
     gemv = {"linear", "proj_rope", "router_scores", "swiglu_gate_up", "experts_gate_up", "experts_down"}
     assert gemv <= set(batches), batches.keys()
     assert all(lp["loads"] >= 8 for f in gemv for lp in batches[f])
+    # streamed weights take no place in L1, where they would evict the body's spilled values (read again after each
+    # call and barrier): with __ldg's allocating loads the step was 11% slower in bf16, 22% in MXFP4
+    # (benchmarks/results/h100-2026-11-25f)
+    assert all(lp["streamed"] == lp["loads"] for f in gemv for lp in batches[f]), batches
     assert sass_diff.split_batches(batches) == [], (regs, sass_diff.split_batches(batches))
     # nor do they touch local memory (spills): each would be a round trip a turn
     assert sass_diff.spilled_loops(batches) == [], sass_diff.spilled_loops(batches)
     # and the check itself sees a split batch: a loop whose loads come two between FMAs
-    fake = {"f": [{"instructions": 40, "loads": 8, "batch": 2, "local": 0},
-                  {"instructions": 40, "loads": 4, "batch": 4, "local": 2}]}
+    fake = {"f": [{"instructions": 40, "loads": 8, "streamed": 8, "batch": 2, "local": 0},
+                  {"instructions": 40, "loads": 4, "streamed": 4, "batch": 4, "local": 2}]}
     assert sass_diff.split_batches(fake) == [("f", 8, 2)] and sass_diff.spilled_loops(fake) == [("f", 40, 2)]
     # the command line's check of tilec's templates alone (no --variant) says so and exits 0: here on the tiny
     # preset's fp32 build, whose warp sums' divergent fallbacks branch back into the code (not loops)
@@ -218,6 +222,21 @@ def test_megakernel_gemv_loops_keep_their_weight_loads_in_one_batch(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "A: weight loads split by FMAs (loads / most in one batch): none" in done.stdout, (
         done.stdout + done.stderr)[-2000:]
+
+
+def test_megakernel_mxfp4_experts_stream_blocks_and_scales_past_l1(tmp_path):
+    """In the MXFP4 mini megakernel, the experts' gate/up and down phases load their weights' blocks (16 bytes) and
+    scales (a byte) with ld.global.nc.L1::no_allocate (LDG.E.NA), as the bf16 GEMV loops do (the check above)."""
+    import sass_diff
+
+    if sass_diff.tool("nvdisasm") is None or shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc and nvdisasm (on PATH or Triton's copy)")
+    cubin, _ = sass_diff.compile_cubin(sass_diff.megakernel_source("mini", None, True, None), tmp_path, "mini")
+    functions = sass_diff.functions(cubin, sass_diff.tool("nvdisasm"))
+    code = {sass_diff.short_name(name): body for name, body in functions.items()}
+    for task in ("experts_gate_up", "experts_down"):
+        streamed = [ins for ins in code[task] if re.match(sass_diff.STREAMED_LOAD, ins)]
+        assert any(".NA.128." in ins for ins in streamed) and any(".NA.U8." in ins for ins in streamed), code[task]
 
 
 def test_dense_tiles_bench_runs_and_checks_every_variant(tmp_path):
