@@ -2,7 +2,7 @@
 tree on one machine.
 
     python3 benchmarks/ab_megakernel.py --tree base=DIR --tree new=. --order new,base,new,base [--mxfp4] \\
-        [--guard-s 470] --out OUT
+        [--check] [--guard-s 470] --out OUT
 
 Each tree (a checkout: `tilec/`, `models/`, `passes/`, `runtime/`, `templates/`, `benchmarks/`) becomes a flat copy of
 the package under ``OUT/packages/NAME`` (the modules inside `tilec/`, as the installed package lays them out), and
@@ -10,8 +10,11 @@ each entry of ``--order`` runs that copy's `benchmarks/profile_megakernel.py` in
 first on `sys.path`. A planner change and a template change both ride along, which `$TILEC_TEMPLATES` cannot do.
 Alternate the builds (new, base, new, base): the machine's state drifts within a start.
 
-It stops starting runs once ``--guard-s`` seconds have passed, and writes ``OUT/ab.json``: each run's step time and
-its time by task, with its log under ``OUT/logs``. ``--dry`` renders each tree's megakernel on the meta device
+It starts no run that would end after ``--guard-s`` seconds, judged by the slowest run so far (the first always
+starts), and writes ``OUT/ab.json``: each run's step time and its time by task, with its log under ``OUT/logs``.
+``--check``: each run also compares one decode step's logits with the triton target's (profile_megakernel.py
+--check); a run whose relative error is above ``--check-tol`` fails, so that a build that times well but computes
+something else is not read as a win. ``--dry`` renders each tree's megakernel on the meta device
 instead (no GPU). Before each run it checks that a script in the copy imports the copy, not an installed tilec.
 """
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 MODULES = ("models", "passes", "runtime", "templates")  # top-level folders the package maps inside tilec
 SCRIPTS = ("profile_megakernel.py",)
+CHECK = re.compile(r"^check: logits rel err (\S+) ")
 STEP = re.compile(r"^(\S+) (\S+) ctx (\d+), (\d+) row\(s\): ([\d.]+) us")
 TASK = re.compile(r"^(\w+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$")
 
@@ -49,16 +53,19 @@ def flat_package(tree: Path, dest: Path) -> Path:
 
 
 def parse_profile(text: str) -> dict:
-    """The step line and the by-task table of profile_megakernel.py's output."""
+    """The step line, the by-task table and the --check line of profile_megakernel.py's output."""
     out: dict = {"tasks": {}}
+    table = True  # the by-task table ends at its first blank line
     for line in text.splitlines():
-        if m := STEP.match(line):
+        if m := CHECK.match(line):
+            out["check_rel_err"] = float(m[1])
+        elif m := STEP.match(line):
             out.update(preset=m[1], dtype=m[2], context=int(m[3]), rows=int(m[4]), step_us=float(m[5]))
-        elif "step_us" in out and (m := TASK.match(line.strip())):
+        elif table and "step_us" in out and (m := TASK.match(line.strip())):
             out["tasks"][m[1]] = {"phases": int(m[2]), "work_us": float(m[3]), "lead_us": float(m[4]),
                                   "barrier_us": float(m[5])}
         elif out["tasks"] and not line.strip():
-            break  # the by-task table ends at its first blank line
+            table = False
     return out
 
 
@@ -86,7 +93,10 @@ def main() -> None:
     ap.add_argument("--tree", action="append", required=True, metavar="NAME=DIR")
     ap.add_argument("--order", required=True, help="comma-separated NAMEs, e.g. new,base,new,base")
     ap.add_argument("--mxfp4", action="store_true")
-    ap.add_argument("--guard-s", type=float, default=470.0, help="start no run after this many seconds")
+    ap.add_argument("--check", action="store_true", help="check each build's logits against the triton target's")
+    ap.add_argument("--check-tol", type=float, default=0.1, help="the most relative error --check passes")
+    ap.add_argument("--guard-s", type=float, default=470.0,
+                    help="start no run that would end after this many seconds (by the slowest run so far)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dry", action="store_true", help="render each tree's megakernel (no GPU)")
     ap.add_argument("--out", type=Path, required=True)
@@ -101,8 +111,10 @@ def main() -> None:
                 for name, d in trees.items()}
     start, runs = time.monotonic(), []
     for i, name in enumerate(order):
-        if time.monotonic() - start > args.guard_s:
-            print(f"ab_megakernel: {args.guard_s:.0f} s passed; {len(order) - i} runs not started")
+        slowest = max((r["seconds"] for r in runs), default=0.0)
+        if time.monotonic() - start + slowest > args.guard_s:
+            print(f"ab_megakernel: another run of up to {slowest:.0f} s would end past {args.guard_s:.0f} s; "
+                  f"{len(order) - i} runs not started")
             break
         pkg = packages[name]
         imports = subprocess.run([sys.executable, "-c", IMPORTS, str(pkg)], capture_output=True, text=True)
@@ -113,7 +125,7 @@ def main() -> None:
         else:
             cmd = [sys.executable, str(pkg / "benchmarks" / "profile_megakernel.py"), "--out",
                    str(args.out / "profiles" / f"{i}_{name}"), "--repeats", str(args.repeats)]
-            cmd += ["--mxfp4"] if args.mxfp4 else []
+            cmd += (["--mxfp4"] if args.mxfp4 else []) + (["--check"] if args.check else [])
         t0 = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=pkg)
         log = proc.stdout + proc.stderr
@@ -123,9 +135,12 @@ def main() -> None:
             run["dry"] = log.strip().splitlines()[-1] if log.strip() else ""
         else:
             run.update(parse_profile(log))
+            if args.check and not run.get("check_rel_err", float("inf")) <= args.check_tol:
+                run["rc"] = run["rc"] or 1  # no check line, or the logits too far from the triton target's
         runs.append(run)
-        step = run.get("step_us", "-")
-        print(f"{i} {name}: rc {proc.returncode}, step {step} us, {run['seconds']} s", flush=True)
+        step, check = run.get("step_us", "-"), run.get("check_rel_err")
+        checked = "" if check is None else f", logits rel err {check:.2e}"
+        print(f"{i} {name}: rc {run['rc']}, step {step} us{checked}, {run['seconds']} s", flush=True)
     tmp = args.out / "ab.json.tmp"
     tmp.write_text(json.dumps({"mxfp4": args.mxfp4, "order": order, "runs": runs}, indent=1))
     tmp.replace(args.out / "ab.json")

@@ -15,7 +15,8 @@ build's MK_ATTENTION_STAMPS): the median block's and the last-finishing block's.
     python3 benchmarks/profile_megakernel.py --from-json DIR/profile_megakernel.json
 
 prints the by-task and by-op tables of a saved profile again, without a GPU (the preset is compiled on the meta
-device).
+device). ``--check`` also compares one decode step's logits with the triton target's (`check_logits`), so that a
+timing run of a new build also shows whether it computes the model.
 """
 
 from __future__ import annotations
@@ -115,6 +116,26 @@ def prefilled(preset: str, mxfp4: bool, context: int, more: int) -> tuple:
     return cm, session, ids
 
 
+CHECK_PROMPT = 32  # tokens prefilled before --check's decode step
+
+
+def check_logits(cm, mxfp4: bool) -> float:
+    """The relative error of the megakernel's logits for one decode step against the triton target's, both compiled
+    from ``cm``'s model (the same weights and options), each in a session of its own that prefilled the same random
+    prompt first. The two differ by bf16 rounding (about 1e-2 on mini); a megakernel build that computes something
+    else reads near 1. A smoke check beside a timing run, not the gpu tests' tolerances."""
+    other = tilec.compile(cm.source, target="triton", options=tilec.Options(mxfp4=mxfp4))
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cm.vocab_size, (1, CHECK_PROMPT + 1), generator=gen)
+    logits = []
+    for compiled in (cm, other):
+        session = compiled.new_session(1, CHECK_PROMPT + 8)
+        with torch.inference_mode():
+            session.step(ids[:, :CHECK_PROMPT])
+            logits.append(session.step(ids[:, CHECK_PROMPT:]).double())
+    return float((logits[0] - logits[1]).norm() / logits[1].norm().clamp_min(1e-30))
+
+
 ATTENTION_STEPS = ("start", "staged", "stored", "arrived", "merged", "appended")  # MK_ATTENTION_STAMP's 0 to 5
 
 
@@ -170,6 +191,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--rows", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--check", action="store_true",
+                   help="also compare one decode step's logits with the triton target's (a smoke check of the build)")
     p.add_argument("--prefetch-mb", type=float, default=None,
                    help="the most of a weight a phase prefetches into L2 for a later one (default: the planner's "
                         "PREFETCH_BYTES; 0: no prefetch), for A/B runs")
@@ -224,13 +247,17 @@ def main() -> None:
     print_rates(rates)
     inside = attention_steps(phases, runs, att_runs)
     print_attention_steps(inside)
+    check = None
+    if args.check:
+        check = check_logits(cm, args.mxfp4)
+        print(f"\ncheck: logits rel err {check:.3e} against the triton target (one decode step)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile_megakernel.json").write_text(json.dumps(
         {"preset": args.preset, "mxfp4": args.mxfp4, "context": args.context, "rows": args.rows,
          "prefetch_mb": args.prefetch_mb,
          "device": torch.cuda.get_device_name(), "total_us": total, "phases": rows,
          "by_task": tasks,
-         "by_op": rates, "attention_steps": inside},
+         "by_op": rates, "attention_steps": inside, "check_rel_err": check},
         indent=1))
 
 

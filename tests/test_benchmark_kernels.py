@@ -401,7 +401,8 @@ def test_sass_diff_names_the_task_functions_a_template_change_reaches(tmp_path):
 def test_ab_megakernel_reads_a_profile_and_runs_each_tree_from_its_own_copy(tmp_path):
     """ab_megakernel.py: the step time and the by-task table of a profile_megakernel.py log saved on the H100; a dry
     A/B of two trees renders each tree's megakernel from its own flat copy (not the installed package) and writes
-    ab.json whole; an --order naming no tree is an error that says which."""
+    ab.json whole; --guard-s keeps a run from starting that would end past it; a --check line is read; an --order
+    naming no tree is an error that says which."""
     import ab_megakernel
 
     root = Path(__file__).resolve().parents[1]
@@ -411,6 +412,10 @@ def test_ab_megakernel_reads_a_profile_and_runs_each_tree_from_its_own_copy(tmp_
                                                                                           1095.7)
     assert run["tasks"]["attention"] == {"phases": 12, "work_us": 144.5, "lead_us": 135.1, "barrier_us": 15.2}
     assert len(run["tasks"]) == 8  # the per-phase table after the blank line is not read as tasks
+    assert "check_rel_err" not in run
+    checked = ab_megakernel.parse_profile(log + "\ncheck: logits rel err 1.234e-02 against the triton target (one "
+                                                "decode step)\n")
+    assert checked["check_rel_err"] == 0.01234 and checked["step_us"] == 1095.7
     script = root / "benchmarks" / "ab_megakernel.py"
     done = subprocess.run([sys.executable, str(script), "--tree", f"a={root}", "--tree", f"b={root}", "--order",
                            "a,b,a", "--dry", "--mxfp4", "--out", str(tmp_path)], capture_output=True, text=True)
@@ -421,6 +426,27 @@ def test_ab_megakernel_reads_a_profile_and_runs_each_tree_from_its_own_copy(tmp_
         assert r["dry"].startswith(f"{tmp_path / 'packages' / r['name'] / 'tilec' / '__init__.py'}: megakernel.cu")
         assert r["dry"].endswith("MXFP4 experts True")  # --mxfp4 reaches the build
     assert "Mxfp4Rows" in (tmp_path / "packages/a/tilec/templates/cuda/megakernel_tasks.cuh").read_text()
+    # the first run always starts; a second that would end past --guard-s (by the slowest run so far) does not
+    short = subprocess.run([sys.executable, str(script), "--tree", f"a={root}", "--order", "a,a", "--dry",
+                            "--guard-s", "1", "--out", str(tmp_path / "short")], capture_output=True, text=True)
+    assert short.returncode == 0 and "would end past 1 s; 1 runs not started" in short.stdout, short.stdout
+    assert len(json.loads((tmp_path / "short/ab.json").read_text())["runs"]) == 1
     bad = subprocess.run([sys.executable, str(script), "--tree", f"a={root}", "--order", "a,c", "--out",
                           str(tmp_path / "bad")], capture_output=True, text=True)
     assert bad.returncode != 0 and "--order names ['c'], which no --tree gives (['a'])" in bad.stderr
+
+
+def test_profile_megakernel_check_compares_the_build_with_the_triton_target(monkeypatch):
+    """profile_megakernel.py --check (check_logits): one decode step's logits of the compiled model against the
+    triton target's, compiled from the same model. On the CPU the cuda target runs the triton kernels, so the two
+    agree exactly; against other weights (another seed) the check reads an error of the order of 1."""
+    import profile_megakernel as pm
+
+    import tilec
+    from tilec.models import build_model
+
+    cm = tilec.compile(build_model("tiny"), target="cuda", options=tilec.Options())
+    assert pm.check_logits(cm, False) == 0.0
+    compile_ = tilec.compile
+    monkeypatch.setattr(pm.tilec, "compile", lambda model, **kw: compile_(build_model("tiny", seed=1), **kw))
+    assert pm.check_logits(cm, False) > 0.1
