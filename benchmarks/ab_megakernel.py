@@ -10,12 +10,14 @@ each entry of ``--order`` runs that copy's `benchmarks/profile_megakernel.py` in
 first on `sys.path`. A planner change and a template change both ride along, which `$TILEC_TEMPLATES` cannot do.
 Alternate the builds (new, base, new, base): the machine's state drifts within a start.
 
-It starts no run that would end after ``--guard-s`` seconds, judged by the slowest run so far (the first always
-starts), and writes ``OUT/ab.json``: each run's step time and its time by task, with its log under ``OUT/logs``.
-``--check``: each run also compares one decode step's logits with the triton target's (profile_megakernel.py
---check); a run whose relative error is above ``--check-tol`` fails, so that a build that times well but computes
-something else is not read as a win. ``--dry`` renders each tree's megakernel on the meta device
-instead (no GPU). Before each run it checks that a script in the copy imports the copy, not an installed tilec.
+First every tree's megakernel builds are compiled into the kernel cache side by side (`precompile`), so that no run
+waits on the compiler for them (the first run still compiles the Triton kernels of prefill). It starts no run that would
+end after ``--guard-s`` seconds, judged by the slowest run so far (the first always starts), and writes ``OUT/ab.json``:
+each run's step time and its time by task, with its log under ``OUT/logs``. ``--check``: each run also compares one
+decode step's logits with the triton target's (profile_megakernel.py --check); a run whose relative error is above
+``--check-tol`` fails, so that a build that times well but computes something else is not read as a win. ``--dry``
+renders each tree's megakernel on the meta device instead (no GPU). Before each run it checks that a script in the copy
+imports the copy, not an installed tilec.
 """
 
 from __future__ import annotations
@@ -87,6 +89,40 @@ src = cm.program.sources["megakernel.cu"]
 print(f"{tilec.__file__}: megakernel.cu {len(src)} characters, MXFP4 experts {'mk::Mxfp4Rows<' in src}")
 """
 
+# Compiles the copy ARGV[1]'s megakernel builds that its profile_megakernel.py run will load (the production kernel and
+# the timeline variant of preset ARGV[3], ARGV[2] == "1" for MXFP4) for ARGV[4] (default: this machine's GPU) into
+# the kernel cache. The model is built on the meta device: its sources are those of the run's model on the GPU (the
+# same shapes, dtype and options).
+PRECOMPILE = IMPORTS + """
+import torch
+from tilec.codegen.cuda_build import arch_of
+from tilec.models import build_model
+options = tilec.Options(mxfp4=sys.argv[2] == "1")
+cm = tilec.compile(build_model(sys.argv[3], device="meta"), target="cuda", options=options)
+if not hasattr(cm.program, "precompile"):
+    sys.exit(f"{tilec.__file__}: this tree has no MegakernelProgram.precompile; its first run compiles")
+arch = sys.argv[4] if len(sys.argv) > 4 else arch_of(torch.device("cuda"))
+print(f"{tilec.__file__}: compiled {cm.program.precompile(arch, timeline=True)}")
+"""
+
+
+def precompile(packages: dict[str, Path], mxfp4: bool, logs: Path, preset: str = "mini",
+               arch: str | None = None) -> float:
+    """Every tree's builds compiled into the kernel cache side by side (a process a tree), so that no timed run
+    waits on the compiler and the compiles overlap. A tree that cannot says why in its log and compiles in its run
+    instead. Returns the seconds it took."""
+    t0 = time.monotonic()
+    procs = {name: subprocess.Popen([sys.executable, "-c", PRECOMPILE, str(pkg), "1" if mxfp4 else "0", preset]
+                                    + ([arch] if arch else []), cwd=pkg, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+             for name, pkg in packages.items()}
+    for name, proc in procs.items():
+        out = proc.communicate()[0]
+        (logs / f"precompile_{name}.txt").write_text(out)
+        last = out.strip().splitlines()[-1] if out.strip() else ""
+        print(f"precompile {name}: rc {proc.returncode}, {last}", flush=True)
+    return time.monotonic() - t0
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -98,6 +134,9 @@ def main() -> None:
     ap.add_argument("--guard-s", type=float, default=470.0,
                     help="start no run that would end after this many seconds (by the slowest run so far)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-precompile", action="store_true",
+                    help="let each tree's first run compile its kernels (by default all trees compile first, side by "
+                         "side)")
     ap.add_argument("--dry", action="store_true", help="render each tree's megakernel (no GPU)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -110,6 +149,8 @@ def main() -> None:
     packages = {name: flat_package(Path(d).resolve(), args.out.resolve() / "packages" / name)
                 for name, d in trees.items()}
     start, runs = time.monotonic(), []
+    if not args.dry and not args.no_precompile:
+        print(f"precompiled in {precompile(packages, args.mxfp4, args.out / 'logs'):.1f} s", flush=True)
     for i, name in enumerate(order):
         slowest = max((r["seconds"] for r in runs), default=0.0)
         if time.monotonic() - start + slowest > args.guard_s:

@@ -450,3 +450,27 @@ def test_profile_megakernel_check_compares_the_build_with_the_triton_target(monk
     compile_ = tilec.compile
     monkeypatch.setattr(pm.tilec, "compile", lambda model, **kw: compile_(build_model("tiny", seed=1), **kw))
     assert pm.check_logits(cm, False) > 0.1
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_ab_megakernel_precompiles_each_tree_into_the_kernel_cache(tmp_path, monkeypatch):
+    """ab_megakernel.precompile: each tree's copy compiles its production and timeline builds into the kernel cache
+    (here for sm_90a without a GPU, tiny), under the names and sources the runs' modules will look up."""
+    import ab_megakernel
+
+    import tilec
+    from tilec.codegen.render import source_hash
+    from tilec.models import build_model
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("TILEC_CACHE_DIR", str(tmp_path / "cache"))
+    pkg = ab_megakernel.flat_package(root, tmp_path / "packages" / "a")
+    (tmp_path / "logs").mkdir()
+    ab_megakernel.precompile({"a": pkg}, False, tmp_path / "logs", preset="tiny", arch="sm_90a")
+    log = (tmp_path / "logs/precompile_a.txt").read_text()
+    assert log.strip().endswith("compiled ['tilec_megakernel', 'tilec_megakernel_timeline']"), log[-2000:]
+    program = tilec.compile(build_model("tiny"), target="cuda", options=tilec.Options()).program
+    for name, source in (("tilec_megakernel", program.megakernel_source),
+                         ("tilec_megakernel_timeline", program._timeline_source())):
+        assert (tmp_path / "cache/kernels" / f"{name}_sm_90a_{source_hash(source)}.cubin").is_file()
+

@@ -292,9 +292,14 @@ def test_megakernel_compiles_for_hopper_without_spills(tmp_path, mxfp4):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-def test_timeline_build_stamps_inside_attention_and_compiles(tmp_path):
+def test_timeline_build_stamps_inside_attention_and_compiles(tmp_path, monkeypatch):
     """profile_megakernel.py's build (MegakernelProgram.timeline) stamps each phase and, inside attention, the steps
-    of each block's first item, past the phases' stamps in TL; the production build compiles none of it."""
+    of each block's first item, past the phases' stamps in TL; the production build compiles none of it. precompile
+    puts both builds in the kernel cache under the names and sources their modules load, so that a first launch
+    compiles nothing (ab_megakernel.py compiles its trees side by side that way)."""
+    from tilec.codegen import cuda_build
+
+    monkeypatch.setenv("TILEC_CACHE_DIR", str(tmp_path))
     cm = tilec.compile(build_model("tiny"), target="cuda", options=tilec.Options(greedy=True))
     plan = cm.program.plan
     source = megakernel.render("cuda/megakernel.cu.j2", ctx=plan.context(timeline=True))
@@ -303,7 +308,17 @@ def test_timeline_build_stamps_inside_attention_and_compiles(tmp_path):
     n = len(plan.phases)
     for i in range(len(plan.attention)):
         assert f"smem, TL + gridDim.x * ({2 * n} + 8 * {i}));" in source
-    nvcc_cubin(source, "mk_timeline", "sm_90a")
+    assert cm.program.precompile("sm_90a", timeline=True) == ["tilec_megakernel", "tilec_megakernel_timeline"]
+
+    def no_compiler(*args):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(cuda_build, "nvcc_cubin", no_compiler)
+    monkeypatch.setattr(cuda_build, "_nvrtc", no_compiler)
+    for name, src in (("tilec_megakernel", cm.program.megakernel_source), ("tilec_megakernel_timeline", source)):
+        assert cuda_build.compile_cubin(src, name, "sm_90a")  # from the cache
+    unplanned = tilec.compile(build_model("tiny"), target="cuda", options=tilec.Options(fuse=False))  # no plan
+    assert unplanned.program.plan is None and unplanned.program.precompile("sm_90a") == []
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

@@ -576,6 +576,25 @@ class MegakernelProgram(TritonProgram):
             self._state[index] = state
         return state
 
+    def precompile(self, arch: str, timeline: bool = False) -> list[str]:
+        """Compile the megakernel for ``arch`` (``cuda_build.arch_of(device)``, e.g. ``sm_90a``) into the kernel cache
+        now, and with ``timeline`` also the variant `timeline` runs, so that their first launches load them from
+        there: a program built on a machine without its GPU, or several builds compiled side by side
+        (benchmarks/ab_megakernel.py). Returns the names of the modules compiled (none without a plan)."""
+        from tilec.codegen.cuda_build import compile_cubin
+
+        if self.plan is None:
+            return []
+        modules = [("tilec_megakernel", self.megakernel_source)]
+        if timeline:
+            modules.append(("tilec_megakernel_timeline", self._timeline_source()))
+        for name, source in modules:
+            compile_cubin(source, name, arch)
+        return [name for name, _ in modules]
+
+    def _timeline_source(self) -> str:
+        return render("cuda/megakernel.cu.j2", ctx=self.plan.context(timeline=True))
+
     def timeline(self, *inputs) -> tuple:
         """Diagnostics (benchmarks/profile_megakernel.py): run one step on a variant of the kernel that stamps
         %globaltimer in every block when each phase's work is done and after its barrier, and in attention the
@@ -586,8 +605,7 @@ class MegakernelProgram(TritonProgram):
         if not self.fits(inputs):
             raise TargetError("this step does not run as the megakernel (see the report's megakernel section)")
         if self._timeline_module is None:
-            self._timeline_module = CudaModule(render("cuda/megakernel.cu.j2", ctx=self.plan.context(timeline=True)),
-                                               "tilec_megakernel_timeline")
+            self._timeline_module = CudaModule(self._timeline_source(), "tilec_megakernel_timeline")
         sms = self._setup(inputs[0].device)["sms"]
         phases, ops = sms * len(self.plan.phases) * 2, len(self.plan.attention) * sms * 8
         stamps = torch.zeros(phases + ops, dtype=torch.int64, device=inputs[0].device)
