@@ -86,7 +86,8 @@ from tilec.models import build_model
 cm = tilec.compile(build_model("mini", device="meta", dtype=torch.bfloat16, num_hidden_layers=2), target="cuda",
                    options=tilec.Options(mxfp4=sys.argv[2] == "1"))
 src = cm.program.sources["megakernel.cu"]
-print(f"{tilec.__file__}: megakernel.cu {len(src)} characters, MXFP4 experts {'mk::Mxfp4Rows<' in src}")
+mxfp4 = "mk::Mxfp4Rows<" in src or "mk::experts_gate_up_mma<" in src  # on the CUDA cores or the tensor cores
+print(f"{tilec.__file__}: megakernel.cu {len(src)} characters, MXFP4 experts {mxfp4}")
 """
 
 # Compiles the copy ARGV[1]'s megakernel builds that its profile_megakernel.py run will load (the production kernel and

@@ -224,19 +224,27 @@ def test_megakernel_gemv_loops_keep_their_weight_loads_in_one_batch(tmp_path):
         done.stdout + done.stderr)[-2000:]
 
 
-def test_megakernel_mxfp4_experts_stream_blocks_and_scales_past_l1(tmp_path):
-    """In the MXFP4 mini megakernel, the experts' gate/up and down phases load their weights' blocks (16 bytes) and
-    scales (a byte) with ld.global.nc.L1::no_allocate (LDG.E.NA), as the bf16 GEMV loops do (the check above)."""
+@pytest.mark.parametrize("mma", [False, True])
+def test_megakernel_mxfp4_experts_stream_blocks_and_scales_past_l1(tmp_path, monkeypatch, mma):
+    """In the MXFP4 mini megakernel, the experts' gate/up and down phases load their weights with
+    ld.global.nc.L1::no_allocate (LDG.E.NA), as the bf16 GEMV loops do (the check above): on the CUDA cores the
+    blocks (16 bytes) and scales (a byte), on the tensor cores (megakernel.MXFP4_MMA) the re-laid fragments and
+    their 16-bit scale pairs."""
     import sass_diff
+
+    from tilec.codegen import megakernel
 
     if sass_diff.tool("nvdisasm") is None or shutil.which("nvcc") is None:
         pytest.skip("needs nvcc and nvdisasm (on PATH or Triton's copy)")
+    monkeypatch.setattr(megakernel, "MXFP4_MMA", mma)
     cubin, _ = sass_diff.compile_cubin(sass_diff.megakernel_source("mini", None, True, None), tmp_path, "mini")
     functions = sass_diff.functions(cubin, sass_diff.tool("nvdisasm"))
     code = {sass_diff.short_name(name): body for name, body in functions.items()}
-    for task in ("experts_gate_up", "experts_down"):
+    tasks = ("experts_gate_up_mma", "experts_down_mma") if mma else ("experts_gate_up", "experts_down")
+    scales = ".NA.U16." if mma else ".NA.U8."
+    for task in tasks:
         streamed = [ins for ins in code[task] if re.match(sass_diff.STREAMED_LOAD, ins)]
-        assert any(".NA.128." in ins for ins in streamed) and any(".NA.U8." in ins for ins in streamed), code[task]
+        assert any(".NA.128." in ins for ins in streamed) and any(scales in ins for ins in streamed), code[task]
 
 
 def test_dense_tiles_bench_runs_and_checks_every_variant(tmp_path):

@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tilec
-from tilec.codegen import megakernel
+from tilec.codegen import megakernel, mma_layout
 from tilec.codegen.cuda_build import nvcc_cubin
 from tilec.codegen.render import render
 from tilec.errors import UnsupportedError
@@ -272,9 +272,48 @@ def test_launch_passes_every_kernel_parameter_and_returns_the_graphs_outputs(gre
         assert outs[0].dtype == torch.int64 and outs[0].shape == (2, 3)
 
 
+def test_mxfp4_experts_run_on_the_tensor_cores_over_the_re_laid_fragments(monkeypatch):
+    """MXFP4 experts with bf16 activations: every gate/up and down phase is experts_gate_up_mma / experts_down_mma,
+    reading the weights re-laid as mma fragments (``<target>@<layout>`` in the weight table, which the program
+    derives when it loads). With MXFP4_MMA off (the default until these tasks have run on a GPU), or fp32
+    activations, both are the CUDA-core tasks."""
+    monkeypatch.setattr(megakernel, "MXFP4_MMA", True)
+    cm = tilec.compile(build_model("mini", device="meta", dtype=torch.bfloat16, num_hidden_layers=3),
+                       target="cuda", options=tilec.Options(mxfp4=True))
+    plan = cm.program.plan
+    tasks = [p["task"] for p in plan.phases]
+    assert tasks.count("experts_gate_up_mma") == 2 and tasks.count("experts_down_mma") == 2  # layers 1, 2 are MoE
+    assert "experts_gate_up" not in tasks and "experts_down" not in tasks
+    derived = [w for w in plan.weights if "@" in w]
+    assert len(derived) == 8 and {w.split("@")[1] for w in derived} == set(mma_layout.EXPERT_LAYOUTS)
+    assert all(cm.program.derived[w] == tuple(w.split("@")) for w in derived)
+    for p in plan.phases:
+        if p["task"] == "experts_gate_up_mma":
+            a = p["args"]
+            assert plan.weights[a["words"]["index"]].endswith("@mma_words_gate_up") and a["depth"] == 8  # 32 chunks
+            assert plan.weights[a["scales"]["index"]].endswith("@mma_scales_gate_up")
+        if p["task"] == "experts_down_mma":
+            a = p["args"]
+            assert plan.weights[a["words"]["index"]].endswith("@mma_words") and a["depth"] == 4  # 12 chunks of I
+            assert plan.weights[a["scales"]["index"]].endswith("@mma_scales")
+    src = cm.program.sources["megakernel.cu"]
+    assert "#define MK_MXFP4_MMA" in src and "mk::experts_gate_up_mma<32, 8>(" in src
+    assert "mk::experts_down_mma<12, 4>(" in src
+    monkeypatch.setattr(megakernel, "MXFP4_MMA", False)
+    off = tilec.compile(build_model("mini", device="meta", dtype=torch.bfloat16, num_hidden_layers=3),
+                        target="cuda", options=tilec.Options(mxfp4=True)).program
+    assert "experts_gate_up_mma" not in {p["task"] for p in off.plan.phases} and "#define MK_MXFP4_MMA" not in \
+        off.sources["megakernel.cu"] and not any("@" in w for w in off.plan.weights)
+    monkeypatch.setattr(megakernel, "MXFP4_MMA", True)
+    fp32 = tilec.compile(build_model("tiny", dtype=torch.float32), target="cuda",
+                         options=tilec.Options(mxfp4=True)).program
+    assert {"experts_gate_up", "experts_down"} <= {p["task"] for p in fp32.plan.phases}
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("mxfp4", [False, True])
-def test_megakernel_compiles_for_hopper_without_spills(tmp_path, mxfp4):
+@pytest.mark.parametrize("mxfp4,mma", [(False, False), (True, False), (True, True)])
+def test_megakernel_compiles_for_hopper_without_spills(tmp_path, monkeypatch, mxfp4, mma):
+    monkeypatch.setattr(megakernel, "MXFP4_MMA", mma)  # MXFP4 experts on the tensor cores, or the CUDA cores
     model = build_model("mini", device="meta", num_hidden_layers=2, dtype=torch.bfloat16)
     cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=mxfp4, greedy=True))
     report = nvcc_cubin(cm.program.sources["megakernel.cu"], "mk", "sm_90a", ptxas_info=True)[1]

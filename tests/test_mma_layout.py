@@ -1,7 +1,7 @@
 """The MXFP4 fragment layout of the CUDA decode kernels (tilec/codegen/mma_layout.py), checked on the CPU.
 
 Three things must agree for the kernels to compute W @ x: the re-laid words hold every code once (round trip), the
-kernel's bit operations (templates/cuda/moe_experts_mxfp4.cu.j2, `step`) rebuild each fragment register's two bf16
+kernel's bit operations (templates/cuda/mxfp4_mma.cuh, `step`) rebuild each fragment register's two bf16
 values exactly, and the mma's operand positions pair each weight with the activation of the same column. The last
 is checked by emulating mma.m16n8k16's fragment ownership (PTX ISA, "Matrix Fragments for mma.m16n8k16", bf16) over
 the re-laid words and comparing with the dequantised matrix product.
@@ -18,7 +18,7 @@ from tilec import mxfp4
 from tilec.codegen import mma_layout
 from tilec.errors import ShapeError
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "cuda" / "moe_experts_mxfp4.cu.j2"
+TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "cuda" / "mxfp4_mma.cuh"
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
 
 

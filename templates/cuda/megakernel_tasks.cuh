@@ -1193,6 +1193,104 @@ MK_TASK void experts_gate_up(Rows gate_up, Src src, Route route, TA* act, int H,
   }
 }
 
+#ifdef MK_MXFP4_MMA
+// The activations of experts_gate_up_mma's fragments: staged in shared memory, or written earlier in this launch
+// (from L2: the non-coherent path could return an older copy).
+struct XShared {
+  static __device__ __forceinline__ uint4 load(const uint4* p) { return *p; }
+};
+struct XL2 {
+  static __device__ __forceinline__ uint4 load(const uint4* p) { return __ldcg(p); }
+};
+
+// A warp's sums over a 16-row tile's N chunks of fragments (PipeRegs, DEPTH in flight a lane), its activations staged
+// in shared memory or from L2: c[4] as the mma's accumulator.
+template <int N, int DEPTH>
+__device__ __forceinline__ void tile_sums(bool staged, const uint4* w, const unsigned short* sc, const uint4* x,
+                                          float* c) {
+  if (staged) {
+    PipeRegs<N, DEPTH, XShared> pipe;
+    pipe.issue(w, sc);
+    pipe.run(c, w, sc, x);
+  } else {
+    PipeRegs<N, DEPTH, XL2> pipe;
+    pipe.issue(w, sc);
+    pipe.run(c, w, sc, x);
+  }
+}
+
+// Experts, first half, MXFP4 on the tensor cores: act as experts_gate_up's, from the weights re-laid as mma fragments
+// (tilec/codegen/mma_layout.py: gate/up tile T's rows 0..7 are gate rows 8T.., rows 8..15 up rows 8T..). A warp an
+// (r, j, T): the 16 rows' sums over H (HC chunks of 64, DEPTH in flight a lane) with row r's activations as the mma's
+// token column 0 (the lanes of g = 0; the other columns zero), so act[r, j, 8T + g] comes from lane (g, 0)'s gate and
+// up sums. The sums are the mma's fp32 ones over bf16 weights, so they round differently from the CUDA-core path.
+template <int HC, int DEPTH, class Src, class Route, class TA>
+MK_TASK void experts_gate_up_mma(const uint4* words, const unsigned short* scales, Src src, Route route, TA* act,
+                                 int I, int K, int R, int gwarp, int nwarps, float* smem) {
+  using TX = typename Src::T;
+  constexpr int H = HC * 64;
+  TX* xs = staging<TX>(smem);
+  const bool staged = src.stage(R, H, smem, true);
+  const TX* x = staged ? xs : src.global();
+  float* area = smem + MK_AREA_FLOATS;
+  route.prepare(R, K, area);
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3, tiles = I / 8;
+  for (int it = gwarp; it < R * K * tiles; it += nwarps) {
+    const int r = it / (K * tiles), j = (it / tiles) % K, T = it % tiles;
+    const long long tile = static_cast<long long>(route.id(r, j, K, area)) * tiles + T;
+    const uint4* wl = words + tile * HC * 32 + lane;
+    const unsigned short* sl = scales + tile * HC * 16 + g * 2 + (q >> 1);
+    const uint4* xl = g == 0 ? reinterpret_cast<const uint4*>(x + r * H) + q * 2 : nullptr;
+    float c[4];
+    tile_sums<HC, DEPTH>(staged, wl, sl, xl, c);
+    if (q == 0) {  // token column 0: tile rows g (gate) and g + 8 (up)
+      const float gr = rnd<TA>(c[0]), ur = rnd<TA>(c[2]);
+      act[(r * K + j) * I + 8 * T + g] = fromf<TA>(rnd<TA>(silu(gr)) * ur);
+    }
+  }
+}
+
+// Experts, second half, MXFP4 on the tensor cores: out as experts_down's, from the down weights re-laid as mma
+// fragments (16-row tiles of H, I in chunks of 64: IC of them, DEPTH in flight a lane). A block an (r, T): its warps
+// take the slots j, each the 16 rows' sums of expert ids[r, j] over act[r, j] (the mma's token column 0) into shared
+// memory (`area`, K x 16 floats); then out[r, 16T + n] = sum_j w[r, j] * rnd(y_j[n]) in router order, each product
+// rounded to fp32, then summed, as experts_down does.
+template <int IC, int DEPTH, class TA, class TI, class TO>
+MK_TASK void experts_down_mma(const uint4* words, const unsigned short* scales, const TA* act, const float* weights,
+                              const TI* ids, TO* out, int H, int K, int R, float* smem) {
+  constexpr int I = IC * 64;
+  TA* as = staging<TA>(smem);
+  const bool staged = stage_x(act, R * K * I, as);
+  const TA* a = staged ? as : act;
+  float* y = smem + MK_AREA_FLOATS;  // [K][16]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5, g = lane >> 2, q = lane & 3;
+  const int tiles = H / 16;
+  for (int it = blockIdx.x; it < R * tiles; it += gridDim.x) {  // the same turns in every thread of the block
+    const int r = it / tiles, T = it % tiles;
+    for (int j = warp; j < K; j += warps) {
+      const long long tile = static_cast<long long>(ld_id(ids + r * K + j)) * tiles + T;
+      const uint4* wl = words + tile * IC * 32 + lane;
+      const unsigned short* sl = scales + tile * IC * 16 + g * 2 + (q >> 1);
+      const uint4* xl = g == 0 ? reinterpret_cast<const uint4*>(a + (r * K + j) * I) + q * 2 : nullptr;
+      float c[4];
+      tile_sums<IC, DEPTH>(staged, wl, sl, xl, c);
+      if (q == 0) {  // token column 0: tile rows g and g + 8
+        y[j * 16 + g] = c[0];
+        y[j * 16 + g + 8] = c[2];
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < 16) {
+      float sum = 0.0f;
+      for (int j = 0; j < K; ++j)
+        sum = __fadd_rn(sum, __fmul_rn(rnd<TA>(y[j * 16 + threadIdx.x]), __ldcg(weights + r * K + j)));
+      out[r * H + 16 * T + threadIdx.x] = fromf<TO>(sum);
+    }
+    __syncthreads();  // y is the next item's
+  }
+}
+#endif
+
 // Experts, second half: out[r, h] = sum_j w[r, j] * rnd(down[e_j][h] . act[r, j]), in router order (each product
 // rounded to fp32, then summed, as torch does); a warp an (r, h), the KS slots' rows in flight together.
 template <int KS, class Rows, class TA, class TI, class TO>

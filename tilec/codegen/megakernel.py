@@ -29,11 +29,13 @@ import ctypes
 import dataclasses
 import math
 import operator
+import os
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from tilec.codegen import mma_layout
 from tilec.codegen.render import render
 from tilec.codegen.triton import TritonProgram, lower as lower_triton
 from tilec.errors import TargetError, UnsupportedError
@@ -60,6 +62,12 @@ FOLD_ROUTER = True
 # contexts a decode step's few items serve). Tests set it to 1 so that the merge's loop over groups runs.
 MERGE_CHUNKS = 0
 MERGE_ROWS = 0  # and the most query rows (0: as many as fit; tests set it small so that the loop over rows runs)
+# MXFP4 experts on the tensor cores (experts_gate_up_mma, experts_down_mma, over the experts kernel's re-laid
+# fragments) where the activations are bf16 and the shapes fit the fragments; else on the CUDA cores (Mxfp4Rows).
+# Off until it has run on a GPU: compiled and planned on the CPU only (benchmarks/results/h100-2026-11-25f/next/
+# README.md says what to run). TILEC_MXFP4_MMA=1 in the environment turns it on, and tests set it to check the plan
+# and the build.
+MXFP4_MMA = os.environ.get("TILEC_MXFP4_MMA") == "1"
 _FLOAT_TYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The ops whose phases stage their first argument (x) in shared memory, and so can compute an RMSNorm of it there.
 _STAGING_OPS = ("linear", "qkv_rope", "moe_router", "moe_experts", "mxfp4_moe_experts", "swiglu", "lm_head_argmax")
@@ -78,6 +86,12 @@ class Value:
 
     def ctx(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _depth(chunks: int) -> int:
+    """Chunks of fragments in flight a lane in the mma experts tasks: the most, up to 8, that divide ``chunks``
+    (PipeRegs takes them in rounds)."""
+    return next(d for d in (8, 4, 2, 1) if chunks % d == 0)
 
 
 def attention_merge_floats(rows: int, v_head_dim: int, chunks: int) -> int:
@@ -118,7 +132,8 @@ class Plan:
                 "max_rows": self.max_rows, "threads": THREADS, "chunk": CHUNK, "red_floats": RED_FLOATS,
                 "xs_bytes": self.xs_bytes, "area_floats": self.area_floats, "smem_floats": self.smem_bytes // 4,
                 "merge_chunks": MERGE_CHUNKS, "merge_rows": MERGE_ROWS, "stage": self.stage,
-                "description": self.description, "timeline": timeline}
+                "description": self.description, "timeline": timeline,
+                "mxfp4_mma": any(p["task"] in ("experts_gate_up_mma", "experts_down_mma") for p in self.phases)}
 
     def schedule(self) -> list[dict]:
         """The phases in order, for reading: op, node, task, the RMSNorms it computes first (folded into it), barrier
@@ -186,6 +201,17 @@ class _Planner:
         if a.op == "call_function" and a.target is operator.getitem:
             return self.values[(a.args[0], a.args[1])]
         return self.values[a]
+
+    def derived(self, weight: fx.Node, layout: str) -> Value:
+        """``weight`` re-laid (mma_layout.DERIVED[layout]) as a weight of its own, named as the Triton program names
+        its derived weights (``<target>@<layout>``); the program derives it when it loads."""
+        if weight.op != "get_attr":
+            raise UnsupportedError(f"%{weight.name}: a re-laid weight must be a parameter of the model")
+        name = f"{weight.target}@{layout}"
+        if name not in self.weight_index:
+            self.weight_index[name] = len(self.weights)
+            self.weights.append(name)
+        return Value("w", "int32", index=self.weight_index[name])
 
     def staging(self, row_bytes: int) -> None:
         """A phase stages activations of ``row_bytes`` a row in shared memory: the staging area holds max_rows of
@@ -448,12 +474,27 @@ class _Planner:
         route = self.routes.pop(router, None)
         if route is not None:
             self.folding.append(router.name)
-        self.phase(node, "experts_gate_up", x=src, ids=self.arg(ids), route=route, act=act, H=hidden, I=inter, K=k,
-                   xdtype=dtype_name(xm.dtype), **gate_up)
+        mma = gate_up["mxfp4"] and MXFP4_MMA and xm.dtype == torch.bfloat16  # the mma's operands are bf16
+        if mma and hidden % mma_layout.CHUNK_K == 0 and 2 * inter % mma_layout.TILE_N == 0:
+            words, scales = (self.derived(w, layout) for w, layout in
+                             zip(gate_up["nodes"], mma_layout.EXPERT_LAYOUTS[:2]))
+            self.phase(node, "experts_gate_up_mma", x=src, ids=self.arg(ids), route=route, act=act, H=hidden,
+                       I=inter, K=k, words=words, scales=scales, depth=_depth(hidden // mma_layout.CHUNK_K))
+        else:
+            self.phase(node, "experts_gate_up", x=src, ids=self.arg(ids), route=route, act=act, H=hidden, I=inter,
+                       K=k, xdtype=dtype_name(xm.dtype), **{a: v for a, v in gate_up.items() if a != "nodes"})
         self.staging(k * inter * xm.dtype.itemsize)  # experts_down stages a row's k activations
-        self.phase(node, "experts_down", act=act, weights=self.arg(weights), ids=self.arg(ids),
-                   out=self.result(node, node.meta["val"]), H=hidden, I=inter, K=k, xdtype=dtype_name(xm.dtype),
-                   **down)
+        if mma and inter % mma_layout.CHUNK_K == 0 and hidden % mma_layout.TILE_N == 0:
+            words, scales = (self.derived(w, layout) for w, layout in
+                             zip(down["nodes"], mma_layout.EXPERT_LAYOUTS[2:]))
+            self.route_floats = max(self.route_floats, 16 * k)  # each slot's 16 sums, past the staging
+            self.phase(node, "experts_down_mma", act=act, weights=self.arg(weights), ids=self.arg(ids),
+                       out=self.result(node, node.meta["val"]), H=hidden, I=inter, K=k, words=words, scales=scales,
+                       depth=_depth(inter // mma_layout.CHUNK_K))
+        else:
+            self.phase(node, "experts_down", act=act, weights=self.arg(weights), ids=self.arg(ids),
+                       out=self.result(node, node.meta["val"]), H=hidden, I=inter, K=k, xdtype=dtype_name(xm.dtype),
+                       **{a: v for a, v in down.items() if a != "nodes"})
 
     def op_moe_experts(self, node, x, weights, ids, gate_up, down):
         e, two_i, h = gate_up.meta["val"].shape
@@ -463,8 +504,10 @@ class _Planner:
     def op_mxfp4_moe_experts(self, node, x, weights, ids, gu_blocks, gu_scales, d_blocks, d_scales):
         e, two_i, half_h = gu_blocks.meta["val"].shape
         self._experts(node, x, weights, ids, 2 * half_h, two_i // 2,
-                      {"mxfp4": True, "blocks": self.arg(gu_blocks), "scales": self.arg(gu_scales)},
-                      {"mxfp4": True, "blocks": self.arg(d_blocks), "scales": self.arg(d_scales)})
+                      {"mxfp4": True, "blocks": self.arg(gu_blocks), "scales": self.arg(gu_scales),
+                       "nodes": (gu_blocks, gu_scales)},
+                      {"mxfp4": True, "blocks": self.arg(d_blocks), "scales": self.arg(d_scales),
+                       "nodes": (d_blocks, d_scales)})
 
     def op_swiglu(self, node, x, w_gate, w_up, w_down):
         inter, h = w_gate.meta["val"].shape
@@ -523,6 +566,9 @@ class MegakernelProgram(TritonProgram):
             self.plan, self.unsupported = None, str(exc)
         self.megakernel_source = (render("cuda/megakernel.cu.j2", ctx=self.plan.context())
                                   if self.plan is not None else None)
+        # the re-laid weights the megakernel reads (``<target>@<layout>`` in its table), derived when it loads
+        self.derived = {**self.derived, **{name: tuple(name.split("@")) for name in
+                                           (self.plan.weights if self.plan is not None else ()) if "@" in name}}
         self._module = self._timeline_module = None
         self._state: dict[int, dict] = {}
         self.launches = 0  # megakernel launches (a CUDA graph's replays not counted), for tests and benchmarks
@@ -568,6 +614,7 @@ class MegakernelProgram(TritonProgram):
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             if sms > MAX_GRID:
                 raise TargetError(f"the megakernel's grid is one block an SM, at most {MAX_GRID}; this GPU has {sms}")
+            self.derive_weights()
             table = torch.tensor([self.weights[name].data_ptr() for name in self.plan.weights] or [0],
                                  dtype=torch.int64, device=device)
             state = {"sms": sms, "table": table,
