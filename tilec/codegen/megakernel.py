@@ -474,7 +474,9 @@ class _Planner:
         route = self.routes.pop(router, None)
         if route is not None:
             self.folding.append(router.name)
-        mma = gate_up["mxfp4"] and MXFP4_MMA and xm.dtype == torch.bfloat16  # the mma's operands are bf16
+        # the mma's operands are bf16, and its weights are re-laid once, so they must be the model's parameters
+        mma = gate_up["mxfp4"] and MXFP4_MMA and xm.dtype == torch.bfloat16 and all(
+            w.op == "get_attr" for w in gate_up["nodes"] + down["nodes"])
         if mma and hidden % mma_layout.CHUNK_K == 0 and 2 * inter % mma_layout.TILE_N == 0:
             words, scales = (self.derived(w, layout) for w, layout in
                              zip(gate_up["nodes"], mma_layout.EXPERT_LAYOUTS[:2]))
