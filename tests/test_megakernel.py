@@ -297,12 +297,12 @@ def test_mxfp4_experts_run_on_the_tensor_cores_over_the_re_laid_fragments(monkey
             assert plan.weights[a["words"]["index"]].endswith("@mma_words") and a["depth"] == 4  # 12 chunks of I
             assert plan.weights[a["scales"]["index"]].endswith("@mma_scales")
     src = cm.program.sources["megakernel.cu"]
-    assert "#define MK_MXFP4_MMA" in src and "mk::experts_gate_up_mma<32, 8>(" in src
+    assert "mk::experts_gate_up_mma<32, 8>(" in src
     assert "mk::experts_down_mma<12, 4>(" in src
     monkeypatch.setattr(megakernel, "MXFP4_MMA", False)
     off = tilec.compile(build_model("mini", device="meta", dtype=torch.bfloat16, num_hidden_layers=3),
                         target="cuda", options=tilec.Options(mxfp4=True)).program
-    assert "experts_gate_up_mma" not in {p["task"] for p in off.plan.phases} and "#define MK_MXFP4_MMA" not in \
+    assert "experts_gate_up_mma" not in {p["task"] for p in off.plan.phases} and "mk::experts_gate_up_mma<" not in \
         off.sources["megakernel.cu"] and not any("@" in w for w in off.plan.weights)
     monkeypatch.setattr(megakernel, "MXFP4_MMA", True)
     fp32 = tilec.compile(build_model("tiny", dtype=torch.float32), target="cuda",

@@ -54,16 +54,10 @@ template <> __device__ __forceinline__ float ld_cg<f16>(const f16* p) {
   return f16_bits_to_float(__ldcg(reinterpret_cast<const unsigned short*>(p)));
 }
 __device__ __forceinline__ float ld_nc(const float* p) { return __ldg(p); }
-// A streamed weight's 16 bytes: the non-coherent path without a place in L1 (read once a step: in L1 they would only
-// evict what is read again, the body's spilled values among them; against __ldg the whole step took 11% less time in
-// bf16 and 22% less in MXFP4, every task faster: benchmarks/results/h100-2026-11-25f).
-__device__ __forceinline__ uint4 ld_stream16(const void* p) {
-  uint4 v;
-  // (a space after the brace: the file is a Jinja include, where a brace and a percent sign open a tag)
-  asm("ld.global.nc.L1::no_allocate.v4.u32 { %0, %1, %2, %3 }, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
+// A streamed weight's 16 bytes: mxfp4_mma.cuh's ld_stream, the non-coherent path without a place in L1 (read once a
+// step: in L1 they would only evict what is read again, the body's spilled values among them; against __ldg the
+// whole step took 11% less time in bf16 and 22% less in MXFP4, every task faster: benchmarks/results/h100-2026-11-25f).
+__device__ __forceinline__ uint4 ld_stream16(const void* p) { return ::ld_stream(static_cast<const uint4*>(p)); }
 __device__ __forceinline__ unsigned char ld_stream1(const unsigned char* p) {
   unsigned short v;
   asm("ld.global.nc.L1::no_allocate.u8 %0, [%1];" : "=h"(v) : "l"(p));
@@ -1193,7 +1187,6 @@ MK_TASK void experts_gate_up(Rows gate_up, Src src, Route route, TA* act, int H,
   }
 }
 
-#ifdef MK_MXFP4_MMA
 // The activations of experts_gate_up_mma's fragments: staged in shared memory, or written earlier in this launch
 // (from L2: the non-coherent path could return an older copy).
 struct XShared {
@@ -1289,7 +1282,6 @@ MK_TASK void experts_down_mma(const uint4* words, const unsigned short* scales, 
     __syncthreads();  // y is the next item's
   }
 }
-#endif
 
 // Experts, second half: out[r, h] = sum_j w[r, j] * rnd(down[e_j][h] . act[r, j]), in router order (each product
 // rounded to fp32, then summed, as torch does); a warp an (r, h), the KS slots' rows in flight together.

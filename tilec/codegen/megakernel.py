@@ -132,8 +132,7 @@ class Plan:
                 "max_rows": self.max_rows, "threads": THREADS, "chunk": CHUNK, "red_floats": RED_FLOATS,
                 "xs_bytes": self.xs_bytes, "area_floats": self.area_floats, "smem_floats": self.smem_bytes // 4,
                 "merge_chunks": MERGE_CHUNKS, "merge_rows": MERGE_ROWS, "stage": self.stage,
-                "description": self.description, "timeline": timeline,
-                "mxfp4_mma": any(p["task"] in ("experts_gate_up_mma", "experts_down_mma") for p in self.phases)}
+                "description": self.description, "timeline": timeline}
 
     def schedule(self) -> list[dict]:
         """The phases in order, for reading: op, node, task, the RMSNorms it computes first (folded into it), barrier
@@ -462,7 +461,9 @@ class _Planner:
         self.shared(4 * (THREADS // 32) * e, f"%{node.name}: the router's choice over {e} experts")
         self.phase(node, "router_topk", K=top_k, **choice)
 
-    def _experts(self, node, x, weights, ids, hidden, inter, gate_up: dict, down: dict):
+    def _experts(self, node, x, weights, ids, hidden, inter, gate_up: dict, down: dict, mxfp4: tuple = ()):
+        """The experts' two phases; ``mxfp4``: the MXFP4 weights' nodes (gate/up blocks and scales, down blocks and
+        scales), for the tensor-core tasks over their re-laid fragments."""
         xm = x.meta["val"]
         k = ids.meta["val"].shape[-1]
         self._k_ok(node, hidden, inter)
@@ -475,20 +476,17 @@ class _Planner:
         if route is not None:
             self.folding.append(router.name)
         # the mma's operands are bf16, and its weights are re-laid once, so they must be the model's parameters
-        mma = gate_up["mxfp4"] and MXFP4_MMA and xm.dtype == torch.bfloat16 and all(
-            w.op == "get_attr" for w in gate_up["nodes"] + down["nodes"])
+        mma = MXFP4_MMA and bool(mxfp4) and xm.dtype == torch.bfloat16 and all(w.op == "get_attr" for w in mxfp4)
         if mma and hidden % mma_layout.CHUNK_K == 0 and 2 * inter % mma_layout.TILE_N == 0:
-            words, scales = (self.derived(w, layout) for w, layout in
-                             zip(gate_up["nodes"], mma_layout.EXPERT_LAYOUTS[:2]))
+            words, scales = (self.derived(w, layout) for w, layout in zip(mxfp4[:2], mma_layout.EXPERT_LAYOUTS[:2]))
             self.phase(node, "experts_gate_up_mma", x=src, ids=self.arg(ids), route=route, act=act, H=hidden,
                        I=inter, K=k, words=words, scales=scales, depth=_depth(hidden // mma_layout.CHUNK_K))
         else:
             self.phase(node, "experts_gate_up", x=src, ids=self.arg(ids), route=route, act=act, H=hidden, I=inter,
-                       K=k, xdtype=dtype_name(xm.dtype), **{a: v for a, v in gate_up.items() if a != "nodes"})
+                       K=k, xdtype=dtype_name(xm.dtype), **gate_up)
         self.staging(k * inter * xm.dtype.itemsize)  # experts_down stages a row's k activations
         if mma and inter % mma_layout.CHUNK_K == 0 and hidden % mma_layout.TILE_N == 0:
-            words, scales = (self.derived(w, layout) for w, layout in
-                             zip(down["nodes"], mma_layout.EXPERT_LAYOUTS[2:]))
+            words, scales = (self.derived(w, layout) for w, layout in zip(mxfp4[2:], mma_layout.EXPERT_LAYOUTS[2:]))
             self.route_floats = max(self.route_floats, 16 * k)  # each slot's 16 sums, past the staging
             self.phase(node, "experts_down_mma", act=act, weights=self.arg(weights), ids=self.arg(ids),
                        out=self.result(node, node.meta["val"]), H=hidden, I=inter, K=k, words=words, scales=scales,
@@ -496,7 +494,7 @@ class _Planner:
         else:
             self.phase(node, "experts_down", act=act, weights=self.arg(weights), ids=self.arg(ids),
                        out=self.result(node, node.meta["val"]), H=hidden, I=inter, K=k, xdtype=dtype_name(xm.dtype),
-                       **{a: v for a, v in down.items() if a != "nodes"})
+                       **down)
 
     def op_moe_experts(self, node, x, weights, ids, gate_up, down):
         e, two_i, h = gate_up.meta["val"].shape
@@ -506,10 +504,9 @@ class _Planner:
     def op_mxfp4_moe_experts(self, node, x, weights, ids, gu_blocks, gu_scales, d_blocks, d_scales):
         e, two_i, half_h = gu_blocks.meta["val"].shape
         self._experts(node, x, weights, ids, 2 * half_h, two_i // 2,
-                      {"mxfp4": True, "blocks": self.arg(gu_blocks), "scales": self.arg(gu_scales),
-                       "nodes": (gu_blocks, gu_scales)},
-                      {"mxfp4": True, "blocks": self.arg(d_blocks), "scales": self.arg(d_scales),
-                       "nodes": (d_blocks, d_scales)})
+                      {"mxfp4": True, "blocks": self.arg(gu_blocks), "scales": self.arg(gu_scales)},
+                      {"mxfp4": True, "blocks": self.arg(d_blocks), "scales": self.arg(d_scales)},
+                      (gu_blocks, gu_scales, d_blocks, d_scales))
 
     def op_swiglu(self, node, x, w_gate, w_up, w_down):
         inter, h = w_gate.meta["val"].shape
