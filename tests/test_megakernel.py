@@ -483,11 +483,18 @@ def test_greedy_dflash_on_the_cuda_target_equals_plain_decoding():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mlp", ["dense", "moe"])
-def test_verify_step_rows_equal_decode_steps_on_gpu(mlp):
+@pytest.mark.parametrize("mlp,mma", [("dense", False), ("moe", False), ("mxfp4", False), ("mxfp4", True)])
+def test_verify_step_rows_equal_decode_steps_on_gpu(monkeypatch, mlp, mma):
+    """bf16: a verify step's rows are the single-row steps' bits (greedy DFlash relies on it), with the MXFP4 experts
+    on the CUDA cores and on the tensor cores (one mma tile holds all 8 rows; each row's sums must not depend on the
+    others)."""
     os.environ.pop("TRITON_INTERPRET", None)
-    overrides = {"mlp_layer_types": ["dense"] * 4} if mlp == "dense" else {}
-    cm = tilec.compile(build_model("tiny", seed=4, dtype=torch.bfloat16, device="cuda", **overrides), target="cuda")
+    monkeypatch.setattr(megakernel, "MXFP4_MMA", mma)
+    overrides = {"dense": {"mlp_layer_types": ["dense"] * 4}, "moe": {}, "mxfp4": {"moe_intermediate_size": 64}}[mlp]
+    cm = tilec.compile(build_model("tiny", seed=4, dtype=torch.bfloat16, device="cuda", **overrides), target="cuda",
+                       options=tilec.Options(mxfp4=mlp == "mxfp4"))
+    tasks = {p["task"] for p in cm.report["megakernel"]["schedule"]}
+    assert ({"experts_gate_up_mma", "experts_down_mma"} <= tasks) == mma
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(8)).cuda()
     a, b = cm.new_session(1, 40), cm.new_session(1, 40)
     a.step(ids[:, :12])
@@ -495,6 +502,47 @@ def test_verify_step_rows_equal_decode_steps_on_gpu(mlp):
     block = a.step(ids[:, 12:20])
     singles = torch.cat([b.step(ids[:, t:t + 1]) for t in range(12, 20)], dim=1)
     assert torch.equal(block, singles)
+
+
+def _bf16_errors(model, options, chunks):
+    """Each chunk's logits from the bf16 reference, triton and cuda targets, as relative errors from an fp32 copy of
+    ``model`` (same weights) on the reference target: [(reference, triton, cuda), ...], and the compiled models."""
+    with torch.device("meta"):
+        exact = type(model)(model.config, torch.float32)
+    exact.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, assign=True)
+    compiled = [tilec.compile(exact, options=options)] + [tilec.compile(model, target=t, options=options)
+                                                         for t in ("reference", "triton", "cuda")]
+    total = sum(c.shape[1] for c in chunks)
+    sessions = [c.new_session(1, total + 8) for c in compiled]
+    errors = []
+    for chunk in chunks:
+        exact_l, *others = (s.step(chunk).float() for s in sessions)
+        errors.append(tuple(float((x - exact_l).norm() / exact_l.norm()) for x in others))
+    return errors, compiled
+
+
+@pytest.mark.gpu
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=mimo_configs(), seed=st.integers(0, 2**16), prompt=st.integers(1, 12), hidden=st.sampled_from([64, 128]),
+       inter=st.sampled_from([32, 64, 96, 128]), mma=st.booleans())
+def test_drawn_bf16_mxfp4_megakernel_as_close_to_fp32_as_the_reference(cfg, seed, prompt, hidden, inter, mma):
+    """Drawn configurations in bf16 with MXFP4 experts, on the CUDA cores or the tensor cores (an inner dimension
+    that is not a multiple of 64, 32 or 96 here, keeps that projection on the CUDA cores): every step's logits no
+    further from fp32 truth than the bf16 reference's or triton's (the tolerance of the mini test below)."""
+    import dataclasses
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    cfg = dataclasses.replace(cfg, hidden_size=hidden, moe_intermediate_size=inter, dtype="bfloat16")
+    model = MiMoForCausalLM(cfg).init_weights(seed).eval().cuda()
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt + 10), generator=torch.Generator().manual_seed(seed)).cuda()
+    chunks = (ids[:, :prompt], ids[:, prompt:prompt + 8], ids[:, prompt + 8:prompt + 9], ids[:, prompt + 9:])
+    saved, megakernel.MXFP4_MMA = megakernel.MXFP4_MMA, mma  # not monkeypatch: a function-scoped fixture
+    try:
+        errors = _bf16_errors(model, tilec.Options(mxfp4=True, max_seq_len=prompt + 20), chunks)[0]
+    finally:
+        megakernel.MXFP4_MMA = saved
+    for (ref_err, tri_err, mk_err), chunk in zip(errors, chunks):
+        assert mk_err < 2 * max(ref_err, tri_err) + 1e-3, (chunk.shape, mk_err, ref_err, tri_err, cfg, mma)
 
 
 @pytest.mark.gpu
@@ -510,17 +558,10 @@ def test_mini_bf16_megakernel_as_close_to_fp32_as_the_reference(mxfp4):
     gc.collect()
     torch.cuda.empty_cache()  # the other parametrisation's models (fp32 mini is 28 GB)
     model = build_model("mini", device="cuda")
-    exact = build_model("mini", device="meta", dtype=torch.float32)
-    exact.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, assign=True)
-    options = tilec.Options(mxfp4=mxfp4)
-    truth, ref = tilec.compile(exact, options=options), tilec.compile(model, options=options)
-    tri, mk = tilec.compile(model, target="triton", options=options), tilec.compile(model, target="cuda",
-                                                                                   options=options)
     ids = torch.randint(0, 32768, (1, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    sessions = [c.new_session(1, 128) for c in (truth, ref, tri, mk)]
-    for chunk in (ids, ids[:, -1:], ids[:, -2:-1], ids[:, :8]):
-        exact_l, bf16, triton, mine = (s.step(chunk).float() for s in sessions)
-        ref_err, tri_err, mk_err = (float((x - exact_l).norm() / exact_l.norm()) for x in (bf16, triton, mine))
+    chunks = (ids, ids[:, -1:], ids[:, -2:-1], ids[:, :8])
+    errors, (_, ref, _, mk) = _bf16_errors(model, tilec.Options(mxfp4=mxfp4), chunks)
+    for (ref_err, tri_err, mk_err), chunk in zip(errors, chunks):
         print(f"mxfp4={mxfp4} rows={chunk.shape[1]}: megakernel {mk_err:.3e}, bf16 reference {ref_err:.3e}, "
               f"triton {tri_err:.3e}")
         assert mk_err < 2 * max(ref_err, tri_err) + 1e-3, (chunk.shape, mk_err, ref_err, tri_err)
