@@ -275,8 +275,8 @@ def test_launch_passes_every_kernel_parameter_and_returns_the_graphs_outputs(gre
 def test_mxfp4_experts_run_on_the_tensor_cores_over_the_re_laid_fragments(monkeypatch):
     """MXFP4 experts with bf16 activations: every gate/up and down phase is experts_gate_up_mma / experts_down_mma,
     reading the weights re-laid as mma fragments (``<target>@<layout>`` in the weight table, which the program
-    derives when it loads). With MXFP4_MMA off (the default until these tasks have run on a GPU), or fp32
-    activations, both are the CUDA-core tasks."""
+    derives when it loads). With MXFP4_MMA off (TILEC_MXFP4_MMA=0), or fp32 activations, both are the CUDA-core
+    tasks."""
     monkeypatch.setattr(megakernel, "MXFP4_MMA", True)
     cm = tilec.compile(build_model("mini", device="meta", dtype=torch.bfloat16, num_hidden_layers=3),
                        target="cuda", options=tilec.Options(mxfp4=True))
