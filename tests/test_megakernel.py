@@ -310,6 +310,28 @@ def test_mxfp4_experts_run_on_the_tensor_cores_over_the_re_laid_fragments(monkey
     assert {"experts_gate_up", "experts_down"} <= {p["task"] for p in fp32.plan.phases}
 
 
+def test_tensor_core_experts_fold_the_scales_only_where_every_code_allows_it():
+    """SCALE_FOLD (2^126 folded into each block scale: one multiply a fragment register, not two) where every scale code
+    of the tensor-core experts' weights is at most FOLD_LIMIT, as compiled; one larger code, or weights not at hand
+    (meta), and the kernel keeps both multiplies."""
+    from tilec import mxfp4
+    from tilec.codegen.plans_moe import FOLD_LIMIT
+
+    def fold(model) -> bool:
+        program = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=True)).program
+        assert "experts_gate_up_mma" in {p["task"] for p in program.plan.phases}
+        assert f"#define SCALE_FOLD {int(program.plan.scale_fold)}\n" in program.sources["megakernel.cu"]
+        return program.plan.scale_fold
+
+    model = mxfp4.quantize_model_experts(build_model("tiny", dtype=torch.bfloat16, moe_intermediate_size=64))
+    scales = [b for name, b in model.named_buffers() if name.endswith("down_proj_scales")]
+    assert len(scales) == 3 and max(int(s.max()) for s in scales) <= FOLD_LIMIT
+    assert fold(model)
+    scales[-1][2, 5, 1] = FOLD_LIMIT + 1  # the last layer's down projection: one block's scale 2^2
+    assert not fold(model)
+    assert not fold(build_model("tiny", dtype=torch.bfloat16, device="meta", moe_intermediate_size=64))
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 @pytest.mark.parametrize("mxfp4,mma", [(False, False), (True, False), (True, True)])
 def test_megakernel_compiles_for_hopper_without_spills(tmp_path, monkeypatch, mxfp4, mma):

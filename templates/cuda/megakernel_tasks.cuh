@@ -979,8 +979,6 @@ __device__ __forceinline__ void topk_row(const float* scores, const TB* __restri
       if (!((keep >> (e / per)) & 1u)) choice[e] = -MK_INF;
     __syncwarp();
   }
-  float total = 0.0f;
-  float chosen_w = 0.0f;
   int chosen_e = 0;
   for (int k = 0; k < K; ++k) {
     float best = -MK_INF;
@@ -995,13 +993,15 @@ __device__ __forceinline__ void topk_row(const float* scores, const TB* __restri
       if (ob > best || (ob == best && ow < who)) { best = ob; who = ow; }
     }
     if (who >= E) who = 0;  // every choice -inf (NaN scores): expert 0, as a defined fallback
-    const float s = __ldcg(scores + who);
-    total += s;
-    if (lane == k) { chosen_w = s; chosen_e = who; }
+    if (lane == k) chosen_e = who;
     __syncwarp();
     if (lane == 0) choice[who] = -MK_INF;
     __syncwarp();
   }
+  // The chosen scores in one round trip (lane k's), then their sum in choice order, as the rounds above would add them.
+  const float chosen_w = lane < K ? __ldcg(scores + chosen_e) : 0.0f;
+  float total = 0.0f;
+  for (int k = 0; k < K; ++k) total += __shfl_sync(0xffffffffu, chosen_w, k);
   *weight = (norm ? chosen_w / (total + 1e-20f) : chosen_w) * scaling;
   *expert = chosen_e;
 }

@@ -36,10 +36,11 @@ import torch
 import torch.fx as fx
 
 from tilec.codegen import mma_layout
+from tilec.codegen.plans_moe import scale_fold_exact
 from tilec.codegen.render import render
 from tilec.codegen.triton import TritonProgram, lower as lower_triton
 from tilec.errors import TargetError, UnsupportedError
-from tilec.graph import info, module_path
+from tilec.graph import attr, info, module_path
 from tilec.ops import op_name
 
 THREADS = 256  # 8 warps a block, one block an SM
@@ -120,6 +121,7 @@ class Plan:
     max_rows: int
     stage: str
     description: str
+    scale_fold: bool = False  # the mma experts fold 2^126 into every scale (every scale code at most FOLD_LIMIT)
 
     @property
     def area_floats(self) -> int:
@@ -132,7 +134,7 @@ class Plan:
                 "max_rows": self.max_rows, "threads": THREADS, "chunk": CHUNK, "red_floats": RED_FLOATS,
                 "xs_bytes": self.xs_bytes, "area_floats": self.area_floats, "smem_floats": self.smem_bytes // 4,
                 "merge_chunks": MERGE_CHUNKS, "merge_rows": MERGE_ROWS, "stage": self.stage,
-                "description": self.description, "timeline": timeline}
+                "description": self.description, "timeline": timeline, "scale_fold": self.scale_fold}
 
     def schedule(self) -> list[dict]:
         """The phases in order, for reading: op, node, task, the RMSNorms it computes first (folded into it), barrier
@@ -154,6 +156,7 @@ class _Planner:
         self.folding: list[str] = []  # the norms (and router choices) the next phase computes in its prologue
         self.routes: dict[fx.Node, dict] = {}  # a router whose choice its experts' phase makes
         self.route_floats = 0  # shared memory (floats) a folded router's choice takes past the staging area
+        self.scale_fold: bool | None = None  # whether every tensor-core experts phase's scale codes allow the fold
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.ws = 0
         self.counts = 0  # attention's arrival counts (32-bit) in the SYNC array, past the barrier's count
@@ -477,6 +480,9 @@ class _Planner:
             self.folding.append(router.name)
         # the mma's operands are bf16, and its weights are re-laid once, so they must be the model's parameters
         mma = MXFP4_MMA and bool(mxfp4) and xm.dtype == torch.bfloat16 and all(w.op == "get_attr" for w in mxfp4)
+        if mma:  # their scale codes as compiled (scale_fold_exact's caveat: weights edited later need a new compile)
+            exact = scale_fold_exact([attr(self.gm, w.target) for w in (mxfp4[1], mxfp4[3])])
+            self.scale_fold = exact if self.scale_fold is None else self.scale_fold and exact
         if mma and hidden % mma_layout.CHUNK_K == 0 and 2 * inter % mma_layout.TILE_N == 0:
             words, scales = (self.derived(w, layout) for w, layout in zip(mxfp4[:2], mma_layout.EXPERT_LAYOUTS[:2]))
             self.phase(node, "experts_gate_up_mma", x=src, ids=self.arg(ids), route=route, act=act, H=hidden,
@@ -539,7 +545,7 @@ def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     result = Plan(p.weights, p.io, p.phases, p.attention, [p.arg(o).index for o in p.outputs],
                   isinstance(out, (tuple, list)), max(p.ws, ALIGN), 1 + -(-p.counts // 2), p.smem, p.xs, max_rows,
-                  stage, info(gm).description)
+                  stage, info(gm).description, bool(p.scale_fold))
     p.shared(4 * (result.area_floats + p.route_floats), f"activations staged for a GEMV phase ({p.xs} bytes) and a "
              f"folded router's choice ({4 * p.route_floats} bytes)")
     table = 8 * max(len(p.weights), 1)  # the weight table's static copy in each block
