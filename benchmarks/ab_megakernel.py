@@ -2,7 +2,7 @@
 tree on one machine.
 
     python3 benchmarks/ab_megakernel.py --tree base=DIR --tree new=. --order new,base,new,base [--mxfp4] \\
-        [--check] [--guard-s 470] --out OUT
+        [--check] [--warmup] [--guard-s 470] --out OUT
 
 Each tree (a checkout: `tilec/`, `models/`, `passes/`, `runtime/`, `templates/`, `benchmarks/`) becomes a flat copy of
 the package under ``OUT/packages/NAME`` (the modules inside `tilec/`, as the installed package lays them out), and
@@ -11,8 +11,10 @@ first on `sys.path`. A planner change and a template change both ride along, whi
 Alternate the builds (new, base, new, base): the machine's state drifts within a start.
 
 First every tree's megakernel builds are compiled into the kernel cache side by side (`precompile`), so that no run
-waits on the compiler for them (the first run still compiles the Triton kernels of prefill). It starts no run that would
-end after ``--guard-s`` seconds, judged by the slowest run so far (the first always starts), and writes ``OUT/ab.json``:
+waits on the compiler for them. The first run still compiles the Triton kernels of prefill and the check (on the H100,
+106 to 126 s against 66 to 86 for the runs after it, session 34); ``--warmup`` runs the first build once before the
+timed order, not counted. It starts no run that would end after ``--guard-s`` seconds, judged by the slowest run so far
+that was not the call's first (the first always starts), and writes ``OUT/ab.json``:
 each run's step time and its time by task, with its log under ``OUT/logs``. ``--check``: each run also compares one
 decode step's logits with the triton target's (profile_megakernel.py --check); a run whose relative error is above
 ``--check-tol`` fails, so that a build that times well but computes something else is not read as a win. ``--dry``
@@ -134,6 +136,8 @@ def main() -> None:
     ap.add_argument("--check-tol", type=float, default=0.1, help="the most relative error --check passes")
     ap.add_argument("--guard-s", type=float, default=470.0,
                     help="start no run that would end after this many seconds (by the slowest run so far)")
+    ap.add_argument("--warmup", action="store_true",
+                    help="run the first build of --order once first, not counted (its one-time compiles)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-precompile", action="store_true",
                     help="let each tree's first run compile its kernels (by default all trees compile first, side by "
@@ -152,13 +156,16 @@ def main() -> None:
     start, runs = time.monotonic(), []
     if not args.dry and not args.no_precompile:
         print(f"precompiled in {precompile(packages, args.mxfp4, args.out / 'logs'):.1f} s", flush=True)
-    for i, name in enumerate(order):
-        slowest = max((r["seconds"] for r in runs), default=0.0)
+    warmup = None
+    for i, name in enumerate(([order[0]] if args.warmup else []) + order):
+        i -= bool(args.warmup)  # the warm-up is run -1
+        done = ([warmup] if warmup else []) + runs
+        slowest = max((r["seconds"] for r in done[1:] or done), default=0.0)  # the first carries the compiles
         if time.monotonic() - start + slowest > args.guard_s:
             print(f"ab_megakernel: another run of up to {slowest:.0f} s would end past {args.guard_s:.0f} s; "
                   f"{len(order) - i} runs not started")
             break
-        pkg = packages[name]
+        label, pkg = (f"{i}_{name}" if i >= 0 else f"warmup_{name}"), packages[name]
         imports = subprocess.run([sys.executable, "-c", IMPORTS, str(pkg)], capture_output=True, text=True)
         if imports.returncode:
             sys.exit(f"ab_megakernel: {imports.stderr.strip().splitlines()[-1]}")
@@ -166,12 +173,12 @@ def main() -> None:
             cmd = [sys.executable, "-c", DRY, str(pkg), "1" if args.mxfp4 else "0"]
         else:
             cmd = [sys.executable, str(pkg / "benchmarks" / "profile_megakernel.py"), "--out",
-                   str(args.out / "profiles" / f"{i}_{name}"), "--repeats", str(args.repeats)]
+                   str(args.out / "profiles" / label), "--repeats", str(args.repeats)]
             cmd += (["--mxfp4"] if args.mxfp4 else []) + (["--check"] if args.check else [])
         t0 = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=pkg)
         log = proc.stdout + proc.stderr
-        (args.out / "logs" / f"{i}_{name}.txt").write_text(log)
+        (args.out / "logs" / f"{label}.txt").write_text(log)
         run = {"name": name, "tree": trees[name], "rc": proc.returncode, "seconds": round(time.monotonic() - t0, 1)}
         if args.dry:
             run["dry"] = log.strip().splitlines()[-1] if log.strip() else ""
@@ -179,14 +186,18 @@ def main() -> None:
             run.update(parse_profile(log))
             if args.check and not run.get("check_rel_err", float("inf")) <= args.check_tol:
                 run["rc"] = run["rc"] or 1  # no check line, or the logits too far from the triton target's
-        runs.append(run)
+        if i >= 0:
+            runs.append(run)
+        else:
+            warmup = run
         step, check = run.get("step_us", "-"), run.get("check_rel_err")
         checked = "" if check is None else f", logits rel err {check:.2e}"
-        print(f"{i} {name}: rc {run['rc']}, step {step} us{checked}, {run['seconds']} s", flush=True)
+        print(f"{i if i >= 0 else 'warm-up'} {name}: rc {run['rc']}, step {step} us{checked}, {run['seconds']} s",
+              flush=True)
     tmp = args.out / "ab.json.tmp"
-    tmp.write_text(json.dumps({"mxfp4": args.mxfp4, "order": order, "runs": runs}, indent=1))
+    tmp.write_text(json.dumps({"mxfp4": args.mxfp4, "order": order, "runs": runs, "warmup": warmup}, indent=1))
     tmp.replace(args.out / "ab.json")
-    if any(r["rc"] for r in runs):
+    if any(r["rc"] for r in runs + ([warmup] if warmup else [])):
         sys.exit("ab_megakernel: a run failed; its log is under " + str(args.out / "logs"))
 
 

@@ -409,8 +409,8 @@ def test_sass_diff_names_the_task_functions_a_template_change_reaches(tmp_path):
 def test_ab_megakernel_reads_a_profile_and_runs_each_tree_from_its_own_copy(tmp_path):
     """ab_megakernel.py: the step time and the by-task table of a profile_megakernel.py log saved on the H100; a dry
     A/B of two trees renders each tree's megakernel from its own flat copy (not the installed package) and writes
-    ab.json whole; --guard-s keeps a run from starting that would end past it; a --check line is read; an --order
-    naming no tree is an error that says which."""
+    ab.json whole (--warmup: the first build once more before them, not counted); --guard-s keeps a run from starting
+    that would end past it; a --check line is read; an --order naming no tree is an error that says which."""
     import ab_megakernel
 
     root = Path(__file__).resolve().parents[1]
@@ -426,10 +426,14 @@ def test_ab_megakernel_reads_a_profile_and_runs_each_tree_from_its_own_copy(tmp_
     assert checked["check_rel_err"] == 0.01234 and checked["step_us"] == 1095.7
     script = root / "benchmarks" / "ab_megakernel.py"
     done = subprocess.run([sys.executable, str(script), "--tree", f"a={root}", "--tree", f"b={root}", "--order",
-                           "a,b,a", "--dry", "--mxfp4", "--out", str(tmp_path)], capture_output=True, text=True)
+                           "b,a,b", "--dry", "--mxfp4", "--warmup", "--out", str(tmp_path)], capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
-    runs = json.loads((tmp_path / "ab.json").read_text())["runs"]
-    assert [r["name"] for r in runs] == ["a", "b", "a"] and all(r["rc"] == 0 for r in runs)
+    ab = json.loads((tmp_path / "ab.json").read_text())
+    runs = ab["runs"]
+    assert [r["name"] for r in runs] == ["b", "a", "b"] and all(r["rc"] == 0 for r in runs)
+    assert ab["warmup"]["name"] == "b" and (tmp_path / "logs/warmup_b.txt").is_file()  # --warmup: b once, uncounted
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["0_b.txt", "1_a.txt", "2_b.txt", "warmup_b.txt"]
     for r in runs:
         assert r["dry"].startswith(f"{tmp_path / 'packages' / r['name'] / 'tilec' / '__init__.py'}: megakernel.cu")
         assert r["dry"].endswith("MXFP4 experts True")  # --mxfp4 reaches the build
