@@ -219,7 +219,8 @@ def main() -> None:
         if i:
             runs.append(stamps.cpu())
             att_runs.append(att.cpu())
-    phases = program.plan.phases
+    # the build that ran these steps (a build planned for one row, where the program has one, runs one-row steps)
+    phases = program.build_for(args.rows).plan.phases
     rows = []
     for k, ph in enumerate(phases):
         work, work_p50, barrier = [], [], []

@@ -18,7 +18,7 @@ in flight at once, a slower phase.
 It needs nvcc and nvdisasm (Triton ships one). A difference it shows is a reason to time the whole step, not only
 the changed phase.
 
-    python3 benchmarks/sass_diff.py --variant DIR [--preset mini --layers 2 --mxfp4] [--out DIR]
+    python3 benchmarks/sass_diff.py --variant DIR [--preset mini --layers 2 --mxfp4 --one-row] [--out DIR]
     python3 benchmarks/sass_diff.py --layers 0     # tilec's templates only: exits 1 where a load batch is split
 """
 
@@ -48,12 +48,14 @@ def tool(name: str) -> str | None:
         return None
 
 
-def megakernel_source(preset: str, layers: int | None, mxfp4: bool, variant: str | None) -> str:
+def megakernel_source(preset: str, layers: int | None, mxfp4: bool, variant: str | None, one_row: bool = False) -> str:
     """The megakernel of ``preset``'s first ``layers`` layers (all where None), rendered with the templates of
-    ``variant`` (a TILEC_TEMPLATES directory) or tilec's own."""
+    ``variant`` (a TILEC_TEMPLATES directory) or tilec's own; with ``one_row``, its build for steps of one row
+    (megakernel.ONE_ROW_BUILD)."""
     import torch
 
     import tilec
+    from tilec.codegen import megakernel
     from tilec.models import build_model, preset_config
 
     overrides = {}
@@ -62,16 +64,18 @@ def megakernel_source(preset: str, layers: int | None, mxfp4: bool, variant: str
         overrides = {"num_hidden_layers": layers, "layer_types": list(cfg.layer_types[:layers]),
                      "mlp_layer_types": list(cfg.mlp_layer_types[:layers])}
 
-    old = os.environ.pop("TILEC_TEMPLATES", None)
+    old, old_one_row = os.environ.pop("TILEC_TEMPLATES", None), megakernel.ONE_ROW_BUILD
     try:
         if variant is not None:
             os.environ["TILEC_TEMPLATES"] = variant
+        megakernel.ONE_ROW_BUILD = one_row
         model = build_model(preset, device="meta", dtype=torch.bfloat16, **overrides)
         cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=mxfp4, greedy=True))
         if cm.program.plan is None:
             sys.exit(f"no megakernel for {preset}: {cm.program.unsupported}")
-        return cm.program.sources["megakernel.cu"]
+        return cm.program.sources["megakernel_1row.cu" if one_row else "megakernel.cu"]
     finally:
+        megakernel.ONE_ROW_BUILD = old_one_row
         os.environ.pop("TILEC_TEMPLATES", None)
         if old is not None:
             os.environ["TILEC_TEMPLATES"] = old
@@ -246,6 +250,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="the preset's first layers to render (default 2; 0: all, "
                                                          "the register pressure of the real kernel)")
     p.add_argument("--mxfp4", action="store_true")
+    p.add_argument("--one-row", action="store_true", help="the build for steps of one row (megakernel.ONE_ROW_BUILD)")
     p.add_argument("--out", type=Path, help="folder for sass_diff.json")
     args = p.parse_args()
     nvdisasm = tool("nvdisasm")
@@ -258,12 +263,13 @@ def main() -> None:
     code, regs, batches, spills = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for build, variant in builds.items():
-            cubin, regs[build] = compile_cubin(megakernel_source(args.preset, layers, args.mxfp4, variant), Path(tmp),
-                                               build)
+            source = megakernel_source(args.preset, layers, args.mxfp4, variant, args.one_row)
+            cubin, regs[build] = compile_cubin(source, Path(tmp), build)
             code[build] = functions(cubin, nvdisasm)
             loops = load_batches(cubin, nvdisasm)
             batches[build], spills[build] = split_batches(loops), spilled_loops(loops)
-    what = f"{args.preset}, {args.layers or 'all'} layers" + (", mxfp4" if args.mxfp4 else "")
+    what = f"{args.preset}, {args.layers or 'all'} layers" + (", mxfp4" if args.mxfp4 else "") + \
+        (", one-row build" if args.one_row else "")
     print(f"{what}: kernel registers " + ", ".join(f"{b.upper()} {r}" for b, r in regs.items()))
     rows = []
     if "b" in code:
@@ -285,6 +291,7 @@ def main() -> None:
         from common import write_json
 
         write_json(args.out / "sass_diff.json", {"preset": args.preset, "layers": args.layers, "mxfp4": args.mxfp4,
+                                                 "one_row": args.one_row,
                                                  "registers": regs, "functions": rows, "split_batches": batches,
                                                  "spilled_loops": spills,
                                                  "local_operations": {k: local_operations(c) for k, c in code.items()}})

@@ -252,9 +252,9 @@ def test_launch_passes_every_kernel_parameter_and_returns_the_graphs_outputs(gre
         def launch(self, fn, grid, block, args, device, smem=0):
             calls.append((fn, grid, block, args, smem))
 
-    program._module = Module()
-    program._setup = lambda device: {"sms": 4, "table": torch.zeros(1), "workspace": torch.zeros(1),
-                                     "sync": torch.zeros(1), "scratch": None}
+    program.builds[-1].module = Module()
+    program._setup = lambda device, build: {"sms": 4, "table": torch.zeros(1), "workspace": torch.zeros(1),
+                                            "sync": torch.zeros(1), "scratch": None}
     caches = [torch.zeros(s.shape, dtype=s.dtype) for s in layout_from_graph(target.graph, 2, 32, 8)]
     ids, pos = torch.zeros((2, 3), dtype=torch.int64), torch.tensor([4, 5])
     out = program._launch((ids, pos, *caches))
@@ -270,6 +270,45 @@ def test_launch_passes_every_kernel_parameter_and_returns_the_graphs_outputs(gre
         assert o.shape == (2, 3, *io["shape"][2:]) and o.dtype == io["dtype"]
     if greedy:
         assert outs[0].dtype == torch.int64 and outs[0].shape == (2, 3)
+
+
+def test_steps_of_one_row_run_the_build_planned_for_one_row(monkeypatch):
+    """ONE_ROW_BUILD: beside the build for up to max_rows rows, a second planned for one row (its own source, module,
+    weight table, workspace and barrier count); a step of one row launches it, a step of more rows the other. Off,
+    the program has the one build."""
+    from tilec.runtime.kv_cache import layout_from_graph
+
+    monkeypatch.setattr(megakernel, "ONE_ROW_BUILD", True)
+    cm = tilec.compile(build_model("tiny"), target="cuda", options=tilec.Options(greedy=True, max_batch=2))
+    program = cm.program
+    one, full = program.builds
+    assert (one.plan.max_rows, full.plan.max_rows) == (1, program.plan.max_rows) and full.plan is program.plan
+    assert program.sources["megakernel_1row.cu"] == one.source != program.sources["megakernel.cu"] == full.source
+    assert "#define MAXR 1\n" in one.source and f"#define MAXR {full.plan.max_rows}\n" in full.source
+    assert [b["file"] for b in cm.report["megakernel"]["builds"]] == ["megakernel_1row.cu", "megakernel.cu"]
+    assert "Steps of up to 1 row(s) run `megakernel_1row.cu` instead" in render_markdown(cm.report)
+    launched = []
+
+    class Module:
+        def __init__(self, name):
+            self.name = name
+
+        def launch(self, fn, grid, block, args, device, smem=0):
+            launched.append((self.name, smem))
+
+    setups = []
+    for b in program.builds:
+        b.module = Module(b.name)
+    program._setup = lambda device, build: setups.append(build) or {
+        "sms": 4, "table": torch.zeros(1), "workspace": torch.zeros(1), "sync": torch.zeros(1), "scratch": None}
+    caches = [torch.zeros(s.shape, dtype=s.dtype) for s in layout_from_graph(cm.graph, 2, 32, 8)]
+    for shape in ((1, 1), (2, 3), (1, 2), (1, 1)):
+        program._launch((torch.zeros(shape, dtype=torch.int64), torch.tensor([4] * shape[0]), *caches))
+    names = ["tilec_megakernel_1row", "tilec_megakernel", "tilec_megakernel", "tilec_megakernel_1row"]
+    assert [n for n, _ in launched] == names and [b.name for b in setups] == names
+    assert launched[0][1] == one.plan.smem_bytes and launched[1][1] == full.plan.smem_bytes
+    monkeypatch.setattr(megakernel, "ONE_ROW_BUILD", False)
+    assert len(tilec.compile(build_model("tiny"), target="cuda").program.builds) == 1
 
 
 def test_mxfp4_experts_run_on_the_tensor_cores_over_the_re_laid_fragments(monkeypatch):
@@ -333,12 +372,15 @@ def test_tensor_core_experts_fold_the_scales_only_where_every_code_allows_it():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("mxfp4,mma", [(False, False), (True, False), (True, True)])
-def test_megakernel_compiles_for_hopper_without_spills(tmp_path, monkeypatch, mxfp4, mma):
+@pytest.mark.parametrize("mxfp4,mma,one_row", [(False, False, False), (True, False, False), (True, True, False),
+                                               (True, True, True)])
+def test_megakernel_compiles_for_hopper_without_spills(tmp_path, monkeypatch, mxfp4, mma, one_row):
     monkeypatch.setattr(megakernel, "MXFP4_MMA", mma)  # MXFP4 experts on the tensor cores, or the CUDA cores
+    monkeypatch.setattr(megakernel, "ONE_ROW_BUILD", one_row)  # and the build for steps of one row
     model = build_model("mini", device="meta", num_hidden_layers=2, dtype=torch.bfloat16)
     cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=mxfp4, greedy=True))
-    report = nvcc_cubin(cm.program.sources["megakernel.cu"], "mk", "sm_90a", ptxas_info=True)[1]
+    report = nvcc_cubin(cm.program.sources["megakernel_1row.cu" if one_row else "megakernel.cu"], "mk", "sm_90a",
+                        ptxas_info=True)[1]
     # No task function spills (their loops are the step's time). The kernel's body only calls them in turn and may
     # keep a few values across the calls in local memory: a few bytes stored once a launch, reloaded before calls
     # (up to 28 bytes with the one-phase attention, which made the bf16 step 6% faster on the H100:
@@ -348,6 +390,7 @@ def test_megakernel_compiles_for_hopper_without_spills(tmp_path, monkeypatch, mx
     spilled = {lines[i - 1].split("for ")[-1]: int(re.search(r"(\d+) bytes spill stores", line).group(1))
                for i, line in enumerate(lines) if re.search(r"[1-9]\d* bytes spill stores", line)}
     assert all(fn == "tilec_megakernel" and n <= 32 for fn, n in spilled.items()), spilled
+    assert not (one_row and spilled), spilled  # one row's tasks leave the body room for all its values
     regs = [int(m) for m in re.findall(r"Used (\d+) registers", report)]
     assert regs and max(regs) * megakernel.THREADS <= 65536  # one block an SM fits the register file
 

@@ -122,7 +122,11 @@ def _megakernel_section(mk: dict) -> list[str]:
               f"{mk['shared_memory_bytes']} bytes a block. Longer steps (prefill) run on the Triton kernels. An "
               f"RMSNorm whose consumers all stage their activations in shared memory has no phase, nor has a "
               f"router's top-k choice that its experts read first: each consumer computes them there first, in the "
-              f"order listed (column 'computes first').", "",
+              f"order listed (column 'computes first')."]
+    others = [b for b in mk.get("builds", []) if b["file"] != mk["file"]]
+    lines += [f"Steps of up to {b['max_rows']} row(s) run `{b['file']}` instead: the megakernel planned for that many "
+              f"rows (less code a step)." for b in others]
+    lines += ["",
               "| phase | node | op | task | computes first | barrier after |", "|---:|---|---|---|---|---|"]
     for p in mk["schedule"]:
         lines.append(f"| {p['phase']} | {p['node']} | {p['op']} | {p['task']} | {', '.join(p['folds']) or '-'} | "

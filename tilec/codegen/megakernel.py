@@ -69,6 +69,12 @@ MERGE_ROWS = 0  # and the most query rows (0: as many as fit; tests set it small
 # tensor cores, 957.5 and 958.3 on the CUDA cores (benchmarks/results/h100-2026-11-25g). TILEC_MXFP4_MMA=0 in the
 # environment turns it off; tests set it to check both paths.
 MXFP4_MMA = os.environ.get("TILEC_MXFP4_MMA", "1") != "0"
+# A second build of the megakernel for steps of one row (plain decode), beside the one for up to max_rows rows (verify
+# steps and batches): its tasks are instantiated for one row, so a decode step's code is less than half as large
+# (mini bf16, nvcc 13.0: 18.5k instructions against 43.6k; proj_rope 1973 against 9238) and the kernel body keeps no
+# values in local memory (none against 72 operations; MXFP4 none against 180). Off until it has run on a GPU
+# (benchmarks/results/h100-2026-11-25g/next/README.md): TILEC_MK_ONE_ROW=1 in the environment turns it on.
+ONE_ROW_BUILD = os.environ.get("TILEC_MK_ONE_ROW") == "1"
 _FLOAT_TYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The ops whose phases stage their first argument (x) in shared memory, and so can compute an RMSNorm of it there.
 _STAGING_OPS = ("linear", "qkv_rope", "moe_router", "moe_experts", "mxfp4_moe_experts", "swiglu", "lm_head_argmax")
@@ -558,32 +564,53 @@ def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
     return result
 
 
+class _Build:
+    """One build of the megakernel: its plan (steps of up to ``plan.max_rows`` rows), its source and module name, and
+    once it runs, its modules and per-device state (weight table, workspace, barrier count, attention's scratch)."""
+
+    def __init__(self, plan: Plan, name: str):
+        self.plan, self.name = plan, name
+        self.source = render("cuda/megakernel.cu.j2", ctx=plan.context())
+        self.module = self.timeline_module = None
+        self.state: dict[int, dict] = {}
+
+    @property
+    def file(self) -> str:
+        return self.name.removeprefix("tilec_") + ".cu"
+
+    def timeline_source(self) -> str:
+        return render("cuda/megakernel.cu.j2", ctx=self.plan.context(timeline=True))
+
+
 class MegakernelProgram(TritonProgram):
     """The ``cuda`` target's program: steps of up to ``max_rows`` rows as one launch of the megakernel (where the
-    graph has a plan), every other step on the Triton kernels it extends."""
+    graph has a plan), every other step on the Triton kernels it extends. With ONE_ROW_BUILD, steps of one row run a
+    second build of it, planned for one row."""
 
     def __init__(self, base: TritonProgram, gm: fx.GraphModule, stage: str, max_rows: int):
         self.__dict__.update(base.__dict__)
+        self.builds: list[_Build] = []  # by max_rows, ascending: a step runs the first that takes its rows
         try:
             self.plan: Plan | None = plan(gm, max_rows, stage=stage)
             self.unsupported: str | None = None
         except UnsupportedError as exc:
             self.plan, self.unsupported = None, str(exc)
-        self.megakernel_source = (render("cuda/megakernel.cu.j2", ctx=self.plan.context())
-                                  if self.plan is not None else None)
+        if self.plan is not None:
+            if ONE_ROW_BUILD and max_rows > 1:
+                try:  # a plan for max_rows rows has one for a row (less staging and merge); if not, none is needed
+                    self.builds.append(_Build(plan(gm, 1, stage=stage), "tilec_megakernel_1row"))
+                except UnsupportedError:
+                    pass
+            self.builds.append(_Build(self.plan, "tilec_megakernel"))
+        self.megakernel_source = self.builds[-1].source if self.builds else None
         # the re-laid weights the megakernel reads (``<target>@<layout>`` in its table), derived when it loads
-        self.derived = {**self.derived, **{name: tuple(name.split("@")) for name in
-                                           (self.plan.weights if self.plan is not None else ()) if "@" in name}}
-        self._module = self._timeline_module = None
-        self._state: dict[int, dict] = {}
+        self.derived = {**self.derived, **{name: tuple(name.split("@")) for b in self.builds
+                                           for name in b.plan.weights if "@" in name}}
         self.launches = 0  # megakernel launches (a CUDA graph's replays not counted), for tests and benchmarks
 
     @property
     def sources(self) -> dict[str, str]:
-        files = dict(super().sources)
-        if self.megakernel_source is not None:
-            files["megakernel.cu"] = self.megakernel_source
-        return files
+        return {**super().sources, **{b.file: b.source for b in self.builds}}
 
     def describe(self) -> dict:
         """The report's view: whether decode steps run as the megakernel, its phases, or why not."""
@@ -592,7 +619,12 @@ class MegakernelProgram(TritonProgram):
         return {"runs": True, "file": "megakernel.cu", "max_rows": self.plan.max_rows,
                 "phases": len(self.plan.phases), "barriers": sum(p["sync"] for p in self.plan.phases),
                 "workspace_bytes": self.plan.workspace_bytes, "shared_memory_bytes": self.plan.smem_bytes,
-                "schedule": self.plan.schedule()}
+                "schedule": self.plan.schedule(),
+                "builds": [{"file": b.file, "max_rows": b.plan.max_rows} for b in self.builds]}
+
+    def build_for(self, rows: int) -> _Build:
+        """The build that runs a step of ``rows`` rows (batch x tokens, at most max_rows)."""
+        return next(b for b in self.builds if rows <= b.plan.max_rows)
 
     def fits(self, inputs: tuple) -> bool:
         """Whether this step runs as the megakernel: a plan, a GPU, and at most max_rows rows (batch x tokens)."""
@@ -608,58 +640,57 @@ class MegakernelProgram(TritonProgram):
             return super().__call__(*inputs)
         return self._launch(self.dense_inputs(inputs))
 
-    def _setup(self, device: torch.device) -> dict:
+    def _setup(self, device: torch.device, build: _Build) -> dict:
         index = device.index if device.index is not None else torch.cuda.current_device()
-        state = self._state.get(index)
+        state = build.state.get(index)
         if state is None:
             from tilec.codegen.cuda_build import CudaModule
 
-            if self._module is None:
-                self._module = CudaModule(self.megakernel_source, "tilec_megakernel")
+            if build.module is None:
+                build.module = CudaModule(build.source, build.name)
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             if sms > MAX_GRID:
                 raise TargetError(f"the megakernel's grid is one block an SM, at most {MAX_GRID}; this GPU has {sms}")
             self.derive_weights()
-            table = torch.tensor([self.weights[name].data_ptr() for name in self.plan.weights] or [0],
+            table = torch.tensor([self.weights[name].data_ptr() for name in build.plan.weights] or [0],
                                  dtype=torch.int64, device=device)
             state = {"sms": sms, "table": table,
-                     "workspace": torch.empty(self.plan.workspace_bytes, dtype=torch.uint8, device=device),
-                     "sync": torch.zeros(self.plan.sync_words, dtype=torch.int64, device=device), "scratch": None}
-            self._state[index] = state
+                     "workspace": torch.empty(build.plan.workspace_bytes, dtype=torch.uint8, device=device),
+                     "sync": torch.zeros(build.plan.sync_words, dtype=torch.int64, device=device), "scratch": None}
+            build.state[index] = state
         return state
 
     def precompile(self, arch: str, timeline: bool = False) -> list[str]:
-        """Compile the megakernel for ``arch`` (``cuda_build.arch_of(device)``, e.g. ``sm_90a``) into the kernel cache
-        now, and with ``timeline`` also the variant `timeline` runs, so that their first launches load them from
-        there: a program built on a machine without its GPU, or several builds compiled side by side
+        """Compile the megakernel's builds for ``arch`` (``cuda_build.arch_of(device)``, e.g. ``sm_90a``) into the
+        kernel cache now, and with ``timeline`` also the variants `timeline` runs, so that their first launches load
+        them from there: a program built on a machine without its GPU, or several builds compiled side by side
         (benchmarks/ab_megakernel.py). Returns the names of the modules compiled (none without a plan)."""
         from tilec.codegen.cuda_build import compile_cubin
 
-        if self.plan is None:
-            return []
-        modules = [("tilec_megakernel", self.megakernel_source)]
-        if timeline:
-            modules.append(("tilec_megakernel_timeline", self._timeline_source()))
+        modules = []
+        for b in self.builds:
+            modules.append((b.name, b.source))
+            if timeline:
+                modules.append((f"{b.name}_timeline", b.timeline_source()))
         for name, source in modules:
             compile_cubin(source, name, arch)
         return [name for name, _ in modules]
-
-    def _timeline_source(self) -> str:
-        return render("cuda/megakernel.cu.j2", ctx=self.plan.context(timeline=True))
 
     def timeline(self, *inputs) -> tuple:
         """Diagnostics (benchmarks/profile_megakernel.py): run one step on a variant of the kernel that stamps
         %globaltimer in every block when each phase's work is done and after its barrier, and in attention the
         steps of each block's first item (MK_ATTENTION_STAMPS in megakernel_tasks.cuh). Returns the step's outputs,
-        the phases' stamps, int64 [blocks, phases, 2] in ns, and attention's, int64 [attention ops, blocks, 8]."""
+        the phases' stamps, int64 [blocks, phases, 2] in ns (the phases of ``build_for(rows).plan``), and
+        attention's, int64 [attention ops, blocks, 8]."""
         from tilec.codegen.cuda_build import CudaModule
 
         if not self.fits(inputs):
             raise TargetError("this step does not run as the megakernel (see the report's megakernel section)")
-        if self._timeline_module is None:
-            self._timeline_module = CudaModule(self._timeline_source(), "tilec_megakernel_timeline")
-        sms = self._setup(inputs[0].device)["sms"]
-        phases, ops = sms * len(self.plan.phases) * 2, len(self.plan.attention) * sms * 8
+        build = self.build_for(inputs[0].numel())
+        if build.timeline_module is None:
+            build.timeline_module = CudaModule(build.timeline_source(), f"{build.name}_timeline")
+        sms = self._setup(inputs[0].device, build)["sms"]
+        phases, ops = sms * len(build.plan.phases) * 2, len(build.plan.attention) * sms * 8
         stamps = torch.zeros(phases + ops, dtype=torch.int64, device=inputs[0].device)
         out = self._launch(self.dense_inputs(inputs), stamps)
         return out, stamps[:phases].view(sms, -1, 2), stamps[phases:].view(-1, sms, 8)
@@ -669,19 +700,20 @@ class MegakernelProgram(TritonProgram):
 
         ids = inputs[0]
         device = ids.device
-        state = self._setup(device)
         b, t = ids.shape
+        build = self.build_for(b * t)
+        plan_, state = build.plan, self._setup(device, build)
         args, outputs, caps = [], {}, []
-        for a in self.plan.attention:
+        for a in plan_.attention:
             cap = inputs[a["k_cache"]].shape[2]
             nch = (-(-(a["window"] - 1 + t) // CHUNK) + 1) if a["window"] else -(-(cap + t) // CHUNK)
             caps.append((cap, nch))
         # attention's scratch: each op's max, sum and weighted values of every (batch row, kv head, chunk, query row)
         need = max([b * a["hkv"] * nch * a["group"] * t * (2 + a["dv"]) for a, (_, nch) in
-                    zip(self.plan.attention, caps)] or [1])
+                    zip(plan_.attention, caps)] or [1])
         if state["scratch"] is None or state["scratch"].numel() < need:
             state["scratch"] = torch.empty(need, dtype=torch.float32, device=device)
-        for i, io in enumerate(self.plan.io):
+        for i, io in enumerate(plan_.io):
             if io["kind"] == "input":
                 args.append(pointer(inputs[io["input"]]))
             elif io["kind"] == "output":
@@ -694,13 +726,13 @@ class MegakernelProgram(TritonProgram):
         if stamps is not None:
             args.append(pointer(stamps))
         args += [ctypes.c_int32(b), ctypes.c_int32(t)]
-        module = self._module if stamps is None else self._timeline_module
+        module = build.module if stamps is None else build.timeline_module
         module.launch("tilec_megakernel", (state["sms"],), THREADS,
                       [pointer(state["table"]), pointer(state["workspace"]), pointer(state["sync"]), *args], device,
-                      smem=self.plan.smem_bytes)
+                      smem=plan_.smem_bytes)
         self.launches += 1
-        result = [outputs[i] for i in self.plan.outputs]
-        return tuple(result) if self.plan.output_tuple else result[0]
+        result = [outputs[i] for i in plan_.outputs]
+        return tuple(result) if plan_.output_tuple else result[0]
 
 
 def lower(gm: fx.GraphModule, device: torch.device, stage: str, max_rows: int) -> MegakernelProgram:
