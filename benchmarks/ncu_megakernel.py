@@ -45,7 +45,8 @@ def main() -> None:
     print(f"{args.steps} steps, {program.launches - before} megakernel launches")
     if args.cubin is not None:
         args.cubin.parent.mkdir(parents=True, exist_ok=True)
-        args.cubin.write_bytes(compile_cubin(program.megakernel_source, "tilec_megakernel", arch_of(ids.device)))
+        build = program.build_for(1)  # the build these one-row steps ran
+        args.cubin.write_bytes(compile_cubin(build.source, build.name, arch_of(ids.device)))
 
 
 if __name__ == "__main__":
