@@ -426,25 +426,32 @@ def test_timeline_build_stamps_inside_attention_and_compiles(tmp_path, monkeypat
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("one_row", [False, True])  # not drawn: a few examples lean to the simplest value
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=mimo_configs(), mxfp4=st.booleans(), greedy=st.booleans(), dtype=st.sampled_from(["float32", "bfloat16"]))
-def test_drawn_configs_megakernel_compiles(tmp_path_factory, cfg, mxfp4, greedy, dtype):
+def test_drawn_configs_megakernel_compiles(tmp_path_factory, cfg, mxfp4, greedy, dtype, one_row):
     """The megakernel of configurations the presets never make (biases, grouped routing, tied embeddings, partial
     RoPE, windows, dense and MoE layers, fp32 and bf16, MXFP4) compiles for sm_90a: every type combination its task
-    functions meet instantiates. Where a drawn shape has no plan, the report says why."""
+    functions meet instantiates (``one_row``: the build for steps of one row). Where a drawn shape has no plan, the
+    report says why."""
     import dataclasses
 
     if mxfp4:
         cfg = dataclasses.replace(cfg, hidden_size=cfg.hidden_size if cfg.hidden_size % 32 == 0 else 64,
                                   moe_intermediate_size=32)
     model = MiMoForCausalLM(dataclasses.replace(cfg, dtype=dtype)).init_weights(0).eval()
-    cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=mxfp4, greedy=greedy))
+    saved, megakernel.ONE_ROW_BUILD = megakernel.ONE_ROW_BUILD, one_row  # not monkeypatch: a function-scoped fixture
+    try:
+        cm = tilec.compile(model, target="cuda", options=tilec.Options(mxfp4=mxfp4, greedy=greedy))
+    finally:
+        megakernel.ONE_ROW_BUILD = saved
     mk = cm.report["megakernel"]
     if not mk["runs"]:
         assert "multiple of 8" in mk["why"] or "top-" in mk["why"], mk["why"]
         return
+    assert [b.plan.max_rows for b in cm.program.builds] == [1, 8][not one_row:]
     src = tmp_path_factory.mktemp("mk") / "mk.cu"
-    src.write_text(cm.program.sources["megakernel.cu"])
+    src.write_text(cm.program.build_for(1).source)
     proc = subprocess.run(["nvcc", "-cubin", "-O1", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-o",
                            str(src.with_suffix(".cubin")), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -510,11 +517,13 @@ def test_planner_variants_equal_reference_on_gpu(monkeypatch, variant):
 
 
 @pytest.mark.gpu
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("one_row", [False, True])  # not drawn: a few examples lean to the simplest value
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=mimo_configs(), seed=st.integers(0, 2**16), prompt=st.integers(1, 12), mxfp4=st.booleans())
-def test_drawn_configs_megakernel_equals_reference(cfg, seed, prompt, mxfp4):
+def test_drawn_configs_megakernel_equals_reference(cfg, seed, prompt, mxfp4, one_row):
     """Configurations the presets never make (head dims 8..32 with partial RoPE, 1..4 layers of any kind, grouped
-    routing, tied embeddings, windows from 1 up, biases), fp32 on the GPU. Where a drawn shape has no plan (an inner
+    routing, tied embeddings, windows from 1 up, biases), fp32 on the GPU, with or without the build for steps of one
+    row (ONE_ROW_BUILD: the decode steps run it, the verify steps the other). Where a drawn shape has no plan (an inner
     dimension not a multiple of 8) the steps run on Triton, and the check still holds."""
     import dataclasses
 
@@ -524,7 +533,11 @@ def test_drawn_configs_megakernel_equals_reference(cfg, seed, prompt, mxfp4):
                                   moe_intermediate_size=32)
     model = MiMoForCausalLM(cfg).init_weights(seed).eval().cuda()
     options = tilec.Options(mxfp4=mxfp4, max_seq_len=prompt + 20)
-    ref, mk = tilec.compile(model, options=options), tilec.compile(model, target="cuda", options=options)
+    saved, megakernel.ONE_ROW_BUILD = megakernel.ONE_ROW_BUILD, one_row  # not monkeypatch: a function-scoped fixture
+    try:
+        ref, mk = tilec.compile(model, options=options), tilec.compile(model, target="cuda", options=options)
+    finally:
+        megakernel.ONE_ROW_BUILD = saved
     ids = torch.randint(0, cfg.vocab_size, (1, prompt + 12), generator=torch.Generator().manual_seed(seed)).cuda()
     for x, y in _steps(ref, mk, ids, prompt):
         assert float((x - y).norm() / x.norm()) < 1e-5, (x.shape, cfg)
@@ -548,18 +561,20 @@ def test_greedy_dflash_on_the_cuda_target_equals_plain_decoding():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mlp,mma", [("dense", False), ("moe", False), ("mxfp4", False), ("mxfp4", True)])
-def test_verify_step_rows_equal_decode_steps_on_gpu(monkeypatch, mlp, mma):
+@pytest.mark.parametrize("mlp,mma,one_row", [("dense", False, False), ("moe", False, False), ("mxfp4", False, False),
+                                             ("mxfp4", True, False), ("moe", False, True), ("mxfp4", True, True)])
+def test_verify_step_rows_equal_decode_steps_on_gpu(monkeypatch, mlp, mma, one_row):
     """bf16: a verify step's rows are the single-row steps' bits (greedy DFlash relies on it), with the MXFP4 experts
     on the CUDA cores and on the tensor cores (one mma tile holds all 8 rows; each row's sums must not depend on the
-    others)."""
+    others), and with the one-row build (the single-row steps run it, the verify step the other build)."""
     os.environ.pop("TRITON_INTERPRET", None)
     monkeypatch.setattr(megakernel, "MXFP4_MMA", mma)
+    monkeypatch.setattr(megakernel, "ONE_ROW_BUILD", one_row)
     overrides = {"dense": {"mlp_layer_types": ["dense"] * 4}, "moe": {}, "mxfp4": {"moe_intermediate_size": 64}}[mlp]
     cm = tilec.compile(build_model("tiny", seed=4, dtype=torch.bfloat16, device="cuda", **overrides), target="cuda",
                        options=tilec.Options(mxfp4=mlp == "mxfp4"))
     tasks = {p["task"] for p in cm.report["megakernel"]["schedule"]}
-    assert ({"experts_gate_up_mma", "experts_down_mma"} <= tasks) == mma
+    assert ({"experts_gate_up_mma", "experts_down_mma"} <= tasks) == mma and len(cm.program.builds) == 1 + one_row
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(8)).cuda()
     a, b = cm.new_session(1, 40), cm.new_session(1, 40)
     a.step(ids[:, :12])
@@ -587,13 +602,15 @@ def _bf16_errors(model, options, chunks):
 
 
 @pytest.mark.gpu
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("one_row", [False, True])  # not drawn: a few examples lean to the simplest value
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=mimo_configs(), seed=st.integers(0, 2**16), prompt=st.integers(1, 12), hidden=st.sampled_from([64, 128]),
-       inter=st.sampled_from([32, 64, 96, 128]), mma=st.booleans())
-def test_drawn_bf16_mxfp4_megakernel_as_close_to_fp32_as_the_reference(cfg, seed, prompt, hidden, inter, mma):
-    """Drawn configurations in bf16 with MXFP4 experts, on the CUDA cores or the tensor cores (an inner dimension
-    that is not a multiple of 64, 32 or 96 here, keeps that projection on the CUDA cores): every step's logits no
-    further from fp32 truth than the bf16 reference's or triton's (the tolerance of the mini test below)."""
+       inter=st.sampled_from([32, 64, 96, 128]))
+def test_drawn_bf16_mxfp4_megakernel_as_close_to_fp32_as_the_reference(cfg, seed, prompt, hidden, inter, one_row):
+    """Drawn configurations in bf16 with MXFP4 experts on the tensor cores (an inner dimension that is not a multiple
+    of 64, 32 or 96 here, keeps that projection on the CUDA cores), with or without the one-row build: every step's
+    logits no further from fp32 truth than the bf16 reference's or triton's (the tolerance of the mini test below).
+    The CUDA-core path's numbers are checked by the fp32 drawn test above and test_verify_step_rows_... below."""
     import dataclasses
 
     os.environ.pop("TRITON_INTERPRET", None)
@@ -601,13 +618,14 @@ def test_drawn_bf16_mxfp4_megakernel_as_close_to_fp32_as_the_reference(cfg, seed
     model = MiMoForCausalLM(cfg).init_weights(seed).eval().cuda()
     ids = torch.randint(0, cfg.vocab_size, (1, prompt + 10), generator=torch.Generator().manual_seed(seed)).cuda()
     chunks = (ids[:, :prompt], ids[:, prompt:prompt + 8], ids[:, prompt + 8:prompt + 9], ids[:, prompt + 9:])
-    saved, megakernel.MXFP4_MMA = megakernel.MXFP4_MMA, mma  # not monkeypatch: a function-scoped fixture
+    saved = megakernel.MXFP4_MMA, megakernel.ONE_ROW_BUILD  # not monkeypatch: a function-scoped fixture
+    megakernel.MXFP4_MMA, megakernel.ONE_ROW_BUILD = True, one_row
     try:
         errors = _bf16_errors(model, tilec.Options(mxfp4=True, max_seq_len=prompt + 20), chunks)[0]
     finally:
-        megakernel.MXFP4_MMA = saved
+        megakernel.MXFP4_MMA, megakernel.ONE_ROW_BUILD = saved
     for (ref_err, tri_err, mk_err), chunk in zip(errors, chunks):
-        assert mk_err < 2 * max(ref_err, tri_err) + 1e-3, (chunk.shape, mk_err, ref_err, tri_err, cfg, mma)
+        assert mk_err < 2 * max(ref_err, tri_err) + 1e-3, (chunk.shape, mk_err, ref_err, tri_err, cfg)
 
 
 @pytest.mark.gpu
