@@ -1196,11 +1196,16 @@ struct XL2 {
   static __device__ __forceinline__ uint4 load(const uint4* p) { return __ldcg(p); }
 };
 
-// A warp's sums over a 16-row tile's N chunks of fragments (PipeRegs, DEPTH in flight a lane), its activations staged
-// in shared memory or from L2: c[4] as the mma's accumulator.
-template <int N, int DEPTH>
-__device__ __forceinline__ void tile_sums(bool staged, const uint4* w, const unsigned short* sc, const uint4* x,
-                                          float* c) {
+// A warp's sums over the 16-row tile `tile` of the re-laid `words` / `scales` (N chunks of fragments, PipeRegs with
+// DEPTH in flight a lane) against the activations `xrow` as the mma's token column 0 (staged in shared memory, or
+// from L2): c[4] as the mma's accumulator (rows g and g + 8 in lanes (g, 0): c[0] and c[2]).
+template <int N, int DEPTH, class TX>
+__device__ __forceinline__ void tile_sums(bool staged, const uint4* words, const unsigned short* scales, long long tile,
+                                          const TX* xrow, float* c) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const uint4* w = words + tile * N * 32 + lane;
+  const unsigned short* sc = scales + tile * N * 16 + g * 2 + (q >> 1);
+  const uint4* x = g == 0 ? reinterpret_cast<const uint4*>(xrow) + q * 2 : nullptr;
   if (staged) {
     PipeRegs<N, DEPTH, XShared> pipe;
     pipe.issue(w, sc);
@@ -1227,15 +1232,12 @@ MK_TASK void experts_gate_up_mma(const uint4* words, const unsigned short* scale
   const TX* x = staged ? xs : src.global();
   float* area = smem + MK_AREA_FLOATS;
   route.prepare(R, K, area);
-  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3, tiles = I / 8;
+  const int g = (threadIdx.x & 31) >> 2, q = threadIdx.x & 3, tiles = I / 8;  // the lane's place in the fragments
   for (int it = gwarp; it < R * K * tiles; it += nwarps) {
     const int r = it / (K * tiles), j = (it / tiles) % K, T = it % tiles;
     const long long tile = static_cast<long long>(route.id(r, j, K, area)) * tiles + T;
-    const uint4* wl = words + tile * HC * 32 + lane;
-    const unsigned short* sl = scales + tile * HC * 16 + g * 2 + (q >> 1);
-    const uint4* xl = g == 0 ? reinterpret_cast<const uint4*>(x + r * H) + q * 2 : nullptr;
     float c[4];
-    tile_sums<HC, DEPTH>(staged, wl, sl, xl, c);
+    tile_sums<HC, DEPTH>(staged, words, scales, tile, x + r * H, c);
     if (q == 0) {  // token column 0: tile rows g (gate) and g + 8 (up)
       const float gr = rnd<TA>(c[0]), ur = rnd<TA>(c[2]);
       act[(r * K + j) * I + 8 * T + g] = fromf<TA>(rnd<TA>(silu(gr)) * ur);
@@ -1256,17 +1258,14 @@ MK_TASK void experts_down_mma(const uint4* words, const unsigned short* scales, 
   const bool staged = stage_x(act, R * K * I, as);
   const TA* a = staged ? as : act;
   float* y = smem + MK_AREA_FLOATS;  // [K][16]
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5, g = lane >> 2, q = lane & 3;
+  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5, g = (threadIdx.x & 31) >> 2, q = threadIdx.x & 3;
   const int tiles = H / 16;
   for (int it = blockIdx.x; it < R * tiles; it += gridDim.x) {  // the same turns in every thread of the block
     const int r = it / tiles, T = it % tiles;
     for (int j = warp; j < K; j += warps) {
       const long long tile = static_cast<long long>(ld_id(ids + r * K + j)) * tiles + T;
-      const uint4* wl = words + tile * IC * 32 + lane;
-      const unsigned short* sl = scales + tile * IC * 16 + g * 2 + (q >> 1);
-      const uint4* xl = g == 0 ? reinterpret_cast<const uint4*>(a + (r * K + j) * I) + q * 2 : nullptr;
       float c[4];
-      tile_sums<IC, DEPTH>(staged, wl, sl, xl, c);
+      tile_sums<IC, DEPTH>(staged, words, scales, tile, a + (r * K + j) * I, c);
       if (q == 0) {  // token column 0: tile rows g and g + 8
         y[j * 16 + g] = c[0];
         y[j * 16 + g + 8] = c[2];

@@ -162,7 +162,7 @@ class _Planner:
         self.folding: list[str] = []  # the norms (and router choices) the next phase computes in its prologue
         self.routes: dict[fx.Node, dict] = {}  # a router whose choice its experts' phase makes
         self.route_floats = 0  # shared memory (floats) a folded router's choice takes past the staging area
-        self.scale_fold: bool | None = None  # whether every tensor-core experts phase's scale codes allow the fold
+        self.mma_scales: list[fx.Node] = []  # the scales the tensor-core experts phases read (for SCALE_FOLD)
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.ws = 0
         self.counts = 0  # attention's arrival counts (32-bit) in the SYNC array, past the barrier's count
@@ -212,9 +212,8 @@ class _Planner:
 
     def derived(self, weight: fx.Node, layout: str) -> Value:
         """``weight`` re-laid (mma_layout.DERIVED[layout]) as a weight of its own, named as the Triton program names
-        its derived weights (``<target>@<layout>``); the program derives it when it loads."""
-        if weight.op != "get_attr":
-            raise UnsupportedError(f"%{weight.name}: a re-laid weight must be a parameter of the model")
+        its derived weights (``<target>@<layout>``); the program derives it when it loads. ``weight`` is a
+        get_attr node (the caller's condition for the tensor-core tasks)."""
         name = f"{weight.target}@{layout}"
         if name not in self.weight_index:
             self.weight_index[name] = len(self.weights)
@@ -486,10 +485,8 @@ class _Planner:
             self.folding.append(router.name)
         # the mma's operands are bf16, and its weights are re-laid once, so they must be the model's parameters
         mma = MXFP4_MMA and bool(mxfp4) and xm.dtype == torch.bfloat16 and all(w.op == "get_attr" for w in mxfp4)
-        if mma:  # their scale codes as compiled (scale_fold_exact's caveat: weights edited later need a new compile)
-            exact = scale_fold_exact([attr(self.gm, w.target) for w in (mxfp4[1], mxfp4[3])])
-            self.scale_fold = exact if self.scale_fold is None else self.scale_fold and exact
         if mma and hidden % mma_layout.CHUNK_K == 0 and 2 * inter % mma_layout.TILE_N == 0:
+            self.mma_scales.append(mxfp4[1])
             words, scales = (self.derived(w, layout) for w, layout in zip(mxfp4[:2], mma_layout.EXPERT_LAYOUTS[:2]))
             self.phase(node, "experts_gate_up_mma", x=src, ids=self.arg(ids), route=route, act=act, H=hidden,
                        I=inter, K=k, words=words, scales=scales, depth=_depth(hidden // mma_layout.CHUNK_K))
@@ -498,6 +495,7 @@ class _Planner:
                        K=k, xdtype=dtype_name(xm.dtype), **gate_up)
         self.staging(k * inter * xm.dtype.itemsize)  # experts_down stages a row's k activations
         if mma and inter % mma_layout.CHUNK_K == 0 and hidden % mma_layout.TILE_N == 0:
+            self.mma_scales.append(mxfp4[3])
             words, scales = (self.derived(w, layout) for w, layout in zip(mxfp4[2:], mma_layout.EXPERT_LAYOUTS[2:]))
             self.route_floats = max(self.route_floats, 16 * k)  # each slot's 16 sums, past the staging
             self.phase(node, "experts_down_mma", act=act, weights=self.arg(weights), ids=self.arg(ids),
@@ -551,7 +549,9 @@ def plan(gm: fx.GraphModule, max_rows: int, stage: str = "") -> Plan:
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     result = Plan(p.weights, p.io, p.phases, p.attention, [p.arg(o).index for o in p.outputs],
                   isinstance(out, (tuple, list)), max(p.ws, ALIGN), 1 + -(-p.counts // 2), p.smem, p.xs, max_rows,
-                  stage, info(gm).description, bool(p.scale_fold))
+                  stage, info(gm).description,
+                  # the scale codes as compiled (scale_fold_exact's caveat: weights edited later need a new compile)
+                  bool(p.mma_scales) and scale_fold_exact([attr(gm, n.target) for n in p.mma_scales]))
     p.shared(4 * (result.area_floats + p.route_floats), f"activations staged for a GEMV phase ({p.xs} bytes) and a "
              f"folded router's choice ({4 * p.route_floats} bytes)")
     table = 8 * max(len(p.weights), 1)  # the weight table's static copy in each block
@@ -602,11 +602,15 @@ class MegakernelProgram(TritonProgram):
                 except UnsupportedError:
                     pass
             self.builds.append(_Build(self.plan, "tilec_megakernel"))
-        self.megakernel_source = self.builds[-1].source if self.builds else None
         # the re-laid weights the megakernel reads (``<target>@<layout>`` in its table), derived when it loads
         self.derived = {**self.derived, **{name: tuple(name.split("@")) for b in self.builds
                                            for name in b.plan.weights if "@" in name}}
         self.launches = 0  # megakernel launches (a CUDA graph's replays not counted), for tests and benchmarks
+
+    @property
+    def megakernel_source(self) -> str | None:
+        """The source of the build for up to max_rows rows (None without a plan)."""
+        return self.builds[-1].source if self.builds else None
 
     @property
     def sources(self) -> dict[str, str]:
@@ -616,7 +620,7 @@ class MegakernelProgram(TritonProgram):
         """The report's view: whether decode steps run as the megakernel, its phases, or why not."""
         if self.plan is None:
             return {"runs": False, "why": self.unsupported}
-        return {"runs": True, "file": "megakernel.cu", "max_rows": self.plan.max_rows,
+        return {"runs": True, "file": self.builds[-1].file, "max_rows": self.plan.max_rows,
                 "phases": len(self.plan.phases), "barriers": sum(p["sync"] for p in self.plan.phases),
                 "workspace_bytes": self.plan.workspace_bytes, "shared_memory_bytes": self.plan.smem_bytes,
                 "schedule": self.plan.schedule(),
